@@ -1,0 +1,30 @@
+"""stad: student–teacher visual anomaly detection (Bergmann et al., Uninformed Students, 2020).
+
+The public API is small; everything else is internal and may change:
+
+- :func:`build_network` — a patch network for p ∈ {17, 33, 65} with ``forward`` and ``dense``;
+- :class:`Sample`, :data:`API_VERSION` — the dataset adapter contract (see ``stad.datasets``);
+- :func:`load_artifact`, :func:`save_artifact`, :class:`Artifact` — the safetensors artifacts;
+- :func:`resolve_settings`, :class:`Settings` — settings from flags, environment and file;
+- :class:`StadError` — the base of every error stad reports to users.
+"""
+
+from stad._version import __version__
+from stad.artifacts import Artifact, load_artifact, save_artifact
+from stad.config import Settings, resolve_settings
+from stad.datasets.base import API_VERSION, Sample
+from stad.errors import StadError
+from stad.networks import build_network
+
+__all__ = [
+    "API_VERSION",
+    "Artifact",
+    "Sample",
+    "Settings",
+    "StadError",
+    "__version__",
+    "build_network",
+    "load_artifact",
+    "resolve_settings",
+    "save_artifact",
+]

@@ -1,0 +1,203 @@
+"""Reading and writing stad artifacts: the one module that touches files of weights.
+
+An artifact is a safetensors file (never a pickle) whose string metadata carries:
+
+==========================  ==============================================================
+``stad.kind``               ``teacher`` (from ``pretrain-teacher``) or ``model`` (teacher,
+                            students and normalization, from ``fit-students``)
+``stad.format_version``     integer; this stad reads versions up to :data:`FORMAT_VERSION`
+``stad.version``            the stad version that wrote it
+``stad.config``             the full resolved settings as JSON
+``stad.preprocessing``      JSON: ``image_size``, channel ``mean`` and ``std``
+``stad.seed``               the seed
+``stad.info``               JSON: provenance and results (losses, data, calibration, ...)
+``stad.digest``             SHA-256 over every tensor and every other metadata entry
+==========================  ==============================================================
+
+Writes are atomic (:mod:`stad.fsutil`). Reads check the digest, so a truncated or bit-flipped
+file is refused with :class:`~stad.errors.ArtifactError` instead of producing wrong maps.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from stad._version import __version__
+from stad.errors import ArtifactError
+from stad.fsutil import atomic_write_bytes
+
+FORMAT_VERSION = 1
+KINDS = ("teacher", "model")
+_PRODUCER = {"teacher": "stad pretrain-teacher", "model": "stad fit-students"}
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+
+@dataclass
+class Artifact:
+    """The contents of one artifact file.
+
+    Attributes:
+        kind: ``"teacher"`` or ``"model"``.
+        tensors: named tensors (contiguous, any dtype safetensors supports).
+        config: the resolved settings that produced it (``Settings.model_dump(mode="json")``).
+        preprocessing: ``{"image_size": int, "mean": [r, g, b], "std": [r, g, b]}``.
+        seed: the seed of the run.
+        info: provenance and results, JSON-serializable.
+        stad_version, format_version: filled in on writing; as read on loading.
+    """
+
+    kind: str
+    tensors: dict[str, torch.Tensor]
+    config: dict[str, Any]
+    preprocessing: dict[str, Any]
+    seed: int
+    info: dict[str, Any] = field(default_factory=dict)
+    stad_version: str = __version__
+    format_version: int = FORMAT_VERSION
+
+
+def _digest(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> str:
+    h = hashlib.sha256()
+    for key in sorted(metadata):
+        if key != "stad.digest":
+            h.update(f"meta:{key}={metadata[key]}\0".encode())
+    for name in sorted(tensors):
+        t = tensors[name].detach().contiguous().cpu()
+        h.update(f"tensor:{name}:{t.dtype}:{tuple(t.shape)}\0".encode())
+        # Reinterpret as bytes; works for every dtype including bfloat16.
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def to_bytes(artifact: Artifact) -> bytes:
+    """Serialize an artifact to safetensors bytes (with metadata and digest)."""
+    if artifact.kind not in KINDS:
+        raise ValueError(f"artifact kind must be one of {KINDS}, got {artifact.kind!r}")
+    tensors = {k: v.detach().contiguous().cpu() for k, v in artifact.tensors.items()}
+    metadata = {
+        "stad.kind": artifact.kind,
+        "stad.format_version": str(FORMAT_VERSION),
+        "stad.version": __version__,
+        "stad.config": json.dumps(artifact.config, sort_keys=True, default=str),
+        "stad.preprocessing": json.dumps(artifact.preprocessing, sort_keys=True),
+        "stad.seed": str(int(artifact.seed)),
+        "stad.info": json.dumps(artifact.info, sort_keys=True, default=str),
+    }
+    metadata["stad.digest"] = _digest(tensors, metadata)
+    return st_save(tensors, metadata=metadata)
+
+
+def save_artifact(path: str | Path, artifact: Artifact) -> None:
+    """Write ``artifact`` to ``path`` atomically (the old file survives any interruption)."""
+    atomic_write_bytes(path, to_bytes(artifact))
+
+
+def _looks_like_pickle(head: bytes) -> bool:
+    # torch.save files are zip archives ("PK\x03\x04"); raw pickles start with PROTO (0x80).
+    return head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"
+
+
+def read_header(data: bytes, path: Path) -> dict[str, Any]:
+    """Parse and sanity-check a safetensors header without touching tensor data."""
+    if _looks_like_pickle(data[:4]):
+        raise ArtifactError(
+            f"{path} looks like a PyTorch pickle (.pt/.pth); stad never unpickles files. "
+            "Pass a .safetensors artifact written by stad"
+        )
+    if len(data) < 8:
+        raise ArtifactError(f"{path} is not a safetensors artifact (only {len(data)} bytes)")
+    (n,) = struct.unpack("<Q", data[:8])
+    if n > MAX_HEADER_BYTES or 8 + n > len(data):
+        raise ArtifactError(f"{path} is truncated or not a safetensors file (bad header length)")
+    try:
+        header = json.loads(data[8 : 8 + n])
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise ArtifactError(f"{path} is corrupt: its safetensors header is not JSON") from None
+    if not isinstance(header, dict):
+        raise ArtifactError(f"{path} is corrupt: its safetensors header is not an object")
+    return header
+
+
+def load_artifact(path: str | Path, *, kind: str | tuple[str, ...] | None = None) -> Artifact:
+    """Read, verify and return an artifact.
+
+    Args:
+        path: the ``.safetensors`` file.
+        kind: the kind(s) the caller accepts; ``None`` accepts any.
+
+    Raises:
+        ArtifactError: missing, unreadable, not safetensors (pickles are refused without being
+            opened), corrupt (digest mismatch), of another kind, or of a newer format.
+    """
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ArtifactError(f"artifact {path} does not exist") from None
+    except IsADirectoryError:
+        raise ArtifactError(f"artifact {path} is a folder, not a .safetensors file") from None
+    except OSError as exc:
+        raise ArtifactError(f"artifact {path} cannot be read: {exc.strerror}") from None
+    header = read_header(data, path)
+    raw_meta = header.get("__metadata__")
+    if not isinstance(raw_meta, dict) or "stad.kind" not in raw_meta:
+        raise ArtifactError(f"{path} is a safetensors file but not a stad artifact (no metadata)")
+    meta = {str(k): str(v) for k, v in raw_meta.items()}
+    found = meta["stad.kind"]
+    try:
+        version = int(meta.get("stad.format_version", ""))
+    except ValueError:
+        raise ArtifactError(f"{path} has an unreadable stad.format_version") from None
+    if version > FORMAT_VERSION:
+        raise ArtifactError(
+            f"{path} has artifact format {version}, written by stad {meta.get('stad.version')}; "
+            f"this stad {__version__} reads up to format {FORMAT_VERSION}: upgrade stad"
+        )
+    wanted = (kind,) if isinstance(kind, str) else kind
+    if wanted is not None and found not in wanted:
+        need = " or ".join(f"a {k} artifact (from `{_PRODUCER.get(k, k)}`)" for k in wanted)
+        raise ArtifactError(f"{path} is a {found} artifact, but this needs {need}")
+    try:
+        tensors = st_load(data)
+    except (SafetensorError, ValueError, RuntimeError, OverflowError) as exc:
+        raise ArtifactError(f"{path} is corrupt: {exc}") from None
+    if meta.get("stad.digest") != _digest(tensors, meta):
+        raise ArtifactError(
+            f"{path} is corrupt (its digest does not match its contents): "
+            "it was damaged after writing; restore it or produce it again"
+        )
+    try:
+        return Artifact(
+            kind=found,
+            tensors=tensors,
+            config=json.loads(meta["stad.config"]),
+            preprocessing=json.loads(meta["stad.preprocessing"]),
+            seed=int(meta["stad.seed"]),
+            info=json.loads(meta.get("stad.info", "{}")),
+            stad_version=meta.get("stad.version", "unknown"),
+            format_version=version,
+        )
+    except (KeyError, ValueError) as exc:
+        raise ArtifactError(f"{path} has incomplete stad metadata ({exc})") from None
+
+
+def prefixed(tensors: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The tensors under ``prefix.`` with the prefix removed (a state dict of a sub-module)."""
+    start = prefix + "."
+    return {k[len(start) :]: v for k, v in tensors.items() if k.startswith(start)}
+
+
+def with_prefix(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """``state`` with every key put under ``prefix.``."""
+    return {f"{prefix}.{k}": v for k, v in state.items()}

@@ -1,0 +1,360 @@
+"""The ``stad`` command: a thin Typer shell over the library.
+
+Each command parses its options, resolves :class:`~stad.config.Settings`, calls one library
+function and prints the result. Errors are mapped to exit codes in one place, :func:`main`
+(table in docs/exit-codes.md).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from typer.core import TyperGroup
+
+from stad import console
+from stad._version import __version__
+from stad.config import Settings, resolve_settings
+from stad.errors import (
+    EXIT_ANOMALY,
+    EXIT_INTERRUPTED,
+    EXIT_SKIPPED,
+    EXIT_UNEXPECTED,
+    StadError,
+    UsageError,
+)
+
+
+class _StadGroup(TyperGroup):
+    """The one place where errors become exit codes (docs/exit-codes.md).
+
+    Every command runs inside the root group's ``invoke``: a :class:`StadError` prints one line
+    to stderr and exits with its code; Ctrl-C exits 130; anything else is a bug, reported in
+    one line with exit code 1. ``--debug`` (or ``STAD_DEBUG=1``) adds the traceback. Usage
+    errors (unknown options, bad values) are reported by Typer itself with exit code 2.
+    """
+
+    def invoke(self, ctx: typer.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (typer.Exit, typer.Abort):
+            raise
+        except KeyboardInterrupt:
+            print("stad: interrupted", file=sys.stderr)
+            raise typer.Exit(EXIT_INTERRUPTED) from None
+        except StadError as exc:
+            _debug_traceback()
+            print(f"stad: error: {exc}", file=sys.stderr)
+            raise typer.Exit(exc.exit_code) from None
+        except Exception as exc:
+            if type(exc).__module__.startswith(("click", "typer")):
+                raise  # Typer's own usage errors: it prints them and exits 2
+            _debug_traceback()
+            print(f"stad: unexpected error: {type(exc).__name__}: {exc} "
+                  "(run with --debug for the traceback, and please report it)", file=sys.stderr)
+            raise typer.Exit(EXIT_UNEXPECTED) from None
+
+
+def _debug_traceback() -> None:
+    if console.state.debug or os.environ.get("STAD_DEBUG", "") not in ("", "0"):
+        traceback.print_exc()
+
+
+app = typer.Typer(
+    cls=_StadGroup,
+    name="stad",
+    help="Student–teacher visual anomaly detection (Uninformed Students, CVPR 2020).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    pretty_exceptions_show_locals=False,
+    add_completion=False,
+)
+datasets_app = typer.Typer(help="List dataset adapters and inspect datasets.", no_args_is_help=True)
+app.add_typer(datasets_app, name="datasets")
+
+# ---- the shared vocabulary of options -------------------------------------------------------
+
+DatasetOpt = Annotated[str | None, typer.Option(
+    "--dataset", help="Dataset adapter (see `stad datasets list`). [default: mvtec]")]
+RootOpt = Annotated[Path | None, typer.Option(
+    "--root", help="Dataset root folder (env STAD_ROOT).")]
+CategoryOpt = Annotated[str | None, typer.Option("--category", help="Category in the dataset.")]
+ConfigOpt = Annotated[Path | None, typer.Option(
+    "--config", help="TOML file of settings (env STAD_CONFIG); flags override it.")]
+SeedOpt = Annotated[int | None, typer.Option("--seed", help="Random seed. [default: 0]")]
+DeviceOpt = Annotated[str | None, typer.Option(
+    "--device", help="auto, cpu or cuda. [default: auto]")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable JSON Lines on stdout.")]
+
+
+def _settings(config: Path | None, **flags: Any) -> Settings:
+    return resolve_settings(flags, config_file=config)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"stad {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+    quiet: Annotated[bool, typer.Option("-q", "--quiet", help="No progress or notes.")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False,
+) -> None:
+    console.state.quiet = quiet
+    console.state.debug = debug
+
+
+# ---- the pipeline ---------------------------------------------------------------------------
+
+OutOpt = Annotated[Path | None, typer.Option("--out", help="Artifact to write.")]
+ModelOpt = Annotated[Path, typer.Option("--model", help="Model artifact from fit-students.")]
+
+
+def _print_result(result: dict[str, Any], json_out: bool, lines: list[str]) -> None:
+    if json_out:
+        console.emit_json(result)
+    else:
+        for line in lines:
+            typer.echo(line)
+
+
+@app.command("pretrain-teacher")
+def pretrain_teacher_cmd(
+    dataset: DatasetOpt = None,
+    root: RootOpt = None,
+    category: CategoryOpt = None,
+    config: ConfigOpt = None,
+    seed: SeedOpt = None,
+    device: DeviceOpt = None,
+    out: Annotated[Path, typer.Option("--out", help="Teacher artifact to write.")] = Path(
+        "teacher.safetensors"),
+    patch_sizes: Annotated[str | None, typer.Option(
+        "--patch-sizes", help="Comma-separated subset of 17,33,65. [default: all]")] = None,
+    iterations: Annotated[int | None, typer.Option(
+        "--iterations", help="Iterations per scale. [default: 50000]")] = None,
+    backbone_weights: Annotated[Path | None, typer.Option(
+        "--backbone-weights", help="ResNet-18 weights (.safetensors or torchvision .pth) "
+        "for distillation; without them distillation is off.")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Pretrain teacher patch networks on random patches of any dataset's images."""
+    from stad.workflows import pretrain_teacher
+
+    settings = _settings(config, dataset=dataset, root=root, category=category, seed=seed,
+                         device=device, teacher={"patch_sizes": patch_sizes,
+                                                 "iterations": iterations,
+                                                 "backbone_weights": backbone_weights})
+    with console.reporter() as rep:
+        result = pretrain_teacher(settings, out=out, reporter=rep)
+    _print_result(result, json_out, [f"teacher written to {result['artifact']}"])
+
+
+@app.command("fit-students")
+def fit_students_cmd(
+    dataset: DatasetOpt = None,
+    root: RootOpt = None,
+    category: CategoryOpt = None,
+    config: ConfigOpt = None,
+    seed: SeedOpt = None,
+    device: DeviceOpt = None,
+    teacher: Annotated[str | None, typer.Option(
+        "--teacher", help="Teacher artifact, or 'random' for untrained teachers.")] = None,
+    out: Annotated[Path, typer.Option("--out", help="Model artifact to write.")] = Path(
+        "model.safetensors"),
+    preset: Annotated[str | None, typer.Option(
+        "--preset", help="paper (256², 100 epochs) or fast (CPU-friendly). [default: paper]")
+    ] = None,
+    patch_sizes: Annotated[str | None, typer.Option(
+        "--patch-sizes", help="Comma-separated subset of 17,33,65. [default: all]")] = None,
+    epochs: Annotated[int | None, typer.Option("--epochs", help="Epochs per scale.")] = None,
+    image_size: Annotated[int | None, typer.Option(
+        "--image-size", help="Images are resized to this square size.")] = None,
+    n_students: Annotated[int | None, typer.Option(
+        "--students", help="Students per scale (M). [default: 3]")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Fit an ensemble of students per scale to regress the teacher on anomaly-free images."""
+    from stad.workflows import fit
+
+    settings = _settings(config, dataset=dataset, root=root, category=category, seed=seed,
+                         device=device, students={"preset": preset, "patch_sizes": patch_sizes,
+                                                  "epochs": epochs, "image_size": image_size,
+                                                  "n_students": n_students})
+    with console.reporter() as rep:
+        result = fit(settings, teacher=teacher, out=out, reporter=rep)
+    _print_result(result, json_out, [f"model written to {result['artifact']} "
+                                     f"({result['n_fit']} images, {result['seconds']} s); "
+                                     f"next: stad calibrate --model {result['artifact']}"])
+
+
+@app.command("calibrate")
+def calibrate_cmd(
+    model: ModelOpt = Path("model.safetensors"),
+    dataset: DatasetOpt = None,
+    root: RootOpt = None,
+    category: CategoryOpt = None,
+    config: ConfigOpt = None,
+    device: DeviceOpt = None,
+    out: Annotated[Path | None, typer.Option(
+        "--out", help="Write the calibrated model here instead of updating --model.")] = None,
+    method: Annotated[str | None, typer.Option(
+        "--method", help="Threshold: fpr (target false-positive rate on normal images), f1 "
+        "(best F1 on the labelled test split) or manual. [default: fpr]")] = None,
+    target_fpr: Annotated[float | None, typer.Option(
+        "--target-fpr", help="For --method fpr. [default: 0.01]")] = None,
+    threshold: Annotated[float | None, typer.Option(
+        "--threshold", help="For --method manual.")] = None,
+    image_score: Annotated[str | None, typer.Option(
+        "--image-score", help="max or topk_mean. [default: max]")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Standardize error and variance on anomaly-free validation images and set a threshold."""
+    from stad.workflows import calibrate
+
+    settings = _settings(config, dataset=dataset, root=root, category=category, device=device,
+                         calibrate={"threshold_method": method, "target_fpr": target_fpr,
+                                    "threshold": threshold},
+                         score={"image_score": image_score})
+    with console.reporter() as rep:
+        result = calibrate(settings, model_path=model, out=out, reporter=rep)
+    _print_result(result, json_out, [f"calibrated {result['artifact']} on {result['n_images']} "
+                                     f"images: threshold {result['threshold']:.4g} "
+                                     f"({result['method']})"])
+
+
+@app.command("score")
+def score_cmd(
+    inputs: Annotated[list[Path], typer.Argument(help="Images or folders of images.")],
+    model: ModelOpt = Path("model.safetensors"),
+    config: ConfigOpt = None,
+    device: DeviceOpt = None,
+    maps: Annotated[Path | None, typer.Option(
+        "--maps", help="Write heat maps, overlays and raw float maps here.")] = None,
+    threshold: Annotated[float | None, typer.Option(
+        "--threshold", help="Override the calibrated threshold.")] = None,
+    fail_on_anomaly: Annotated[bool, typer.Option(
+        "--fail-on-anomaly", help=f"Exit with {EXIT_ANOMALY} when any image is anomalous.")
+    ] = False,
+    on_error: Annotated[str, typer.Option(
+        "--on-error", help="fail: stop at an unreadable image; skip: report it and go on "
+        f"(exit {EXIT_SKIPPED} at the end).")] = "fail",
+    json_out: JsonOpt = False,
+) -> None:
+    """Score images: anomaly map, image score and verdict per image."""
+    from stad.workflows import score
+
+    if on_error not in ("fail", "skip"):
+        raise UsageError(f"--on-error must be fail or skip, got {on_error!r}")
+    settings = _settings(config, device=device)
+    anomalous = skipped = 0
+    with console.reporter() as rep:
+        for record in score(settings, model_path=model, inputs=inputs, maps_dir=maps,
+                            threshold=threshold, on_error=on_error, reporter=rep):
+            if "error" in record:
+                skipped += 1
+                print(f"stad: skipped {record['path']}: {record['error']}", file=sys.stderr)
+            elif record["anomalous"]:
+                anomalous += 1
+            if json_out:
+                console.emit_json(record)
+            elif "error" not in record:
+                verdict = "ANOMALOUS" if record["anomalous"] else "ok"
+                typer.echo(f"{record['path']}\t{record['score']:.4f}\t{verdict}")
+    if fail_on_anomaly and anomalous:
+        raise typer.Exit(EXIT_ANOMALY)
+    if skipped:
+        raise typer.Exit(EXIT_SKIPPED)
+
+
+@app.command("evaluate")
+def evaluate_cmd(
+    model: ModelOpt = Path("model.safetensors"),
+    dataset: DatasetOpt = None,
+    root: RootOpt = None,
+    category: CategoryOpt = None,
+    config: ConfigOpt = None,
+    device: DeviceOpt = None,
+    report: Annotated[Path | None, typer.Option(
+        "--report", help="Write metrics.json, report.md and pictures to this folder.")] = None,
+    fpr_limit: Annotated[float | None, typer.Option(
+        "--fpr-limit", help="Integrate PRO up to this FPR. [default: 0.3]")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Evaluate on the labelled test split: AU-PRO, pixel and image AUROC, AP."""
+    from stad.evaluation import markdown
+    from stad.workflows import evaluate
+
+    settings = _settings(config, dataset=dataset, root=root, category=category, device=device,
+                         evaluate={"fpr_limit": fpr_limit})
+    with console.reporter() as rep:
+        result = evaluate(settings, model_path=model, report=report, reporter=rep)
+    lines = [markdown(result, f"{result['dataset']}: {result['category']}")]
+    if report is not None:
+        lines.append(f"report written to {report}")
+    _print_result(result, json_out, lines)
+
+
+# ---- datasets -------------------------------------------------------------------------------
+
+
+@datasets_app.command("list")
+def datasets_list(json_out: JsonOpt = False) -> None:
+    """Every installed dataset adapter with its distribution, version and status."""
+    from stad.datasets.registry import check, discover
+
+    rows = [(e, check(e)) for e in discover()]
+    if json_out:
+        for entry, status in rows:
+            console.emit_json({"name": entry.name, "distribution": entry.distribution,
+                               "version": entry.version, "entry_point": entry.value,
+                               "status": status})
+        return
+    from rich.table import Table
+
+    table = Table("name", "distribution", "version", "status")
+    for entry, status in rows:
+        table.add_row(entry.name, entry.distribution, entry.version, status)
+    console.stdout().print(table)
+
+
+@datasets_app.command("show")
+def datasets_show(
+    dataset: DatasetOpt = None,
+    root: RootOpt = None,
+    category: CategoryOpt = None,
+    config: ConfigOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Count a dataset's samples per split, defect type and mask, validating the pairing."""
+    from stad.data import select_data, summarize
+
+    settings = _settings(config, dataset=dataset, root=root, category=category)
+    summary = summarize(select_data(settings))
+    if json_out:
+        console.emit_json(summary)
+        return
+    from rich.table import Table
+
+    table = Table("split", "images", "normal", "anomalous", "masks", "defect types",
+                  title=f"{summary['dataset']}: {summary['root']} / {summary['category']}")
+    for split, row in summary["splits"].items():
+        defects = ", ".join(f"{k} {v}" for k, v in row["defects"].items())
+        table.add_row(split, str(row["images"]), str(row["normal"]), str(row["anomalous"]),
+                      str(row["masks"]), defects)
+    console.stdout().print(table)
+
+
+# ---- error handling in one place ------------------------------------------------------------
+
+
+def main() -> None:
+    """Entry point of the ``stad`` console script."""
+    app(prog_name="stad")

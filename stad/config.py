@@ -1,0 +1,282 @@
+"""Settings in one pydantic model, from flags > ``STAD_*`` environment > TOML file > defaults.
+
+Every command reads the same :class:`Settings`. A TOML config file uses the same keys as the
+model: top-level data keys (``dataset``, ``root``, ``category``, ``seed``, ``device``) and one
+table per stage (``[teacher]``, ``[students]``, ``[calibrate]``, ``[score]``, ``[evaluate]``).
+Environment variables are ``STAD_<KEY>`` for top-level keys and ``STAD_<TABLE>__<KEY>`` for keys
+of a table (``STAD_STUDENTS__EPOCHS=5``). Unknown keys are errors everywhere (``extra="forbid"``):
+a misspelt setting must never be silently ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from stad.errors import UsageError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+ENV_PREFIX = "STAD_"
+PATCH_SIZES = (17, 33, 65)
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _split_ints(value: Any) -> Any:
+    """Accept ``"17,33"`` (from the environment or a flag) as well as a list."""
+    if isinstance(value, str):
+        return [int(v) for v in value.replace(" ", "").split(",") if v]
+    return value
+
+
+def _check_patch_sizes(value: list[int]) -> list[int]:
+    bad = [p for p in value if p not in PATCH_SIZES]
+    if bad or not value:
+        raise ValueError(f"patch sizes must be a non-empty subset of {PATCH_SIZES}, got {value}")
+    return sorted(set(value))
+
+
+class TeacherSettings(_Section):
+    """``stad pretrain-teacher`` (METHOD.md §3). Paper: λk = λc = 1, λm = 0, 50 000 iterations.
+
+    ``lambda_metric`` defaults to ``None``: 0 (the paper) when distillation is on, 1 when it is
+    off (no ``backbone_weights``), since compactness alone would leave nothing to learn. The
+    fields after ``checkpoint_every`` fill in what the paper leaves unstated (docs/model.md,
+    "Teacher pretraining").
+    """
+
+    patch_sizes: list[int] = Field(default=list(PATCH_SIZES))
+    iterations: int = Field(default=50_000, ge=1)
+    batch_size: int = Field(default=64, ge=2)
+    lr: float = Field(default=2e-4, gt=0)
+    weight_decay: float = Field(default=1e-5, ge=0)
+    lambda_kd: float = Field(default=1.0, ge=0)
+    lambda_metric: float | None = Field(
+        default=None, ge=0, description="None: 0 with distillation, 1 without"
+    )
+    lambda_compact: float = Field(default=1.0, ge=0)
+    triplet_margin: float = Field(default=1.0, ge=0)
+    backbone_weights: Path | None = None
+    image_size: int = Field(default=256, ge=17, description="images are resized to this first")
+    checkpoint_every: int = Field(default=500, ge=1, description="iterations between checkpoints")
+    kd_input_size: int = Field(
+        default=64, ge=32, description="patches are resized to this for ResNet-18 (unstated)"
+    )
+    positive_shift: int = Field(
+        default=2, ge=0, description="max translation (pixels) of the triplet positive"
+    )
+    positive_noise: float = Field(
+        default=0.1, ge=0, description="std of Gaussian noise on the positive (standardized units)"
+    )
+    descriptor_norm: bool = Field(
+        default=False, description="L2-normalize descriptors (× sqrt(d)) inside the triplet loss"
+    )
+
+    _split = field_validator("patch_sizes", mode="before")(_split_ints)
+    _check = field_validator("patch_sizes")(_check_patch_sizes)
+
+
+# Presets fill the student settings a user did not set (by flag, environment or file).
+STUDENT_PRESETS: dict[str, dict[str, Any]] = {
+    # METHOD.md §4: 256×256, 100 epochs, Adam 1e-4, wd 1e-5, batch of one whole image.
+    "paper": {"image_size": 256, "epochs": 100, "lr": 1e-4, "crop_size": None, "batch_size": 1},
+    # CPU-friendly: smaller images, random crops (same per-pixel loss), fewer epochs.
+    "fast": {"image_size": 128, "epochs": 10, "lr": 1e-4, "crop_size": 64, "batch_size": 4},
+}
+
+
+class StudentSettings(_Section):
+    """``stad fit-students`` (METHOD.md §4)."""
+
+    preset: Literal["paper", "fast"] = "paper"
+    patch_sizes: list[int] = Field(default=list(PATCH_SIZES))
+    n_students: int = Field(default=3, ge=2, description="ensemble size M (≥ 2 for a variance)")
+    image_size: int = Field(default=256, ge=17)
+    epochs: int = Field(default=100, ge=1)
+    lr: float = Field(default=1e-4, gt=0)
+    weight_decay: float = Field(default=1e-5, ge=0)
+    crop_size: int | None = Field(default=None, ge=1)
+    batch_size: int = Field(default=1, ge=1)
+    val_fraction: float = Field(default=0.1, ge=0, lt=1, description="held back for calibrate")
+    checkpoint_every: int = Field(default=1, ge=1, description="epochs between checkpoints")
+
+    _split = field_validator("patch_sizes", mode="before")(_split_ints)
+    _check = field_validator("patch_sizes")(_check_patch_sizes)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data: Any) -> Any:
+        if not isinstance(data, Mapping):
+            return data
+        preset = data.get("preset", "paper")
+        values = STUDENT_PRESETS.get(preset)
+        if values is None:
+            return data  # the Literal check reports the bad name
+        return {**values, **data}
+
+
+class CalibrateSettings(_Section):
+    """``stad calibrate`` (METHOD.md §5)."""
+
+    threshold_method: Literal["fpr", "f1", "manual"] = "fpr"
+    target_fpr: float = Field(default=0.01, gt=0, lt=1)
+    threshold: float | None = None
+
+
+class ScoreSettings(_Section):
+    """``stad score``: how a map becomes an image score."""
+
+    image_score: Literal["max", "topk_mean"] = "max"
+    topk_fraction: float = Field(default=0.01, gt=0, le=1)
+
+
+class EvaluateSettings(_Section):
+    """``stad evaluate`` (METHOD.md §6)."""
+
+    fpr_limit: float = Field(default=0.3, gt=0, le=1)
+
+
+class Settings(_Section):
+    """All settings of stad; see the module docstring for where they come from."""
+
+    dataset: str = "mvtec"
+    root: Path | None = None
+    category: str | None = None
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    teacher: TeacherSettings = TeacherSettings()
+    students: StudentSettings = StudentSettings()
+    calibrate: CalibrateSettings = CalibrateSettings()
+    score: ScoreSettings = ScoreSettings()
+    evaluate: EvaluateSettings = EvaluateSettings()
+
+    def to_json(self) -> str:
+        """The resolved settings as JSON (recorded in every artifact)."""
+        return self.model_dump_json()
+
+
+SECTIONS = ("teacher", "students", "calibrate", "score", "evaluate")
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """Parse a TOML config file; errors name the file."""
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise UsageError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise UsageError(f"config file {path} is not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise UsageError(f"config file {path} cannot be read: {exc.strerror}") from None
+
+
+def env_settings(environ: Mapping[str, str]) -> dict[str, Any]:
+    """Settings from ``STAD_*`` variables; ``STAD_TABLE__KEY`` sets a key of a table.
+
+    ``STAD_CONFIG`` (the config file) and ``STAD_DEBUG`` are options, not settings, and are
+    skipped; any other unknown ``STAD_*`` variable is reported by validation.
+    """
+    out: dict[str, Any] = {}
+    for name, value in environ.items():
+        if not name.startswith(ENV_PREFIX) or name in ("STAD_CONFIG", "STAD_DEBUG"):
+            continue
+        key = name[len(ENV_PREFIX) :].lower()
+        if "__" in key:
+            table, sub = key.split("__", 1)
+            out.setdefault(table, {})[sub] = value
+        else:
+            out[key] = value
+    return out
+
+
+def _merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in top.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = _merge(dict(merged[key]), value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def resolve_settings(
+    flags: Mapping[str, Any] | None = None,
+    *,
+    config_file: Path | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Settings:
+    """Merge the sources (flags > environment > file > defaults) and validate.
+
+    Args:
+        flags: values given on the command line, nested like the TOML file; ``None`` values
+            (options not given) are dropped so that they do not hide lower sources.
+        config_file: a TOML file, or ``None`` to use ``$STAD_CONFIG`` if set.
+        environ: the environment (``os.environ`` by default).
+
+    Raises:
+        UsageError: a file that does not parse, an unknown key or a value of the wrong type.
+    """
+    environ = os.environ if environ is None else environ
+    if config_file is None and environ.get("STAD_CONFIG"):
+        config_file = Path(environ["STAD_CONFIG"])
+    layers: list[tuple[str, Mapping[str, Any]]] = []
+    if config_file is not None:
+        layers.append((f"config file {config_file}", read_config_file(config_file)))
+    layers.append(("environment", env_settings(environ)))
+    layers.append(("command line", _drop_none(flags or {})))
+    merged: dict[str, Any] = {}
+    for _, layer in layers:
+        merged = _merge(merged, layer)
+    try:
+        return Settings.model_validate(merged)
+    except ValidationError as exc:
+        raise UsageError(_describe(exc, layers)) from None
+
+
+def _drop_none(values: Mapping[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, Mapping):
+            inner = _drop_none(value)
+            if inner:
+                out[key] = inner
+        elif value is not None:
+            out[key] = value
+    return out
+
+
+def _describe(exc: ValidationError, layers: list[tuple[str, Mapping[str, Any]]]) -> str:
+    """One line per problem, naming the key and where its value came from."""
+    parts = []
+    for err in exc.errors():
+        loc = [str(p) for p in err["loc"] if not str(p).startswith("function-")]
+        key = ".".join(loc)
+        source = next((name for name, layer in reversed(layers) if _has(layer, loc)), "defaults")
+        if err["type"] == "extra_forbidden":
+            parts.append(f"unknown setting '{key}' (from {source}); see `stad <command> --help`")
+        else:
+            value = json.dumps(err.get("input"), default=str)
+            parts.append(f"setting '{key}' = {value} (from {source}): {err['msg']}")
+    return "; ".join(parts)
+
+
+def _has(layer: Mapping[str, Any], loc: list[str]) -> bool:
+    node: Any = layer
+    for part in loc:
+        if not isinstance(node, Mapping) or part not in node:
+            return False
+        node = node[part]
+    return True

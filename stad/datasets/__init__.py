@@ -1,0 +1,5 @@
+"""Dataset adapters: the public contract and the registry that finds them."""
+
+from stad.datasets.base import API_VERSION, LABELS, SPLITS, DatasetAdapter, Label, Sample, Split
+
+__all__ = ["API_VERSION", "LABELS", "SPLITS", "DatasetAdapter", "Label", "Sample", "Split"]

@@ -1,0 +1,83 @@
+"""The public contract between stad and dataset adapters (built-in or third-party plugins).
+
+An adapter is a class registered under the entry-point group ``stad.datasets``. stad
+instantiates it with no arguments and calls :meth:`DatasetAdapter.categories` and
+:meth:`DatasetAdapter.samples`. An adapter only *lists* files; stad reads and checks the
+images and masks itself (:mod:`stad.images`), so adapters stay small.
+
+Bump :data:`API_VERSION` only for an incompatible change; stad refuses adapters whose
+``api_version`` it does not know, naming the plugin's distribution and version.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar, Literal, Protocol, runtime_checkable
+
+API_VERSION = 1
+"""The adapter API version this stad speaks."""
+
+Label = Literal["normal", "anomalous"]
+Split = Literal["train", "val", "test"]
+SPLITS: tuple[Split, ...] = ("train", "val", "test")
+LABELS: tuple[Label, ...] = ("normal", "anomalous")
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One image of a dataset.
+
+    Attributes:
+        image: path of the image file.
+        mask: path of its ground-truth mask (non-zero = anomalous pixel), or ``None``. A
+            ``None`` mask on an anomalous test image means "no pixel annotation"; on a
+            normal image it means "all pixels normal".
+        label: ``"normal"`` or ``"anomalous"``.
+        split: ``"train"`` (anomaly-free, for fitting), ``"val"`` (anomaly-free, for
+            calibration) or ``"test"`` (labelled, for evaluation).
+        defect: the defect type (``"good"`` for normal images), used to break metrics down.
+    """
+
+    image: Path
+    mask: Path | None
+    label: Label
+    split: Split
+    defect: str = "good"
+
+    def __post_init__(self) -> None:
+        if self.label not in LABELS:
+            raise ValueError(f"Sample.label must be one of {LABELS}, got {self.label!r}")
+        if self.split not in SPLITS:
+            raise ValueError(f"Sample.split must be one of {SPLITS}, got {self.split!r}")
+        if self.split in ("train", "val") and self.label != "normal":
+            raise ValueError(f"{self.split} samples must be normal: {self.image}")
+
+
+@runtime_checkable
+class DatasetAdapter(Protocol):
+    """What a dataset adapter provides.
+
+    Class attributes:
+        api_version: the :data:`API_VERSION` the adapter was written for.
+        description: one line shown by ``stad datasets list``.
+
+    Optional method ``default_root() -> Path``: the root to use when the user gives no
+    ``--root`` (the built-in synthetic set generates its data under stad's cache).
+
+    Errors: raise :class:`stad.errors.DataError` with a message naming the file or folder
+    when the data on disk does not fit the layout (missing root or category, unpaired
+    masks). Any other exception is reported as a fault of the plugin (exit code 5).
+    """
+
+    api_version: ClassVar[int]
+    description: ClassVar[str]
+
+    def categories(self, root: Path) -> list[str]:
+        """The categories found under ``root`` (sorted)."""
+        ...
+
+    def samples(self, root: Path, category: str, split: Split) -> Iterator[Sample]:
+        """The samples of one category and split, in a stable order."""
+        ...

@@ -1,0 +1,114 @@
+"""The MVTec AD layout (Bergmann et al., CVPR 2019)::
+
+    ROOT/CATEGORY/train/good/*.png                     normal training images
+    ROOT/CATEGORY/val/good/*.png                       optional (our extension): normal images
+                                                       for calibration
+    ROOT/CATEGORY/test/good/*.png                      normal test images
+    ROOT/CATEGORY/test/DEFECT/NAME.png                 anomalous test images
+    ROOT/CATEGORY/ground_truth/DEFECT/NAME_mask.png    their masks
+
+Every anomalous test image must pair with its mask and every mask with an image; anything
+else is a :class:`~stad.errors.DataError` that names the files.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import ClassVar
+
+from stad.datasets.base import API_VERSION, Sample, Split
+from stad.errors import DataError
+from stad.images import is_image_file
+
+GOOD = "good"
+
+
+def image_files(folder: Path) -> list[Path]:
+    """Image files directly inside ``folder``, sorted by name (hidden files skipped)."""
+    return sorted(p for p in folder.iterdir()
+                  if p.is_file() and not p.name.startswith(".") and is_image_file(p))
+
+
+def _category_dir(root: Path, category: str) -> Path:
+    if not root.is_dir():
+        raise DataError(f"dataset root {root} does not exist or is not a folder; "
+                        "pass --root pointing at the dataset")
+    path = root / category
+    if not (path / "train").is_dir():
+        found = ", ".join(mvtec_categories(root)) or "none"
+        raise DataError(f"category '{category}' not found under {root} "
+                        f"(no {path / 'train'}); categories there: {found}")
+    return path
+
+
+def mvtec_categories(root: Path) -> list[str]:
+    if not root.is_dir():
+        raise DataError(f"dataset root {root} does not exist or is not a folder")
+    return sorted(p.name for p in root.iterdir() if (p / "train" / GOOD).is_dir())
+
+
+def _list_more(paths: list[Path], limit: int = 5) -> str:
+    shown = ", ".join(str(p) for p in paths[:limit])
+    return shown + (f" and {len(paths) - limit} more" if len(paths) > limit else "")
+
+
+def mvtec_samples(root: Path, category: str, split: Split) -> Iterator[Sample]:
+    """Samples of one split of an MVTec-layout category (shared with the synthetic set)."""
+    base = _category_dir(root, category)
+    if split in ("train", "val"):
+        folder = base / split / GOOD
+        if split == "val" and not folder.is_dir():
+            return
+        for path in image_files(folder):
+            yield Sample(image=path, mask=None, label="normal", split=split)
+        return
+    test_dir = base / "test"
+    if not test_dir.is_dir():
+        return
+    gt_dir = base / "ground_truth"
+    defects = sorted(p.name for p in test_dir.iterdir() if p.is_dir())
+    unpaired_images: list[Path] = []
+    unpaired_masks: list[Path] = []
+    out: list[Sample] = []
+    for defect in defects:
+        images = image_files(test_dir / defect)
+        if defect == GOOD:
+            out.extend(Sample(image=p, mask=None, label="normal", split="test") for p in images)
+            continue
+        masks = {p.name: p for p in image_files(gt_dir / defect)} if (gt_dir / defect).is_dir() \
+            else {}
+        for path in images:
+            mask = masks.pop(f"{path.stem}_mask.png", None)
+            if mask is None:
+                unpaired_images.append(path)
+            else:
+                out.append(Sample(image=path, mask=mask, label="anomalous", split="test",
+                                  defect=defect))
+        unpaired_masks.extend(masks.values())
+    if gt_dir.is_dir():
+        for folder in sorted(p for p in gt_dir.iterdir() if p.is_dir()):
+            if folder.name not in defects:
+                unpaired_masks.extend(image_files(folder))
+    problems = []
+    if unpaired_images:
+        problems.append(f"defect images without a mask (expected ground_truth/DEFECT/"
+                        f"NAME_mask.png): {_list_more(unpaired_images)}")
+    if unpaired_masks:
+        problems.append(f"masks without an image: {_list_more(unpaired_masks)}")
+    if problems:
+        raise DataError(f"{base}: " + "; ".join(problems))
+    yield from out
+
+
+class MVTecAdapter:
+    """Built-in adapter for data in the MVTec AD layout."""
+
+    api_version: ClassVar[int] = API_VERSION
+    description: ClassVar[str] = "MVTec AD layout: CATEGORY/{train,test,ground_truth}/..."
+
+    def categories(self, root: Path) -> list[str]:
+        return mvtec_categories(root)
+
+    def samples(self, root: Path, category: str, split: Split) -> Iterator[Sample]:
+        return mvtec_samples(root, category, split)

@@ -1,0 +1,185 @@
+"""Finding dataset adapters through the ``stad.datasets`` entry-point group.
+
+Discovery reads installed distributions' metadata only; nothing is imported until an adapter
+is used (the pattern of xarray's backends and flake8's plugin finder). A plugin that fails to
+import, declares an API version we do not speak, or raises while listing samples is reported
+with its name, distribution and version as a :class:`~stad.errors.PluginError` (exit code 5);
+it never breaks ``stad --help``, ``stad datasets list`` or other adapters. Built-in adapters
+are registered through the same group, so that path is exercised on every run.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TypeVar
+
+from stad.datasets.base import API_VERSION, DatasetAdapter, Sample, Split
+from stad.errors import PluginError, StadError, UsageError
+
+GROUP = "stad.datasets"
+BUILTIN_DISTRIBUTION = "stad"
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class AdapterEntry:
+    """One registered adapter, known from metadata alone."""
+
+    name: str
+    value: str
+    distribution: str
+    version: str
+    shadowed_by: str | None = None  # another distribution registering the same name
+
+    def label(self) -> str:
+        where = f"{self.distribution} {self.version}"
+        return f"dataset adapter '{self.name}' ({self.value}, from {where})"
+
+
+def _entry_points() -> list[md.EntryPoint]:
+    return list(md.entry_points(group=GROUP))
+
+
+def discover() -> list[AdapterEntry]:
+    """Every registered adapter, sorted by name, without importing any of them.
+
+    When two distributions register the same name, the built-in one (from ``stad``) wins;
+    between two third-party distributions neither wins, and using the name is an error.
+    Both are listed, the loser with ``shadowed_by`` set.
+    """
+    by_name: dict[str, list[AdapterEntry]] = {}
+    for ep in _entry_points():
+        dist = ep.dist
+        entry = AdapterEntry(
+            name=ep.name,
+            value=ep.value,
+            distribution=dist.name if dist is not None else "unknown",
+            version=dist.version if dist is not None else "unknown",
+        )
+        group = by_name.setdefault(ep.name, [])
+        if entry not in group:  # the same distribution seen twice on sys.path
+            group.append(entry)
+    out: list[AdapterEntry] = []
+    for name in sorted(by_name):
+        group = sorted(by_name[name], key=lambda e: (e.distribution != BUILTIN_DISTRIBUTION,
+                                                     e.distribution))
+        if len(group) == 1:
+            out.append(group[0])
+            continue
+        winner = group[0] if group[0].distribution == BUILTIN_DISTRIBUTION else None
+        for e in group:
+            if e is winner:
+                out.append(e)
+            else:
+                others = ", ".join(o.distribution for o in group if o is not e)
+                out.append(replace(e, shadowed_by=others))
+    return out
+
+
+def names() -> list[str]:
+    """Names of the adapters that can be used."""
+    return sorted({e.name for e in discover()})
+
+
+def _find(name: str) -> AdapterEntry:
+    entries = [e for e in discover() if e.name == name]
+    if not entries:
+        known = ", ".join(names()) or "none"
+        raise UsageError(f"no dataset adapter named '{name}' (installed: {known}); "
+                        "see `stad datasets list`")
+    usable = [e for e in entries if e.shadowed_by is None]
+    if not usable:
+        dists = ", ".join(f"{e.distribution} {e.version}" for e in entries)
+        raise PluginError(f"dataset adapter '{name}' is registered by several distributions "
+                          f"({dists}); uninstall all but one")
+    return usable[0]
+
+
+def load_entry(entry: AdapterEntry) -> DatasetAdapter:
+    """Import and instantiate one adapter, checking its API version."""
+    try:
+        factory = md.EntryPoint(name=entry.name, value=entry.value, group=GROUP).load()
+    except Exception as exc:  # a plugin can raise anything on import
+        raise PluginError(f"{entry.label()} failed to import: {type(exc).__name__}: {exc}") from exc
+    version = getattr(factory, "api_version", None)
+    if version != API_VERSION:
+        raise PluginError(
+            f"{entry.label()} speaks adapter API {version!r}, this stad speaks {API_VERSION}; "
+            "upgrade the plugin or stad"
+        )
+    try:
+        adapter = factory()
+    except Exception as exc:
+        raise PluginError(f"{entry.label()} failed to start: {type(exc).__name__}: {exc}") from exc
+    for method in ("categories", "samples"):
+        if not callable(getattr(adapter, method, None)):
+            raise PluginError(f"{entry.label()} has no {method}() method")
+    return adapter
+
+
+class Adapter:
+    """A loaded adapter whose faults are reported as faults of the plugin, by name.
+
+    ``DataError`` from the adapter (the data does not fit its layout) passes through with its
+    exit code 3; any other exception, on listing or half-way through iteration, becomes a
+    ``PluginError`` naming the plugin.
+    """
+
+    def __init__(self, entry: AdapterEntry, adapter: DatasetAdapter) -> None:
+        self.entry = entry
+        self.name = entry.name
+        self._adapter = adapter
+        self.description: str = str(getattr(adapter, "description", ""))
+
+    def _guard(self, what: str, fn: Callable[[], T]) -> T:
+        try:
+            return fn()
+        except StadError:
+            raise
+        except Exception as exc:
+            raise PluginError(f"{self.entry.label()} failed in {what}: "
+                              f"{type(exc).__name__}: {exc}") from exc
+
+    def default_root(self) -> Path | None:
+        """The adapter's own data root when ``--root`` is not given (optional hook)."""
+        hook = getattr(self._adapter, "default_root", None)
+        return Path(self._guard("default_root()", hook)) if callable(hook) else None
+
+    def categories(self, root: Path) -> list[str]:
+        return self._guard("categories()", lambda: sorted(self._adapter.categories(Path(root))))
+
+    def samples(self, root: Path, category: str, split: Split) -> Iterator[Sample]:
+        it = self._guard("samples()", lambda: iter(self._adapter.samples(Path(root), category,
+                                                                          split)))
+        while True:
+            sample = self._guard("samples()", lambda: next(it, None))
+            if sample is None:
+                return
+            if not isinstance(sample, Sample):
+                raise PluginError(f"{self.entry.label()} yielded {type(sample).__name__}, "
+                                  "not stad.datasets.Sample")
+            yield sample
+
+    def list_samples(self, root: Path, category: str, split: Split) -> list[Sample]:
+        return list(self.samples(root, category, split))
+
+
+def get_adapter(name: str) -> Adapter:
+    """Load the adapter registered as ``name``."""
+    entry = _find(name)
+    return Adapter(entry, load_entry(entry))
+
+
+def check(entry: AdapterEntry) -> str:
+    """``"ok"`` or a one-line reason why the adapter cannot be used (for ``datasets list``)."""
+    if entry.shadowed_by is not None:
+        return f"duplicate name, also registered by {entry.shadowed_by}"
+    try:
+        load_entry(entry)
+    except PluginError as exc:
+        return f"error: {exc}"
+    return "ok"

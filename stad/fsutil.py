@@ -1,0 +1,106 @@
+"""Atomic file writes and output locks: an interrupted run leaves the old file or none.
+
+Every file stad produces (artifacts, checkpoints, reports, maps) goes through
+:func:`atomic_write_bytes` or :func:`atomic_path`: the data is written to a temporary file in
+the same folder, flushed to disk, then moved over the target with :func:`os.replace`, which is
+atomic on POSIX and Windows. Readers therefore see either the complete old file or the complete
+new one, never a torn one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from stad.errors import UsageError
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success move it over ``path`` atomically.
+
+    If the body raises (or the process dies), the temporary file is removed (or left as a
+    hidden ``.tmp`` file that no reader looks at) and ``path`` is untouched.
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        _fsync_file(tmp)
+        os.replace(tmp, target)
+        _fsync_dir(target.parent)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    # Makes the rename itself durable; not possible on every platform, harmless to skip.
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def output_lock(path: str | os.PathLike[str]) -> Iterator[None]:
+    """Hold an exclusive lock on ``path`` (via ``path.lock``) or refuse at once.
+
+    Two runs writing the same artifact would otherwise interleave checkpoints; the second
+    one gets a :class:`UsageError` naming the lock instead of waiting.
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    lock_path = target.with_name(target.name + ".lock")
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            import fcntl
+
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except ImportError:  # pragma: no cover - Windows: no advisory locks, run unguarded
+            pass
+        except OSError as exc:
+            if exc.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                raise UsageError(
+                    f"{target} is being written by another stad run (lock {lock_path}); "
+                    "wait for it to finish or choose another --out"
+                ) from None
+            raise
+        yield
+    finally:
+        os.close(fd)
+
+
+def cache_dir() -> Path:
+    """Where stad keeps generated data (``$STAD_CACHE``, else ``$XDG_CACHE_HOME/stad``)."""
+    if os.environ.get("STAD_CACHE"):
+        return Path(os.environ["STAD_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "stad"

@@ -1,0 +1,142 @@
+"""Reading images and masks from untrusted files, and turning them into network input.
+
+Every image stad reads goes through :func:`load_image`: whatever its mode, it comes back as an
+RGB float array in [0, 1]. Conversions (documented in docs/datasets.md):
+
+- ``L`` / ``LA`` / ``1`` (grayscale, bilevel): the gray value is copied to R, G and B;
+- ``I;16`` and ``I`` (16- and 32-bit grayscale): scaled by the type's maximum, then as ``L``;
+- ``RGBA`` / ``LA`` / ``PA``: the alpha channel is dropped (colour values kept as stored);
+- ``P`` (palette), ``CMYK``, ``YCbCr``, ``HSV``, ``LAB``: converted to RGB by Pillow.
+
+A file that cannot be read (missing, empty, truncated, not an image, too large) raises
+:class:`~stad.errors.DataError` naming the file.
+"""
+
+from __future__ import annotations
+
+import struct
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+
+from stad.errors import DataError
+
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
+# Refuse decompression bombs: 16 384² pixels is far above any inspection image.
+MAX_PIXELS = 16_384 * 16_384
+
+# Channel statistics used to standardize input; recorded in every artifact.
+DEFAULT_MEAN = (0.485, 0.456, 0.406)
+DEFAULT_STD = (0.229, 0.224, 0.225)
+
+
+def is_image_file(path: Path) -> bool:
+    """Whether ``path`` has an image suffix stad reads (folders are filtered with this)."""
+    return path.suffix.lower() in IMAGE_SUFFIXES
+
+
+def _open(path: Path) -> Image.Image:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+            with Image.open(path) as img:
+                img.load()  # decode now, so that truncation is found here
+                return img.copy() if img.mode != "P" else img.convert("RGBA")
+    except FileNotFoundError:
+        raise DataError(f"image {path} does not exist") from None
+    except IsADirectoryError:
+        raise DataError(f"image {path} is a folder, not an image file") from None
+    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise DataError(f"{path} is not a readable image (unknown format or too large)") from None
+    except (OSError, ValueError, SyntaxError, EOFError, struct.error) as exc:
+        raise DataError(f"image {path} cannot be decoded ({exc}); is it truncated?") from None
+
+
+def load_image(path: str | Path) -> np.ndarray:
+    """Read an image file as RGB.
+
+    Returns:
+        float32 array of shape (H, W, 3) with values in [0, 1].
+    """
+    path = Path(path)
+    img = _open(path)
+    if img.width < 1 or img.height < 1:
+        raise DataError(f"image {path} is empty ({img.width}×{img.height})")
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or arr.max() <= 65535 else arr.max()
+        gray = np.clip(arr / top, 0.0, 1.0).astype(np.float32)
+        return np.repeat(gray[:, :, None], 3, axis=2)
+    if img.mode == "F":
+        gray = np.clip(np.asarray(img, dtype=np.float32), 0.0, 1.0)
+        return np.repeat(gray[:, :, None], 3, axis=2)
+    rgb = img.convert("RGB")
+    return np.asarray(rgb, dtype=np.float32) / 255.0
+
+
+def load_mask(path: str | Path, shape: tuple[int, int] | None = None) -> np.ndarray:
+    """Read a ground-truth mask: 0 = normal, anything else = anomalous.
+
+    Args:
+        path: the mask file (8-bit, values 0 and one other value such as 255 or 1).
+        shape: the (H, W) of its image; a mask of another size is an error.
+
+    Returns:
+        bool array of shape (H, W).
+    """
+    path = Path(path)
+    img = _open(path)
+    if img.mode not in ("L", "1", "P", "RGBA", "RGB", "LA", "I;16", "I"):
+        raise DataError(f"mask {path} has unsupported mode {img.mode}")
+    arr = np.asarray(img.convert("L") if img.mode not in ("L", "1") else img)
+    if arr.ndim != 2:
+        raise DataError(f"mask {path} is not single-channel")
+    values = np.unique(arr)
+    if len(values) > 2 or (len(values) == 2 and values[0] != 0):
+        raise DataError(
+            f"mask {path} is not binary (values {values[:6].tolist()}...); "
+            "masks must hold 0 for normal pixels and one other value for anomalous ones"
+        )
+    if shape is not None and arr.shape != tuple(shape):
+        raise DataError(
+            f"mask {path} is {arr.shape[1]}×{arr.shape[0]} but its image is "
+            f"{shape[1]}×{shape[0]}; masks must have their image's size"
+        )
+    return arr > 0
+
+
+def image_size_of(path: str | Path) -> tuple[int, int]:
+    """(H, W) of an image file, reading only its header."""
+    path = Path(path)
+    try:
+        with Image.open(path) as img:
+            return img.height, img.width
+    except (OSError, UnidentifiedImageError, ValueError) as exc:
+        raise DataError(f"{path} is not a readable image ({exc})") from None
+
+
+def to_tensor(
+    image: np.ndarray,
+    *,
+    size: int | None,
+    mean: Sequence[float] = DEFAULT_MEAN,
+    std: Sequence[float] = DEFAULT_STD,
+) -> torch.Tensor:
+    """Resize (bilinear, antialiased) and standardize an (H, W, 3) image.
+
+    Returns:
+        float32 tensor of shape (3, size, size), or (3, H, W) when ``size`` is ``None``.
+    """
+    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)  # (3, H, W)
+    if size is not None and x.shape[1:] != (size, size):
+        x = F.interpolate(x[None], size=(size, size), mode="bilinear", antialias=True,
+                          align_corners=False)[0]
+    m = torch.tensor(mean, dtype=x.dtype).view(3, 1, 1)
+    s = torch.tensor(std, dtype=x.dtype).view(3, 1, 1)
+    return (x - m) / s

@@ -1,0 +1,181 @@
+"""The fitted student–teacher model in memory: per scale a teacher, M students, the teacher's
+descriptor normalization and the calibration statistics; and the anomaly maps (METHOD.md §5).
+
+Artifact layout (tensor names in the ``model`` safetensors file; a ``teacher`` file holds only
+the ``teacher.*`` entries):
+
+=================================  =========================================================
+``teacher.p{P}.convs.{i}.*``        teacher of patch size P
+``student.p{P}.{m}.convs.{i}.*``    student m of patch size P
+``norm.p{P}.mean`` / ``.std``       (128,) per-channel statistics of the teacher's descriptors
+                                    over the training images (METHOD.md §4)
+``calib.p{P}``                      (4,) e_mean, e_std, v_mean, v_std on validation images
+=================================  =========================================================
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from stad.artifacts import prefixed, with_prefix
+from stad.errors import ArtifactError
+from stad.networks import PatchNetwork, build_network
+
+PADDING = "reflect"
+
+
+@dataclass
+class Scale:
+    """Everything one patch size contributes to the map."""
+
+    patch_size: int
+    teacher: PatchNetwork
+    students: list[PatchNetwork] = field(default_factory=list)
+    mean: torch.Tensor | None = None  # (D,) teacher descriptor mean over training images
+    std: torch.Tensor | None = None  # (D,)
+    calib: torch.Tensor | None = None  # (4,) e_mean, e_std, v_mean, v_std
+
+    def normalized_teacher(self, x: torch.Tensor) -> torch.Tensor:
+        """(y − μ)/σ of METHOD.md §4: (N, 3, H, W) → (N, D, H, W)."""
+        assert self.mean is not None and self.std is not None
+        y = self.teacher.dense(x, padding_mode=PADDING)
+        return (y - self.mean.view(1, -1, 1, 1)) / self.std.view(1, -1, 1, 1)
+
+    def error_and_variance(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Regression error e and predictive variance v per pixel (METHOD.md §5).
+
+        e = ‖μ̄ − (y − μ)/σ‖², v = (1/M) Σ‖μ_i‖² − ‖μ̄‖², with μ̄ the mean of the M students'
+        outputs μ_i. Returns two (N, H, W) tensors.
+        """
+        target = self.normalized_teacher(x)
+        outs = torch.stack([s.dense(x, padding_mode=PADDING) for s in self.students])  # (M,N,D,H,W)
+        mean = outs.mean(0)
+        e = (mean - target).pow(2).sum(1)
+        v = (outs.pow(2).sum(2).mean(0) - mean.pow(2).sum(1)).clamp_min(0)
+        return e, v
+
+    def score(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-scale anomaly score ẽ + ṽ (METHOD.md §5): (N, 3, H, W) → (N, H, W)."""
+        if self.calib is None:
+            raise ArtifactError(f"the model is not calibrated for p={self.patch_size}: "
+                                "run `stad calibrate` first")
+        e, v = self.error_and_variance(x)
+        e_mean, e_std, v_mean, v_std = self.calib.tolist()
+        return (e - e_mean) / e_std + (v - v_mean) / v_std
+
+
+@dataclass
+class Model:
+    """A multi-scale student–teacher model; ``scales`` is keyed by patch size."""
+
+    scales: dict[int, Scale]
+    preprocessing: dict[str, Any]
+
+    @property
+    def patch_sizes(self) -> list[int]:
+        return sorted(self.scales)
+
+    def to(self, device: torch.device | str) -> Model:
+        for s in self.scales.values():
+            s.teacher.to(device)
+            for st in s.students:
+                st.to(device)
+            for name in ("mean", "std", "calib"):
+                t = getattr(s, name)
+                if t is not None:
+                    setattr(s, name, t.to(device))
+        return self
+
+    def eval(self) -> Model:
+        for s in self.scales.values():
+            s.teacher.eval()
+            for st in s.students:
+                st.eval()
+        return self
+
+    def maps(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:
+        """Anomaly maps of a batch: per scale (key ``"p17"`` ...) and fused (``"fused"``).
+
+        The fused map is the unweighted mean of the per-scale maps (METHOD.md §5). With
+        ``size``, maps are resized bilinearly to (H, W) (the input's own resolution).
+
+        Args:
+            x: (N, 3, h, w) standardized images at the model's image size.
+        Returns:
+            dict of (N, H, W) float tensors.
+        """
+        out: dict[str, torch.Tensor] = {}
+        for p in self.patch_sizes:
+            out[f"p{p}"] = self.scales[p].score(x)
+        out["fused"] = torch.stack([out[f"p{p}"] for p in self.patch_sizes]).mean(0)
+        if size is not None and tuple(out["fused"].shape[-2:]) != tuple(size):
+            out = {k: F.interpolate(v[:, None], size=size, mode="bilinear",
+                                    align_corners=False)[:, 0] for k, v in out.items()}
+        return out
+
+
+def teacher_tensors(teachers: Mapping[int, PatchNetwork]) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for p, net in teachers.items():
+        out.update(with_prefix(net.state_dict(), f"teacher.p{p}"))
+    return out
+
+
+def load_teachers(tensors: Mapping[str, torch.Tensor], *, out_dim: int = 128,
+                  patch_sizes: Sequence[int] | None = None) -> dict[int, PatchNetwork]:
+    """The teachers stored in an artifact's tensors, frozen and in eval mode."""
+    found = sorted({int(k.split(".")[1][1:]) for k in tensors if k.startswith("teacher.p")})
+    wanted = list(patch_sizes) if patch_sizes is not None else found
+    missing = [p for p in wanted if p not in found]
+    if missing:
+        raise ArtifactError(f"the artifact has teachers for p={found}, not for p={missing}; "
+                            "pretrain those scales or choose --patch-sizes among the ones it has")
+    out = {}
+    for p in wanted:
+        out[p] = _load_net(p, prefixed(tensors, f"teacher.p{p}"), out_dim, f"teacher p={p}")
+        out[p].requires_grad_(False).eval()
+    return out
+
+
+def _load_net(p: int, state: Mapping[str, torch.Tensor], out_dim: int, what: str) -> PatchNetwork:
+    net = build_network(p, out_dim)
+    try:
+        net.load_state_dict({k: v.float() for k, v in state.items()})
+    except RuntimeError as exc:
+        raise ArtifactError(f"the {what} weights do not fit the architecture: "
+                            f"{str(exc).splitlines()[0]}") from None
+    return net
+
+
+def model_tensors(model: Model) -> dict[str, torch.Tensor]:
+    out = teacher_tensors({p: s.teacher for p, s in model.scales.items()})
+    for p, s in model.scales.items():
+        for m, student in enumerate(s.students):
+            out.update(with_prefix(student.state_dict(), f"student.p{p}.{m}"))
+        assert s.mean is not None and s.std is not None
+        out[f"norm.p{p}.mean"] = s.mean
+        out[f"norm.p{p}.std"] = s.std
+        if s.calib is not None:
+            out[f"calib.p{p}"] = s.calib
+    return {k: v.detach().cpu().contiguous() for k, v in out.items()}
+
+
+def model_from_tensors(tensors: Mapping[str, torch.Tensor], preprocessing: dict[str, Any],
+                       *, out_dim: int = 128) -> Model:
+    teachers = load_teachers(tensors, out_dim=out_dim)
+    scales: dict[int, Scale] = {}
+    for p, teacher in teachers.items():
+        ids = sorted({int(k.split(".")[2]) for k in tensors if k.startswith(f"student.p{p}.")})
+        students = [_load_net(p, prefixed(tensors, f"student.p{p}.{m}"), out_dim,
+                              f"student {m} p={p}").requires_grad_(False).eval() for m in ids]
+        if len(students) < 2 or f"norm.p{p}.mean" not in tensors:
+            raise ArtifactError(f"the model artifact lacks students or normalization for p={p}")
+        scales[p] = Scale(p, teacher, students, tensors[f"norm.p{p}.mean"].float(),
+                          tensors[f"norm.p{p}.std"].float(),
+                          tensors[f"calib.p{p}"].float() if f"calib.p{p}" in tensors else None)
+    return Model(scales=scales, preprocessing=preprocessing)

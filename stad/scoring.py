@@ -1,0 +1,161 @@
+"""Anomaly maps, image scores, calibration and verdicts (METHOD.md §5).
+
+The map of an image: resize it to the model's image size, compute per scale ẽ + ṽ (the
+regression error and predictive variance standardized with statistics from anomaly-free
+validation images), average the scales, and resize the map back to the image's own size.
+The image score is the maximum of that map by default (``score.image_score = "max"``) or the
+mean of its top ``topk_fraction`` of pixels (``"topk_mean"``, less sensitive to one hot pixel).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from stad.config import ScoreSettings, Settings
+from stad.console import NULL_REPORTER, Reporter, warn
+from stad.errors import DataError, UsageError
+from stad.images import load_image, to_tensor
+from stad.model import Model
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when available; ``cuda`` without a GPU is a usage error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda was asked for, but torch sees no CUDA device")
+    return torch.device(name)
+
+
+@dataclass
+class ImageMaps:
+    """The maps of one image at its own resolution: ``maps["fused"]``, ``maps["p17"]``, ..."""
+
+    path: Path
+    maps: dict[str, np.ndarray]  # each (H, W) float32
+
+
+def prepare(path: Path, model: Model) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Read one image as the artifact's preprocessing says: (3, S, S) and its own (H, W)."""
+    image = load_image(path)
+    pre = model.preprocessing
+    return to_tensor(image, size=pre["image_size"], mean=pre["mean"], std=pre["std"]), \
+        image.shape[:2]
+
+
+@torch.inference_mode()
+def iter_maps(model: Model, paths: Sequence[Path], *, device: torch.device,
+              batch_size: int = 4, reporter: Reporter = NULL_REPORTER,
+              what: str = "scoring") -> Iterator[ImageMaps]:
+    """Maps of each image, in order, computed in batches."""
+    task = reporter.task(what, len(paths))
+    for start in range(0, len(paths), batch_size):
+        chunk = paths[start:start + batch_size]
+        prepared = [prepare(Path(p), model) for p in chunk]
+        x = torch.stack([t for t, _ in prepared]).to(device)
+        maps = model.maps(x)
+        for i, (path, (_, shape)) in enumerate(zip(chunk, prepared, strict=True)):
+            one = {k: v[i:i + 1] for k, v in maps.items()}
+            if tuple(one["fused"].shape[-2:]) != shape:
+                one = {k: torch.nn.functional.interpolate(v[:, None], size=shape,
+                                                          mode="bilinear",
+                                                          align_corners=False)[:, 0]
+                       for k, v in one.items()}
+            yield ImageMaps(Path(path), {k: v[0].float().cpu().numpy() for k, v in one.items()})
+        task.advance(len(chunk))
+    task.done()
+
+
+def image_score(amap: np.ndarray, cfg: ScoreSettings) -> float:
+    """The image score of a map: its maximum, or the mean of its top ``topk_fraction``."""
+    if cfg.image_score == "max":
+        return float(amap.max())
+    flat = amap.ravel()
+    k = max(1, int(round(flat.size * cfg.topk_fraction)))
+    return float(np.partition(flat, flat.size - k)[-k:].mean())
+
+
+@torch.inference_mode()
+def error_statistics(model: Model, paths: Sequence[Path], *, device: torch.device,
+                     batch_size: int = 4, reporter: Reporter = NULL_REPORTER
+                     ) -> dict[int, torch.Tensor]:
+    """Per scale (e_mean, e_std, v_mean, v_std) over all pixels of anomaly-free images.
+
+    A zero spread (a constant e or v, e.g. a single tiny image) would divide by zero in the
+    standardization; it is replaced by 1 with a warning, which leaves that term unscaled.
+    """
+    sums = {p: torch.zeros(4, dtype=torch.float64) for p in model.patch_sizes}
+    count = 0
+    task = reporter.task("calibrating", len(paths))
+    for start in range(0, len(paths), batch_size):
+        chunk = paths[start:start + batch_size]
+        x = torch.stack([prepare(Path(p), model)[0] for p in chunk]).to(device)
+        for p in model.patch_sizes:
+            e, v = model.scales[p].error_and_variance(x)
+            e, v = e.double().cpu(), v.double().cpu()
+            sums[p] += torch.stack([e.sum(), e.pow(2).sum(), v.sum(), v.pow(2).sum()])
+        count += x.shape[0] * x.shape[2] * x.shape[3]
+        task.advance(len(chunk))
+    task.done()
+    out = {}
+    for p, (se, se2, sv, sv2) in sums.items():
+        e_mean, v_mean = se / count, sv / count
+        e_std = (se2 / count - e_mean**2).clamp_min(0).sqrt()
+        v_std = (sv2 / count - v_mean**2).clamp_min(0).sqrt()
+        if e_std < 1e-12 or v_std < 1e-12:
+            warn(f"p={p}: regression error or variance is constant on the calibration images; "
+                 "its standardization uses a spread of 1")
+        e_std = e_std if e_std >= 1e-12 else torch.tensor(1.0, dtype=torch.float64)
+        v_std = v_std if v_std >= 1e-12 else torch.tensor(1.0, dtype=torch.float64)
+        out[p] = torch.stack([e_mean, e_std, v_mean, v_std]).float()
+    return out
+
+
+def fpr_threshold(normal_scores: Sequence[float], target_fpr: float) -> float:
+    """The smallest threshold at which at most ``target_fpr`` of normal images score above it.
+
+    An image is anomalous when its score is > threshold. With n normal images, the FPR can only
+    take values k/n, so the result is the k-th largest score with k = floor(target_fpr · n).
+    """
+    scores = np.sort(np.asarray(normal_scores, dtype=np.float64))[::-1]
+    if len(scores) == 0:
+        raise DataError("no normal images to set a threshold on")
+    k = int(np.floor(target_fpr * len(scores)))
+    return float(scores[min(k, len(scores) - 1)])
+
+
+def f1_threshold(scores: Sequence[float], labels: Sequence[bool]) -> float:
+    """The threshold (score > t is anomalous) that maximizes F1 on labelled images."""
+    s = np.asarray(scores, dtype=np.float64)
+    y = np.asarray(labels, dtype=bool)
+    if y.all() or not y.any():
+        raise DataError("an F1-optimal threshold needs both normal and anomalous images")
+    candidates = np.unique(s)
+    best_t, best_f1 = float(candidates[0]), -1.0
+    for t in np.concatenate([[candidates[0] - 1.0], candidates]):
+        pred = s > t
+        tp = float(np.sum(pred & y))
+        f1 = 2 * tp / (pred.sum() + y.sum())
+        if f1 > best_f1:
+            best_t, best_f1 = float(t), f1
+    return best_t
+
+
+def verdict_record(maps: ImageMaps, settings: Settings, threshold: float | None
+                   ) -> dict[str, Any]:
+    """The JSON record of one scored image (``stad score --json``)."""
+    score = image_score(maps.maps["fused"], settings.score)
+    per_scale = {k: image_score(v, settings.score) for k, v in maps.maps.items() if k != "fused"}
+    return {
+        "path": str(maps.path),
+        "score": score,
+        "threshold": threshold,
+        "anomalous": None if threshold is None else bool(score > threshold),
+        "scales": per_scale,
+    }

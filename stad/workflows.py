@@ -1,0 +1,349 @@
+"""One library function per command: select data, run the step, write the artifact.
+
+The CLI (:mod:`stad.cli`) only parses options and prints what these return, so every command
+can also be run from Python and tested without a shell.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from stad.artifacts import Artifact, load_artifact, save_artifact
+from stad.config import Settings
+from stad.console import NULL_REPORTER, Reporter
+from stad.data import DataSelection, select_data
+from stad.datasets.base import Sample
+from stad.errors import DataError, UsageError
+from stad.fsutil import output_lock
+from stad.images import DEFAULT_MEAN, DEFAULT_STD
+from stad.model import Model, load_teachers, model_from_tensors, model_tensors, teacher_tensors
+from stad.networks import PatchNetwork, build_network
+from stad.scoring import (
+    error_statistics,
+    f1_threshold,
+    fpr_threshold,
+    image_score,
+    iter_maps,
+    resolve_device,
+)
+from stad.students import fit_students, split_train_val
+
+RANDOM_TEACHER = "random"
+
+
+def _relative(samples: Sequence[Sample], root: Path) -> list[str]:
+    out = []
+    for s in samples:
+        try:
+            out.append(str(Path(s.image).relative_to(root)))
+        except ValueError:
+            out.append(str(s.image))
+    return out
+
+
+def _data_info(selection: DataSelection) -> dict[str, Any]:
+    return {"dataset": selection.adapter.name, "root": str(selection.root),
+            "category": selection.category}
+
+
+# ---- pretrain-teacher ---------------------------------------------------------------------
+
+
+def pretrain_teacher(settings: Settings, *, out: Path, reporter: Reporter = NULL_REPORTER
+                     ) -> dict[str, Any]:
+    """``stad pretrain-teacher``: train teachers on the training images of any adapter."""
+    from stad.teacher import pretrain_teachers
+
+    selection = select_data(settings)
+    samples = selection.samples("train")
+    if not samples:
+        raise DataError(f"no training images in {selection.describe()}")
+    device = resolve_device(settings.device)
+    with output_lock(out):
+        teachers, info = pretrain_teachers(settings, samples, reporter=reporter, device=device)
+        info["data"] = {**info.get("data", {}), **_data_info(selection)}
+        artifact = Artifact(
+            kind="teacher", tensors=teacher_tensors(teachers),
+            config=settings.model_dump(mode="json"),
+            preprocessing={"image_size": settings.teacher.image_size, "mean": list(DEFAULT_MEAN),
+                           "std": list(DEFAULT_STD)},
+            seed=settings.seed, info=info)
+        save_artifact(out, artifact)
+    return {"artifact": str(out), "kind": "teacher", "patch_sizes": sorted(teachers), **info}
+
+
+# ---- fit-students ----------------------------------------------------------------------------
+
+
+def _teachers(teacher: str | Path | None, settings: Settings) -> tuple[dict[int, PatchNetwork],
+                                                                        dict[str, Any]]:
+    sizes = settings.students.patch_sizes
+    if teacher is None:
+        raise UsageError("no teacher given: pass --teacher FILE (from `stad pretrain-teacher`) "
+                         f"or --teacher {RANDOM_TEACHER} for randomly initialized teachers")
+    if str(teacher) == RANDOM_TEACHER:
+        nets = {p: build_network(p, generator=torch.Generator().manual_seed(settings.seed + p))
+                .eval().requires_grad_(False) for p in sizes}
+        return nets, {"source": RANDOM_TEACHER, "seed": settings.seed}
+    artifact = load_artifact(teacher, kind=("teacher", "model"))
+    nets = load_teachers(artifact.tensors, patch_sizes=sizes)
+    return nets, {"source": str(teacher), "stad_version": artifact.stad_version,
+                  "info": artifact.info.get("teacher", artifact.info)}
+
+
+def fit(settings: Settings, *, teacher: str | Path | None, out: Path,
+        reporter: Reporter = NULL_REPORTER) -> dict[str, Any]:
+    """``stad fit-students``: fit students on a category and write the model artifact."""
+    selection = select_data(settings)
+    cfg = settings.students
+    fit_samples, held, source = split_train_val(
+        selection.samples("train"), selection.samples("val"), fraction=cfg.val_fraction,
+        seed=settings.seed)
+    teachers, teacher_info = _teachers(teacher, settings)
+    device = resolve_device(settings.device)
+    start = time.perf_counter()
+    with output_lock(out):
+        result = fit_students(settings, fit_samples, teachers, reporter=reporter, device=device)
+        info = {
+            "data": {**_data_info(selection), "n_fit": len(fit_samples),
+                     "validation": {"source": source, "images": _relative(held, selection.root)}},
+            "teacher": teacher_info,
+            "students": result.info,
+            "seconds": round(time.perf_counter() - start, 1),
+        }
+        _save_model(out, result.model, settings, info)
+    return {"artifact": str(out), "kind": "model", "patch_sizes": result.model.patch_sizes,
+            "n_fit": len(fit_samples), "n_validation": len(held),
+            "final_loss": {k: v["loss_per_epoch"][-1] for k, v in result.info["scales"].items()},
+            "seconds": info["seconds"]}
+
+
+def _save_model(path: Path, model: Model, settings: Settings, info: dict[str, Any]) -> None:
+    save_artifact(path, Artifact(kind="model", tensors=model_tensors(model),
+                                 config=settings.model_dump(mode="json"),
+                                 preprocessing=model.preprocessing, seed=settings.seed,
+                                 info=info))
+
+
+def _with_model_data(settings: Settings, artifact: Artifact) -> Settings:
+    """Dataset, root and category default to those the model was fitted on."""
+    data = artifact.info.get("data", {})
+    given = settings.model_fields_set
+    return settings.model_copy(update={
+        "dataset": settings.dataset if "dataset" in given else data.get("dataset", "mvtec"),
+        "root": settings.root if settings.root is not None else data.get("root"),
+        "category": settings.category if settings.category is not None else data.get("category"),
+    })
+
+
+def load_model(path: Path, device: torch.device) -> tuple[Model, Artifact]:
+    artifact = load_artifact(path, kind="model")
+    model = model_from_tensors(artifact.tensors, artifact.preprocessing)
+    return model.to(device).eval(), artifact
+
+
+# ---- calibrate -------------------------------------------------------------------------------
+
+
+def validation_samples(selection: DataSelection, info: dict[str, Any]) -> list[Sample]:
+    """The anomaly-free images fit-students kept for calibration (recorded in the model)."""
+    val = info.get("data", {}).get("validation", {})
+    if val.get("source") == "adapter val split":
+        return selection.samples("val")
+    wanted = list(val.get("images", []))
+    if not wanted:
+        raise DataError("the model holds no record of validation images (students.val_fraction "
+                        "was 0); refit with a held-back share or give the dataset a val split")
+    by_name = dict(zip(_relative(selection.samples("train"), selection.root),
+                       selection.samples("train"), strict=True))
+    missing = [w for w in wanted if w not in by_name]
+    if missing:
+        raise DataError(f"validation images recorded in the model are missing from "
+                        f"{selection.describe()}: {', '.join(missing[:5])}")
+    return [by_name[w] for w in wanted]
+
+
+def calibrate(settings: Settings, *, model_path: Path, out: Path | None = None,
+              reporter: Reporter = NULL_REPORTER) -> dict[str, Any]:
+    """``stad calibrate``: standardization statistics and an image threshold, stored in the model.
+
+    The data selection defaults to what the model was fitted on.
+    """
+    device = resolve_device(settings.device)
+    model, artifact = load_model(model_path, device)
+    settings = _with_model_data(settings, artifact)
+    selection = select_data(settings)
+    val = validation_samples(selection, artifact.info)
+    paths = [s.image for s in val]
+    stats = error_statistics(model, paths, device=device, reporter=reporter)
+    for p, calib in stats.items():
+        model.scales[p].calib = calib.to(device)
+    cfg = settings.calibrate
+    normal_scores = [image_score(m.maps["fused"], settings.score)
+                     for m in iter_maps(model, paths, device=device, reporter=reporter,
+                                        what="validation scores")]
+    if cfg.threshold_method == "manual":
+        if cfg.threshold is None:
+            raise UsageError("threshold method 'manual' needs --threshold T")
+        threshold = cfg.threshold
+    elif cfg.threshold_method == "fpr":
+        threshold = fpr_threshold(normal_scores, cfg.target_fpr)
+    else:
+        test = selection.samples("test")
+        scores = [image_score(m.maps["fused"], settings.score)
+                  for m in iter_maps(model, [s.image for s in test], device=device,
+                                     reporter=reporter, what="test scores")]
+        threshold = f1_threshold(scores, [s.label == "anomalous" for s in test])
+    calibration = {
+        "method": cfg.threshold_method, "threshold": threshold,
+        "target_fpr": cfg.target_fpr if cfg.threshold_method == "fpr" else None,
+        "image_score": settings.score.image_score,
+        "topk_fraction": settings.score.topk_fraction,
+        "n_images": len(val), "images_source": artifact.info["data"]["validation"]["source"],
+        "statistics": {f"p{p}": dict(zip(("e_mean", "e_std", "v_mean", "v_std"),
+                                         s.tolist(), strict=True)) for p, s in stats.items()},
+        "normal_scores": {"min": min(normal_scores), "max": max(normal_scores)},
+    }
+    info = {**artifact.info, "calibration": calibration}
+    target = out or model_path
+    with output_lock(target):
+        saved = Settings.model_validate({**artifact.config, "calibrate": cfg.model_dump(),
+                                         "score": settings.score.model_dump()})
+        _save_model(target, model, saved, info)
+    return {"artifact": str(target), **calibration}
+
+
+# ---- score -----------------------------------------------------------------------------------
+
+
+def expand_inputs(inputs: Sequence[Path]) -> list[Path]:
+    """Image files named directly, plus the image files under named folders (recursively,
+    sorted; files without an image suffix and hidden files in folders are skipped)."""
+    from stad.images import is_image_file
+
+    out: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and is_image_file(p)
+                           and not any(part.startswith(".") for part in p.relative_to(path).parts))
+            if not found:
+                raise DataError(f"folder {path} holds no image files "
+                                f"(looked for .png, .jpg, .bmp, .tif, .webp)")
+            out.extend(found)
+        elif path.exists():
+            out.append(path)
+        else:
+            raise DataError(f"input {path} does not exist")
+    return out
+
+
+def _map_name(path: Path) -> str:
+    parts = [p for p in path.with_suffix("").parts if p not in ("/", "..", ".")]
+    return "__".join(parts[-3:])
+
+
+def write_maps(folder: Path, path: Path, amap: Any, threshold: float | None) -> str:
+    """Heat map, overlay (PNG) and the raw float map (32-bit TIFF) of one image, atomically."""
+    import io
+
+    from PIL import Image
+
+    from stad.fsutil import atomic_write_bytes
+    from stad.images import load_image
+    from stad.visualize import display_range, heat, overlay
+
+    lo, hi = display_range(threshold, amap)
+    base = folder / _map_name(path)
+    for suffix, array, mode in (
+        ("_heat.png", heat(amap, lo, hi), "RGB"),
+        ("_overlay.png", overlay(load_image(path), amap, lo, hi), "RGB"),
+        ("_map.tiff", amap.astype("float32"), "F"),
+    ):
+        buf = io.BytesIO()
+        Image.fromarray(array, mode=mode if mode == "F" else None).save(
+            buf, format="TIFF" if mode == "F" else "PNG")
+        atomic_write_bytes(Path(str(base) + suffix), buf.getvalue())
+    return str(base) + "_map.tiff"
+
+
+def score(settings: Settings, *, model_path: Path, inputs: Sequence[Path],
+          maps_dir: Path | None = None, threshold: float | None = None,
+          on_error: str = "fail", reporter: Reporter = NULL_REPORTER):
+    """``stad score``: yield one record per input image, in order, as it is scored.
+
+    Records are dicts (see :func:`stad.scoring.verdict_record`) plus ``map`` when maps are
+    written; with ``on_error="skip"`` an unreadable image yields ``{"path", "error"}`` instead
+    of stopping the run.
+    """
+    device = resolve_device(settings.device)
+    model, artifact = load_model(model_path, device)
+    calibration = artifact.info.get("calibration")
+    if calibration is None:
+        raise UsageError(f"{model_path} is not calibrated: run `stad calibrate --model "
+                         f"{model_path}` first")
+    if threshold is None:
+        threshold = calibration["threshold"]
+    settings = settings.model_copy(update={"score": Settings.model_validate(
+        {"score": {"image_score": calibration["image_score"],
+                   "topk_fraction": calibration["topk_fraction"]}}).score}) \
+        if "score" not in settings.model_fields_set else settings
+    paths = expand_inputs(inputs)
+    task = reporter.task("scoring", len(paths))
+    from stad.scoring import verdict_record
+
+    for path in paths:
+        try:
+            (maps,) = list(iter_maps(model, [path], device=device))
+        except DataError as exc:
+            if on_error != "skip":
+                raise
+            reporter.note(f"skipped {path}: {exc}")
+            yield {"path": str(path), "error": str(exc)}
+            task.advance(1)
+            continue
+        record = verdict_record(maps, settings, threshold)
+        if maps_dir is not None:
+            record["map"] = write_maps(maps_dir, path, maps.maps["fused"], threshold)
+        task.advance(1)
+        yield record
+    task.done()
+
+
+# ---- evaluate --------------------------------------------------------------------------------
+
+
+def evaluate(settings: Settings, *, model_path: Path, report: Path | None = None,
+             reporter: Reporter = NULL_REPORTER) -> dict[str, Any]:
+    """``stad evaluate``: metrics on the adapter's labelled test split, optionally a report.
+
+    The data selection defaults to what the model was fitted on.
+    """
+    from stad.evaluation import collect, compute_metrics, write_report
+
+    device = resolve_device(settings.device)
+    model, artifact = load_model(model_path, device)
+    calibration = artifact.info.get("calibration")
+    if calibration is None:
+        raise UsageError(f"{model_path} is not calibrated: run `stad calibrate --model "
+                         f"{model_path}` first")
+    settings = _with_model_data(settings, artifact)
+    selection = select_data(settings)
+    test = selection.samples("test")
+    if not test:
+        raise DataError(f"no test images in {selection.describe()}")
+    items = collect(model, test, settings, device=device, reporter=reporter)
+    try:
+        result = compute_metrics(items, settings.evaluate.fpr_limit)
+    except ValueError as exc:
+        raise DataError(f"cannot evaluate {selection.describe()}: {exc}") from None
+    result = {"model": str(model_path), **_data_info(selection), **result}
+    if report is not None:
+        result["report"] = write_report(report, result, items, threshold=calibration["threshold"],
+                                        title=f"stad evaluation: {selection.describe()}")
+    return result
