@@ -27,6 +27,8 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 ENV_PREFIX = "STAD_"
+# STAD_* variables that are not settings: the config file, tracebacks, the data cache.
+ENV_OPTIONS = frozenset({"STAD_CONFIG", "STAD_DEBUG", "STAD_CACHE"})
 PATCH_SIZES = (17, 33, 65)
 
 
@@ -110,6 +112,7 @@ class StudentSettings(_Section):
     crop_size: int | None = Field(default=None, ge=1)
     batch_size: int = Field(default=1, ge=1)
     val_fraction: float = Field(default=0.1, ge=0, lt=1, description="held back for calibrate")
+    precision: Literal["fp32", "bf16"] = "fp32"
     checkpoint_every: int = Field(default=1, ge=1, description="epochs between checkpoints")
 
     _split = field_validator("patch_sizes", mode="before")(_split_ints)
@@ -186,12 +189,12 @@ def read_config_file(path: Path) -> dict[str, Any]:
 def env_settings(environ: Mapping[str, str]) -> dict[str, Any]:
     """Settings from ``STAD_*`` variables; ``STAD_TABLE__KEY`` sets a key of a table.
 
-    ``STAD_CONFIG`` (the config file) and ``STAD_DEBUG`` are options, not settings, and are
-    skipped; any other unknown ``STAD_*`` variable is reported by validation.
+    ``STAD_CONFIG`` (the config file), ``STAD_DEBUG`` and ``STAD_CACHE`` are options, not
+    settings, and are skipped; any other unknown ``STAD_*`` variable is reported by validation.
     """
     out: dict[str, Any] = {}
     for name, value in environ.items():
-        if not name.startswith(ENV_PREFIX) or name in ("STAD_CONFIG", "STAD_DEBUG"):
+        if not name.startswith(ENV_PREFIX) or name in ENV_OPTIONS:
             continue
         key = name[len(ENV_PREFIX) :].lower()
         if "__" in key:

@@ -146,7 +146,9 @@ def train_scale(
                              for i, (r, c) in zip(idx, corners, strict=True)])
             t = torch.stack([targets[i, :, r:r + span, c:c + span]
                              for i, (r, c) in zip(idx, corners, strict=True)]).float()
-            losses = [(s.dense_valid(x) - t).pow(2).sum(1).mean() for s in students]
+            with _autocast(device, cfg.precision):
+                outs = [s.dense_valid(x) for s in students]
+            losses = [(o.float() - t).pow(2).sum(1).mean() for o in outs]
             loss = torch.stack(losses).sum()
             if not torch.isfinite(loss):
                 raise TrainingError(f"non-finite student loss at p={p}, epoch {epoch + 1}, "
@@ -162,6 +164,11 @@ def train_scale(
         s.eval().requires_grad_(False)
     scale = Scale(p, teacher, students, mean.to(device), std.to(device))
     return scale, {"loss_per_epoch": history, "seconds": round(time.perf_counter() - start, 2)}
+
+
+def _autocast(device: torch.device, precision: str) -> torch.autocast:
+    """bf16 autocast for the networks (losses stay in fp32), or a disabled context."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
 def _pad_images(images: torch.Tensor, net: PatchNetwork, a: int) -> torch.Tensor:

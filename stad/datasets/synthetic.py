@@ -556,6 +556,7 @@ class SyntheticAdapter:
         if category not in CATEGORIES:
             raise DataError(f"unknown synthetic category '{category}'; "
                             f"choose from {', '.join(CATEGORIES)}")
-        if not (Path(root) / category / MARKER).is_file() or split == "train":
+        if not (Path(root) / category / MARKER).is_file():
+            # Generated on first use; data generated earlier (any parameters) is used as is.
             ensure_generated(root, category)
         return mvtec_samples(Path(root), category, split)

@@ -1,0 +1,169 @@
+"""The commands end to end, as a user runs them, on a tiny synthetic category."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from safetensors import safe_open
+from typer.testing import CliRunner
+
+from stad.cli import app
+from stad.datasets.synthetic import generate
+from stad.errors import EXIT_ANOMALY, EXIT_SKIPPED
+
+runner = CliRunner()
+
+# Small enough for seconds on a 2-core CPU; the flags are the documented ones.
+DATA = ["--dataset", "synthetic", "--category", "grain"]
+TEACHER_ENV = {"STAD_TEACHER__IMAGE_SIZE": "32", "STAD_TEACHER__BATCH_SIZE": "8"}
+
+
+def run(args: list[str], env: dict[str, str] | None = None, code: int = 0) -> str:
+    result = runner.invoke(app, args, env=env)
+    assert result.exit_code == code, (args, result.exit_code, result.output, result.exception)
+    return result.stdout
+
+
+def jsonl(text: str) -> list[dict]:
+    records = [json.loads(line) for line in text.splitlines() if line.strip()]
+    assert records and all(r["schema_version"] == 1 for r in records)
+    return records
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """Data and a calibrated model, made once for this module (tests only read them)."""
+    tmp_path = tmp_path_factory.mktemp("pipeline")
+    tiny_data = tmp_path / "data"
+    generate(tiny_data, categories=["grain"], image_size=32, n_train=6, n_val=2,
+             n_test_good=2, n_test_per_defect=1, seed=1)
+    teacher = tmp_path / "teacher.safetensors"
+    out = run(["pretrain-teacher", *DATA, "--root", str(tiny_data), "--patch-sizes", "17",
+               "--iterations", "3", "--out", str(teacher), "--json"], env=TEACHER_ENV)
+    assert jsonl(out)[0]["kind"] == "teacher"
+    path = tmp_path / "model.safetensors"
+    out = run(["fit-students", *DATA, "--root", str(tiny_data), "--teacher", str(teacher),
+               "--patch-sizes", "17", "--epochs", "1", "--image-size", "32", "--students", "2",
+               "--preset", "fast", "--out", str(path), "--json"])
+    fitted = jsonl(out)[0]
+    assert fitted["patch_sizes"] == [17] and fitted["n_fit"] == 6 and fitted["n_validation"] == 2
+    out = run(["calibrate", "--model", str(path), "--json"])
+    calibration = jsonl(out)[0]
+    assert calibration["method"] == "fpr" and calibration["n_images"] == 2
+    assert calibration["images_source"] == "adapter val split"
+    return tiny_data, path
+
+
+@pytest.fixture
+def model(fitted: tuple[Path, Path]) -> Path:
+    return fitted[1]
+
+
+@pytest.fixture
+def tiny_data(fitted: tuple[Path, Path]) -> Path:
+    return fitted[0]
+
+
+def test_artifacts_load_with_safetensors_alone(model: Path):
+    for path, kind in ((model.parent / "teacher.safetensors", "teacher"), (model, "model")):
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata()
+            keys = list(f.keys())
+        assert meta["stad.kind"] == kind
+        for key in ("stad.format_version", "stad.version", "stad.config", "stad.preprocessing",
+                    "stad.seed", "stad.info", "stad.digest"):
+            assert key in meta
+        assert json.loads(meta["stad.config"])["seed"] == 0
+        assert json.loads(meta["stad.preprocessing"])["image_size"] == 32
+        assert any(k.startswith("teacher.p17.") for k in keys)
+    with safe_open(str(model), framework="pt") as f:
+        keys = list(f.keys())
+        info = json.loads(f.metadata()["stad.info"])
+    assert {"norm.p17.mean", "norm.p17.std", "calib.p17"} <= set(keys)
+    assert any(k.startswith("student.p17.1.") for k in keys)
+    assert info["calibration"]["threshold"] == pytest.approx(info["calibration"]["threshold"])
+    assert info["teacher"]["source"].endswith("teacher.safetensors")
+
+
+def test_score_json_maps_and_exit_codes(model: Path, tiny_data: Path, tmp_path: Path):
+    test_dir = tiny_data / "grain" / "test"
+    maps = tmp_path / "maps"
+    out = run(["score", "--model", str(model), "--json", "--maps", str(maps), str(test_dir)])
+    records = jsonl(out)
+    assert len(records) == 6
+    for r in records:
+        assert set(r) >= {"path", "score", "threshold", "anomalous", "scales", "map"}
+        assert isinstance(r["score"], float) and set(r["scales"]) == {"p17"}
+        assert Path(r["map"]).is_file()
+        raw = np.asarray(Image.open(r["map"]))
+        assert raw.dtype == np.float32 and raw.shape == (32, 32)
+    assert len(list(maps.glob("*_overlay.png"))) == 6
+    one = str(test_dir / "good" / "000.png")
+    run(["score", "--model", str(model), "--threshold", "-1e9", "--fail-on-anomaly", one],
+        code=EXIT_ANOMALY)
+    out = run(["score", "--model", str(model), "--threshold", "1e9", "--fail-on-anomaly", one])
+    assert out.strip().endswith("ok")
+
+
+def test_score_other_sizes_and_grayscale(model: Path, tiny_data: Path, tmp_path: Path):
+    src = Image.open(tiny_data / "grain" / "test" / "good" / "000.png")
+    big = tmp_path / "big.png"
+    src.resize((50, 41)).save(big)
+    gray = tmp_path / "gray.png"
+    src.convert("L").save(gray)
+    maps = tmp_path / "maps"
+    records = jsonl(run(["score", "--model", str(model), "--json", "--maps", str(maps),
+                         str(big), str(gray)]))
+    assert np.asarray(Image.open(records[0]["map"])).shape == (41, 50)
+    assert np.isfinite(records[1]["score"])
+
+
+def test_score_skips_unreadable_files_when_asked(model: Path, tiny_data: Path, tmp_path: Path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    Image.open(tiny_data / "grain" / "train" / "good" / "000.png").save(folder / "a.png")
+    (folder / "b.png").write_bytes(b"")
+    result = runner.invoke(app, ["score", "--model", str(model), "--json", str(folder)])
+    assert result.exit_code == 3 and "b.png" in result.stderr
+    result = runner.invoke(app, ["score", "--model", str(model), "--json", "--on-error", "skip",
+                                 str(folder)])
+    assert result.exit_code == EXIT_SKIPPED
+    records = jsonl(result.stdout)
+    assert [Path(r["path"]).name for r in records] == ["a.png", "b.png"]
+    assert "error" in records[1] and "b.png" in result.stderr
+
+
+def test_evaluate_report(model: Path, tmp_path: Path):
+    report = tmp_path / "report"
+    result = jsonl(run(["evaluate", "--model", str(model), "--json", "--report", str(report)]))[0]
+    fused = result["maps"]["fused"]
+    for key in ("au_pro", "pixel_auroc", "image_auroc", "image_ap", "pixel_ap"):
+        assert 0.0 <= fused[key] <= 1.0
+    assert set(result["maps"]) == {"p17", "fused"}
+    assert set(fused["defects"]) == {"hole", "paste", "scratch", "stain"}
+    for name in ("metrics.json", "report.md", "examples.png"):
+        assert (report / name).is_file()
+    assert json.loads((report / "metrics.json").read_text())["maps"]["fused"]["au_pro"] == \
+        pytest.approx(fused["au_pro"])
+    text = run(["evaluate", "--model", str(model)])
+    assert "AU-PRO@0.3" in text and "fused" in text
+
+
+def test_uncalibrated_model_is_refused(tiny_data: Path, tmp_path: Path):
+    # (tiny_data is shared and only read: fit-students writes to tmp_path)
+    path = tmp_path / "m.safetensors"
+    run(["fit-students", *DATA, "--root", str(tiny_data), "--teacher", "random",
+         "--patch-sizes", "17", "--epochs", "1", "--image-size", "24", "--students", "2",
+         "--out", str(path)])
+    result = runner.invoke(app, ["score", "--model", str(path), str(tiny_data)])
+    assert result.exit_code == 2 and "stad calibrate" in result.stderr
+
+
+def test_teacher_given_where_a_model_is_expected(model: Path, tiny_data: Path):
+    result = runner.invoke(app, ["score", "--model", str(model.parent / "teacher.safetensors"),
+                                 str(tiny_data)])
+    assert result.exit_code == 4 and "teacher artifact" in result.stderr

@@ -1,0 +1,118 @@
+"""Student training invariants (METHOD.md §4) on tiny data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from stad.config import resolve_settings
+from stad.datasets.base import Sample
+from stad.networks import build_network
+from stad.students import split_train_val, teacher_targets, train_scale
+
+
+def _settings(**students):
+    base = {"patch_sizes": [17], "n_students": 2, "image_size": 24, "epochs": 1,
+            "batch_size": 2, "lr": 1e-3}
+    return resolve_settings({"students": {**base, **students}}, environ={})
+
+
+def _images(n: int, size: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, size, size, generator=g)
+
+
+def test_teacher_frozen_and_every_student_parameter_learns(monkeypatch):
+    teacher = build_network(17, generator=torch.Generator().manual_seed(0))
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    grads_seen: dict[int, int] = {}
+    original = torch.optim.Adam.step
+
+    def spy(self, *args, **kwargs):
+        for group in self.param_groups:
+            for p in group["params"]:
+                grads_seen[id(p)] = grads_seen.get(id(p), 0) + int(
+                    p.grad is not None and bool(p.grad.abs().sum() > 0))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", spy)
+    scale, _ = train_scale(teacher, _images(4, 24, 1), _settings())
+    for k, v in teacher.state_dict().items():
+        assert torch.equal(v, before[k]), f"teacher parameter {k} changed"
+    assert all(p.grad is None for p in teacher.parameters())
+    assert all(not p.requires_grad for p in teacher.parameters())
+    student_params = [p for s in scale.students for p in s.parameters()]
+    assert len(student_params) == 2 * len(list(teacher.parameters()))
+    assert all(grads_seen.get(id(p), 0) > 0 for p in student_params)
+
+
+def test_loss_falls_on_a_small_set():
+    teacher = build_network(17, generator=torch.Generator().manual_seed(0))
+    _, info = train_scale(teacher, _images(4, 24, 2), _settings(epochs=6))
+    losses = info["loss_per_epoch"]
+    assert losses[-1] < 0.7 * losses[0], losses
+
+
+def test_crops_see_the_same_targets_as_whole_images():
+    # A crop of the padded image through dense_valid gives exactly the dense output there.
+    net = build_network(33, generator=torch.Generator().manual_seed(3))
+    x = _images(1, 40, 3)
+    full = net.dense(x)
+    padded = net.pad(x)
+    rf = net.receptive_field
+    r, c, span = 5, 7, 16
+    crop = net.dense_valid(padded[:, :, r:r + span + rf - 1, c:c + span + rf - 1])
+    torch.testing.assert_close(crop, full[:, :, r:r + span, c:c + span], atol=1e-4, rtol=1e-4)
+
+
+def test_teacher_targets_are_normalized():
+    teacher = build_network(17, generator=torch.Generator().manual_seed(0)).eval()
+    targets, mean, std = teacher_targets(teacher, _images(3, 20, 4))
+    assert targets.dtype == torch.float16 and targets.shape == (3, 128, 20, 20)
+    t = targets.float()
+    torch.testing.assert_close(t.mean((0, 2, 3)), torch.zeros(128), atol=2e-3, rtol=0)
+    torch.testing.assert_close(t.std((0, 2, 3), correction=0), torch.ones(128), atol=2e-3,
+                               rtol=0)
+
+
+def test_same_seed_same_students():
+    teacher = build_network(17, generator=torch.Generator().manual_seed(0))
+    images = _images(3, 24, 5)
+    a, _ = train_scale(teacher, images, _settings())
+    b, _ = train_scale(teacher, images, _settings())
+    other = _settings().model_copy(update={"seed": 7})
+    c, _ = train_scale(teacher, images, other)
+    for sa, sb, sc in zip(a.students, b.students, c.students, strict=True):
+        for (k, va), vb in zip(sa.state_dict().items(), sb.state_dict().values(), strict=True):
+            assert torch.equal(va, vb), k
+        assert any(not torch.equal(va, vc) for va, vc in zip(sa.state_dict().values(),
+                                                             sc.state_dict().values(),
+                                                             strict=True))
+
+
+def _samples(n: int) -> list[Sample]:
+    return [Sample(image=Path(f"/x/{i}.png"), mask=None, label="normal", split="train")
+            for i in range(n)]
+
+
+def test_held_back_validation_is_reproducible_and_disjoint():
+    train = _samples(20)
+    fit1, held1, source = split_train_val(train, [], fraction=0.1, seed=3)
+    fit2, held2, _ = split_train_val(train, [], fraction=0.1, seed=3)
+    assert held1 == held2 and len(held1) == 2 and "held back 2 of 20" in source
+    assert not set(s.image for s in fit1) & set(s.image for s in held1)
+    assert len(fit1) + len(held1) == 20
+    _, held3, _ = split_train_val(train, [], fraction=0.1, seed=4)
+    assert held3 != held1
+    val = [Sample(image=Path("/v.png"), mask=None, label="normal", split="val")]
+    fit, held, source = split_train_val(train, val, fraction=0.1, seed=3)
+    assert fit == train and held == val and source == "adapter val split"
+
+
+def test_too_few_images_to_hold_back():
+    from stad.errors import DataError
+
+    with pytest.raises(DataError, match="too few"):
+        split_train_val(_samples(1), [], fraction=0.1, seed=0)

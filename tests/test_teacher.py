@@ -1,0 +1,328 @@
+"""Tests of stad.teacher: teacher pretraining (METHOD.md §3) on tiny data, CPU only.
+
+Images are smooth random fields (8×8 noise upsampled bicubically to 48×48) written by each test,
+so that a patch shifted by two pixels still looks like itself. The ResNet-18 "backbone" is a
+randomly initialized torchvision ResNet-18: the tests check plumbing (loading, hashing, errors,
+which terms are on), not what an ImageNet-distilled teacher learns.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import pathlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from PIL import Image
+from safetensors.torch import save_file
+from torch import nn
+
+import stad.teacher as teacher_mod
+from stad.config import resolve_settings
+from stad.console import Reporter
+from stad.datasets.base import Sample
+from stad.errors import ArtifactError, DataError, StadError, TrainingError, UsageError
+from stad.model import load_teachers, teacher_tensors
+from stad.teacher import (
+    NO_BACKBONE_NOTE,
+    compactness_loss,
+    pretrain_teachers,
+    resnet18_features,
+    triplet_loss,
+)
+
+
+class _Task:
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.losses: list[float] = []
+        self.finished = False
+
+    def advance(self, n: int = 1, **info: Any) -> None:
+        if "loss" in info:
+            self.losses.append(info["loss"])
+
+    def done(self) -> None:
+        self.finished = True
+
+
+class Recorder(Reporter):
+    """A reporter that keeps the notes and every task's per-iteration losses."""
+
+    def __init__(self) -> None:
+        super().__init__(None)
+        self.notes: list[str] = []
+        self.tasks: dict[str, _Task] = {}
+
+    def note(self, text: str) -> None:
+        self.notes.append(text)
+
+    def task(self, description: str, total: int) -> _Task:  # type: ignore[override]
+        self.tasks[description] = _Task(total)
+        return self.tasks[description]
+
+
+def _samples(folder: Path, n: int = 4, size: int = 48, seed: int = 0) -> list[Sample]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for k in range(n):
+        small = Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8))
+        path = folder / f"img{k}.png"
+        small.resize((size, size), Image.BICUBIC).save(path)
+        out.append(Sample(path, None, "normal", "train"))
+    return out
+
+
+def _settings(seed: int = 0, **teacher: Any):
+    values = {"patch_sizes": [17], "iterations": 3, "batch_size": 8, "image_size": 48, **teacher}
+    return resolve_settings({"seed": seed, "teacher": values}, environ={})
+
+
+def _resnet18_state(seed: int = 0) -> dict[str, torch.Tensor]:
+    torch.manual_seed(seed)  # torchvision draws its init from the global RNG
+    return {k: v.contiguous() for k, v in torchvision.models.resnet18(weights=None)
+            .state_dict().items()}
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# --- without a backbone ------------------------------------------------------------------------
+
+
+def test_without_backbone_trains_on_metric_and_compactness(tmp_path: Path) -> None:
+    rec = Recorder()
+    teachers, info = pretrain_teachers(_settings(iterations=4), _samples(tmp_path), reporter=rec)
+
+    assert NO_BACKBONE_NOTE in rec.notes
+    assert info["distillation"] is False and info["backbone"] is None
+    # lambda_metric None means 1 without distillation; kd is off.
+    assert info["lambdas"] == {"kd": 0.0, "metric": 1.0, "compact": 1.0}
+    assert info["data"]["n_images"] == 4 and info["iterations"] == 4
+    loss = info["losses"]["p17"]
+    assert math.isfinite(loss["first"]) and math.isfinite(loss["last"])
+    assert len(loss["curve"]) == 4 and all(math.isfinite(v) for v in loss["curve"])
+    assert loss["terms"]["kd"] == 0.0
+    # One task per scale, advanced once per iteration with its loss.
+    task = rec.tasks["teacher p=17"]
+    assert task.total == 4 and len(task.losses) == 4 and task.finished
+    assert task.losses[0] == loss["first"] and task.losses[-1] == loss["last"]
+
+    net = teachers[17]
+    assert not net.training and not any(q.requires_grad for q in net.parameters())
+    assert net(torch.zeros(2, 3, 17, 17)).shape == (2, 128)
+
+
+def test_explicit_lambda_metric_zero_without_backbone(tmp_path: Path) -> None:
+    rec = Recorder()
+    _, info = pretrain_teachers(_settings(iterations=1, lambda_metric=0.0), _samples(tmp_path),
+                                reporter=rec)
+    assert info["lambdas"] == {"kd": 0.0, "metric": 0.0, "compact": 1.0}
+    assert any("compactness only" in n for n in rec.notes)
+
+
+def test_loss_falls(tmp_path: Path) -> None:
+    # A tiny regression problem: distil a (random) ResNet-18 with compactness off and a larger
+    # lr. On these sizes the signed compactness sum of a batch of 8 jumps by hundreds from one
+    # iteration to the next, and the triplet term is already zero at initialization (random
+    # descriptors are farther apart than the margin), so neither makes a clean falling curve.
+    path = tmp_path / "resnet18.safetensors"
+    save_file(_resnet18_state(), path)
+    settings = _settings(iterations=12, lr=1e-3, lambda_compact=0.0, backbone_weights=str(path))
+    rec = Recorder()
+    pretrain_teachers(settings, _samples(tmp_path), reporter=rec)
+    losses = rec.tasks["teacher p=17"].losses
+    first, last = np.mean(losses[:4]), np.mean(losses[-4:])
+    # Adam's first step overshoots (iteration 2 is the highest); compare with the start too.
+    assert last < 0.5 * first and last < 0.5 * losses[0], losses
+
+
+def test_same_seed_same_weights_other_seed_different(tmp_path: Path) -> None:
+    samples = _samples(tmp_path)
+    a, info_a = pretrain_teachers(_settings(seed=3), samples)
+    b, info_b = pretrain_teachers(_settings(seed=3), samples)
+    c, _ = pretrain_teachers(_settings(seed=4), samples)
+    sa, sb, sc = (t[17].state_dict() for t in (a, b, c))
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert info_a["losses"]["p17"]["curve"] == info_b["losses"]["p17"]["curve"]
+    assert not torch.equal(sa["convs.0.weight"], sc["convs.0.weight"])
+
+
+def test_several_scales_round_trip_through_artifact_tensors(tmp_path: Path) -> None:
+    settings = _settings(patch_sizes=[33, 65], iterations=1, batch_size=2, image_size=72)
+    teachers, info = pretrain_teachers(settings, _samples(tmp_path, n=2, size=72))
+    assert sorted(teachers) == [33, 65] and set(info["losses"]) == {"p33", "p65"}
+    loaded = load_teachers(teacher_tensors(teachers))
+    x = torch.randn(2, 3, 65, 65, generator=torch.Generator().manual_seed(0))
+    for p in (33, 65):
+        assert torch.equal(loaded[p](x[:, :, :p, :p]), teachers[p](x[:, :, :p, :p]))
+
+
+# --- with a ResNet-18 backbone file ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+def test_backbone_file_turns_distillation_on(tmp_path: Path, suffix: str) -> None:
+    state = _resnet18_state()
+    path = tmp_path / f"resnet18{suffix}"
+    if suffix == ".safetensors":
+        save_file(state, path)
+    else:
+        torch.save(state, path)
+
+    backbone, sha = resnet18_features(path)
+    assert sha == _sha256(path)
+    assert not backbone.training and not any(q.requires_grad for q in backbone.parameters())
+    reference = torchvision.models.resnet18(weights=None)
+    reference.load_state_dict(state)
+    reference.fc = nn.Identity()
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(backbone(x), reference.eval()(x))  # the pooled 512-d feature
+
+    rec = Recorder()
+    _, info = pretrain_teachers(_settings(iterations=2, backbone_weights=str(path)),
+                                _samples(tmp_path), reporter=rec)
+    assert info["distillation"] is True
+    assert info["backbone"] == {"path": str(path), "sha256": _sha256(path)}
+    assert info["lambdas"] == {"kd": 1.0, "metric": 0.0, "compact": 1.0}  # the paper's
+    assert not rec.notes
+    assert info["losses"]["p17"]["terms"]["kd"] > 0 and math.isfinite(info["losses"]["p17"]["last"])
+
+
+def test_backbone_with_other_head_and_old_batchnorm_keys_loads(tmp_path: Path) -> None:
+    # fc is not used (any number of classes fits); pre-1.0 checkpoints lack num_batches_tracked.
+    state = {k: v for k, v in _resnet18_state().items() if not k.endswith("num_batches_tracked")}
+    state["fc.weight"], state["fc.bias"] = torch.zeros(10, 512), torch.zeros(10)
+    path = tmp_path / "r18.safetensors"
+    save_file(state, path)
+    backbone, _ = resnet18_features(path)
+    assert backbone(torch.zeros(1, 3, 64, 64)).shape == (1, 512)
+
+
+def _write(path: Path, write: Any) -> Path:
+    write(path)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("make", "error", "words"),
+    [
+        pytest.param(lambda d: d / "absent.pth", UsageError, "do not exist", id="missing"),
+        pytest.param(lambda d: _write(d / "junk.pth", lambda p: p.write_bytes(b"not weights")),
+                     ArtifactError, "cannot be loaded", id="garbage-pth"),
+        pytest.param(lambda d: _write(d / "junk.safetensors", lambda p: p.write_bytes(b"x" * 64)),
+                     ArtifactError, "not a readable safetensors", id="garbage-safetensors"),
+        pytest.param(lambda d: _write(d / "linear.safetensors",
+                                      lambda p: save_file({"weight": torch.zeros(3, 3)}, p)),
+                     ArtifactError, "not a ResNet-18 state dict", id="linear"),
+        pytest.param(lambda d: _write(d / "ckpt.pth", lambda p: torch.save(
+            {"epoch": torch.tensor(3), "state_dict": {"w": torch.zeros(1)}}, p)),
+                     ArtifactError, "not a state dict of tensors", id="checkpoint"),
+        pytest.param(lambda d: _write(d / "obj.pth", lambda p: torch.save(
+            {"x": pathlib.PurePosixPath("a")}, p)), ArtifactError, "weights only",
+                     id="pickled-object"),
+        pytest.param(lambda d: _write(d / "shape.pth", lambda p: torch.save(
+            {**_resnet18_state(), "conv1.weight": torch.zeros(64, 3, 3, 3)}, p)),
+                     ArtifactError, "not a ResNet-18 state dict", id="wrong-shape"),
+        pytest.param(lambda d: _write(d / "r18.bin", lambda p: p.write_bytes(b"")), UsageError,
+                     ".safetensors or .pth", id="suffix"),
+        pytest.param(lambda d: d, UsageError, "must be a .safetensors", id="folder"),
+    ],
+)
+def test_backbone_file_errors_name_the_file(tmp_path: Path, make: Any, error: type,
+                                            words: str) -> None:
+    path = make(tmp_path)
+    with pytest.raises(error) as exc:
+        resnet18_features(path)
+    assert isinstance(exc.value, StadError)
+    assert str(path) in str(exc.value) and words in str(exc.value)
+
+
+def test_missing_keys_are_reported_briefly(tmp_path: Path) -> None:
+    state = {k: v for k, v in _resnet18_state().items() if not k.startswith("layer4.")}
+    path = tmp_path / "partial.safetensors"
+    save_file(state, path)
+    with pytest.raises(ArtifactError, match=r"missing keys layer4\..*in all\)"):
+        resnet18_features(path)
+
+
+def test_pickle_is_never_executed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A pickle whose loading would call pathlib.Path.touch: weights_only must refuse it.
+    marker = tmp_path / "ran"
+
+    class Evil:
+        def __reduce__(self) -> tuple[Any, ...]:
+            return (pathlib.Path.touch, (marker,))
+
+    path = tmp_path / "evil.pth"
+    torch.save({"conv1.weight": Evil()}, path)
+    with pytest.raises(ArtifactError):
+        resnet18_features(path)
+    assert not marker.exists()
+
+
+# --- refusals and failures ---------------------------------------------------------------------
+
+
+def test_non_finite_loss_raises_training_error(tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    real = teacher_mod.load_image
+
+    def nan_image(path: Any) -> np.ndarray:
+        image = real(path)
+        image[:] = np.nan
+        return image
+
+    monkeypatch.setattr(teacher_mod, "load_image", nan_image)
+    with pytest.raises(TrainingError, match=r"p=17, iteration 1 of 3"):
+        pretrain_teachers(_settings(), _samples(tmp_path))
+
+
+def test_patch_larger_than_image_is_a_usage_error(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="image_size 48 is smaller than patch size 65"):
+        pretrain_teachers(_settings(patch_sizes=[65]), _samples(tmp_path))
+
+
+def test_metric_learning_needs_two_images(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="another image"):
+        pretrain_teachers(_settings(), _samples(tmp_path, n=1))
+    with pytest.raises(DataError, match="no images"):
+        pretrain_teachers(_settings(), [])
+
+
+# --- the loss terms on hand-computed cases -----------------------------------------------------
+
+
+def test_compactness_loss_hand_computed() -> None:
+    x = torch.tensor([1.0, -1.0, 2.0, -2.0])
+    y = torch.tensor([1.0, 1.0, -1.0, -1.0])  # orthogonal to x after centring: c_xy = 0
+    # Off-diagonal sum of the 2×2 correlation matrix: 2·c_12 (eps makes c_12 slightly < ±1).
+    assert compactness_loss(torch.stack([x, 2 * x + 1], 1)).item() == pytest.approx(2, abs=1e-4)
+    assert compactness_loss(torch.stack([x, -x], 1)).item() == pytest.approx(-2, abs=1e-4)
+    assert compactness_loss(torch.stack([x, y], 1)).item() == pytest.approx(0, abs=1e-6)
+    # Three copies of one dimension: all 6 off-diagonal entries are 1.
+    assert compactness_loss(torch.stack([x, x, x], 1)).item() == pytest.approx(6, abs=1e-4)
+
+
+def test_triplet_loss_hand_computed() -> None:
+    a = torch.tensor([[0.0, 0.0]])
+    pos = torch.tensor([[1.0, 0.0]])
+    # δ⁺ = 1; δ⁻ = min(‖a − n‖², ‖p⁺ − n‖²) = min(9, 4) = 4: max(0, 1 + 1 − 4) = 0.
+    assert triplet_loss(a, pos, torch.tensor([[3.0, 0.0]]), margin=1.0).item() == 0.0
+    # δ⁻ = min(2.25, 0.25) = 0.25 (the positive is the closer one): 1 + 1 − 0.25 = 1.75.
+    assert triplet_loss(a, pos, torch.tensor([[1.5, 0.0]]), margin=1.0).item() == 1.75
+    # Normalized (× sqrt(d)): the scale of each descriptor no longer matters.
+    a2, p2, n2 = torch.tensor([[1.0, 0.0]]), torch.tensor([[1.0, 1.0]]), torch.tensor([[0.0, 1.0]])
+    expected = triplet_loss(a2, p2, n2, margin=1.0, normalize=True).item()
+    assert triplet_loss(10 * a2, 3 * p2, 7 * n2, margin=1.0, normalize=True).item() == (
+        pytest.approx(expected))
+    # By hand: â = (√2, 0), p̂ = (1, 1), n̂ = (0, √2): δ⁺ = (√2 − 1)² + 1, ‖â − n̂‖² = 4,
+    # ‖p̂ − n̂‖² = 1 + (1 − √2)² = δ⁺, so the loss is the margin, 1.
+    assert expected == pytest.approx(1.0)
