@@ -122,7 +122,7 @@ def read_header(data: bytes, path: Path) -> dict[str, Any]:
         raise ArtifactError(f"{path} is truncated or not a safetensors file (bad header length)")
     try:
         header = json.loads(data[8 : 8 + n])
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         raise ArtifactError(f"{path} is corrupt: its safetensors header is not JSON") from None
     if not isinstance(header, dict):
         raise ArtifactError(f"{path} is corrupt: its safetensors header is not an object")
@@ -170,7 +170,7 @@ def load_artifact(path: str | Path, *, kind: str | tuple[str, ...] | None = None
         raise ArtifactError(f"{path} is a {found} artifact, but this needs {need}")
     try:
         tensors = st_load(data)
-    except (SafetensorError, ValueError, RuntimeError, OverflowError) as exc:
+    except (SafetensorError, ValueError, RuntimeError, OverflowError, KeyError, TypeError) as exc:
         raise ArtifactError(f"{path} is corrupt: {exc}") from None
     if meta.get("stad.digest") != _digest(tensors, meta):
         raise ArtifactError(
@@ -188,7 +188,7 @@ def load_artifact(path: str | Path, *, kind: str | tuple[str, ...] | None = None
             stad_version=meta.get("stad.version", "unknown"),
             format_version=version,
         )
-    except (KeyError, ValueError) as exc:
+    except (KeyError, ValueError, RecursionError) as exc:
         raise ArtifactError(f"{path} has incomplete stad metadata ({exc})") from None
 
 

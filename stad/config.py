@@ -124,7 +124,7 @@ class StudentSettings(_Section):
         if not isinstance(data, Mapping):
             return data
         preset = data.get("preset", "paper")
-        values = STUDENT_PRESETS.get(preset)
+        values = STUDENT_PRESETS.get(preset) if isinstance(preset, str) else None
         if values is None:
             return data  # the Literal check reports the bad name
         return {**values, **data}
@@ -180,6 +180,8 @@ def read_config_file(path: Path) -> dict[str, Any]:
             return tomllib.load(f)
     except FileNotFoundError:
         raise UsageError(f"config file {path} does not exist") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"config file {path} is not UTF-8 text") from None
     except tomllib.TOMLDecodeError as exc:
         raise UsageError(f"config file {path} is not valid TOML: {exc}") from None
     except OSError as exc:
@@ -199,7 +201,15 @@ def env_settings(environ: Mapping[str, str]) -> dict[str, Any]:
         key = name[len(ENV_PREFIX) :].lower()
         if "__" in key:
             table, sub = key.split("__", 1)
-            out.setdefault(table, {})[sub] = value
+            node = out.setdefault(table, {})
+            if not isinstance(node, dict):
+                plain = f"{ENV_PREFIX}{table.upper()}"
+                raise UsageError(f"{plain} and {name} are both set: '{table}' is a table of "
+                                 f"settings; unset {plain}")
+            node[sub] = value
+        elif isinstance(out.get(key), dict):
+            raise UsageError(f"{name} and {ENV_PREFIX}{key.upper()}__* are both set: '{key}' "
+                             f"is a table of settings; unset {name}")
         else:
             out[key] = value
     return out
@@ -279,7 +289,10 @@ def _describe(exc: ValidationError, layers: list[tuple[str, Mapping[str, Any]]])
 def _has(layer: Mapping[str, Any], loc: list[str]) -> bool:
     node: Any = layer
     for part in loc:
-        if not isinstance(node, Mapping) or part not in node:
+        if isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        elif isinstance(node, Mapping) and part in node:
+            node = node[part]
+        else:
             return False
-        node = node[part]
     return True

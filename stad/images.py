@@ -74,7 +74,8 @@ def load_image(path: str | Path) -> np.ndarray:
         gray = np.clip(arr / top, 0.0, 1.0).astype(np.float32)
         return np.repeat(gray[:, :, None], 3, axis=2)
     if img.mode == "F":
-        gray = np.clip(np.asarray(img, dtype=np.float32), 0.0, 1.0)
+        values = np.nan_to_num(np.asarray(img, dtype=np.float32), nan=0.0, posinf=1.0, neginf=0.0)
+        gray = np.clip(values, 0.0, 1.0)
         return np.repeat(gray[:, :, None], 3, axis=2)
     rgb = img.convert("RGB")
     return np.asarray(rgb, dtype=np.float32) / 255.0

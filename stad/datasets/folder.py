@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from stad.datasets.base import API_VERSION, Sample, Split
-from stad.datasets.mvtec import _list_more, image_files
+from stad.datasets.mvtec import _list_more, image_files, visible_dirs
 from stad.errors import DataError
 
 ANOMALOUS = "anomalous"
@@ -52,7 +52,7 @@ def _anomalous(base: Path) -> Iterator[Sample]:
     if not test.is_dir():
         return
     groups = [(ANOMALOUS, test, base / "masks")]
-    groups += [(d.name, d, base / "masks" / d.name) for d in sorted(test.iterdir()) if d.is_dir()]
+    groups += [(d.name, d, base / "masks" / d.name) for d in visible_dirs(test)]
     has_masks = (base / "masks").is_dir()
     missing: list[Path] = []
     ambiguous: list[Path] = []
@@ -69,6 +69,11 @@ def _anomalous(base: Path) -> Iterator[Sample]:
             out.append(Sample(image=image, mask=masks[0] if masks else None,
                               label="anomalous", split="test", defect=defect))
         extra.extend(m for ms in index.values() for m in ms)
+    if has_masks:
+        defects = {name for name, _, _ in groups}
+        for folder in visible_dirs(base / "masks"):
+            if folder.name not in defects:
+                extra.extend(image_files(folder))
     problems = []
     if missing:
         problems.append(f"anomalous images without a mask in masks/: {_list_more(missing)}")
@@ -92,7 +97,7 @@ class FolderAdapter:
     def categories(self, root: Path) -> list[str]:
         if not root.is_dir():
             raise DataError(f"dataset root {root} does not exist or is not a folder")
-        return sorted(p.name for p in root.iterdir() if (p / "train").is_dir())
+        return sorted(p.name for p in visible_dirs(root) if (p / "train").is_dir())
 
     def samples(self, root: Path, category: str, split: Split) -> Iterator[Sample]:
         base = _category_dir(root, category)

@@ -30,22 +30,27 @@ def image_files(folder: Path) -> list[Path]:
                   if p.is_file() and not p.name.startswith(".") and is_image_file(p))
 
 
+def visible_dirs(folder: Path) -> list[Path]:
+    """Sub-folders of ``folder`` that are not hidden, sorted by name."""
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
 def _category_dir(root: Path, category: str) -> Path:
     if not root.is_dir():
         raise DataError(f"dataset root {root} does not exist or is not a folder; "
                         "pass --root pointing at the dataset")
     path = root / category
-    if not (path / "train").is_dir():
+    if not (path / "train" / GOOD).is_dir():
         found = ", ".join(mvtec_categories(root)) or "none"
         raise DataError(f"category '{category}' not found under {root} "
-                        f"(no {path / 'train'}); categories there: {found}")
+                        f"(no {path / 'train' / GOOD}); categories there: {found}")
     return path
 
 
 def mvtec_categories(root: Path) -> list[str]:
     if not root.is_dir():
         raise DataError(f"dataset root {root} does not exist or is not a folder")
-    return sorted(p.name for p in root.iterdir() if (p / "train" / GOOD).is_dir())
+    return sorted(p.name for p in visible_dirs(root) if (p / "train" / GOOD).is_dir())
 
 
 def _list_more(paths: list[Path], limit: int = 5) -> str:
@@ -67,7 +72,7 @@ def mvtec_samples(root: Path, category: str, split: Split) -> Iterator[Sample]:
     if not test_dir.is_dir():
         return
     gt_dir = base / "ground_truth"
-    defects = sorted(p.name for p in test_dir.iterdir() if p.is_dir())
+    defects = sorted(p.name for p in visible_dirs(test_dir))
     unpaired_images: list[Path] = []
     unpaired_masks: list[Path] = []
     out: list[Sample] = []
@@ -87,7 +92,7 @@ def mvtec_samples(root: Path, category: str, split: Split) -> Iterator[Sample]:
                                   defect=defect))
         unpaired_masks.extend(masks.values())
     if gt_dir.is_dir():
-        for folder in sorted(p for p in gt_dir.iterdir() if p.is_dir()):
+        for folder in visible_dirs(gt_dir):
             if folder.name not in defects:
                 unpaired_masks.extend(image_files(folder))
     problems = []

@@ -1,0 +1,276 @@
+"""Tests of the ``stad`` command line (stad/cli.py): parsing, output and the exit-code mapping.
+
+Most tests run the Typer app in-process with ``typer.testing.CliRunner``; the last ones run the
+real ``python -m stad`` in a subprocess, in a temporary folder with a clean environment. Exit
+codes are the table of docs/exit-codes.md (stad/errors.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner, Result
+
+import stad.data
+import stad.datasets.registry
+from stad import console
+from stad._version import __version__
+from stad.cli import app
+from stad.errors import (
+    EXIT_ARTIFACT,
+    EXIT_DATA,
+    EXIT_INTERRUPTED,
+    EXIT_PLUGIN,
+    EXIT_UNEXPECTED,
+    EXIT_USAGE,
+    ArtifactError,
+    PluginError,
+)
+
+COMMANDS = ("pretrain-teacher", "fit-students", "calibrate", "score", "evaluate", "datasets")
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in [n for n in os.environ if n.startswith("STAD_") and n != "STAD_CACHE"]:
+        monkeypatch.delenv(name)
+    # -q and --debug set module state; give each test its own so that none leaks out.
+    monkeypatch.setattr(console, "state", console._State())
+
+
+def _run(*args: str, env: dict[str, str] | None = None) -> Result:
+    return CliRunner().invoke(app, list(args), env=env)
+
+
+def _one_error_line(result: Result) -> str:
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.output
+    return lines[0]
+
+
+def _show_args(root: Path) -> list[str]:
+    return ["datasets", "show", "--dataset", "mvtec", "--root", str(root), "--category", "c"]
+
+
+# ---- help and version --------------------------------------------------------------------------
+
+
+def test_help_lists_the_commands() -> None:
+    result = _run("--help")
+    assert result.exit_code == 0
+    for command in COMMANDS:
+        assert command in result.stdout
+    for option in ("--version", "--quiet", "--debug"):
+        assert option in result.stdout
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_has_help(command: str) -> None:
+    result = _run(command, "--help")
+    assert result.exit_code == 0, result.output
+    assert "Usage" in result.stdout
+
+
+def test_version() -> None:
+    result = _run("--version")
+    assert result.exit_code == 0
+    assert result.stdout == f"stad {__version__}\n"
+
+
+# ---- datasets list -----------------------------------------------------------------------------
+
+
+def test_datasets_list_json_lines() -> None:
+    result = _run("datasets", "list", "--json")
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert rows and all(row["schema_version"] == 1 for row in rows)
+    builtins = {row["name"]: row for row in rows if row["distribution"] == "stad"}
+    assert {"mvtec", "folder", "synthetic"} <= set(builtins)
+    for name in ("mvtec", "folder", "synthetic"):
+        assert builtins[name]["status"] == "ok"
+        assert builtins[name]["entry_point"].startswith(f"stad.datasets.{name}:")
+    assert [row["name"] for row in rows] == sorted(row["name"] for row in rows)
+
+
+def test_datasets_list_table() -> None:
+    result = _run("datasets", "list")
+    assert result.exit_code == 0
+    for name in ("mvtec", "folder", "synthetic"):
+        assert name in result.stdout
+
+
+# ---- parsing errors ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("args", [
+    ["--bogus"],
+    ["datasets", "list", "--bogus"],
+    ["datasets", "show", "--root"],  # missing value
+    ["no-such-command"],
+    ["score", "--on-error"],
+])
+def test_parsing_errors_exit_2(args: list[str]) -> None:
+    result = _run(*args)
+    assert result.exit_code == EXIT_USAGE, result.output
+    assert "Traceback" not in result.output
+
+
+# ---- StadError → exit code ---------------------------------------------------------------------
+
+
+def test_data_error_is_one_line_with_its_code(tmp_path: Path) -> None:
+    result = _run(*_show_args(tmp_path / "nowhere"))
+    assert result.exit_code == EXIT_DATA
+    line = _one_error_line(result)
+    assert line.startswith("stad: error: ") and "nowhere" in line
+    assert result.stdout == ""
+
+
+def test_debug_adds_the_traceback(tmp_path: Path) -> None:
+    result = _run("--debug", *_show_args(tmp_path / "nowhere"))
+    assert result.exit_code == EXIT_DATA
+    assert "Traceback (most recent call last)" in result.stderr
+    assert "DataError" in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("stad: error: ")
+
+
+def test_stad_debug_variable_adds_the_traceback(tmp_path: Path) -> None:
+    result = _run(*_show_args(tmp_path / "nowhere"), env={"STAD_DEBUG": "1"})
+    assert result.exit_code == EXIT_DATA
+    assert "Traceback" in result.stderr
+
+
+def test_debug_does_not_leak_into_the_next_run(tmp_path: Path) -> None:
+    assert _run("--debug", *_show_args(tmp_path / "nowhere")).exit_code == EXIT_DATA
+    assert "Traceback" not in _run(*_show_args(tmp_path / "nowhere")).stderr
+
+
+def test_usage_errors_from_settings(tmp_path: Path) -> None:
+    unknown = _run(*_show_args(tmp_path), env={"STAD_STUDENTS__EPOCHZ": "1"})
+    assert unknown.exit_code == EXIT_USAGE
+    assert "students.epochz" in _one_error_line(unknown)
+    bad_toml = tmp_path / "bad.toml"
+    bad_toml.write_text("[students\n")
+    bad = _run(*_show_args(tmp_path), "--config", str(bad_toml))
+    assert bad.exit_code == EXIT_USAGE
+    assert str(bad_toml) in _one_error_line(bad)
+    no_adapter = _run("datasets", "show", "--dataset", "kolektor", "--root", str(tmp_path))
+    assert no_adapter.exit_code == EXIT_USAGE
+    assert "kolektor" in _one_error_line(no_adapter)
+
+
+@pytest.mark.parametrize(("error", "code"), [
+    (ArtifactError("model.safetensors is corrupt"), EXIT_ARTIFACT),
+    (PluginError("dataset adapter 'x' failed"), EXIT_PLUGIN),
+])
+def test_each_error_class_maps_to_its_code(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                           error: Exception, code: int) -> None:
+    def fail(selection: Any) -> dict[str, Any]:
+        raise error
+
+    monkeypatch.setattr(stad.data, "summarize", fail)
+    result = _run(*_show_args(tmp_path))
+    assert result.exit_code == code
+    assert _one_error_line(result) == f"stad: error: {error}"
+
+
+# ---- unexpected exceptions ---------------------------------------------------------------------
+
+
+def _boom(*args: Any, **kwargs: Any) -> Any:
+    raise RuntimeError("boom")
+
+
+def test_unexpected_error_exits_1_without_traceback(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(stad.data, "summarize", _boom)
+    result = _run(*_show_args(tmp_path))
+    assert result.exit_code == EXIT_UNEXPECTED
+    line = _one_error_line(result)
+    assert line.startswith("stad: unexpected error: RuntimeError: boom")
+    assert "--debug" in line
+
+
+def test_unexpected_error_in_datasets_list(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(stad.datasets.registry, "discover", _boom)
+    result = _run("datasets", "list", "--json")
+    assert result.exit_code == EXIT_UNEXPECTED
+    assert "unexpected error" in _one_error_line(result)
+
+
+def test_unexpected_error_with_debug(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(stad.data, "summarize", _boom)
+    result = _run("--debug", *_show_args(tmp_path))
+    assert result.exit_code == EXIT_UNEXPECTED
+    assert "Traceback (most recent call last)" in result.stderr
+    assert "RuntimeError: boom" in result.stderr
+    assert "unexpected error" in result.stderr
+
+
+def test_ctrl_c_exits_130(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def interrupt(selection: Any) -> dict[str, Any]:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(stad.data, "summarize", interrupt)
+    result = _run(*_show_args(tmp_path))
+    assert result.exit_code == EXIT_INTERRUPTED
+    assert _one_error_line(result) == "stad: interrupted"
+
+
+# ---- -q ----------------------------------------------------------------------------------------
+
+
+def _chatty_summary(selection: Any) -> dict[str, Any]:
+    console.message("a note for the user")
+    return {"dataset": "mvtec", "root": str(selection.root), "category": "c", "splits": {}}
+
+
+@pytest.mark.parametrize("flag", ["-q", "--quiet"])
+def test_quiet_silences_notes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                              flag: str) -> None:
+    monkeypatch.setattr(stad.data, "summarize", _chatty_summary)
+    loud = _run(*_show_args(tmp_path), "--json")
+    assert loud.exit_code == 0 and "a note for the user" in loud.stderr
+    quiet = _run(flag, *_show_args(tmp_path), "--json")
+    assert quiet.exit_code == 0, quiet.output
+    assert quiet.stderr == ""
+    assert json.loads(quiet.stdout)["schema_version"] == 1
+
+
+# ---- the real command --------------------------------------------------------------------------
+
+
+def _subprocess(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("STAD_") or k == "STAD_CACHE"}
+    return subprocess.run([sys.executable, "-m", "stad", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=120, check=False)
+
+
+def test_end_to_end_version(tmp_path: Path) -> None:
+    proc = _subprocess(["--version"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == f"stad {__version__}\n"
+
+
+def test_end_to_end_datasets_list(tmp_path: Path) -> None:
+    proc = _subprocess(["datasets", "list", "--json"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    rows = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert {"mvtec", "folder", "synthetic"} <= {r["name"] for r in rows}
+    assert all(r["schema_version"] == 1 for r in rows)
+
+
+def test_end_to_end_error_exit_code(tmp_path: Path) -> None:
+    proc = _subprocess(_show_args(tmp_path / "nowhere"), tmp_path)
+    assert proc.returncode == EXIT_DATA
+    assert proc.stderr.startswith("stad: error: ") and len(proc.stderr.splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []  # nothing written to the working folder

@@ -1,0 +1,328 @@
+"""Tests of stad.images: reading untrusted image and mask files, and making network input.
+
+Each test writes its own small files with Pillow from a seeded numpy generator. Expected values
+come from the conversion table in docs/datasets.md ("Image files"): 8-bit values are divided by
+255, 16-bit values by 65535, alpha is dropped and grayscale is copied to R, G and B.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+import warnings
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from stad.errors import DataError, StadError
+from stad.images import DEFAULT_MEAN, DEFAULT_STD, load_image, load_mask, to_tensor
+
+
+def _check_rgb(arr: np.ndarray, shape: tuple[int, int]) -> None:
+    assert arr.dtype == np.float32
+    assert arr.shape == (*shape, 3)
+    assert np.isfinite(arr).all()
+    assert arr.min() >= 0.0 and arr.max() <= 1.0
+
+
+# ---- modes -------------------------------------------------------------------------------------
+
+
+def test_rgb_png_is_exact(tmp_path: Path) -> None:
+    pixels = np.random.default_rng(0).integers(0, 256, (6, 9, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "rgb.png")
+    arr = load_image(tmp_path / "rgb.png")
+    _check_rgb(arr, (6, 9))
+    np.testing.assert_array_equal(arr, pixels.astype(np.float32) / 255.0)
+
+
+def test_grayscale_l_is_copied_to_three_channels(tmp_path: Path) -> None:
+    gray = np.random.default_rng(1).integers(0, 256, (5, 7), dtype=np.uint8)
+    Image.fromarray(gray, mode="L").save(tmp_path / "l.png")
+    arr = load_image(tmp_path / "l.png")
+    _check_rgb(arr, (5, 7))
+    for c in range(3):
+        np.testing.assert_array_equal(arr[..., c], gray.astype(np.float32) / 255.0)
+
+
+def test_la_drops_alpha(tmp_path: Path) -> None:
+    rng = np.random.default_rng(2)
+    gray = rng.integers(0, 256, (4, 4), dtype=np.uint8)
+    alpha = rng.integers(0, 256, (4, 4), dtype=np.uint8)
+    Image.fromarray(np.stack([gray, alpha], axis=2), mode="LA").save(tmp_path / "la.png")
+    arr = load_image(tmp_path / "la.png")
+    _check_rgb(arr, (4, 4))
+    for c in range(3):
+        np.testing.assert_array_equal(arr[..., c], gray.astype(np.float32) / 255.0)
+
+
+def test_rgba_drops_alpha_keeping_stored_colours(tmp_path: Path) -> None:
+    rng = np.random.default_rng(3)
+    rgba = rng.integers(0, 256, (4, 5, 4), dtype=np.uint8)
+    rgba[0, 0, 3] = 0  # fully transparent: the colour is still the stored one
+    Image.fromarray(rgba, mode="RGBA").save(tmp_path / "rgba.png")
+    arr = load_image(tmp_path / "rgba.png")
+    _check_rgb(arr, (4, 5))
+    np.testing.assert_array_equal(arr, rgba[..., :3].astype(np.float32) / 255.0)
+
+
+def test_palette_is_converted(tmp_path: Path) -> None:
+    palette = [255, 0, 0, 0, 128, 255, 10, 20, 30]
+    indices = np.array([[0, 1, 2], [2, 1, 0]], dtype=np.uint8)
+    img = Image.fromarray(indices, mode="P")
+    img.putpalette(palette)
+    img.save(tmp_path / "p.png")
+    with Image.open(tmp_path / "p.png") as check:
+        assert check.mode == "P"
+    arr = load_image(tmp_path / "p.png")
+    _check_rgb(arr, (2, 3))
+    colours = np.array(palette, dtype=np.float32).reshape(3, 3) / 255.0
+    np.testing.assert_array_equal(arr, colours[indices])
+
+
+def test_16_bit_grayscale_is_scaled_by_65535(tmp_path: Path) -> None:
+    values = np.array([[0, 32768], [65535, 1000]], dtype=np.uint16)
+    Image.fromarray(values).save(tmp_path / "g16.png")
+    with Image.open(tmp_path / "g16.png") as check:
+        assert check.mode in ("I;16", "I")  # Pillow's mode for a 16-bit grayscale PNG
+    arr = load_image(tmp_path / "g16.png")
+    _check_rgb(arr, (2, 2))
+    assert arr[1, 0, 0] == 1.0  # 65535 → 1
+    assert arr[0, 0, 0] == 0.0
+    assert arr[0, 1, 0] == pytest.approx(0.5, abs=1e-4)  # 32768 / 65535 = 0.500008
+    assert arr[1, 1, 0] == pytest.approx(1000 / 65535, rel=1e-6)
+    np.testing.assert_array_equal(arr[..., 0], arr[..., 2])
+
+
+def test_bilevel_mode_1(tmp_path: Path) -> None:
+    bits = np.random.default_rng(4).random((8, 8)) > 0.5
+    Image.fromarray(bits).convert("1").save(tmp_path / "b.png")
+    with Image.open(tmp_path / "b.png") as check:
+        assert check.mode == "1"
+    arr = load_image(tmp_path / "b.png")
+    _check_rgb(arr, (8, 8))
+    np.testing.assert_array_equal(arr[..., 1], bits.astype(np.float32))
+
+
+def test_rgb_jpeg(tmp_path: Path) -> None:
+    Image.new("RGB", (16, 8), (200, 100, 50)).save(tmp_path / "rgb.jpg", quality=95)
+    arr = load_image(tmp_path / "rgb.jpg")
+    _check_rgb(arr, (8, 16))
+    np.testing.assert_allclose(arr.mean(axis=(0, 1)), np.array([200, 100, 50]) / 255, atol=0.03)
+
+
+def test_cmyk_jpeg(tmp_path: Path) -> None:
+    # Pillow's CMYK → RGB: R = 255 - C, G = 255 - M, B = 255 - Y (K = 0): full magenta ink
+    # leaves red and blue.
+    Image.new("CMYK", (8, 8), (0, 255, 0, 0)).save(tmp_path / "cmyk.jpg", quality=95)
+    with Image.open(tmp_path / "cmyk.jpg") as check:
+        assert check.mode == "CMYK"
+    arr = load_image(tmp_path / "cmyk.jpg")
+    _check_rgb(arr, (8, 8))
+    np.testing.assert_allclose(arr.mean(axis=(0, 1)), [1.0, 0.0, 1.0], atol=0.05)
+
+
+def test_float_tiff_with_non_finite_values_stays_in_range(tmp_path: Path) -> None:
+    values = np.array([[np.nan, 0.25], [np.inf, -np.inf]], dtype=np.float32)
+    Image.fromarray(values, mode="F").save(tmp_path / "f.tif")
+    arr = load_image(tmp_path / "f.tif")
+    _check_rgb(arr, (2, 2))
+    assert arr[0, 1, 0] == 0.25
+
+
+# ---- unreadable files --------------------------------------------------------------------------
+
+
+def _valid_png(seed: int = 0, size: int = 16) -> bytes:
+    buf = io.BytesIO()
+    pixels = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _data_error(path: Path) -> str:
+    with pytest.raises(DataError) as info:
+        load_image(path)
+    message = str(info.value)
+    assert str(path) in message
+    return message
+
+
+def test_zero_byte_file(tmp_path: Path) -> None:
+    path = tmp_path / "empty.png"
+    path.write_bytes(b"")
+    _data_error(path)
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.9, 40 / 1000])
+def test_truncated_png(tmp_path: Path, keep: float) -> None:
+    data = _valid_png(seed=5, size=32)
+    path = tmp_path / "cut.png"
+    path.write_bytes(data[: max(33, int(len(data) * keep))])
+    _data_error(path)
+
+
+def test_text_file_with_png_suffix(tmp_path: Path) -> None:
+    path = tmp_path / "notes.png"
+    path.write_text("this is not an image\n")
+    assert "not a readable image" in _data_error(path)
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    assert "does not exist" in _data_error(tmp_path / "missing.png")
+
+
+def test_folder(tmp_path: Path) -> None:
+    folder = tmp_path / "looks_like.png"
+    folder.mkdir()
+    assert "folder" in _data_error(folder)
+
+
+def test_same_errors_for_masks(tmp_path: Path) -> None:
+    path = tmp_path / "mask.png"
+    path.write_bytes(_valid_png()[:60])
+    with pytest.raises(DataError, match="mask.png"):
+        load_mask(path)
+    with pytest.raises(DataError, match="missing"):
+        load_mask(tmp_path / "missing.png")
+
+
+# ---- masks -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("high", [255, 1, 17])
+def test_binary_mask(tmp_path: Path, high: int) -> None:
+    truth = np.random.default_rng(6).random((6, 5)) > 0.5
+    Image.fromarray(truth.astype(np.uint8) * high, mode="L").save(tmp_path / "m.png")
+    mask = load_mask(tmp_path / "m.png", shape=(6, 5))
+    assert mask.dtype == np.bool_ and mask.shape == (6, 5)
+    np.testing.assert_array_equal(mask, truth)
+
+
+def test_bilevel_mask_and_all_normal_mask(tmp_path: Path) -> None:
+    truth = np.random.default_rng(7).random((4, 4)) > 0.5
+    Image.fromarray(truth).convert("1").save(tmp_path / "b.png")
+    np.testing.assert_array_equal(load_mask(tmp_path / "b.png"), truth)
+    Image.new("L", (4, 4), 0).save(tmp_path / "zero.png")
+    assert not load_mask(tmp_path / "zero.png").any()
+
+
+def test_rgb_mask_of_black_and_white(tmp_path: Path) -> None:
+    truth = np.random.default_rng(8).random((4, 4)) > 0.5
+    Image.fromarray(np.repeat(truth[..., None], 3, axis=2).astype(np.uint8) * 255).save(
+        tmp_path / "rgb.png")
+    np.testing.assert_array_equal(load_mask(tmp_path / "rgb.png"), truth)
+
+
+@pytest.mark.parametrize("values", [(0, 128, 255), (5, 255)])
+def test_non_binary_mask(tmp_path: Path, values: tuple[int, ...]) -> None:
+    arr = np.array([values * 3], dtype=np.uint8)
+    path = tmp_path / "soft.png"
+    Image.fromarray(arr, mode="L").save(path)
+    with pytest.raises(DataError, match="not binary") as info:
+        load_mask(path)
+    assert str(path) in str(info.value)
+
+
+def test_mask_of_the_wrong_size(tmp_path: Path) -> None:
+    path = tmp_path / "small.png"
+    Image.new("L", (4, 3), 255).save(path)
+    with pytest.raises(DataError) as info:
+        load_mask(path, shape=(8, 8))
+    message = str(info.value)
+    assert str(path) in message and "4×3" in message and "8×8" in message
+
+
+# ---- to_tensor ---------------------------------------------------------------------------------
+
+
+def test_to_tensor_shapes() -> None:
+    image = np.random.default_rng(9).random((10, 14, 3), dtype=np.float32)
+    assert to_tensor(image, size=None).shape == (3, 10, 14)
+    assert to_tensor(image, size=8).shape == (3, 8, 8)
+    assert to_tensor(image, size=32).shape == (3, 32, 32)
+    assert to_tensor(image, size=8).dtype == torch.float32
+
+
+def test_to_tensor_standardizes_with_the_given_statistics() -> None:
+    image = np.random.default_rng(10).random((6, 6, 3), dtype=np.float32)
+    x = to_tensor(image, size=None)
+    mean = torch.tensor(DEFAULT_MEAN).view(3, 1, 1)
+    std = torch.tensor(DEFAULT_STD).view(3, 1, 1)
+    torch.testing.assert_close(x, (torch.from_numpy(image).permute(2, 0, 1) - mean) / std)
+    identity = to_tensor(image, size=None, mean=(0, 0, 0), std=(1, 1, 1))
+    torch.testing.assert_close(identity, torch.from_numpy(image).permute(2, 0, 1),
+                               rtol=0, atol=0)
+
+
+def test_to_tensor_resizing_keeps_a_constant_image_constant() -> None:
+    image = np.full((9, 13, 3), 0.5, dtype=np.float32)
+    image[..., 2] = 0.25
+    x = to_tensor(image, size=5, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    torch.testing.assert_close(x[0], torch.zeros(5, 5))
+    torch.testing.assert_close(x[2], torch.full((5, 5), -0.5))
+
+
+# ---- fuzzing: every input ends in an image or a StadError --------------------------------------
+
+_PNG = _valid_png(seed=11, size=8)
+
+
+def _fix_crcs(data: bytes) -> bytes:
+    """Recompute every PNG chunk CRC, so that mutations reach the decoder, not the CRC check."""
+    out = bytearray(data)
+    pos = 8
+    while pos + 12 <= len(out):
+        (length,) = struct.unpack(">I", out[pos: pos + 4])
+        end = pos + 8 + length
+        if end + 4 > len(out):
+            break
+        out[end: end + 4] = struct.pack(">I", zlib.crc32(bytes(out[pos + 4: end])))
+        pos = end + 4
+    return bytes(out)
+
+
+@st.composite
+def _mutated_png(draw: st.DrawFn) -> bytes:
+    data = bytearray(_PNG)
+    for _ in range(draw(st.integers(1, 6))):
+        if not data:
+            break
+        i = draw(st.integers(0, len(data) - 1))
+        op = draw(st.sampled_from(["flip", "set", "delete", "insert", "truncate"]))
+        if op == "flip":
+            data[i] ^= 1 << draw(st.integers(0, 7))
+        elif op == "set":
+            data[i] = draw(st.integers(0, 255))
+        elif op == "delete":
+            del data[i: i + draw(st.integers(1, 16))]
+        elif op == "insert":
+            data[i:i] = draw(st.binary(min_size=1, max_size=16))
+        else:
+            del data[i:]
+    return _fix_crcs(bytes(data)) if draw(st.booleans()) else bytes(data)
+
+
+@settings(max_examples=200, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(data=st.one_of(st.binary(max_size=256), _mutated_png()))
+def test_load_image_never_raises_anything_but_stad_errors(tmp_path: Path, data: bytes) -> None:
+    path = tmp_path / "fuzz.png"
+    path.write_bytes(data)
+    with warnings.catch_warnings():
+        # Pillow warns about odd metadata in some formats; stad does not make those errors.
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
+        for load in (load_image, load_mask):
+            try:
+                result = load(path)
+            except StadError:
+                continue
+            assert isinstance(result, np.ndarray)
+            if load is load_image:
+                _check_rgb(result, result.shape[:2])

@@ -1,0 +1,459 @@
+"""Tests of stad.datasets.registry: adapter discovery, lazy loading and broken plugins.
+
+Entry points are faked: ``stad.datasets.registry._entry_points`` is replaced by a list of real
+``importlib.metadata.EntryPoint`` objects bound (``EntryPoint._for``) to small fake
+distributions, pointing at plugin modules that each test writes under ``tmp_path``. Module
+names carry a per-test suffix, so no test sees a module imported by another.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+import itertools
+import json
+import os
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+import stad.datasets.registry as registry
+from stad._version import __version__
+from stad.cli import app
+from stad.datasets.base import Sample
+from stad.errors import DataError, PluginError, UsageError
+
+GOOD = '''
+from pathlib import Path
+from stad.datasets import API_VERSION, Sample
+
+class Adapter:
+    api_version = API_VERSION
+    description = "a good test adapter"
+
+    def categories(self, root):
+        return ["b", "a"]
+
+    def samples(self, root, category, split):
+        if split == "train":
+            for i in range(3):
+                yield Sample(image=Path(root) / category / f"{i}.png", mask=None,
+                             label="normal", split="train")
+'''
+
+IMPORT_FAILS = '''
+raise ImportError("this plugin needs libfoo, which is not installed")
+'''
+
+WRONG_API = '''
+class Adapter:
+    api_version = 99
+    description = "from the future"
+    def categories(self, root): return []
+    def samples(self, root, category, split): return iter([])
+'''
+
+CATEGORIES_FAIL = '''
+from stad.datasets import API_VERSION
+
+class Adapter:
+    api_version = API_VERSION
+    description = "breaks on categories"
+    def categories(self, root):
+        raise KeyError("no index file")
+    def samples(self, root, category, split):
+        return iter([])
+'''
+
+FAILS_HALF_WAY = '''
+from pathlib import Path
+from stad.datasets import API_VERSION, Sample
+
+class Adapter:
+    api_version = API_VERSION
+    description = "breaks while iterating"
+    def categories(self, root):
+        return ["c"]
+    def samples(self, root, category, split):
+        for i in range(2):
+            yield Sample(image=Path(root) / f"{i}.png", mask=None, label="normal", split=split)
+        raise ZeroDivisionError("half-way")
+'''
+
+DATA_ERROR = '''
+from stad.datasets import API_VERSION
+from stad.errors import DataError
+
+class Adapter:
+    api_version = API_VERSION
+    description = "reports bad data"
+    def categories(self, root):
+        raise DataError(f"{root} has no index.csv")
+    def samples(self, root, category, split):
+        raise DataError(f"{root} has no index.csv")
+'''
+
+NOT_A_SAMPLE = '''
+from stad.datasets import API_VERSION
+
+class Adapter:
+    api_version = API_VERSION
+    description = "yields tuples"
+    def categories(self, root): return ["c"]
+    def samples(self, root, category, split):
+        yield ("image.png", None)
+'''
+
+CONSTRUCTOR_FAILS = '''
+from stad.datasets import API_VERSION
+
+class Adapter:
+    api_version = API_VERSION
+    description = "cannot start"
+    def __init__(self):
+        raise OSError("no config")
+    def categories(self, root): return []
+    def samples(self, root, category, split): return iter([])
+'''
+
+MARKS_IMPORT = '''
+from pathlib import Path
+Path({marker!r}).mkdir()
+
+class Adapter:
+    api_version = 1
+    description = "must never be imported"
+    def categories(self, root): return ["evil"]
+    def samples(self, root, category, split): return iter([])
+'''
+
+
+_COUNTER = itertools.count()
+
+
+@dataclass(frozen=True)
+class FakeDist:
+    """What the registry reads from ``EntryPoint.dist``."""
+
+    name: str
+    version: str
+
+
+def _ep(name: str, value: str, dist: str = "stad-fake", version: str = "1.0") -> md.EntryPoint:
+    return md.EntryPoint(name=name, value=value, group=registry.GROUP)._for(FakeDist(dist, version))
+
+
+BUILTINS = [
+    _ep("mvtec", "stad.datasets.mvtec:MVTecAdapter", "stad", __version__),
+    _ep("folder", "stad.datasets.folder:FolderAdapter", "stad", __version__),
+]
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in [n for n in os.environ if n.startswith("STAD_") and n != "STAD_CACHE"]:
+        monkeypatch.delenv(name)
+
+
+@pytest.fixture
+def plugin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[str, str], str]]:
+    """Write a plugin module; returns its unique module name."""
+    folder = tmp_path / "site"
+    folder.mkdir()
+    monkeypatch.syspath_prepend(str(folder))
+    made: list[str] = []
+
+    def make(stem: str, source: str) -> str:
+        name = f"stadtest_{stem}_{os.getpid()}_{next(_COUNTER)}"
+        (folder / f"{name}.py").write_text(source, encoding="utf-8")
+        made.append(name)
+        return name
+
+    yield make
+    for name in made:
+        sys.modules.pop(name, None)
+
+
+def _use(monkeypatch: pytest.MonkeyPatch, eps: list[md.EntryPoint]) -> None:
+    monkeypatch.setattr(registry, "_entry_points", lambda: list(eps))
+
+
+def _by_name(entries: list[registry.AdapterEntry]) -> dict[str, list[registry.AdapterEntry]]:
+    out: dict[str, list[registry.AdapterEntry]] = {}
+    for e in entries:
+        out.setdefault(e.name, []).append(e)
+    return out
+
+
+# ---- discovery ---------------------------------------------------------------------------------
+
+
+def test_discover_reads_metadata_without_importing(plugin: Callable[[str, str], str],
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    good = plugin("good", GOOD)
+    broken = plugin("broken", IMPORT_FAILS)
+    _use(monkeypatch, [*BUILTINS, _ep("zgood", f"{good}:Adapter", "stad-good", "2.1"),
+                       _ep("broken", f"{broken}:Adapter", "stad-broken", "0.3")])
+    entries = registry.discover()
+    assert [e.name for e in entries] == ["broken", "folder", "mvtec", "zgood"]
+    zgood = _by_name(entries)["zgood"][0]
+    assert (zgood.value, zgood.distribution, zgood.version) == (f"{good}:Adapter",
+                                                                "stad-good", "2.1")
+    assert zgood.shadowed_by is None
+    assert registry.names() == ["broken", "folder", "mvtec", "zgood"]
+    assert good not in sys.modules and broken not in sys.modules
+    registry.get_adapter("zgood")
+    assert good in sys.modules  # loaded when used, not before
+
+
+def test_entry_point_without_distribution(monkeypatch: pytest.MonkeyPatch) -> None:
+    _use(monkeypatch, [md.EntryPoint(name="orphan", value="x:Y", group=registry.GROUP)])
+    (entry,) = registry.discover()
+    assert (entry.distribution, entry.version) == ("unknown", "unknown")
+
+
+def test_good_adapter(plugin: Callable[[str, str], str], monkeypatch: pytest.MonkeyPatch,
+                      tmp_path: Path) -> None:
+    good = plugin("good", GOOD)
+    _use(monkeypatch, [*BUILTINS, _ep("good", f"{good}:Adapter", "stad-good", "2.1")])
+    adapter = registry.get_adapter("good")
+    assert adapter.name == "good" and adapter.description == "a good test adapter"
+    assert adapter.categories(tmp_path) == ["a", "b"]  # sorted by the registry
+    samples = adapter.list_samples(tmp_path, "a", "train")
+    assert [s.image.name for s in samples] == ["0.png", "1.png", "2.png"]
+    assert all(isinstance(s, Sample) and s.split == "train" for s in samples)
+    assert adapter.list_samples(tmp_path, "a", "test") == []
+    assert adapter.default_root() is None
+    assert registry.check(registry._find("good")) == "ok"
+
+
+def test_unknown_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    _use(monkeypatch, BUILTINS)
+    with pytest.raises(UsageError) as info:
+        registry.get_adapter("kolektor")
+    message = str(info.value)
+    assert "kolektor" in message and "folder, mvtec" in message
+
+
+def test_same_distribution_seen_twice_is_not_a_duplicate(monkeypatch: pytest.MonkeyPatch) -> None:
+    _use(monkeypatch, [*BUILTINS, BUILTINS[0]])
+    entries = registry.discover()
+    assert [e.name for e in entries] == ["folder", "mvtec"]
+    assert registry.get_adapter("mvtec").entry.distribution == "stad"
+
+
+# ---- broken plugins ----------------------------------------------------------------------------
+
+
+def _plugin_error(name: str) -> str:
+    with pytest.raises(PluginError) as info:
+        registry.get_adapter(name)
+    return str(info.value)
+
+
+def test_plugin_that_fails_to_import(plugin: Callable[[str, str], str],
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    mod = plugin("broken", IMPORT_FAILS)
+    _use(monkeypatch, [*BUILTINS, _ep("broken", f"{mod}:Adapter", "stad-broken", "0.3")])
+    message = _plugin_error("broken")
+    assert "'broken'" in message and "stad-broken 0.3" in message
+    assert "failed to import" in message and "libfoo" in message
+    # The others still work.
+    assert registry.get_adapter("mvtec").name == "mvtec"
+
+
+@pytest.mark.parametrize("value", ["stadtest_no_such_module_x:Adapter", "os.path:NoSuchClass"])
+def test_plugin_pointing_nowhere(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    _use(monkeypatch, [_ep("nowhere", value, "stad-nowhere", "1.0")])
+    message = _plugin_error("nowhere")
+    assert "'nowhere'" in message and "failed to import" in message
+
+
+def test_plugin_with_wrong_api_version(plugin: Callable[[str, str], str],
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    mod = plugin("future", WRONG_API)
+    _use(monkeypatch, [_ep("future", f"{mod}:Adapter", "stad-future", "9.0")])
+    message = _plugin_error("future")
+    assert "'future'" in message and "stad-future 9.0" in message
+    assert "API 99" in message and "upgrade" in message
+
+
+def test_plugin_whose_constructor_fails(plugin: Callable[[str, str], str],
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    mod = plugin("nostart", CONSTRUCTOR_FAILS)
+    _use(monkeypatch, [_ep("nostart", f"{mod}:Adapter")])
+    message = _plugin_error("nostart")
+    assert "'nostart'" in message and "failed to start" in message and "no config" in message
+
+
+def test_plugin_that_raises_in_categories(plugin: Callable[[str, str], str],
+                                          monkeypatch: pytest.MonkeyPatch,
+                                          tmp_path: Path) -> None:
+    mod = plugin("nocats", CATEGORIES_FAIL)
+    _use(monkeypatch, [_ep("nocats", f"{mod}:Adapter", "stad-nocats", "1.2")])
+    adapter = registry.get_adapter("nocats")  # importing is fine
+    with pytest.raises(PluginError) as info:
+        adapter.categories(tmp_path)
+    message = str(info.value)
+    assert "'nocats'" in message and "stad-nocats 1.2" in message
+    assert "categories()" in message and "KeyError" in message
+
+
+def test_plugin_that_raises_half_way_through_samples(plugin: Callable[[str, str], str],
+                                                     monkeypatch: pytest.MonkeyPatch,
+                                                     tmp_path: Path) -> None:
+    mod = plugin("halfway", FAILS_HALF_WAY)
+    _use(monkeypatch, [_ep("halfway", f"{mod}:Adapter", "stad-halfway", "0.1")])
+    adapter = registry.get_adapter("halfway")
+    it = adapter.samples(tmp_path, "c", "train")
+    assert next(it).image.name == "0.png"
+    assert next(it).image.name == "1.png"
+    with pytest.raises(PluginError) as info:
+        next(it)
+    message = str(info.value)
+    assert "'halfway'" in message and "samples()" in message and "half-way" in message
+    with pytest.raises(PluginError):
+        adapter.list_samples(tmp_path, "c", "train")
+
+
+def test_plugin_data_error_passes_through(plugin: Callable[[str, str], str],
+                                          monkeypatch: pytest.MonkeyPatch,
+                                          tmp_path: Path) -> None:
+    mod = plugin("baddata", DATA_ERROR)
+    _use(monkeypatch, [_ep("baddata", f"{mod}:Adapter")])
+    adapter = registry.get_adapter("baddata")
+    with pytest.raises(DataError, match="index.csv"):
+        adapter.categories(tmp_path)
+    with pytest.raises(DataError, match="index.csv"):
+        adapter.list_samples(tmp_path, "c", "test")
+
+
+def test_plugin_yielding_something_else(plugin: Callable[[str, str], str],
+                                        monkeypatch: pytest.MonkeyPatch,
+                                        tmp_path: Path) -> None:
+    mod = plugin("tuples", NOT_A_SAMPLE)
+    _use(monkeypatch, [_ep("tuples", f"{mod}:Adapter")])
+    with pytest.raises(PluginError, match="tuple"):
+        registry.get_adapter("tuples").list_samples(tmp_path, "c", "test")
+
+
+# ---- duplicate names ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_duplicate_name_from_two_third_party_distributions(
+        plugin: Callable[[str, str], str], monkeypatch: pytest.MonkeyPatch,
+        reverse: bool) -> None:
+    a = plugin("dupa", GOOD)
+    b = plugin("dupb", GOOD)
+    eps = [_ep("dup", f"{a}:Adapter", "stad-a", "1.0"), _ep("dup", f"{b}:Adapter", "stad-b", "2.0")]
+    _use(monkeypatch, [*BUILTINS, *(reversed(eps) if reverse else eps)])
+    dups = _by_name(registry.discover())["dup"]
+    assert {(e.distribution, e.shadowed_by) for e in dups} == {("stad-a", "stad-b"),
+                                                               ("stad-b", "stad-a")}
+    message = _plugin_error("dup")
+    assert "stad-a 1.0" in message and "stad-b 2.0" in message
+    assert a not in sys.modules and b not in sys.modules
+    statuses = {e.distribution: registry.check(e) for e in dups}
+    assert statuses == {"stad-a": "duplicate name, also registered by stad-b",
+                        "stad-b": "duplicate name, also registered by stad-a"}
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_third_party_cannot_shadow_a_builtin(plugin: Callable[[str, str], str],
+                                             monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                             reverse: bool) -> None:
+    marker = tmp_path / "evil-imported"
+    evil = plugin("evil", MARKS_IMPORT.format(marker=str(marker)))
+    eps = [*BUILTINS, _ep("mvtec", f"{evil}:Adapter", "stad-evil", "6.6")]
+    _use(monkeypatch, list(reversed(eps)) if reverse else eps)
+    mvtecs = _by_name(registry.discover())["mvtec"]
+    assert {(e.distribution, e.shadowed_by) for e in mvtecs} == {("stad", None),
+                                                                 ("stad-evil", "stad")}
+    adapter = registry.get_adapter("mvtec")
+    assert adapter.entry.distribution == "stad"
+    assert type(adapter._adapter).__name__ == "MVTecAdapter"
+    loser = next(e for e in mvtecs if e.distribution == "stad-evil")
+    assert registry.check(loser).startswith("duplicate name")
+    assert not marker.exists() and evil not in sys.modules
+
+
+# ---- check() -----------------------------------------------------------------------------------
+
+
+def test_check_statuses(plugin: Callable[[str, str], str],
+                        monkeypatch: pytest.MonkeyPatch) -> None:
+    eps = [
+        *BUILTINS,
+        _ep("good", f"{plugin('good', GOOD)}:Adapter", "stad-good", "1.0"),
+        _ep("broken", f"{plugin('broken', IMPORT_FAILS)}:Adapter", "stad-broken", "0.3"),
+        _ep("future", f"{plugin('future', WRONG_API)}:Adapter", "stad-future", "9.0"),
+        _ep("nocats", f"{plugin('nocats', CATEGORIES_FAIL)}:Adapter", "stad-nocats", "1.2"),
+    ]
+    _use(monkeypatch, eps)
+    status = {e.name: registry.check(e) for e in registry.discover()}
+    assert status["mvtec"] == status["folder"] == status["good"] == "ok"
+    assert status["nocats"] == "ok"  # it imports and starts; it fails only when used
+    assert status["broken"].startswith("error:") and "failed to import" in status["broken"]
+    assert status["future"].startswith("error:") and "API 99" in status["future"]
+
+
+# ---- through the CLI ---------------------------------------------------------------------------
+
+
+def test_cli_datasets_list_shows_broken_adapters(plugin: Callable[[str, str], str],
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    eps = [
+        *BUILTINS,
+        _ep("broken", f"{plugin('broken', IMPORT_FAILS)}:Adapter", "stad-broken", "0.3"),
+        _ep("future", f"{plugin('future', WRONG_API)}:Adapter", "stad-future", "9.0"),
+        _ep("dup", f"{plugin('dupa', GOOD)}:Adapter", "stad-a", "1.0"),
+        _ep("dup", f"{plugin('dupb', GOOD)}:Adapter", "stad-b", "2.0"),
+    ]
+    _use(monkeypatch, eps)
+    result = CliRunner().invoke(app, ["datasets", "list", "--json"])
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert all(r["schema_version"] == 1 for r in rows)
+    status = {(r["name"], r["distribution"]): r["status"] for r in rows}
+    assert status[("mvtec", "stad")] == "ok" and status[("folder", "stad")] == "ok"
+    assert status[("broken", "stad-broken")].startswith("error:")
+    assert status[("future", "stad-future")].startswith("error:")
+    assert status[("dup", "stad-a")].startswith("duplicate name")
+    assert status[("dup", "stad-b")].startswith("duplicate name")
+    broken = next(r for r in rows if r["name"] == "broken")
+    assert broken["version"] == "0.3" and broken["entry_point"].endswith(":Adapter")
+    table = CliRunner().invoke(app, ["datasets", "list"])
+    assert table.exit_code == 0
+    assert "broken" in table.stdout and "stad-broken" in table.stdout
+
+
+@pytest.mark.parametrize(("stem", "source"), [
+    ("broken", IMPORT_FAILS), ("future", WRONG_API), ("halfway", FAILS_HALF_WAY),
+])
+def test_cli_using_a_broken_adapter_exits_5(plugin: Callable[[str, str], str],
+                                            monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                            stem: str, source: str) -> None:
+    name = f"my{stem}"
+    _use(monkeypatch, [*BUILTINS, _ep(name, f"{plugin(stem, source)}:Adapter", "stad-x", "1")])
+    result = CliRunner().invoke(app, ["datasets", "show", "--dataset", name,
+                                      "--root", str(tmp_path), "--category", "c"])
+    assert result.exit_code == 5, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("stad: error:")
+    assert f"'{name}'" in lines[0]
+    assert "Traceback" not in result.output
+
+
+def test_cli_using_a_duplicate_name_exits_5(plugin: Callable[[str, str], str],
+                                            monkeypatch: pytest.MonkeyPatch,
+                                            tmp_path: Path) -> None:
+    _use(monkeypatch, [_ep("dup", f"{plugin('dupa', GOOD)}:Adapter", "stad-a", "1.0"),
+                       _ep("dup", f"{plugin('dupb', GOOD)}:Adapter", "stad-b", "2.0")])
+    result = CliRunner().invoke(app, ["datasets", "show", "--dataset", "dup",
+                                      "--root", str(tmp_path), "--category", "c"])
+    assert result.exit_code == 5
+    assert "stad-a 1.0" in result.stderr and "stad-b 2.0" in result.stderr
