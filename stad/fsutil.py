@@ -70,14 +70,15 @@ def _fsync_dir(path: Path) -> None:
 
 @contextlib.contextmanager
 def output_lock(path: str | os.PathLike[str]) -> Iterator[None]:
-    """Hold an exclusive lock on ``path`` (via ``path.lock``) or refuse at once.
+    """Hold an exclusive lock on ``path`` (via a hidden ``.NAME.lock`` beside it) or refuse.
 
     Two runs writing the same artifact would otherwise interleave checkpoints; the second
     one gets a :class:`UsageError` naming the lock instead of waiting.
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    lock_path = target.with_name(target.name + ".lock")
+    # The lock file stays (removing it would open a race); hidden, it does not clutter listings.
+    lock_path = target.with_name(f".{target.name}.lock")
     fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:

@@ -42,7 +42,7 @@ def overlay(image: np.ndarray, values: np.ndarray, lo: float, hi: float,
 
 def display_range(threshold: float | None, values: np.ndarray) -> tuple[float, float]:
     """The range a map is coloured over: 0 (the mean of normal pixels after standardization)
-    to twice the image threshold, so that colours mean the same in every image; without a
-    threshold, the map's own maximum."""
-    hi = 2 * threshold if threshold is not None and threshold > 0 else float(values.max())
+    to the image threshold, so that colours mean the same in every image and everything above
+    the threshold is fully coloured; without a threshold, the map's own maximum."""
+    hi = threshold if threshold is not None and threshold > 0 else float(values.max())
     return 0.0, max(hi, 1e-6)

@@ -353,11 +353,11 @@ def evaluate(settings: Settings, *, model_path: Path, report: Path | None = None
 
 # The demo's settings: the whole pipeline on one synthetic category in a few minutes on a
 # 2-core CPU. Smaller than the paper's (documented in docs/usage.md, "stad demo").
-DEMO_CATEGORY = "weave"
+DEMO_CATEGORY = "grain"
 DEMO_SETTINGS: dict[str, Any] = {
     "dataset": "synthetic",
     "category": DEMO_CATEGORY,
-    "teacher": {"patch_sizes": [17, 33], "iterations": 150, "image_size": 64},
+    "teacher": {"patch_sizes": [17, 33], "iterations": 50, "image_size": 64},
     "students": {"preset": "fast", "patch_sizes": [17, 33], "image_size": 64, "epochs": 8,
                  "crop_size": None, "batch_size": 4, "lr": 1e-3, "precision": "bf16"},
 }

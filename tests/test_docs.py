@@ -1,0 +1,114 @@
+"""Every `stad` command shown in README.md, docs/ and the example plugin's README runs.
+
+The commands are read from the ```bash blocks of those files and run as written through the
+CLI, in order (a documented session builds on its earlier steps), inside a temporary folder
+where the documented paths exist. Flags that only shrink the work (fewer iterations, epochs,
+scales, smaller images) are appended, so that the whole session takes seconds; a flag given
+twice takes its last value. The TOML example in docs/usage.md must validate.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import shutil
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from stad.cli import app
+from stad.config import resolve_settings
+from stad.datasets.synthetic import generate
+
+REPO = Path(__file__).resolve().parents[1]
+DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")),
+        REPO / "plugins" / "stad-btad" / "README.md"]
+
+SHRINK = {
+    "pretrain-teacher": ["--patch-sizes", "17", "--iterations", "2"],
+    "fit-students": ["--patch-sizes", "17", "--epochs", "1", "--image-size", "32",
+                     "--students", "2"],
+}
+ENV = {"STAD_TEACHER__IMAGE_SIZE": "32", "STAD_TEACHER__BATCH_SIZE": "8"}
+
+
+def documented_commands(path: Path) -> list[str]:
+    """`stad ...` lines of the ```bash blocks of a Markdown file, continuations joined."""
+    text = path.read_text(encoding="utf-8")
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.split("  #")[0].strip()
+            if line.startswith("stad "):
+                commands.append(line)
+    return commands
+
+
+def test_docs_show_the_typical_session():
+    commands = [c.split()[1] for c in documented_commands(REPO / "README.md")]
+    for step in ("pretrain-teacher", "fit-students", "calibrate", "score", "evaluate"):
+        assert step in commands
+
+
+def _world(tmp: Path) -> dict[str, str]:
+    """Folders the documented commands refer to, and what each placeholder becomes."""
+    mvtec = tmp / "mvtec"
+    generate(tmp / "gen", categories=["grain"], image_size=32, n_train=6, n_val=0,
+             n_test_good=2, n_test_per_defect=1, seed=2)
+    shutil.copytree(tmp / "gen" / "grain", mvtec / "bottle")
+    incoming = tmp / "incoming"
+    incoming.mkdir()
+    for src in sorted((mvtec / "bottle" / "test").rglob("*.png"))[:3]:
+        shutil.copy(src, incoming / f"{src.parent.name}_{src.name}")
+    btad = tmp / "btad" / "01"
+    for sub in ("train/ok", "test/ok", "test/ko", "ground_truth/ko"):
+        (btad / sub).mkdir(parents=True)
+    for i, src in enumerate(sorted((mvtec / "bottle" / "train" / "good").glob("*.png"))):
+        Image.open(src).save(btad / "train" / "ok" / f"{i:04d}.bmp")
+    Image.open(src).save(btad / "test" / "ok" / "0000.bmp")
+    defect = sorted((mvtec / "bottle" / "test" / "hole").glob("*.png"))[0]
+    Image.open(defect).save(btad / "test" / "ko" / "0000.bmp")
+    Image.open(mvtec / "bottle" / "ground_truth" / "hole" / f"{defect.stem}_mask.png").save(
+        btad / "ground_truth" / "ko" / "0000.png")
+    return {"/data/mvtec": str(mvtec), "PATH": str(tmp / "btad")}
+
+
+@pytest.mark.slow
+def test_every_documented_command_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.chdir(tmp_path)
+    places = _world(tmp_path)
+    runner = CliRunner()
+    ran = []
+    for doc in DOCS:
+        for command in documented_commands(doc):
+            args = shlex.split(command)[1:]
+            args = [places.get(a, a) for a in args]
+            args += SHRINK.get(args[0], [])
+            result = runner.invoke(app, args, env=ENV)
+            assert result.exit_code in (0, 10), (doc.name, command, result.output,
+                                                 result.exception)
+            ran.append(args[0])
+    assert {"pretrain-teacher", "fit-students", "calibrate", "score", "evaluate",
+            "datasets"} <= set(ran)
+    assert (tmp_path / "bottle-report" / "report.md").is_file()
+
+
+def test_usage_toml_example_validates(tmp_path: Path):
+    text = (REPO / "docs" / "usage.md").read_text(encoding="utf-8")
+    (block,) = re.findall(r"```toml\n(.*?)```", text, flags=re.S)
+    config = tmp_path / "stad.toml"
+    config.write_text(block, encoding="utf-8")
+    settings = resolve_settings({}, config_file=config, environ={})
+    assert settings.students.val_fraction == 0.1 and settings.teacher.iterations == 50000
+
+
+def test_makefile_targets_match_readme():
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    makefile = (REPO / "Makefile").read_text(encoding="utf-8")
+    assert "make demo" in readme and "make test" in readme
+    assert re.search(r"^demo:", makefile, flags=re.M) and re.search(r"^test:", makefile,
+                                                                    flags=re.M)
+    ci = (REPO / ".ci" / "run").read_text(encoding="utf-8")
+    assert "make test" in ci
