@@ -9,7 +9,7 @@ DEMO_OUT ?= stad-demo
 
 $(VENV)/.installed-demo: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q -e .
+	$(BIN)/pip install -q -e '.[plots]'
 	touch $@
 
 $(VENV)/.installed-test: pyproject.toml plugins/stad-btad/pyproject.toml

@@ -3,8 +3,10 @@
 An artifact is a safetensors file (never a pickle) whose string metadata carries:
 
 ==========================  ==============================================================
-``stad.kind``               ``teacher`` (from ``pretrain-teacher``) or ``model`` (teacher,
-                            students and normalization, from ``fit-students``)
+``stad.kind``               ``teacher`` (from ``pretrain-teacher``), ``model`` (teacher,
+                            students and normalization, from ``fit-students``) or
+                            ``checkpoint`` (the state of an unfinished run of either,
+                            :mod:`stad.checkpoint`)
 ``stad.format_version``     integer; this stad reads versions up to :data:`FORMAT_VERSION`
 ``stad.version``            the stad version that wrote it
 ``stad.config``             the full resolved settings as JSON
@@ -38,8 +40,9 @@ from stad.errors import ArtifactError
 from stad.fsutil import atomic_write_bytes
 
 FORMAT_VERSION = 1
-KINDS = ("teacher", "model")
-_PRODUCER = {"teacher": "stad pretrain-teacher", "model": "stad fit-students"}
+KINDS = ("teacher", "model", "checkpoint")
+_PRODUCER = {"teacher": "stad pretrain-teacher", "model": "stad fit-students",
+             "checkpoint": "an interrupted stad pretrain-teacher or fit-students"}
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 
 
@@ -48,7 +51,7 @@ class Artifact:
     """The contents of one artifact file.
 
     Attributes:
-        kind: ``"teacher"`` or ``"model"``.
+        kind: ``"teacher"``, ``"model"`` or ``"checkpoint"``.
         tensors: named tensors (contiguous, any dtype safetensors supports).
         config: the resolved settings that produced it (``Settings.model_dump(mode="json")``).
         preprocessing: ``{"image_size": int, "mean": [r, g, b], "std": [r, g, b]}``.
@@ -103,14 +106,16 @@ def save_artifact(path: str | Path, artifact: Artifact) -> None:
     atomic_write_bytes(path, to_bytes(artifact))
 
 
-def _looks_like_pickle(head: bytes) -> bool:
+def _looks_like_pickle(data: bytes) -> bool:
     # torch.save files are zip archives ("PK\x03\x04"); raw pickles start with PROTO (0x80).
-    return head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"
+    # A safetensors file starts with its u64 header length, whose low byte can also be 0x80,
+    # followed by the JSON header: "{" at byte 8 tells the two apart.
+    return data.startswith(b"PK\x03\x04") or (data[:1] == b"\x80" and data[8:9] != b"{")
 
 
 def read_header(data: bytes, path: Path) -> dict[str, Any]:
     """Parse and sanity-check a safetensors header without touching tensor data."""
-    if _looks_like_pickle(data[:4]):
+    if _looks_like_pickle(data):
         raise ArtifactError(
             f"{path} looks like a PyTorch pickle (.pt/.pth); stad never unpickles files. "
             "Pass a .safetensors artifact written by stad"

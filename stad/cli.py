@@ -1,8 +1,8 @@
 """The ``stad`` command: a thin Typer shell over the library.
 
 Each command parses its options, resolves :class:`~stad.config.Settings`, calls one library
-function and prints the result. Errors are mapped to exit codes in one place, :func:`main`
-(table in docs/exit-codes.md).
+function and prints the result. Errors are mapped to exit codes in one place, the root
+group's ``invoke`` (table in docs/exit-codes.md).
 """
 
 from __future__ import annotations
@@ -115,6 +115,10 @@ def _root(
 # ---- the pipeline ---------------------------------------------------------------------------
 
 OutOpt = Annotated[Path | None, typer.Option("--out", help="Artifact to write.")]
+ResumeOpt = Annotated[bool, typer.Option(
+    "--resume", help="Continue the checkpoint an interrupted run left beside --out "
+    "(OUT.ckpt.safetensors for OUT.safetensors); refused if settings or data differ; without "
+    "one, start afresh.")]
 ModelOpt = Annotated[Path, typer.Option("--model", help="Model artifact from fit-students.")]
 
 
@@ -143,6 +147,7 @@ def pretrain_teacher_cmd(
     backbone_weights: Annotated[Path | None, typer.Option(
         "--backbone-weights", help="ResNet-18 weights (.safetensors or torchvision .pth) "
         "for distillation; without them distillation is off.")] = None,
+    resume: ResumeOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Pretrain teacher patch networks on random patches of any dataset's images."""
@@ -153,7 +158,7 @@ def pretrain_teacher_cmd(
                                                  "iterations": iterations,
                                                  "backbone_weights": backbone_weights})
     with console.reporter() as rep:
-        result = pretrain_teacher(settings, out=out, reporter=rep)
+        result = pretrain_teacher(settings, out=out, resume=resume, reporter=rep)
     _print_result(result, json_out, [f"teacher written to {result['artifact']}"])
 
 
@@ -179,6 +184,7 @@ def fit_students_cmd(
         "--image-size", help="Images are resized to this square size.")] = None,
     n_students: Annotated[int | None, typer.Option(
         "--students", help="Students per scale (M). [default: 3]")] = None,
+    resume: ResumeOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Fit an ensemble of students per scale to regress the teacher on anomaly-free images."""
@@ -189,7 +195,7 @@ def fit_students_cmd(
                                                   "epochs": epochs, "image_size": image_size,
                                                   "n_students": n_students})
     with console.reporter() as rep:
-        result = fit(settings, teacher=teacher, out=out, reporter=rep)
+        result = fit(settings, teacher=teacher, out=out, resume=resume, reporter=rep)
     _print_result(result, json_out, [f"model written to {result['artifact']} "
                                      f"({result['n_fit']} images, {result['seconds']} s); "
                                      f"next: stad calibrate --model {result['artifact']}"])

@@ -126,7 +126,7 @@ def teacher_tensors(teachers: Mapping[int, PatchNetwork]) -> dict[str, torch.Ten
     return out
 
 
-def load_teachers(tensors: Mapping[str, torch.Tensor], *, out_dim: int = 128,
+def load_teachers(tensors: Mapping[str, torch.Tensor], *,
                   patch_sizes: Sequence[int] | None = None) -> dict[int, PatchNetwork]:
     """The teachers stored in an artifact's tensors, frozen and in eval mode."""
     found = sorted({int(k.split(".")[1][1:]) for k in tensors if k.startswith("teacher.p")})
@@ -137,13 +137,18 @@ def load_teachers(tensors: Mapping[str, torch.Tensor], *, out_dim: int = 128,
                             "pretrain those scales or choose --patch-sizes among the ones it has")
     out = {}
     for p in wanted:
-        out[p] = _load_net(p, prefixed(tensors, f"teacher.p{p}"), out_dim, f"teacher p={p}")
+        out[p] = _load_net(p, prefixed(tensors, f"teacher.p{p}"), f"teacher p={p}")
         out[p].requires_grad_(False).eval()
     return out
 
 
-def _load_net(p: int, state: Mapping[str, torch.Tensor], out_dim: int, what: str) -> PatchNetwork:
-    net = build_network(p, out_dim)
+def _load_net(p: int, state: Mapping[str, torch.Tensor], what: str) -> PatchNetwork:
+    # The descriptor dimension is whatever the last conv produces (128 in the paper).
+    last = max((k for k in state if k.endswith(".weight")), default=None,
+               key=lambda k: int(k.split(".")[1]) if k.split(".")[1].isdigit() else -1)
+    if last is None:
+        raise ArtifactError(f"the artifact holds no weights for the {what}")
+    net = build_network(p, int(state[last].shape[0]))
     try:
         net.load_state_dict({k: v.float() for k, v in state.items()})
     except RuntimeError as exc:
@@ -165,13 +170,13 @@ def model_tensors(model: Model) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in out.items()}
 
 
-def model_from_tensors(tensors: Mapping[str, torch.Tensor], preprocessing: dict[str, Any],
-                       *, out_dim: int = 128) -> Model:
-    teachers = load_teachers(tensors, out_dim=out_dim)
+def model_from_tensors(tensors: Mapping[str, torch.Tensor], preprocessing: dict[str, Any]
+                       ) -> Model:
+    teachers = load_teachers(tensors)
     scales: dict[int, Scale] = {}
     for p, teacher in teachers.items():
         ids = sorted({int(k.split(".")[2]) for k in tensors if k.startswith(f"student.p{p}.")})
-        students = [_load_net(p, prefixed(tensors, f"student.p{p}.{m}"), out_dim,
+        students = [_load_net(p, prefixed(tensors, f"student.p{p}.{m}"),
                               f"student {m} p={p}").requires_grad_(False).eval() for m in ids]
         if len(students) < 2 or f"norm.p{p}.mean" not in tensors:
             raise ArtifactError(f"the model artifact lacks students or normalization for p={p}")

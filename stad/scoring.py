@@ -39,14 +39,14 @@ class ImageMaps:
 
     path: Path
     maps: dict[str, np.ndarray]  # each (H, W) float32
+    image: np.ndarray  # (H, W, 3) float32 in [0, 1], as read (for overlays)
 
 
-def prepare(path: Path, model: Model) -> tuple[torch.Tensor, tuple[int, int]]:
-    """Read one image as the artifact's preprocessing says: (3, S, S) and its own (H, W)."""
+def prepare(path: Path, model: Model) -> tuple[torch.Tensor, np.ndarray]:
+    """Read one image as the artifact's preprocessing says: (3, S, S), and the image as read."""
     image = load_image(path)
     pre = model.preprocessing
-    return to_tensor(image, size=pre["image_size"], mean=pre["mean"], std=pre["std"]), \
-        image.shape[:2]
+    return to_tensor(image, size=pre["image_size"], mean=pre["mean"], std=pre["std"]), image
 
 
 @torch.inference_mode()
@@ -60,14 +60,16 @@ def iter_maps(model: Model, paths: Sequence[Path], *, device: torch.device,
         prepared = [prepare(Path(p), model) for p in chunk]
         x = torch.stack([t for t, _ in prepared]).to(device)
         maps = model.maps(x)
-        for i, (path, (_, shape)) in enumerate(zip(chunk, prepared, strict=True)):
+        for i, (path, (_, image)) in enumerate(zip(chunk, prepared, strict=True)):
+            shape = image.shape[:2]
             one = {k: v[i:i + 1] for k, v in maps.items()}
             if tuple(one["fused"].shape[-2:]) != shape:
                 one = {k: torch.nn.functional.interpolate(v[:, None], size=shape,
                                                           mode="bilinear",
                                                           align_corners=False)[:, 0]
                        for k, v in one.items()}
-            yield ImageMaps(Path(path), {k: v[0].float().cpu().numpy() for k, v in one.items()})
+            yield ImageMaps(Path(path), {k: v[0].float().cpu().numpy() for k, v in one.items()},
+                            image)
         task.advance(len(chunk))
     task.done()
 

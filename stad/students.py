@@ -9,6 +9,12 @@ their parameters is the same as M separate ones, because no parameter is shared.
 With ``crop_size`` (the fast preset) a step trains on random crops of the target maps; the
 student then sees the crop with its full context (the padded image around it, ``dense_valid``),
 so each output pixel regresses exactly the target the teacher produced for the full image.
+
+With a :class:`~stad.checkpoint.Checkpoint` the state is saved every ``checkpoint_every`` epochs,
+after every scale but the last, and when a stop is requested (then
+:class:`~stad.errors.Interrupted` is raised). A resumed run continues to the same weights, bit
+for bit on the same machine: the students and Adam's state are restored, and the sampling, whose
+generator is seeded per (seed, scale, epoch), is replayed up to the step the checkpoint was at.
 """
 
 from __future__ import annotations
@@ -23,6 +29,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from stad.artifacts import prefixed, with_prefix
+from stad.checkpoint import Checkpoint, last_good, load_optimizer, optimizer_tensors
 from stad.config import Settings
 from stad.console import NULL_REPORTER, Reporter
 from stad.datasets.base import Sample
@@ -112,8 +120,18 @@ def train_scale(
     *,
     reporter: Reporter = NULL_REPORTER,
     device: torch.device = torch.device("cpu"),
+    checkpoint: Checkpoint | None = None,
 ) -> tuple[Scale, dict[str, Any]]:
-    """Fit the students of one scale on standardized images (N, 3, S, S)."""
+    """Fit the students of one scale on standardized images (N, 3, S, S).
+
+    With ``checkpoint``: continues the scale in progress of ``checkpoint.resumed`` if it is this
+    one; saves every ``checkpoint.every`` epochs but the last; after a step at which
+    ``checkpoint.stop.poll()`` is true, saves and raises :class:`~stad.errors.Interrupted`,
+    except after the last step of the scale (the caller then decides).
+
+    Raises:
+        TrainingError: a non-finite loss, naming the step and the last good checkpoint.
+    """
     cfg = settings.students
     p = teacher.patch_size
     teacher = teacher.to(device).eval().requires_grad_(False)
@@ -131,16 +149,52 @@ def train_scale(
     opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     n = len(images)
     steps_per_epoch = math.ceil(n / cfg.batch_size)
+
+    # Where to start: the beginning, or the checkpoint's epoch and step within it.
+    first_epoch, first_step, epoch_loss, seconds = 0, 0, 0.0, 0.0
+    history: list[float] = []
+    resume = checkpoint.progress if checkpoint is not None else None
+    if resume is not None and resume.get("scale") == p:
+        assert checkpoint is not None and checkpoint.resumed is not None
+        tensors = checkpoint.resumed.tensors
+        for m, s in enumerate(students):
+            s.load_state_dict(prefixed(tensors, f"student.p{p}.{m}"))
+        load_optimizer(opt, tensors, f"adam.p{p}")
+        first_epoch, first_step = resume["epoch"], resume["step"]
+        epoch_loss, seconds = resume["epoch_loss"], resume["seconds"]
+        history = list(resume["history"])
+
+    def where(epoch: int, step: int) -> str:
+        if step == 0:
+            return f"p={p} after epoch {epoch} of {cfg.epochs}"
+        return f"p={p}, epoch {epoch + 1} of {cfg.epochs} after step {step} of {steps_per_epoch}"
+
+    def save(epoch: int, step: int) -> None:
+        # epoch, step: the epoch in progress (0-based) and the steps of it already done.
+        assert checkpoint is not None
+        tensors = optimizer_tensors(opt, f"adam.p{p}")
+        for m, s in enumerate(students):
+            tensors.update(with_prefix(s.state_dict(), f"student.p{p}.{m}"))
+        progress = {"scale": p, "epoch": epoch, "step": step, "epoch_loss": epoch_loss,
+                    "history": history, "seconds": seconds + time.perf_counter() - start}
+        checkpoint.save(tensors, progress, where=where(epoch, step))
+
     task = reporter.task(f"students p={p}", cfg.epochs * steps_per_epoch)
-    history = []
+    task.advance(first_epoch * steps_per_epoch + first_step)
     start = time.perf_counter()
-    for epoch in range(cfg.epochs):
+    for epoch in range(first_epoch, cfg.epochs):
         gen = torch.Generator().manual_seed(_seed(settings.seed, p, 1000 + epoch))
         order = torch.randperm(n, generator=gen).tolist()
-        epoch_loss = 0.0
-        for b in range(0, n, cfg.batch_size):
+        skip = first_step if epoch == first_epoch else 0
+        if skip == 0:
+            epoch_loss = 0.0
+        stop = False
+        for step in range(steps_per_epoch):
+            b = step * cfg.batch_size
             idx = order[b:b + cfg.batch_size]
             corners = _crops(len(idx), size, crop, gen)
+            if step < skip:
+                continue  # done before the checkpoint: only its draws are replayed
             rf = teacher.receptive_field
             x = torch.stack([padded[i, :, r:r + span + rf - 1, c:c + span + rf - 1]
                              for i, (r, c) in zip(idx, corners, strict=True)])
@@ -151,19 +205,31 @@ def train_scale(
             losses = [(o.float() - t).pow(2).sum(1).mean() for o in outs]
             loss = torch.stack(losses).sum()
             if not torch.isfinite(loss):
-                raise TrainingError(f"non-finite student loss at p={p}, epoch {epoch + 1}, "
-                                    f"step {b // cfg.batch_size + 1}; lower students.lr")
+                raise TrainingError(
+                    f"non-finite student loss at p={p}, epoch {epoch + 1} of {cfg.epochs}, "
+                    f"step {step + 1} of {steps_per_epoch}; lower students.lr and start again "
+                    f"(without --resume); {last_good(checkpoint)}")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             epoch_loss += loss.item() / len(students) * len(idx)
             task.advance(1, epoch=epoch + 1, loss=loss.item() / len(students))
+            stop = checkpoint is not None and checkpoint.stop.poll()
+            if stop and checkpoint is not None and step + 1 < steps_per_epoch:
+                save(epoch, step + 1)
+                raise checkpoint.interrupted(where(epoch, step + 1))
         history.append(epoch_loss / n)
+        if checkpoint is not None and epoch + 1 < cfg.epochs and (
+                stop or (epoch + 1) % checkpoint.every == 0):
+            save(epoch + 1, 0)
+            if stop:
+                raise checkpoint.interrupted(where(epoch + 1, 0))
     task.done()
     for s in students:
         s.eval().requires_grad_(False)
     scale = Scale(p, teacher, students, mean.to(device), std.to(device))
-    return scale, {"loss_per_epoch": history, "seconds": round(time.perf_counter() - start, 2)}
+    return scale, {"loss_per_epoch": history,
+                   "seconds": round(seconds + time.perf_counter() - start, 2)}
 
 
 def _autocast(device: torch.device, precision: str) -> torch.autocast:
@@ -190,8 +256,17 @@ def fit_students(
     *,
     reporter: Reporter = NULL_REPORTER,
     device: torch.device = torch.device("cpu"),
+    checkpoint: Checkpoint | None = None,
 ) -> FitResult:
-    """Fit the students of every scale in ``settings.students.patch_sizes``."""
+    """Fit the students of every scale in ``settings.students.patch_sizes``.
+
+    With ``checkpoint`` (see :func:`train_scale`) the scales the resumed checkpoint finished are
+    taken from it, and a checkpoint is also saved after every scale but the last.
+
+    Raises:
+        DataError: no images. TrainingError: a non-finite loss. Interrupted: a stop was
+        requested (after saving the checkpoint).
+    """
     cfg = settings.students
     if not fit_samples:
         raise DataError("no training images to fit on")
@@ -199,15 +274,53 @@ def fit_students(
     images = load_batch(fit_samples, size)
     scales: dict[int, Scale] = {}
     info: dict[str, Any] = {"scales": {}}
-    for p in cfg.patch_sizes:
-        scale, scale_info = train_scale(teachers[p], images, settings, reporter=reporter,
-                                        device=device)
+    for k, p in enumerate(cfg.patch_sizes):
+        name = f"p{p}"
+        done = checkpoint.resumed_scale(name) if checkpoint is not None else None
+        if done is not None:
+            assert checkpoint is not None and checkpoint.resumed is not None
+            scale, scale_info = _finished_scale(teachers[p], checkpoint.resumed.tensors,
+                                                cfg.n_students, device), done
+        else:
+            scale, scale_info = train_scale(teachers[p], images, settings, reporter=reporter,
+                                            device=device, checkpoint=checkpoint)
+            reporter.note(f"p={p}: final loss {scale_info['loss_per_epoch'][-1]:.4g} "
+                          f"({scale_info['seconds']:.0f} s)")
         scales[p] = scale
-        info["scales"][f"p{p}"] = scale_info
-        reporter.note(f"p={p}: final loss {scale_info['loss_per_epoch'][-1]:.4g} "
-                      f"({scale_info['seconds']:.0f} s)")
+        info["scales"][name] = scale_info
+        if checkpoint is not None:
+            checkpoint.finish(name, _scale_tensors(scale), scale_info)
+            if done is None and k + 1 < len(cfg.patch_sizes):
+                where = f"the end of scale p={p}"
+                checkpoint.save({}, None, where=where)
+                if checkpoint.stop.requested:
+                    raise checkpoint.interrupted(where)
     preprocessing = {"image_size": size, "mean": list(DEFAULT_MEAN), "std": list(DEFAULT_STD)}
     return FitResult(Model(scales=scales, preprocessing=preprocessing), info)
+
+
+def _scale_tensors(scale: Scale) -> dict[str, torch.Tensor]:
+    """A finished scale's students and normalization, named as in the model artifact."""
+    p = scale.patch_size
+    out: dict[str, torch.Tensor] = {}
+    for m, student in enumerate(scale.students):
+        out.update(with_prefix(student.state_dict(), f"student.p{p}.{m}"))
+    assert scale.mean is not None and scale.std is not None
+    out[f"norm.p{p}.mean"], out[f"norm.p{p}.std"] = scale.mean, scale.std
+    return out
+
+
+def _finished_scale(teacher: PatchNetwork, tensors: dict[str, torch.Tensor], n_students: int,
+                    device: torch.device) -> Scale:
+    """A scale a checkpoint holds as finished, as :func:`train_scale` would have returned it."""
+    p = teacher.patch_size
+    students = []
+    for m in range(n_students):
+        net = build_network(p, teacher.out_dim)
+        net.load_state_dict(prefixed(tensors, f"student.p{p}.{m}"))
+        students.append(net.to(device).eval().requires_grad_(False))
+    return Scale(p, teacher.to(device).eval().requires_grad_(False), students,
+                 tensors[f"norm.p{p}.mean"].to(device), tensors[f"norm.p{p}.std"].to(device))
 
 
 def describe_samples(samples: Sequence[Sample]) -> list[str]:

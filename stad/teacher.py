@@ -19,6 +19,11 @@ statistics (which is also what the ResNet-18 expects); patches are then cut by i
 ``torch.Generator`` per scale, seeded from (seed, p), draws the initialization and every sample,
 so a seed gives the same teachers on the same machine. The choices are documented in
 docs/model.md, "Teacher pretraining".
+
+With a :class:`~stad.checkpoint.Checkpoint` the state (weights, Adam, the generator's state and
+the losses so far) is saved every ``checkpoint_every`` iterations, after every scale but the
+last, and when a stop is requested; a resumed run continues to the same weights, bit for bit on
+the same machine.
 """
 
 from __future__ import annotations
@@ -38,11 +43,14 @@ import torchvision
 from safetensors.torch import load as safetensors_load
 from torch import nn
 
+from stad.artifacts import prefixed, with_prefix
+from stad.checkpoint import Checkpoint, last_good, load_optimizer, optimizer_tensors
 from stad.config import Settings, TeacherSettings
 from stad.console import NULL_REPORTER, Reporter
 from stad.datasets.base import Sample
 from stad.errors import ArtifactError, DataError, TrainingError, UsageError
 from stad.images import DEFAULT_MEAN, DEFAULT_STD, load_image, to_tensor
+from stad.model import load_teachers
 from stad.networks import Decoder, PatchNetwork, build_network
 
 __all__ = [
@@ -250,8 +258,15 @@ def _pretrain_scale(
     *,
     reporter: Reporter,
     device: torch.device,
+    checkpoint: Checkpoint | None = None,
 ) -> tuple[PatchNetwork, dict[str, Any]]:
-    """Train the teacher of one scale on standardized images (N, 3, S, S) already on device."""
+    """Train the teacher of one scale on standardized images (N, 3, S, S) already on device.
+
+    With ``checkpoint``: continues its scale in progress if it is this one, saves every
+    ``checkpoint.every`` iterations but the last, and saves and raises
+    :class:`~stad.errors.Interrupted` after an iteration at which ``checkpoint.stop.poll()`` is
+    true (but the last).
+    """
     cfg = settings.teacher
     gen = _generator(settings.seed, p)
     teacher = build_network(p, generator=gen).to(device).train()
@@ -270,9 +285,42 @@ def _pretrain_scale(
     shift = cfg.positive_shift
     history: list[float] = []
     terms: dict[str, list[float]] = {"kd": [], "metric": [], "compact": []}
+    first, seconds = 0, 0.0
+    resume = checkpoint.progress if checkpoint is not None else None
+    if resume is not None and resume.get("scale") == p:
+        # The networks were built above from the fresh generator (drawing their init from it),
+        # as in an uninterrupted run; now weights, Adam and the generator continue.
+        assert checkpoint is not None and checkpoint.resumed is not None
+        tensors = checkpoint.resumed.tensors
+        teacher.load_state_dict(prefixed(tensors, f"teacher.p{p}"))
+        if decoder is not None:
+            decoder.load_state_dict(prefixed(tensors, f"decoder.p{p}"))
+        load_optimizer(opt, tensors, f"adam.p{p}")
+        gen.set_state(tensors[f"generator.p{p}"].clone())
+        first, seconds = resume["iteration"], resume["seconds"]
+        losses = tensors[f"losses.p{p}"].tolist()  # (first, 4): total, kd, metric, compact
+        history = [row[0] for row in losses]
+        for j, key in enumerate(("kd", "metric", "compact"), start=1):
+            terms[key] = [row[j] for row in losses]
+
+    def save(done: int) -> str:
+        assert checkpoint is not None
+        tensors = {**with_prefix(teacher.state_dict(), f"teacher.p{p}"),
+                   **optimizer_tensors(opt, f"adam.p{p}"),
+                   f"generator.p{p}": gen.get_state(),
+                   f"losses.p{p}": torch.tensor([history, terms["kd"], terms["metric"],
+                                                 terms["compact"]], dtype=torch.float64).T}
+        if decoder is not None:
+            tensors.update(with_prefix(decoder.state_dict(), f"decoder.p{p}"))
+        where = f"p={p} after iteration {done} of {cfg.iterations}"
+        checkpoint.save(tensors, {"scale": p, "iteration": done,
+                                  "seconds": seconds + time.perf_counter() - start}, where=where)
+        return where
+
     task = reporter.task(f"teacher p={p}", cfg.iterations)
+    task.advance(first)
     start = time.perf_counter()
-    for it in range(cfg.iterations):
+    for it in range(first, cfg.iterations):
         # All indices and noise come from the scale's CPU generator, then move to the device.
         idx = torch.randint(n, (batch,), generator=gen)
         rows = torch.randint(corners, (batch,), generator=gen)
@@ -314,7 +362,8 @@ def _pretrain_scale(
             raise TrainingError(
                 f"non-finite teacher loss at p={p}, iteration {it + 1} of {cfg.iterations} "
                 f"(kd {loss_kd.item():.4g}, metric {loss_metric.item():.4g}, compact "
-                f"{loss_compact.item():.4g}); lower teacher.lr or check the images")
+                f"{loss_compact.item():.4g}); lower teacher.lr or check the images and start "
+                f"again (without --resume); {last_good(checkpoint)}")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -323,8 +372,14 @@ def _pretrain_scale(
         terms["metric"].append(loss_metric.item())
         terms["compact"].append(loss_compact.item())
         task.advance(1, loss=value)
+        stop = checkpoint is not None and checkpoint.stop.poll()
+        if checkpoint is not None and it + 1 < cfg.iterations and (
+                stop or (it + 1) % checkpoint.every == 0):
+            where = save(it + 1)
+            if stop:
+                raise checkpoint.interrupted(where)
     task.done()
-    seconds = time.perf_counter() - start
+    seconds += time.perf_counter() - start
     teacher = teacher.cpu().eval().requires_grad_(False)
     info = {
         "first": history[0],
@@ -343,12 +398,15 @@ def pretrain_teachers(
     *,
     reporter: Reporter = NULL_REPORTER,
     device: torch.device = torch.device("cpu"),
+    checkpoint: Checkpoint | None = None,
 ) -> tuple[dict[int, PatchNetwork], dict[str, Any]]:
     """Pretrain one teacher per ``settings.teacher.patch_sizes`` on patches of ``samples``.
 
     Distillation is on when ``teacher.backbone_weights`` names a ResNet-18 file and
     ``lambda_kd`` > 0; otherwise the teachers train on metric learning and compactness only
-    (``lambda_metric`` ``None`` then means 1), and a note says so.
+    (``lambda_metric`` ``None`` then means 1), and a note says so. With ``checkpoint`` the
+    run is checkpointed and resumed (module docstring); the scales the resumed checkpoint
+    finished are taken from it.
 
     Returns:
         teachers: {p: PatchNetwork} on the CPU, eval mode, ``requires_grad`` False.
@@ -360,7 +418,8 @@ def pretrain_teachers(
         UsageError: patch sizes larger than ``image_size``, all loss weights zero, a missing
             backbone file. ArtifactError: an unusable backbone file. DataError: no images,
             unreadable images, or one image with metric learning on. TrainingError: a
-            non-finite loss (naming the scale and iteration).
+            non-finite loss (naming the scale, the iteration and the last good checkpoint).
+            Interrupted: a stop was requested (after saving the checkpoint).
     """
     cfg = settings.teacher
     too_big = [p for p in cfg.patch_sizes if p > cfg.image_size]
@@ -399,9 +458,25 @@ def pretrain_teachers(
     images = load_images(samples, cfg.image_size, reporter=reporter).to(device)
     teachers: dict[int, PatchNetwork] = {}
     losses: dict[str, Any] = {}
-    for p in cfg.patch_sizes:
-        teachers[p], losses[f"p{p}"] = _pretrain_scale(
-            p, images, settings, lambdas, backbone, reporter=reporter, device=device)
+    for k, p in enumerate(cfg.patch_sizes):
+        name = f"p{p}"
+        done = checkpoint.resumed_scale(name) if checkpoint is not None else None
+        if done is not None:
+            assert checkpoint is not None and checkpoint.resumed is not None
+            teachers[p] = load_teachers(checkpoint.resumed.tensors, patch_sizes=[p])[p]
+            losses[name] = done
+        else:
+            teachers[p], losses[name] = _pretrain_scale(
+                p, images, settings, lambdas, backbone, reporter=reporter, device=device,
+                checkpoint=checkpoint)
+        if checkpoint is not None:
+            checkpoint.finish(name, with_prefix(teachers[p].state_dict(), f"teacher.{name}"),
+                              losses[name])
+            if done is None and k + 1 < len(cfg.patch_sizes):
+                where = f"the end of scale p={p}"
+                checkpoint.save({}, None, where=where)
+                if checkpoint.stop.requested:
+                    raise checkpoint.interrupted(where)
     return teachers, {
         "losses": losses,
         "lambdas": lambdas,

@@ -6,6 +6,9 @@ can also be run from Python and tested without a shell.
 
 from __future__ import annotations
 
+import hashlib
+import shlex
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -14,6 +17,7 @@ from typing import Any
 import torch
 
 from stad.artifacts import Artifact, load_artifact, save_artifact
+from stad.checkpoint import images_identity, open_checkpoint, stop_on_signals, tensors_sha256
 from stad.config import Settings
 from stad.console import NULL_REPORTER, Reporter
 from stad.data import DataSelection, select_data
@@ -54,9 +58,32 @@ def _data_info(selection: DataSelection) -> dict[str, Any]:
 # ---- pretrain-teacher ---------------------------------------------------------------------
 
 
-def pretrain_teacher(settings: Settings, *, out: Path, reporter: Reporter = NULL_REPORTER
-                     ) -> dict[str, Any]:
-    """``stad pretrain-teacher``: train teachers on the training images of any adapter."""
+def _resume_command(command: str) -> str:
+    """How to continue an interrupted run: this command line plus ``--resume`` when it was
+    run as ``stad COMMAND ...`` (or ``python -m stad``), else in words."""
+    argv = sys.argv[1:]
+    if command in argv and Path(sys.argv[0]).name in ("stad", "__main__.py"):
+        return shlex.join(["stad", *(a for a in argv if a != "--resume"), "--resume"])
+    return f"run the same `stad {command}` command again with --resume"
+
+
+def _backbone_identity(settings: Settings) -> str | None:
+    # The backbone's bytes decide the distillation targets; pretrain_teachers reports a
+    # missing or unreadable file itself.
+    path = settings.teacher.backbone_weights
+    if path is None or settings.teacher.lambda_kd <= 0 or not Path(path).is_file():
+        return None
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def pretrain_teacher(settings: Settings, *, out: Path, resume: bool = False,
+                     reporter: Reporter = NULL_REPORTER) -> dict[str, Any]:
+    """``stad pretrain-teacher``: train teachers on the training images of any adapter.
+
+    The run is checkpointed beside ``out`` (:mod:`stad.checkpoint`); SIGINT/SIGTERM save and
+    raise :class:`~stad.errors.Interrupted`; ``resume`` continues a checkpoint made with the
+    same settings and data. The checkpoint is deleted once ``out`` is written.
+    """
     from stad.teacher import pretrain_teachers
 
     selection = select_data(settings)
@@ -64,17 +91,28 @@ def pretrain_teacher(settings: Settings, *, out: Path, reporter: Reporter = NULL
     if not samples:
         raise DataError(f"no training images in {selection.describe()}")
     device = resolve_device(settings.device)
+    preprocessing = {"image_size": settings.teacher.image_size, "mean": list(DEFAULT_MEAN),
+                     "std": list(DEFAULT_STD)}
     with output_lock(out):
-        teachers, info = pretrain_teachers(settings, samples, reporter=reporter, device=device)
-        info["data"] = {**info.get("data", {}), **_data_info(selection)}
-        artifact = Artifact(
-            kind="teacher", tensors=teacher_tensors(teachers),
-            config=settings.model_dump(mode="json"),
-            preprocessing={"image_size": settings.teacher.image_size, "mean": list(DEFAULT_MEAN),
-                           "std": list(DEFAULT_STD)},
-            seed=settings.seed, info=info)
-        save_artifact(out, artifact)
-    return {"artifact": str(out), "kind": "teacher", "patch_sizes": sorted(teachers), **info}
+        identity = {"images": images_identity(_relative(samples, selection.root),
+                                              [s.image for s in samples]),
+                    "backbone": _backbone_identity(settings)}
+        checkpoint = open_checkpoint(
+            out, command="pretrain-teacher", settings=settings, identity=identity,
+            preprocessing=preprocessing, resume=resume,
+            resume_command=_resume_command("pretrain-teacher"), reporter=reporter)
+        with stop_on_signals(checkpoint.stop):
+            teachers, info = pretrain_teachers(settings, samples, reporter=reporter,
+                                               device=device, checkpoint=checkpoint)
+            info["data"] = {**info.get("data", {}), **_data_info(selection)}
+            artifact = Artifact(
+                kind="teacher", tensors=teacher_tensors(teachers),
+                config=settings.model_dump(mode="json"), preprocessing=preprocessing,
+                seed=settings.seed, info=info)
+            save_artifact(out, artifact)
+        checkpoint.remove()
+    return {"artifact": str(out), "kind": "teacher", "patch_sizes": sorted(teachers),
+            "resumed": checkpoint.resumed is not None, **info}
 
 
 # ---- fit-students ----------------------------------------------------------------------------
@@ -96,9 +134,13 @@ def _teachers(teacher: str | Path | None, settings: Settings) -> tuple[dict[int,
                   "info": artifact.info.get("teacher", artifact.info)}
 
 
-def fit(settings: Settings, *, teacher: str | Path | None, out: Path,
+def fit(settings: Settings, *, teacher: str | Path | None, out: Path, resume: bool = False,
         reporter: Reporter = NULL_REPORTER) -> dict[str, Any]:
-    """``stad fit-students``: fit students on a category and write the model artifact."""
+    """``stad fit-students``: fit students on a category and write the model artifact.
+
+    Checkpointed and resumable like :func:`pretrain_teacher`; the checkpoint also records the
+    teacher's weights, and resuming with other ones is refused.
+    """
     selection = select_data(settings)
     cfg = settings.students
     fit_samples, held, source = split_train_val(
@@ -108,19 +150,31 @@ def fit(settings: Settings, *, teacher: str | Path | None, out: Path,
     device = resolve_device(settings.device)
     start = time.perf_counter()
     with output_lock(out):
-        result = fit_students(settings, fit_samples, teachers, reporter=reporter, device=device)
-        info = {
-            "data": {**_data_info(selection), "n_fit": len(fit_samples),
-                     "validation": {"source": source, "images": _relative(held, selection.root)}},
-            "teacher": teacher_info,
-            "students": result.info,
-            "seconds": round(time.perf_counter() - start, 1),
-        }
-        _save_model(out, result.model, settings, info)
+        identity = {"images": images_identity(_relative(fit_samples, selection.root),
+                                              [s.image for s in fit_samples]),
+                    "teacher": tensors_sha256(teacher_tensors(teachers))}
+        checkpoint = open_checkpoint(
+            out, command="fit-students", settings=settings, identity=identity,
+            preprocessing={"image_size": cfg.image_size, "mean": list(DEFAULT_MEAN),
+                           "std": list(DEFAULT_STD)},
+            resume=resume, resume_command=_resume_command("fit-students"), reporter=reporter)
+        with stop_on_signals(checkpoint.stop):
+            result = fit_students(settings, fit_samples, teachers, reporter=reporter,
+                                  device=device, checkpoint=checkpoint)
+            info = {
+                "data": {**_data_info(selection), "n_fit": len(fit_samples),
+                         "validation": {"source": source,
+                                        "images": _relative(held, selection.root)}},
+                "teacher": teacher_info,
+                "students": result.info,
+                "seconds": round(time.perf_counter() - start, 1),
+            }
+            _save_model(out, result.model, settings, info)
+        checkpoint.remove()
     return {"artifact": str(out), "kind": "model", "patch_sizes": result.model.patch_sizes,
             "n_fit": len(fit_samples), "n_validation": len(held),
             "final_loss": {k: v["loss_per_epoch"][-1] for k, v in result.info["scales"].items()},
-            "seconds": info["seconds"]}
+            "resumed": checkpoint.resumed is not None, "seconds": info["seconds"]}
 
 
 def _save_model(path: Path, model: Model, settings: Settings, info: dict[str, Any]) -> None:
@@ -359,7 +413,7 @@ DEMO_SETTINGS: dict[str, Any] = {
     "category": DEMO_CATEGORY,
     "teacher": {"patch_sizes": [17, 33], "iterations": 50, "image_size": 64},
     "students": {"preset": "fast", "patch_sizes": [17, 33], "image_size": 64, "epochs": 8,
-                 "crop_size": None, "batch_size": 4, "lr": 1e-3, "precision": "bf16"},
+                 "crop_size": None, "batch_size": 1, "lr": 1e-3, "precision": "bf16"},
 }
 
 

@@ -489,3 +489,18 @@ def test_load_artifact_never_raises_anything_but_stad_errors(tmp_path: Path,
     except StadError:
         return
     assert isinstance(result, Artifact)
+
+
+def test_header_length_with_a_0x80_low_byte_is_not_taken_for_a_pickle(tmp_path):
+    # A safetensors header of 128 + 256k bytes starts with byte 0x80, like a pickle's PROTO.
+    from stad.artifacts import Artifact, load_artifact, save_artifact, to_bytes
+
+    for pad in range(0, 300):
+        artifact = Artifact(kind="teacher", tensors={"w": torch.zeros(2)}, config={},
+                            preprocessing={}, seed=0, info={"pad": "x" * pad})
+        if to_bytes(artifact)[0] == 0x80:
+            break
+    else:  # pragma: no cover - 300 paddings always cross a 0x80 low byte
+        raise AssertionError("no padding produced a 0x80 first byte")
+    save_artifact(tmp_path / "a.safetensors", artifact)
+    assert load_artifact(tmp_path / "a.safetensors").info["pad"] == "x" * pad

@@ -40,7 +40,7 @@ def documented_commands(path: Path) -> list[str]:
     commands = []
     for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
         for line in block.replace("\\\n", " ").splitlines():
-            line = line.split("  #")[0].strip()
+            line = re.split(r"\s#", line)[0].strip()
             if line.startswith("stad "):
                 commands.append(line)
     return commands
