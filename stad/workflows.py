@@ -18,7 +18,7 @@ import torch
 
 from stad.artifacts import Artifact, load_artifact, save_artifact
 from stad.checkpoint import images_identity, open_checkpoint, stop_on_signals, tensors_sha256
-from stad.config import Settings
+from stad.config import ScoreSettings, Settings
 from stad.console import NULL_REPORTER, Reporter
 from stad.data import DataSelection, select_data
 from stad.datasets.base import Sample
@@ -302,21 +302,21 @@ def _map_name(path: Path) -> str:
     return "__".join(parts[-3:])
 
 
-def write_maps(folder: Path, path: Path, amap: Any, threshold: float | None) -> str:
+def write_maps(folder: Path, path: Path, amap: Any, image: Any, threshold: float | None
+               ) -> str:
     """Heat map, overlay (PNG) and the raw float map (32-bit TIFF) of one image, atomically."""
     import io
 
     from PIL import Image
 
     from stad.fsutil import atomic_write_bytes
-    from stad.images import load_image
     from stad.visualize import display_range, heat, overlay
 
     lo, hi = display_range(threshold, amap)
     base = folder / _map_name(path)
     for suffix, array, mode in (
         ("_heat.png", heat(amap, lo, hi), "RGB"),
-        ("_overlay.png", overlay(load_image(path), amap, lo, hi), "RGB"),
+        ("_overlay.png", overlay(image, amap, lo, hi), "RGB"),
         ("_map.tiff", amap.astype("float32"), "F"),
     ):
         buf = io.BytesIO()
@@ -324,6 +324,19 @@ def write_maps(folder: Path, path: Path, amap: Any, threshold: float | None) -> 
             buf, format="TIFF" if mode == "F" else "PNG")
         atomic_write_bytes(Path(str(base) + suffix), buf.getvalue())
     return str(base) + "_map.tiff"
+
+
+def _calibrated(model_path: Path, artifact: Artifact, settings: Settings
+                ) -> tuple[dict[str, Any], Settings]:
+    """The model's calibration, and the settings with the image-score rule it was made with
+    (a threshold only means something for the rule it was set on)."""
+    calibration = artifact.info.get("calibration")
+    if calibration is None:
+        raise UsageError(f"{model_path} is not calibrated: run `stad calibrate --model "
+                         f"{model_path}` first")
+    rule = ScoreSettings(image_score=calibration["image_score"],
+                         topk_fraction=calibration["topk_fraction"])
+    return calibration, settings.model_copy(update={"score": rule})
 
 
 def score(settings: Settings, *, model_path: Path, inputs: Sequence[Path],
@@ -337,16 +350,9 @@ def score(settings: Settings, *, model_path: Path, inputs: Sequence[Path],
     """
     device = resolve_device(settings.device)
     model, artifact = load_model(model_path, device)
-    calibration = artifact.info.get("calibration")
-    if calibration is None:
-        raise UsageError(f"{model_path} is not calibrated: run `stad calibrate --model "
-                         f"{model_path}` first")
+    calibration, settings = _calibrated(model_path, artifact, settings)
     if threshold is None:
         threshold = calibration["threshold"]
-    settings = settings.model_copy(update={"score": Settings.model_validate(
-        {"score": {"image_score": calibration["image_score"],
-                   "topk_fraction": calibration["topk_fraction"]}}).score}) \
-        if "score" not in settings.model_fields_set else settings
     paths = expand_inputs(inputs)
     task = reporter.task("scoring", len(paths))
     from stad.scoring import verdict_record
@@ -357,13 +363,12 @@ def score(settings: Settings, *, model_path: Path, inputs: Sequence[Path],
         except DataError as exc:
             if on_error != "skip":
                 raise
-            reporter.note(f"skipped {path}: {exc}")
             yield {"path": str(path), "error": str(exc)}
             task.advance(1)
             continue
         record = verdict_record(maps, settings, threshold)
         if maps_dir is not None:
-            record["map"] = write_maps(maps_dir, path, maps.maps["fused"], threshold)
+            record["map"] = write_maps(maps_dir, path, maps.maps["fused"], maps.image, threshold)
         task.advance(1)
         yield record
     task.done()
@@ -382,10 +387,7 @@ def evaluate(settings: Settings, *, model_path: Path, report: Path | None = None
 
     device = resolve_device(settings.device)
     model, artifact = load_model(model_path, device)
-    calibration = artifact.info.get("calibration")
-    if calibration is None:
-        raise UsageError(f"{model_path} is not calibrated: run `stad calibrate --model "
-                         f"{model_path}` first")
+    calibration, settings = _calibrated(model_path, artifact, settings)
     settings = _with_model_data(settings, artifact)
     selection = select_data(settings)
     test = selection.samples("test")
@@ -413,7 +415,7 @@ DEMO_SETTINGS: dict[str, Any] = {
     "category": DEMO_CATEGORY,
     "teacher": {"patch_sizes": [17, 33], "iterations": 50, "image_size": 64},
     "students": {"preset": "fast", "patch_sizes": [17, 33], "image_size": 64, "epochs": 8,
-                 "crop_size": None, "batch_size": 1, "lr": 1e-3, "precision": "bf16"},
+                 "crop_size": None, "batch_size": 4, "lr": 1e-3, "precision": "bf16"},
 }
 
 
