@@ -56,17 +56,22 @@ class Scale:
         outs = torch.stack([s.dense(x, padding_mode=PADDING) for s in self.students])  # (M,N,D,H,W)
         mean = outs.mean(0)
         e = (mean - target).pow(2).sum(1)
-        v = (outs.pow(2).sum(2).mean(0) - mean.pow(2).sum(1)).clamp_min(0)
+        # (1/M) Σ‖μ_i‖² − ‖μ̄‖² computed as (1/M) Σ‖μ_i − μ̄‖², the same quantity without
+        # the cancellation of two large terms (exactly 0 when the students agree).
+        v = (outs - mean).pow(2).sum(2).mean(0)
         return e, v
 
-    def score(self, x: torch.Tensor) -> torch.Tensor:
-        """Per-scale anomaly score ẽ + ṽ (METHOD.md §5): (N, 3, H, W) → (N, H, W)."""
+    def standardize(self, e: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """ẽ + ṽ with the calibration statistics (METHOD.md §5); same shape as ``e``."""
         if self.calib is None:
             raise ArtifactError(f"the model is not calibrated for p={self.patch_size}: "
                                 "run `stad calibrate` first")
-        e, v = self.error_and_variance(x)
         e_mean, e_std, v_mean, v_std = self.calib.tolist()
         return (e - e_mean) / e_std + (v - v_mean) / v_std
+
+    def score(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-scale anomaly score ẽ + ṽ (METHOD.md §5): (N, 3, H, W) → (N, H, W)."""
+        return self.standardize(*self.error_and_variance(x))
 
 
 @dataclass
@@ -109,10 +114,15 @@ class Model:
         Returns:
             dict of (N, H, W) float tensors.
         """
-        out: dict[str, torch.Tensor] = {}
-        for p in self.patch_sizes:
-            out[f"p{p}"] = self.scales[p].score(x)
-        out["fused"] = torch.stack([out[f"p{p}"] for p in self.patch_sizes]).mean(0)
+        return self.fuse({p: self.scales[p].score(x) for p in self.patch_sizes}, size)
+
+    @staticmethod
+    def fuse(per_scale: dict[int, torch.Tensor], size: tuple[int, int] | None = None
+             ) -> dict[str, torch.Tensor]:
+        """Per-scale maps (keyed by patch size) → ``{"p17": ..., "fused": ...}``, resized to
+        ``size`` (bilinear) if given. The fused map is their unweighted mean (METHOD.md §5)."""
+        out = {f"p{p}": m for p, m in sorted(per_scale.items())}
+        out["fused"] = torch.stack(list(out.values())).mean(0)
         if size is not None and tuple(out["fused"].shape[-2:]) != tuple(size):
             out = {k: F.interpolate(v[:, None], size=size, mode="bilinear",
                                     align_corners=False)[:, 0] for k, v in out.items()}

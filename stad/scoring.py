@@ -84,28 +84,39 @@ def image_score(amap: np.ndarray, cfg: ScoreSettings) -> float:
 
 
 @torch.inference_mode()
-def error_statistics(model: Model, paths: Sequence[Path], *, device: torch.device,
-                     batch_size: int = 4, reporter: Reporter = NULL_REPORTER
-                     ) -> dict[int, torch.Tensor]:
-    """Per scale (e_mean, e_std, v_mean, v_std) over all pixels of anomaly-free images.
+def calibrate_model(model: Model, paths: Sequence[Path], rule: ScoreSettings, *,
+                    device: torch.device, batch_size: int = 4,
+                    reporter: Reporter = NULL_REPORTER) -> tuple[dict[int, torch.Tensor],
+                                                                 list[float]]:
+    """Calibrate ``model`` in place on anomaly-free images, in one pass over them.
 
-    A zero spread (a constant e or v, e.g. a single tiny image) would divide by zero in the
-    standardization; it is replaced by 1 with a warning, which leaves that term unscaled.
+    Per scale, (e_mean, e_std, v_mean, v_std) over all pixels of the images become the
+    scale's ``calib``; then the same e and v give each image's fused map and its score (the
+    map resized to the image's own size, as :func:`iter_maps` does). A zero spread (a constant
+    e or v, e.g. a single tiny image) would divide by zero in the standardization; it is
+    replaced by 1 with a warning, which leaves that term unscaled.
+
+    Returns:
+        the statistics per patch size, and the image scores of the normal images.
     """
     sums = {p: torch.zeros(4, dtype=torch.float64) for p in model.patch_sizes}
+    kept: list[tuple[dict[int, tuple[torch.Tensor, torch.Tensor]], tuple[int, int]]] = []
     count = 0
     task = reporter.task("calibrating", len(paths))
     for start in range(0, len(paths), batch_size):
-        chunk = paths[start:start + batch_size]
-        x = torch.stack([prepare(Path(p), model)[0] for p in chunk]).to(device)
-        for p in model.patch_sizes:
-            e, v = model.scales[p].error_and_variance(x)
-            e, v = e.double().cpu(), v.double().cpu()
-            sums[p] += torch.stack([e.sum(), e.pow(2).sum(), v.sum(), v.pow(2).sum()])
+        prepared = [prepare(Path(p), model) for p in paths[start:start + batch_size]]
+        x = torch.stack([t for t, _ in prepared]).to(device)
+        ev = {p: model.scales[p].error_and_variance(x) for p in model.patch_sizes}
+        for p, (e, v) in ev.items():
+            e, v = e.double(), v.double()
+            sums[p] += torch.stack([e.sum(), e.pow(2).sum(), v.sum(), v.pow(2).sum()]).cpu()
+        for i, (_, image) in enumerate(prepared):
+            kept.append(({p: (e[i:i + 1], v[i:i + 1]) for p, (e, v) in ev.items()},
+                         image.shape[:2]))
         count += x.shape[0] * x.shape[2] * x.shape[3]
-        task.advance(len(chunk))
+        task.advance(len(prepared))
     task.done()
-    out = {}
+    stats = {}
     for p, (se, se2, sv, sv2) in sums.items():
         e_mean, v_mean = se / count, sv / count
         e_std = (se2 / count - e_mean**2).clamp_min(0).sqrt()
@@ -115,8 +126,14 @@ def error_statistics(model: Model, paths: Sequence[Path], *, device: torch.devic
                  "its standardization uses a spread of 1")
         e_std = e_std if e_std >= 1e-12 else torch.tensor(1.0, dtype=torch.float64)
         v_std = v_std if v_std >= 1e-12 else torch.tensor(1.0, dtype=torch.float64)
-        out[p] = torch.stack([e_mean, e_std, v_mean, v_std]).float()
-    return out
+        stats[p] = torch.stack([e_mean, e_std, v_mean, v_std]).float()
+        model.scales[p].calib = stats[p].to(device)
+    scores = []
+    for ev_one, shape in kept:
+        fused = model.fuse({p: model.scales[p].standardize(e, v) for p, (e, v) in ev_one.items()},
+                           shape)["fused"]
+        scores.append(image_score(fused[0].float().cpu().numpy(), rule))
+    return stats, scores
 
 
 def fpr_threshold(normal_scores: Sequence[float], target_fpr: float) -> float:

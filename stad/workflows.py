@@ -28,7 +28,7 @@ from stad.images import DEFAULT_MEAN, DEFAULT_STD
 from stad.model import Model, load_teachers, model_from_tensors, model_tensors, teacher_tensors
 from stad.networks import PatchNetwork, build_network
 from stad.scoring import (
-    error_statistics,
+    calibrate_model,
     f1_threshold,
     fpr_threshold,
     image_score,
@@ -228,22 +228,22 @@ def calibrate(settings: Settings, *, model_path: Path, out: Path | None = None,
 
     The data selection defaults to what the model was fitted on.
     """
+    cfg = settings.calibrate
+    if cfg.threshold is not None and cfg.threshold_method != "manual":
+        raise UsageError(f"--threshold applies only to --method manual, not to "
+                         f"--method {cfg.threshold_method}; give one or the other")
+    if cfg.threshold_method == "manual" and cfg.threshold is None:
+        raise UsageError("threshold method 'manual' needs --threshold T")
     device = resolve_device(settings.device)
     model, artifact = load_model(model_path, device)
     settings = _with_model_data(settings, artifact)
     selection = select_data(settings)
     val = validation_samples(selection, artifact.info)
     paths = [s.image for s in val]
-    stats = error_statistics(model, paths, device=device, reporter=reporter)
-    for p, calib in stats.items():
-        model.scales[p].calib = calib.to(device)
-    cfg = settings.calibrate
-    normal_scores = [image_score(m.maps["fused"], settings.score)
-                     for m in iter_maps(model, paths, device=device, reporter=reporter,
-                                        what="validation scores")]
+    stats, normal_scores = calibrate_model(model, paths, settings.score, device=device,
+                                           reporter=reporter)
     if cfg.threshold_method == "manual":
-        if cfg.threshold is None:
-            raise UsageError("threshold method 'manual' needs --threshold T")
+        assert cfg.threshold is not None  # checked above
         threshold = cfg.threshold
     elif cfg.threshold_method == "fpr":
         threshold = fpr_threshold(normal_scores, cfg.target_fpr)

@@ -1,0 +1,122 @@
+"""Scoring, calibration and thresholds (METHOD.md §5) on tiny untrained models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from stad.config import ScoreSettings
+from stad.model import Model, Scale
+from stad.networks import build_network
+from stad.scoring import calibrate_model, f1_threshold, fpr_threshold, image_score, iter_maps
+
+
+def _model(seed: int = 0, sizes=(17,)) -> Model:
+    g = torch.Generator().manual_seed(seed)
+    scales = {}
+    for p in sizes:
+        teacher = build_network(p, 16, generator=g).eval()
+        students = [build_network(p, 16, generator=g).eval() for _ in range(3)]
+        scales[p] = Scale(p, teacher, students, torch.zeros(16), torch.ones(16))
+    pre = {"image_size": 24, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}
+    return Model(scales=scales, preprocessing=pre)
+
+
+def _images(tmp_path: Path, n: int, seed: int, size=(30, 26)) -> list[Path]:
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(n):
+        path = tmp_path / f"{seed}_{i}.png"
+        Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(path)
+        paths.append(path)
+    return paths
+
+
+def test_error_and_variance_follow_the_formulas():
+    model = _model(sizes=(17,))
+    scale = model.scales[17]
+    x = torch.randn(2, 3, 20, 20, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        e, v = scale.error_and_variance(x)
+        outs = torch.stack([s.dense(x) for s in scale.students])  # (M, N, D, H, W)
+        target = scale.teacher.dense(x)
+    mean = outs.mean(0)
+    torch.testing.assert_close(e, ((mean - target) ** 2).sum(1))
+    # v = (1/M) Σ‖μ_i‖² − ‖μ̄‖² is the trace of the students' covariance: Σ_d Var_i(μ_i,d).
+    torch.testing.assert_close(v, outs.var(0, correction=0).sum(1), atol=1e-4, rtol=1e-4)
+    assert e.shape == v.shape == (2, 20, 20)
+
+
+def test_calibration_standardizes_and_matches_scoring(tmp_path: Path):
+    model = _model(sizes=(17, 33))
+    paths = _images(tmp_path, 3, seed=2)
+    rule = ScoreSettings()
+    stats, scores = calibrate_model(model, paths, rule, device=torch.device("cpu"),
+                                    batch_size=2)
+    # After calibration, ẽ and ṽ over the calibration pixels have mean 0 and std 1 each.
+    x = torch.stack([__import__("stad.scoring", fromlist=["prepare"]).prepare(p, model)[0]
+                     for p in paths])
+    for p, scale in model.scales.items():
+        with torch.inference_mode():
+            e, v = scale.error_and_variance(x)
+        e_mean, e_std, v_mean, v_std = stats[p].tolist()
+        assert abs(float(((e - e_mean) / e_std).mean())) < 1e-4
+        assert float(((v - v_mean) / v_std).std(correction=0)) == pytest.approx(1, abs=1e-4)
+    # The one-pass scores equal those of scoring the same images afterwards.
+    again = [image_score(m.maps["fused"], rule)
+             for m in iter_maps(model, paths, device=torch.device("cpu"))]
+    np.testing.assert_allclose(scores, again, rtol=1e-5, atol=1e-5)
+
+
+def test_maps_are_at_the_image_resolution(tmp_path: Path):
+    model = _model()
+    calibrate_model(model, _images(tmp_path, 2, seed=3), ScoreSettings(),
+                    device=torch.device("cpu"))
+    (m,) = iter_maps(model, _images(tmp_path, 1, seed=4, size=(41, 57)),
+                     device=torch.device("cpu"))
+    assert m.maps["fused"].shape == (41, 57) and set(m.maps) == {"p17", "fused"}
+    np.testing.assert_allclose(m.maps["fused"], m.maps["p17"])  # one scale: fused = it
+
+
+def test_constant_error_does_not_divide_by_zero(tmp_path: Path, capsys):
+    model = _model()
+    scale = model.scales[17]
+    for s in scale.students:  # students identical to the teacher: e = v = 0 everywhere
+        s.load_state_dict(scale.teacher.state_dict())
+    stats, scores = calibrate_model(model, _images(tmp_path, 2, seed=5), ScoreSettings(),
+                                    device=torch.device("cpu"))
+    assert stats[17][1] == 1.0 and stats[17][3] == 1.0
+    assert all(np.isfinite(scores))
+    assert "constant" in capsys.readouterr().err
+
+
+def test_image_score_rules():
+    amap = np.zeros((10, 10), np.float32)
+    amap[0, :5] = [5, 4, 3, 2, 1]
+    assert image_score(amap, ScoreSettings(image_score="max")) == 5
+    # top 3% of 100 pixels = 3 pixels: (5 + 4 + 3) / 3
+    rule = ScoreSettings(image_score="topk_mean", topk_fraction=0.03)
+    assert image_score(amap, rule) == pytest.approx(4.0)
+
+
+def test_fpr_threshold():
+    scores = [0.1, 0.5, 0.2, 0.9, 0.3, 0.4, 0.8, 0.7, 0.6, 1.0]
+    # 10 normal images: FPR 0.2 allows 2 above the threshold → the 3rd largest, 0.8.
+    assert fpr_threshold(scores, 0.2) == 0.8
+    assert sum(s > fpr_threshold(scores, 0.2) for s in scores) == 2
+    # Below 1/10 no image may score above it: the maximum.
+    assert fpr_threshold(scores, 0.01) == 1.0
+
+
+def test_f1_threshold():
+    scores = [0.1, 0.2, 0.3, 0.6, 0.7, 0.35]
+    labels = [False, False, False, True, True, True]
+    t = f1_threshold(scores, labels)
+    # Perfect split between 0.3 and 0.35: every threshold in [0.3, 0.35) gives F1 = 1.
+    assert 0.3 <= t < 0.35
+    pred = [s > t for s in scores]
+    assert pred == labels
