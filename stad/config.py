@@ -93,9 +93,12 @@ class TeacherSettings(_Section):
 # Presets fill the student settings a user did not set (by flag, environment or file).
 STUDENT_PRESETS: dict[str, dict[str, Any]] = {
     # METHOD.md §4: 256×256, 100 epochs, Adam 1e-4, wd 1e-5, batch of one whole image.
-    "paper": {"image_size": 256, "epochs": 100, "lr": 1e-4, "crop_size": None, "batch_size": 1},
-    # CPU-friendly: smaller images, random crops (same per-pixel loss), fewer epochs.
-    "fast": {"image_size": 128, "epochs": 10, "lr": 1e-4, "crop_size": 64, "batch_size": 4},
+    "paper": {"image_size": 256, "epochs": 100, "lr": 1e-4, "crop_size": None, "batch_size": 1,
+              "precision": "fp32"},
+    # CPU-friendly: smaller images, random crops (same per-pixel loss), few epochs at a higher
+    # learning rate, bf16 autocast (docs/usage.md, "Presets").
+    "fast": {"image_size": 128, "epochs": 3, "lr": 1e-3, "crop_size": 64, "batch_size": 4,
+             "precision": "bf16"},
 }
 
 
