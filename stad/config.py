@@ -138,7 +138,7 @@ class CalibrateSettings(_Section):
 
     threshold_method: Literal["fpr", "f1", "manual"] = "fpr"
     target_fpr: float = Field(default=0.01, gt=0, lt=1)
-    threshold: float | None = None
+    threshold: float | None = Field(default=None, allow_inf_nan=False)
 
 
 class ScoreSettings(_Section):

@@ -26,9 +26,12 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     If the body raises (or the process dies), the temporary file is removed (or left as a
     hidden ``.tmp`` file that no reader looks at) and ``path`` is untouched.
     """
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    target = check_output_file(path)
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp",
+                                        dir=target.parent)
+    except OSError as exc:
+        raise UsageError(f"cannot write {target}: {exc.strerror}") from None
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -40,6 +43,36 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
+
+
+def _make_dir(folder: Path, what: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a file where a folder must be, no permission, ...
+        raise UsageError(f"cannot create the folder of {what}: {exc.strerror} ({folder}); "
+                         "choose another output path") from None
+
+
+def check_output_file(path: str | os.PathLike[str]) -> Path:
+    """Make sure a file can be written at ``path`` (its folder created), before any work.
+
+    Raises:
+        UsageError: ``path`` is a folder, or its folder cannot be created.
+    """
+    target = Path(path)
+    if target.is_dir():
+        raise UsageError(f"output {target} is a folder; give a file name")
+    _make_dir(target.parent, target)
+    return target
+
+
+def check_output_dir(path: str | os.PathLike[str]) -> Path:
+    """Make sure ``path`` is (or can be created as) a folder, before any work."""
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"output folder {folder} is a file; give a folder")
+    _make_dir(folder, folder)
+    return folder
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
@@ -75,8 +108,7 @@ def output_lock(path: str | os.PathLike[str]) -> Iterator[None]:
     Two runs writing the same artifact would otherwise interleave checkpoints; the second
     one gets a :class:`UsageError` naming the lock instead of waiting.
     """
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    target = check_output_file(path)
     # The lock file stays (removing it would open a race); hidden, it does not clutter listings.
     lock_path = target.with_name(f".{target.name}.lock")
     fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)

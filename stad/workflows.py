@@ -7,6 +7,7 @@ can also be run from Python and tested without a shell.
 from __future__ import annotations
 
 import hashlib
+import math
 import shlex
 import sys
 import time
@@ -23,7 +24,7 @@ from stad.console import NULL_REPORTER, Reporter
 from stad.data import DataSelection, select_data
 from stad.datasets.base import Sample
 from stad.errors import DataError, UsageError
-from stad.fsutil import output_lock
+from stad.fsutil import check_output_dir, check_output_file, output_lock
 from stad.images import DEFAULT_MEAN, DEFAULT_STD
 from stad.model import Model, load_teachers, model_from_tensors, model_tensors, teacher_tensors
 from stad.networks import PatchNetwork, build_network
@@ -86,6 +87,7 @@ def pretrain_teacher(settings: Settings, *, out: Path, resume: bool = False,
     """
     from stad.teacher import pretrain_teachers
 
+    check_output_file(out)
     selection = select_data(settings)
     samples = selection.samples("train")
     if not samples:
@@ -141,6 +143,7 @@ def fit(settings: Settings, *, teacher: str | Path | None, out: Path, resume: bo
     Checkpointed and resumable like :func:`pretrain_teacher`; the checkpoint also records the
     teacher's weights, and resuming with other ones is refused.
     """
+    check_output_file(out)
     selection = select_data(settings)
     cfg = settings.students
     fit_samples, held, source = split_train_val(
@@ -234,6 +237,8 @@ def calibrate(settings: Settings, *, model_path: Path, out: Path | None = None,
                          f"--method {cfg.threshold_method}; give one or the other")
     if cfg.threshold_method == "manual" and cfg.threshold is None:
         raise UsageError("threshold method 'manual' needs --threshold T")
+    if out is not None:
+        check_output_file(out)
     device = resolve_device(settings.device)
     model, artifact = load_model(model_path, device)
     settings = _with_model_data(settings, artifact)
@@ -348,6 +353,10 @@ def score(settings: Settings, *, model_path: Path, inputs: Sequence[Path],
     written; with ``on_error="skip"`` an unreadable image yields ``{"path", "error"}`` instead
     of stopping the run.
     """
+    if threshold is not None and not math.isfinite(threshold):
+        raise UsageError(f"--threshold must be a finite number, got {threshold}")
+    if maps_dir is not None:
+        check_output_dir(maps_dir)
     device = resolve_device(settings.device)
     model, artifact = load_model(model_path, device)
     calibration, settings = _calibrated(model_path, artifact, settings)
@@ -385,6 +394,8 @@ def evaluate(settings: Settings, *, model_path: Path, report: Path | None = None
     """
     from stad.evaluation import collect, compute_metrics, write_report
 
+    if report is not None:
+        check_output_dir(report)
     device = resolve_device(settings.device)
     model, artifact = load_model(model_path, device)
     calibration, settings = _calibrated(model_path, artifact, settings)
@@ -425,6 +436,7 @@ def demo(*, out: Path, seed: int = 0, device: str = "auto",
     from stad.config import resolve_settings
     from stad.datasets.synthetic import ensure_generated
 
+    check_output_dir(out)
     start = time.perf_counter()
     timings: dict[str, float] = {}
     data_root = out / "data"
