@@ -23,6 +23,7 @@ file is refused with :class:`~stad.errors.ArtifactError` instead of producing wr
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import struct
 from collections.abc import Mapping
@@ -36,7 +37,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from stad._version import __version__
-from stad.errors import ArtifactError
+from stad.errors import ArtifactError, UsageError
 from stad.fsutil import atomic_write_bytes
 
 FORMAT_VERSION = 1
@@ -206,3 +207,62 @@ def prefixed(tensors: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torc
 def with_prefix(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     """``state`` with every key put under ``prefix.``."""
     return {f"{prefix}.{k}": v for k, v in state.items()}
+
+
+# ---- foreign weights (the torchvision ResNet-18 of teacher distillation) ----------------------
+
+_TORCH_SUFFIXES = (".pth", ".pt")
+
+
+def read_state_dict(path: Path, *, what: str) -> tuple[dict[str, torch.Tensor], str]:
+    """A state dict of tensors from a ``.safetensors`` or torchvision ``.pth``/``.pt`` file.
+
+    ``.pth`` files are read with ``torch.load(weights_only=True)``, which refuses anything but
+    tensors and plain containers: the only ``torch.load`` in stad. The file is read once; the
+    SHA-256 of those bytes is returned with the tensors, for provenance.
+
+    Raises:
+        UsageError: the file does not exist, is a folder or has another suffix.
+        ArtifactError: it cannot be read or parsed, or does not hold a dict of tensors.
+    """
+    if path.suffix.lower() not in (".safetensors", *_TORCH_SUFFIXES):
+        raise UsageError(f"{what} {path} must be a .safetensors or .pth/.pt file holding a "
+                         "state dict")
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise UsageError(f"{what} {path} do not exist") from None
+    except IsADirectoryError:
+        raise UsageError(f"{what} {path} is a folder, not a weights file") from None
+    except OSError as exc:
+        raise ArtifactError(f"{what} {path} cannot be read: {exc.strerror}") from None
+    return _parse_state_dict(path, data, what), hashlib.sha256(data).hexdigest()
+
+
+def _parse_state_dict(path: Path, data: bytes, what: str) -> dict[str, torch.Tensor]:
+    if path.suffix.lower() in _TORCH_SUFFIXES:
+        try:
+            # The one torch.load of stad: weights_only refuses anything but tensors and plain
+            # containers. It reads the bytes that were hashed, not the file a second time.
+            state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        except Exception as exc:  # any failure here means an unusable file
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ArtifactError(f"{what} {path} cannot be loaded as a PyTorch state "
+                                f"dict (weights only): {reason[:200]}") from None
+    else:
+        try:
+            state = st_load(data)
+        except Exception as exc:  # SafetensorError, ValueError, ...
+            raise ArtifactError(f"{what} {path} are not a readable safetensors file: "
+                                f"{str(exc)[:200]}") from None
+    if not isinstance(state, dict):
+        raise ArtifactError(f"{what} {path} hold a {type(state).__name__}, "
+                            "not a state dict")
+    bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise ArtifactError(f"{what} {path} are not a state dict of tensors (entry "
+                            f"{bad[0]!r} is a {type(state[bad[0]]).__name__}); if this is a "
+                            "training checkpoint, save its model's state_dict() alone")
+    return state
+
+

@@ -29,7 +29,6 @@ the same machine.
 from __future__ import annotations
 
 import hashlib
-import io
 import math
 import time
 from collections.abc import Sequence
@@ -40,10 +39,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision
-from safetensors.torch import load as safetensors_load
 from torch import nn
 
-from stad.artifacts import prefixed, with_prefix
+from stad.artifacts import prefixed, read_state_dict, with_prefix
 from stad.checkpoint import Checkpoint, last_good, load_optimizer, optimizer_tensors
 from stad.config import Settings, TeacherSettings
 from stad.console import NULL_REPORTER, Reporter
@@ -64,7 +62,6 @@ __all__ = [
 CURVE_POINTS = 20  # info["losses"][...]["curve"]: the mean loss of each 1/20 of the run
 NO_BACKBONE_NOTE = ("distillation is off: no --backbone-weights given; "
                     "training on metric learning and compactness only")
-_TORCH_SUFFIXES = (".pth", ".pt")
 
 
 # --- the frozen ResNet-18 of the distillation loss ---------------------------------------------
@@ -89,19 +86,7 @@ def resnet18_features(weights: Path) -> tuple[nn.Module, str]:
         ArtifactError: it cannot be read or parsed, or is not a ResNet-18 state dict.
     """
     path = Path(weights)
-    if path.suffix.lower() not in (".safetensors", *_TORCH_SUFFIXES):
-        raise UsageError(f"backbone weights {path} must be a .safetensors or .pth/.pt file "
-                         "holding a torchvision ResNet-18 state dict")
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise UsageError(f"backbone weights {path} do not exist") from None
-    except IsADirectoryError:
-        raise UsageError(f"backbone weights {path} is a folder, not a weights file") from None
-    except OSError as exc:
-        raise ArtifactError(f"backbone weights {path} cannot be read: {exc.strerror}") from None
-    sha256 = hashlib.sha256(data).hexdigest()
-    state = _parse_state_dict(path, data)
+    state, sha256 = read_state_dict(path, what="backbone weights")
 
     net = torchvision.models.resnet18(weights=None)
     net.fc = nn.Identity()
@@ -118,33 +103,6 @@ def resnet18_features(weights: Path) -> tuple[nn.Module, str]:
         raise ArtifactError(f"backbone weights {path} are not a ResNet-18 state dict: "
                             f"{keys.rstrip('; ')}")
     return net.eval().requires_grad_(False), sha256
-
-
-def _parse_state_dict(path: Path, data: bytes) -> dict[str, torch.Tensor]:
-    if path.suffix.lower() in _TORCH_SUFFIXES:
-        try:
-            # The one torch.load of stad: weights_only refuses anything but tensors and plain
-            # containers. It reads the bytes that were hashed, not the file a second time.
-            state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-        except Exception as exc:  # any failure here means an unusable file
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ArtifactError(f"backbone weights {path} cannot be loaded as a PyTorch state "
-                                f"dict (weights only): {reason[:200]}") from None
-    else:
-        try:
-            state = safetensors_load(data)
-        except Exception as exc:  # SafetensorError, ValueError, ...
-            raise ArtifactError(f"backbone weights {path} are not a readable safetensors file: "
-                                f"{str(exc)[:200]}") from None
-    if not isinstance(state, dict):
-        raise ArtifactError(f"backbone weights {path} hold a {type(state).__name__}, "
-                            "not a state dict")
-    bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
-    if bad:
-        raise ArtifactError(f"backbone weights {path} are not a state dict of tensors (entry "
-                            f"{bad[0]!r} is a {type(state[bad[0]]).__name__}); if this is a "
-                            "training checkpoint, save its model's state_dict() alone")
-    return state
 
 
 def _keys(what: str, keys: Sequence[str]) -> str:
