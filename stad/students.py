@@ -136,8 +136,7 @@ def train_scale(
     p = teacher.patch_size
     teacher = teacher.to(device).eval().requires_grad_(False)
     targets, mean, std = teacher_targets(teacher, images.to(device))
-    a = (p - 1) // 2
-    padded = _pad_images(images, teacher, a).to(device)
+    padded = teacher.pad(images, padding_mode=PADDING).to(device)  # crops cut with context
     size = images.shape[-1]
     crop = cfg.crop_size if cfg.crop_size is not None and cfg.crop_size < size else None
     span = crop if crop is not None else size
@@ -235,10 +234,6 @@ def train_scale(
 def _autocast(device: torch.device, precision: str) -> torch.autocast:
     """bf16 autocast for the networks (losses stay in fp32), or a disabled context."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
-
-
-def _pad_images(images: torch.Tensor, net: PatchNetwork, a: int) -> torch.Tensor:
-    return net.pad(images, padding_mode=PADDING)
 
 
 def _seed(seed: int, *parts: int) -> int:
