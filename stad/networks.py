@@ -208,17 +208,20 @@ class PatchNetwork(nn.Module):
         ``dense_valid(pad(x)) == dense(x)``; on a crop of ``pad(x)`` it gives the descriptors of
         the crop's interior with their full context, which is how students train on crops.
         """
-        x = images
+        # Channels-last activations and weights: the dilated convolutions run 1.3–1.6× faster
+        # on CPU this way (docs/benchmarks.md); the weight copies are tiny next to the convs.
+        x = images.contiguous(memory_format=torch.channels_last)
         convs = iter(self.convs)
         for layer in self.layers:
             if layer.kind == "pool":
                 x = F.max_pool2d(x, kernel_size=2, stride=1, dilation=layer.dilation)
                 continue
             conv = next(convs)
-            x = F.conv2d(x, conv.weight, conv.bias, dilation=layer.dilation)
+            weight = conv.weight.contiguous(memory_format=torch.channels_last)
+            x = F.conv2d(x, weight, conv.bias, dilation=layer.dilation)
             if layer.activation:
                 x = F.leaky_relu(x, LEAKY_SLOPE)
-        return x  # (N, out_dim, H - rf + 1, W - rf + 1)
+        return x  # (N, out_dim, H - rf + 1, W - rf + 1), channels-last strides
 
 
 def build_network(
