@@ -28,7 +28,7 @@ class DataSelection:
         return f"{self.adapter.name}:{self.root}/{self.category}"
 
 
-def select_data(settings: Settings, *, need_category: bool = True) -> DataSelection:
+def select_data(settings: Settings) -> DataSelection:
     """Resolve the dataset settings, loading the adapter.
 
     An adapter may offer ``default_root()`` (the synthetic set uses stad's cache); any other
@@ -43,10 +43,10 @@ def select_data(settings: Settings, *, need_category: bool = True) -> DataSelect
                              "set STAD_ROOT or put root = \"PATH\" in the config file")
     root = Path(root).expanduser()
     category = settings.category
-    if category is None and need_category:
+    if category is None:
         found = ", ".join(adapter.categories(root)) or "none found"
         raise UsageError(f"pass --category (categories under {root}: {found})")
-    return DataSelection(adapter=adapter, root=root, category=category or "")
+    return DataSelection(adapter=adapter, root=root, category=category)
 
 
 def summarize(selection: DataSelection) -> dict[str, Any]:
