@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import _TYPES as TORCH_SAFETENSORS_DTYPES
 from safetensors.torch import save as st_save
+from support import mutated
 
 import stad.artifacts as artifacts_mod
 import stad.fsutil as fsutil
@@ -434,27 +435,6 @@ _ITEMSIZE = {"I16": 2, "U16": 2, "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32":
 
 
 @st.composite
-def _mutated(draw: st.DrawFn, base: bytes) -> bytes:
-    data = bytearray(base)
-    for _ in range(draw(st.integers(1, 6))):
-        if not data:
-            break
-        i = draw(st.integers(0, len(data) - 1))
-        op = draw(st.sampled_from(["flip", "set", "delete", "insert", "truncate"]))
-        if op == "flip":
-            data[i] ^= 1 << draw(st.integers(0, 7))
-        elif op == "set":
-            data[i] = draw(st.integers(0, 255))
-        elif op == "delete":
-            del data[i: i + draw(st.integers(1, 16))]
-        elif op == "insert":
-            data[i:i] = draw(st.binary(min_size=1, max_size=16))
-        else:
-            del data[i:]
-    return bytes(data)
-
-
-@st.composite
 def _crafted_headers(draw: st.DrawFn) -> bytes:
     # Structurally plausible files that get past stad's own checks to safetensors.
     n = draw(st.integers(0, 4))
@@ -479,7 +459,7 @@ def _crafted_headers(draw: st.DrawFn) -> bytes:
 
 @settings(max_examples=200, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-@given(data=st.one_of(st.binary(max_size=512), _mutated(_VALID), _crafted_headers()))
+@given(data=st.one_of(st.binary(max_size=512), mutated(_VALID), _crafted_headers()))
 def test_load_artifact_never_raises_anything_but_stad_errors(tmp_path: Path,
                                                              data: bytes) -> None:
     path = tmp_path / "fuzz.safetensors"

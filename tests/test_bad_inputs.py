@@ -28,6 +28,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import save as st_save
+from support import FAILS_HALF_WAY, FAILS_LISTING
 from typer.testing import CliRunner, Result
 
 import stad.datasets.registry as registry
@@ -491,31 +492,9 @@ def test_output_path_that_is_a_folder(fitted: Fitted, tmp_path: Path) -> None:
 
 # ---- plugins -----------------------------------------------------------------------------------
 
-FAILS_LISTING = '''
-from stad.datasets import API_VERSION
 
-class Adapter:
-    api_version = API_VERSION
-    description = "breaks on categories"
-    def categories(self, root):
-        raise KeyError("no index file")
-    def samples(self, root, category, split):
-        return iter([])
-'''
 
-FAILS_HALF_WAY = '''
-from pathlib import Path
-from stad.datasets import API_VERSION, Sample
 
-class Adapter:
-    api_version = API_VERSION
-    description = "breaks while iterating"
-    def categories(self, root):
-        return ["c"]
-    def samples(self, root, category, split):
-        yield Sample(image=Path(root) / "0.png", mask=None, label="normal", split=split)
-        raise ZeroDivisionError("half-way")
-'''
 
 
 @pytest.mark.parametrize(("source", "args"), [

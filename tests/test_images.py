@@ -19,6 +19,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
+from support import mutated
 
 from stad.errors import DataError, StadError
 from stad.images import DEFAULT_MEAN, DEFAULT_STD, load_image, load_mask, to_tensor
@@ -290,23 +291,8 @@ def _fix_crcs(data: bytes) -> bytes:
 
 @st.composite
 def _mutated_png(draw: st.DrawFn) -> bytes:
-    data = bytearray(_PNG)
-    for _ in range(draw(st.integers(1, 6))):
-        if not data:
-            break
-        i = draw(st.integers(0, len(data) - 1))
-        op = draw(st.sampled_from(["flip", "set", "delete", "insert", "truncate"]))
-        if op == "flip":
-            data[i] ^= 1 << draw(st.integers(0, 7))
-        elif op == "set":
-            data[i] = draw(st.integers(0, 255))
-        elif op == "delete":
-            del data[i: i + draw(st.integers(1, 16))]
-        elif op == "insert":
-            data[i:i] = draw(st.binary(min_size=1, max_size=16))
-        else:
-            del data[i:]
-    return _fix_crcs(bytes(data)) if draw(st.booleans()) else bytes(data)
+    data = draw(mutated(_PNG))
+    return _fix_crcs(data) if draw(st.booleans()) else data
 
 
 @settings(max_examples=200, deadline=None, derandomize=True,

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from support import FAILS_HALF_WAY, FAILS_LISTING
 from typer.testing import CliRunner
 
 import stad.datasets.registry as registry
@@ -56,32 +57,9 @@ class Adapter:
     def samples(self, root, category, split): return iter([])
 '''
 
-CATEGORIES_FAIL = '''
-from stad.datasets import API_VERSION
 
-class Adapter:
-    api_version = API_VERSION
-    description = "breaks on categories"
-    def categories(self, root):
-        raise KeyError("no index file")
-    def samples(self, root, category, split):
-        return iter([])
-'''
 
-FAILS_HALF_WAY = '''
-from pathlib import Path
-from stad.datasets import API_VERSION, Sample
 
-class Adapter:
-    api_version = API_VERSION
-    description = "breaks while iterating"
-    def categories(self, root):
-        return ["c"]
-    def samples(self, root, category, split):
-        for i in range(2):
-            yield Sample(image=Path(root) / f"{i}.png", mask=None, label="normal", split=split)
-        raise ZeroDivisionError("half-way")
-'''
 
 DATA_ERROR = '''
 from stad.datasets import API_VERSION
@@ -292,7 +270,7 @@ def test_plugin_whose_constructor_fails(plugin: Callable[[str, str], str],
 def test_plugin_that_raises_in_categories(plugin: Callable[[str, str], str],
                                           monkeypatch: pytest.MonkeyPatch,
                                           tmp_path: Path) -> None:
-    mod = plugin("nocats", CATEGORIES_FAIL)
+    mod = plugin("nocats", FAILS_LISTING)
     _use(monkeypatch, [_ep("nocats", f"{mod}:Adapter", "stad-nocats", "1.2")])
     adapter = registry.get_adapter("nocats")  # importing is fine
     with pytest.raises(PluginError) as info:
@@ -391,7 +369,7 @@ def test_check_statuses(plugin: Callable[[str, str], str],
         _ep("good", f"{plugin('good', GOOD)}:Adapter", "stad-good", "1.0"),
         _ep("broken", f"{plugin('broken', IMPORT_FAILS)}:Adapter", "stad-broken", "0.3"),
         _ep("future", f"{plugin('future', WRONG_API)}:Adapter", "stad-future", "9.0"),
-        _ep("nocats", f"{plugin('nocats', CATEGORIES_FAIL)}:Adapter", "stad-nocats", "1.2"),
+        _ep("nocats", f"{plugin('nocats', FAILS_LISTING)}:Adapter", "stad-nocats", "1.2"),
     ]
     _use(monkeypatch, eps)
     status = {e.name: registry.check(e) for e in registry.discover()}
