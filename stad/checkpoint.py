@@ -123,7 +123,7 @@ class StopFlag:
 
 def _say(text: str) -> None:
     # A signal handler may run while rich holds the console: write the raw fd, not through it.
-    if console.state.quiet:
+    if console.state.quiet or console.state.follower:
         return
     with contextlib.suppress(OSError, ValueError):
         os.write(2, f"\n{text}\n".encode())
@@ -174,6 +174,7 @@ class Checkpoint:
     stop: StopFlag = field(default_factory=StopFlag)
     resumed: Artifact | None = None
     last: str | None = None  # where the checkpoint on disk stands, for messages
+    writer: bool = True  # False on ranks > 0 of a distributed run: only rank 0 writes
     _tensors: dict[str, torch.Tensor] = field(default_factory=dict, init=False, repr=False)
     _finished: dict[str, Any] = field(default_factory=dict, init=False, repr=False)
 
@@ -198,8 +199,9 @@ class Checkpoint:
             preprocessing=self.preprocessing, seed=self.seed,
             info={"command": self.command, "identity": self.identity,
                   "finished": self._finished, "progress": progress, "where": where})
-        with self.stop.shielded():
-            save_artifact(self.path, artifact)
+        if self.writer:
+            with self.stop.shielded():
+                save_artifact(self.path, artifact)
         self.last = where
 
     def interrupted(self, where: str) -> Interrupted:
@@ -207,7 +209,8 @@ class Checkpoint:
                            f"{self.path}. To continue: {self.resume_command}")
 
     def remove(self) -> None:
-        self.path.unlink(missing_ok=True)
+        if self.writer:
+            self.path.unlink(missing_ok=True)
 
 
 def last_good(checkpoint: Checkpoint | None) -> str:

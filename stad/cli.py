@@ -123,6 +123,8 @@ ModelOpt = Annotated[Path, typer.Option("--model", help="Model artifact from fit
 
 
 def _print_result(result: dict[str, Any], json_out: bool, lines: list[str]) -> None:
+    if console.state.follower:
+        return  # rank > 0 of a torchrun job: rank 0 prints the result
     if json_out:
         console.emit_json(result)
     else:

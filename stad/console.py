@@ -32,6 +32,7 @@ SCHEMA_VERSION = 1
 class _State:
     quiet: bool = False
     debug: bool = False
+    follower: bool = False  # a rank other than 0 of a distributed run: rank 0 speaks for it
 
 
 state = _State()
@@ -48,13 +49,14 @@ def stdout() -> Console:
 
 def message(text: str) -> None:
     """A note for the user on stderr (suppressed by ``-q``)."""
-    if not state.quiet:
+    if not state.quiet and not state.follower:
         stderr().print(text, markup=False)
 
 
 def warn(text: str) -> None:
     """A warning on stderr (shown even with ``-q``)."""
-    print(f"warning: {text}", file=sys.stderr)
+    if not state.follower:
+        print(f"warning: {text}", file=sys.stderr)
 
 
 def _clean(value: Any) -> Any:

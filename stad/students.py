@@ -28,12 +28,21 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from stad.artifacts import prefixed, with_prefix
-from stad.checkpoint import Checkpoint, last_good, load_optimizer, optimizer_tensors
+from stad.checkpoint import (
+    Checkpoint,
+    last_good,
+    load_optimizer,
+    optimizer_tensors,
+    tensors_sha256,
+)
 from stad.config import Settings
 from stad.console import NULL_REPORTER, Reporter
 from stad.datasets.base import Sample
+from stad.distributed import SINGLE, World
 from stad.errors import DataError, TrainingError
 from stad.images import DEFAULT_MEAN, DEFAULT_STD, load_image, to_tensor
 from stad.model import PADDING, Model, Scale
@@ -77,9 +86,12 @@ def load_batch(samples: Sequence[Sample], size: int, mean: Sequence[float] = DEF
 
 
 @torch.inference_mode()
-def teacher_targets(teacher: PatchNetwork, images: torch.Tensor, *, batch: int = 4
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def teacher_targets(teacher: PatchNetwork, images: torch.Tensor, *, batch: int = 4,
+                    world: World = SINGLE) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Normalized teacher descriptors of every image, and the normalization (METHOD.md §4).
+
+    In a distributed run ``images`` is this rank's shard; the mean and std are over the
+    images of all ranks (their sums are added up), so every rank normalizes alike.
 
     Returns:
         targets (N, D, H, W) float16, mean (D,), std (D,) over all pixels of all images.
@@ -94,6 +106,10 @@ def teacher_targets(teacher: PatchNetwork, images: torch.Tensor, *, batch: int =
         total_sq += y.double().pow(2).sum((0, 2, 3)).cpu()
         count += y.shape[0] * y.shape[2] * y.shape[3]
         outs.append(y)
+    d = teacher.out_dim
+    counts = torch.tensor([float(count)], dtype=torch.float64)
+    sums = world.sum(torch.cat([total, total_sq, counts]).to(images.device)).cpu()
+    total, total_sq, count = sums[:d], sums[d:2 * d], float(sums[-1])
     mean = total / count
     std = (total_sq / count - mean.pow(2)).clamp_min(0).sqrt()
     # A dead channel (constant output) would divide by zero; give it unit scale instead.
@@ -121,8 +137,14 @@ def train_scale(
     reporter: Reporter = NULL_REPORTER,
     device: torch.device = torch.device("cpu"),
     checkpoint: Checkpoint | None = None,
+    world: World = SINGLE,
 ) -> tuple[Scale, dict[str, Any]]:
     """Fit the students of one scale on standardized images (N, 3, S, S).
+
+    In a distributed run ``images`` is this rank's shard; each rank draws its batches from it
+    (an epoch is ``ceil(total / ranks)`` images per rank, a short shard repeats its first
+    ones), the students are wrapped in DistributedDataParallel, which averages the gradients,
+    so every rank holds the same weights after every step.
 
     With ``checkpoint``: continues the scale in progress of ``checkpoint.resumed`` if it is this
     one; saves every ``checkpoint.every`` epochs but the last; after a step at which
@@ -135,7 +157,7 @@ def train_scale(
     cfg = settings.students
     p = teacher.patch_size
     teacher = teacher.to(device).eval().requires_grad_(False)
-    targets, mean, std = teacher_targets(teacher, images.to(device))
+    targets, mean, std = teacher_targets(teacher, images.to(device), world=world)
     padded = teacher.pad(images, padding_mode=PADDING).to(device)  # crops cut with context
     size = images.shape[-1]
     crop = cfg.crop_size if cfg.crop_size is not None and cfg.crop_size < size else None
@@ -144,10 +166,19 @@ def train_scale(
     for m in range(cfg.n_students):
         gen = torch.Generator().manual_seed(_seed(settings.seed, p, m))
         students.append(build_network(p, teacher.out_dim, generator=gen).to(device).train())
+    ensemble: nn.Module = _Ensemble(students)
+    if world.size > 1:
+        ensemble = DistributedDataParallel(
+            ensemble, device_ids=[device.index] if device.type == "cuda" else None)
     params = [q for s in students for q in s.parameters()]
     opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     n = len(images)
-    steps_per_epoch = math.ceil(n / cfg.batch_size)
+    total = int(world.sum(torch.tensor([n], device=device)).item())
+    per_rank = math.ceil(total / world.size)  # = n in a plain run
+    if n == 0:
+        raise DataError(f"rank {world.rank} of {world.size} got no training images: run on "
+                        f"at most {total} processes")
+    steps_per_epoch = math.ceil(per_rank / cfg.batch_size)
 
     # Where to start: the beginning, or the checkpoint's epoch and step within it.
     first_epoch, first_step, epoch_loss, seconds = 0, 0, 0.0, 0.0
@@ -162,6 +193,15 @@ def train_scale(
         first_epoch, first_step = resume["epoch"], resume["step"]
         epoch_loss, seconds = resume["epoch_loss"], resume["seconds"]
         history = list(resume["history"])
+        saved_ranks = resume.get("ranks", 1)
+        if saved_ranks != world.size and first_step:
+            # Another number of processes splits an epoch into other steps: continue at the
+            # same share of the epoch (the rest of it is sampled anew, so not bit-identical).
+            first_step = min(steps_per_epoch,
+                             round(first_step * steps_per_epoch / resume["steps_per_epoch"]))
+            reporter.note(f"p={p}: the checkpoint was made on {saved_ranks} process(es), this "
+                          f"run has {world.size}; continuing at step {first_step} of "
+                          f"{steps_per_epoch} of epoch {first_epoch + 1}")
 
     def where(epoch: int, step: int) -> str:
         if step == 0:
@@ -175,15 +215,19 @@ def train_scale(
         for m, s in enumerate(students):
             tensors.update(with_prefix(s.state_dict(), f"student.p{p}.{m}"))
         progress = {"scale": p, "epoch": epoch, "step": step, "epoch_loss": epoch_loss,
-                    "history": history, "seconds": seconds + time.perf_counter() - start}
+                    "history": history, "seconds": seconds + time.perf_counter() - start,
+                    "ranks": world.size, "steps_per_epoch": steps_per_epoch}
         checkpoint.save(tensors, progress, where=where(epoch, step))
 
     task = reporter.task(f"students p={p}", cfg.epochs * steps_per_epoch)
     task.advance(first_epoch * steps_per_epoch + first_step)
     start = time.perf_counter()
     for epoch in range(first_epoch, cfg.epochs):
-        gen = torch.Generator().manual_seed(_seed(settings.seed, p, 1000 + epoch))
+        # One stream per (seed, scale, epoch), and per rank beyond the first.
+        gen = torch.Generator().manual_seed(
+            _seed(settings.seed, p, 1000 + epoch, *([world.rank] if world.rank else [])))
         order = torch.randperm(n, generator=gen).tolist()
+        order = (order * math.ceil(per_rank / n))[:per_rank]
         skip = first_step if epoch == first_epoch else 0
         if skip == 0:
             epoch_loss = 0.0
@@ -200,10 +244,10 @@ def train_scale(
             t = torch.stack([targets[i, :, r:r + span, c:c + span]
                              for i, (r, c) in zip(idx, corners, strict=True)]).float()
             with _autocast(device, cfg.precision):
-                outs = [s.dense_valid(x) for s in students]
+                outs = ensemble(x)
             losses = [(o.float() - t).pow(2).sum(1).mean() for o in outs]
             loss = torch.stack(losses).sum()
-            if not torch.isfinite(loss):
+            if world.any(not bool(torch.isfinite(loss)), device):
                 raise TrainingError(
                     f"non-finite student loss at p={p}, epoch {epoch + 1} of {cfg.epochs}, "
                     f"step {step + 1} of {steps_per_epoch}; lower students.lr and start again "
@@ -213,11 +257,13 @@ def train_scale(
             opt.step()
             epoch_loss += loss.item() / len(students) * len(idx)
             task.advance(1, epoch=epoch + 1, loss=loss.item() / len(students))
-            stop = checkpoint is not None and checkpoint.stop.poll()
+            stop = checkpoint is not None and world.any(checkpoint.stop.poll(), device)
             if stop and checkpoint is not None and step + 1 < steps_per_epoch:
                 save(epoch, step + 1)
                 raise checkpoint.interrupted(where(epoch, step + 1))
-        history.append(epoch_loss / n)
+        history.append(float(world.sum(torch.tensor([epoch_loss], dtype=torch.float64,
+                                                     device=device)).item())
+                       / (per_rank * world.size))
         if checkpoint is not None and epoch + 1 < cfg.epochs and (
                 stop or (epoch + 1) % checkpoint.every == 0):
             save(epoch + 1, 0)
@@ -229,6 +275,17 @@ def train_scale(
     scale = Scale(p, teacher, students, mean.to(device), std.to(device))
     return scale, {"loss_per_epoch": history,
                    "seconds": round(seconds + time.perf_counter() - start, 2)}
+
+
+class _Ensemble(nn.Module):
+    """The M students of a scale as one module (what DDP wraps): x → their M outputs."""
+
+    def __init__(self, students: Sequence[PatchNetwork]) -> None:
+        super().__init__()
+        self.students = nn.ModuleList(students)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return [s.dense_valid(x) for s in self.students]
 
 
 def _autocast(device: torch.device, precision: str) -> torch.autocast:
@@ -252,8 +309,12 @@ def fit_students(
     reporter: Reporter = NULL_REPORTER,
     device: torch.device = torch.device("cpu"),
     checkpoint: Checkpoint | None = None,
+    world: World = SINGLE,
 ) -> FitResult:
     """Fit the students of every scale in ``settings.students.patch_sizes``.
+
+    In a distributed run every rank reads only its shard of ``fit_samples``, and at the end
+    the ranks compare a digest of their weights (a mismatch is a :class:`TrainingError`).
 
     With ``checkpoint`` (see :func:`train_scale`) the scales the resumed checkpoint finished are
     taken from it, and a checkpoint is also saved after every scale but the last.
@@ -266,7 +327,7 @@ def fit_students(
     if not fit_samples:
         raise DataError("no training images to fit on")
     size = cfg.image_size
-    images = load_batch(fit_samples, size)
+    images = load_batch(world.shard(fit_samples), size)
     scales: dict[int, Scale] = {}
     info: dict[str, Any] = {"scales": {}}
     for k, p in enumerate(cfg.patch_sizes):
@@ -278,7 +339,7 @@ def fit_students(
                                                 cfg.n_students, device), done
         else:
             scale, scale_info = train_scale(teachers[p], images, settings, reporter=reporter,
-                                            device=device, checkpoint=checkpoint)
+                                            device=device, checkpoint=checkpoint, world=world)
             reporter.note(f"p={p}: final loss {scale_info['loss_per_epoch'][-1]:.4g} "
                           f"({scale_info['seconds']:.0f} s)")
         scales[p] = scale
@@ -290,6 +351,16 @@ def fit_students(
                 checkpoint.save({}, None, where=where)
                 if checkpoint.stop.requested:
                     raise checkpoint.interrupted(where)
+    if world.size > 1:
+        digest = tensors_sha256({k: v for s in scales.values()
+                                 for k, v in _scale_tensors(s).items()})
+        digests = world.gather(digest)
+        if len(set(digests)) != 1:
+            raise TrainingError(f"the {world.size} processes ended with different weights "
+                                f"({', '.join(d[:12] for d in digests)}); this is a bug, "
+                                "please report it with the command line")
+        info["distributed"] = {"ranks": world.size, "backend": world.backend,
+                               "weights_sha256": digest}
     preprocessing = {"image_size": size, "mean": list(DEFAULT_MEAN), "std": list(DEFAULT_STD)}
     return FitResult(Model(scales=scales, preprocessing=preprocessing), info)
 

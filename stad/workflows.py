@@ -6,8 +6,10 @@ can also be run from Python and tested without a shell.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
+import os
 import shlex
 import sys
 import time
@@ -23,6 +25,7 @@ from stad.config import ScoreSettings, Settings
 from stad.console import NULL_REPORTER, Reporter
 from stad.data import DataSelection, select_data
 from stad.datasets.base import Sample
+from stad.distributed import joined
 from stad.errors import DataError, UsageError
 from stad.fsutil import check_output_dir, check_output_file, output_lock
 from stad.images import DEFAULT_MEAN, DEFAULT_STD
@@ -64,7 +67,10 @@ def _resume_command(command: str) -> str:
     run as ``stad COMMAND ...`` (or ``python -m stad``), else in words."""
     argv = sys.argv[1:]
     if command in argv and Path(sys.argv[0]).name in ("stad", "__main__.py"):
-        return shlex.join(["stad", *(a for a in argv if a != "--resume"), "--resume"])
+        line = shlex.join(["stad", *(a for a in argv if a != "--resume"), "--resume"])
+        if int(os.environ.get("WORLD_SIZE", "1") or "1") > 1:
+            return f"start it under torchrun again (any number of processes) as {line}"
+        return line
     return f"run the same `stad {command}` command again with --resume"
 
 
@@ -150,9 +156,11 @@ def fit(settings: Settings, *, teacher: str | Path | None, out: Path, resume: bo
         selection.samples("train"), selection.samples("val"), fraction=cfg.val_fraction,
         seed=settings.seed)
     teachers, teacher_info = _teachers(teacher, settings)
-    device = resolve_device(settings.device)
     start = time.perf_counter()
-    with output_lock(out):
+    # Under torchrun, one of N processes (stad.distributed); only rank 0 writes (and so locks)
+    # the output and the checkpoint.
+    with joined(resolve_device(settings.device)) as (world, device), \
+            output_lock(out) if world.main else contextlib.nullcontext():
         identity = {"images": images_identity(_relative(fit_samples, selection.root),
                                               [s.image for s in fit_samples]),
                     "teacher": tensors_sha256(teacher_tensors(teachers))}
@@ -161,9 +169,10 @@ def fit(settings: Settings, *, teacher: str | Path | None, out: Path, resume: bo
             preprocessing={"image_size": cfg.image_size, "mean": list(DEFAULT_MEAN),
                            "std": list(DEFAULT_STD)},
             resume=resume, resume_command=_resume_command("fit-students"), reporter=reporter)
+        checkpoint.writer = world.main
         with stop_on_signals(checkpoint.stop):
             result = fit_students(settings, fit_samples, teachers, reporter=reporter,
-                                  device=device, checkpoint=checkpoint)
+                                  device=device, checkpoint=checkpoint, world=world)
             info = {
                 "data": {**_data_info(selection), "n_fit": len(fit_samples),
                          "validation": {"source": source,
@@ -172,12 +181,14 @@ def fit(settings: Settings, *, teacher: str | Path | None, out: Path, resume: bo
                 "students": result.info,
                 "seconds": round(time.perf_counter() - start, 1),
             }
-            _save_model(out, result.model, settings, info)
+            if world.main:
+                _save_model(out, result.model, settings, info)
         checkpoint.remove()
     return {"artifact": str(out), "kind": "model", "patch_sizes": result.model.patch_sizes,
             "n_fit": len(fit_samples), "n_validation": len(held),
             "final_loss": {k: v["loss_per_epoch"][-1] for k, v in result.info["scales"].items()},
-            "resumed": checkpoint.resumed is not None, "seconds": info["seconds"]}
+            "resumed": checkpoint.resumed is not None, "processes": world.size,
+            "seconds": info["seconds"]}
 
 
 def _save_model(path: Path, model: Model, settings: Settings, info: dict[str, Any]) -> None:
