@@ -120,6 +120,20 @@ ResumeOpt = Annotated[bool, typer.Option(
     "(OUT.ckpt.safetensors for OUT.safetensors); refused if settings or data differ; without "
     "one, start afresh.")]
 ModelOpt = Annotated[Path, typer.Option("--model", help="Model artifact from fit-students.")]
+# How maps are computed (calibrate, score, evaluate); docs/usage.md, "Speed and memory".
+BatchSizeOpt = Annotated[int | None, typer.Option(
+    "--batch-size", help="Images per network pass. [default: 4]")]
+TileSizeOpt = Annotated[int | None, typer.Option(
+    "--tile-size", help="Images larger than this (at the model's image size) are scored in "
+    "exact overlapping tiles, bounding memory; 0: never tile. [default: 512]")]
+PrecisionOpt = Annotated[str | None, typer.Option(
+    "--precision", help="fp32 (exact) or bf16 (autocast: faster, approximate). "
+    "[default: fp32]")]
+
+
+def _maps_flags(batch_size: int | None, tile_size: int | None, precision: str | None
+                ) -> dict[str, Any]:
+    return {"batch_size": batch_size, "tile_size": tile_size, "precision": precision}
 
 
 def _print_result(result: dict[str, Any], json_out: bool, lines: list[str]) -> None:
@@ -148,7 +162,12 @@ def pretrain_teacher_cmd(
         "--iterations", help="Iterations per scale. [default: 50000]")] = None,
     backbone_weights: Annotated[Path | None, typer.Option(
         "--backbone-weights", help="ResNet-18 weights (.safetensors or torchvision .pth) "
-        "for distillation; without them distillation is off.")] = None,
+        "for distillation (--target resnet18).")] = None,
+    target: Annotated[str | None, typer.Option(
+        "--target", help="What the teacher distils: resnet18 (needs --backbone-weights), "
+        "handcrafted (a fixed descriptor bank, no download), none (metric learning and "
+        "compactness only) or auto (resnet18 with --backbone-weights, else handcrafted). "
+        "[default: auto]")] = None,
     resume: ResumeOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
@@ -158,10 +177,54 @@ def pretrain_teacher_cmd(
     settings = _settings(config, dataset=dataset, root=root, category=category, seed=seed,
                          device=device, teacher={"patch_sizes": patch_sizes,
                                                  "iterations": iterations,
-                                                 "backbone_weights": backbone_weights})
+                                                 "backbone_weights": backbone_weights,
+                                                 "target": target})
     with console.reporter() as rep:
         result = pretrain_teacher(settings, out=out, resume=resume, reporter=rep)
-    _print_result(result, json_out, [f"teacher written to {result['artifact']}"])
+    lines = [f"teacher written to {result['artifact']} (target {result['target']})"]
+    lines += [_diagnostics_line(name, d) for name, d in result.get("diagnostics", {}).items()]
+    _print_result(result, json_out, lines)
+
+
+def _diagnostics_line(name: str, d: dict[str, Any]) -> str:
+    return (f"  {name}: effective rank {d['effective_rank_corr']:.1f}/{d['dim']} "
+            f"(unstandardized {d['effective_rank']:.1f}), mean |corr| "
+            f"{d['mean_abs_corr']:.2f}, constant channels {d['constant_fraction']:.0%}, "
+            f"retrieval top-1 {d['retrieval_top1']:.1%} (chance {d['retrieval_chance']:.1%})"
+            + ("  [collapse?]" if d.get("warnings") else ""))
+
+
+@app.command("inspect-teacher")
+def inspect_teacher_cmd(
+    teacher: Annotated[str, typer.Option(
+        "--teacher", help="Teacher or model artifact, 'random' for untrained teachers, or "
+        "'builtin' (the teacher shipped with stad).")],
+    dataset: DatasetOpt = None,
+    root: RootOpt = None,
+    category: CategoryOpt = None,
+    config: ConfigOpt = None,
+    seed: SeedOpt = None,
+    patch_sizes: Annotated[str | None, typer.Option(
+        "--patch-sizes", help="Comma-separated subset of 17,33,65. [default: all it has]")
+    ] = None,
+    patches: Annotated[int, typer.Option(
+        "--patches", help="Random patches per scale (retrieval chance is 1/N).")] = 256,
+    json_out: JsonOpt = False,
+) -> None:
+    """Collapse diagnostics of a teacher per scale, on a dataset's training images."""
+    from stad.workflows import inspect_teacher
+
+    settings = _settings(config, dataset=dataset, root=root, category=category, seed=seed,
+                         teacher={"patch_sizes": patch_sizes})
+    sizes = settings.teacher.patch_sizes if patch_sizes is not None else None
+    with console.reporter() as rep:
+        result = inspect_teacher(settings, teacher=teacher, patch_sizes=sizes,
+                                 n_patches=patches, reporter=rep)
+    data = result["data"]
+    lines = [f"teacher {result['teacher']['source']} on {data['dataset']}:{data['category']} "
+             f"({data['n_images']} images at {data['image_size']}²):"]
+    lines += [_diagnostics_line(name, d) for name, d in result["diagnostics"].items()]
+    _print_result(result, json_out, lines)
 
 
 @app.command("fit-students")
@@ -173,7 +236,8 @@ def fit_students_cmd(
     seed: SeedOpt = None,
     device: DeviceOpt = None,
     teacher: Annotated[str | None, typer.Option(
-        "--teacher", help="Teacher artifact, or 'random' for untrained teachers.")] = None,
+        "--teacher", help="Teacher artifact, 'random' for untrained teachers, or 'builtin'. "
+        "[default: builtin, the teacher shipped with stad]")] = None,
     out: Annotated[Path, typer.Option("--out", help="Model artifact to write.")] = Path(
         "model.safetensors"),
     preset: Annotated[str | None, typer.Option(
@@ -222,6 +286,9 @@ def calibrate_cmd(
         "--threshold", help="For --method manual.")] = None,
     image_score: Annotated[str | None, typer.Option(
         "--image-score", help="max or topk_mean. [default: max]")] = None,
+    batch_size: BatchSizeOpt = None,
+    tile_size: TileSizeOpt = None,
+    precision: PrecisionOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Standardize error and variance on anomaly-free validation images and set a threshold."""
@@ -230,7 +297,8 @@ def calibrate_cmd(
     settings = _settings(config, dataset=dataset, root=root, category=category, device=device,
                          calibrate={"threshold_method": method, "target_fpr": target_fpr,
                                     "threshold": threshold},
-                         score={"image_score": image_score})
+                         score={"image_score": image_score,
+                                **_maps_flags(batch_size, tile_size, precision)})
     with console.reporter() as rep:
         result = calibrate(settings, model_path=model, out=out, reporter=rep)
     _print_result(result, json_out, [f"calibrated {result['artifact']} on {result['n_images']} "
@@ -254,6 +322,9 @@ def score_cmd(
     on_error: Annotated[str, typer.Option(
         "--on-error", help="fail: stop at an unreadable image; skip: report it and go on "
         f"(exit {EXIT_SKIPPED} at the end).")] = "fail",
+    batch_size: BatchSizeOpt = None,
+    tile_size: TileSizeOpt = None,
+    precision: PrecisionOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Score images: anomaly map, image score and verdict per image."""
@@ -261,7 +332,8 @@ def score_cmd(
 
     if on_error not in ("fail", "skip"):
         raise UsageError(f"--on-error must be fail or skip, got {on_error!r}")
-    settings = _settings(config, device=device)
+    settings = _settings(config, device=device,
+                         score=_maps_flags(batch_size, tile_size, precision))
     anomalous = skipped = 0
     with console.reporter() as rep:
         for record in score(settings, model_path=model, inputs=inputs, maps_dir=maps,
@@ -294,6 +366,9 @@ def evaluate_cmd(
         "--report", help="Write metrics.json, report.md and pictures to this folder.")] = None,
     fpr_limit: Annotated[float | None, typer.Option(
         "--fpr-limit", help="Integrate PRO up to this FPR. [default: 0.3]")] = None,
+    batch_size: BatchSizeOpt = None,
+    tile_size: TileSizeOpt = None,
+    precision: PrecisionOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Evaluate on the labelled test split: AU-PRO, pixel and image AUROC, AP."""
@@ -301,7 +376,8 @@ def evaluate_cmd(
     from stad.workflows import evaluate
 
     settings = _settings(config, dataset=dataset, root=root, category=category, device=device,
-                         evaluate={"fpr_limit": fpr_limit})
+                         evaluate={"fpr_limit": fpr_limit},
+                         score=_maps_flags(batch_size, tile_size, precision))
     with console.reporter() as rep:
         result = evaluate(settings, model_path=model, report=report, reporter=rep)
     lines = [markdown(result, f"{result['dataset']}: {result['category']}")]

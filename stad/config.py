@@ -53,10 +53,14 @@ def _check_patch_sizes(value: list[int]) -> list[int]:
 class TeacherSettings(_Section):
     """``stad pretrain-teacher`` (METHOD.md §3). Paper: λk = λc = 1, λm = 0, 50 000 iterations.
 
+    ``target`` is what the teacher distils: ``resnet18`` (the paper; needs
+    ``backbone_weights``), ``handcrafted`` (a fixed bank of handcrafted descriptors,
+    :mod:`stad.handcrafted`, no download) or ``none`` (metric learning and compactness only);
+    ``auto`` is ``resnet18`` when ``backbone_weights`` is given, else ``handcrafted``.
     ``lambda_metric`` defaults to ``None``: 0 (the paper) when distillation is on, 1 when it is
-    off (no ``backbone_weights``), since compactness alone would leave nothing to learn. The
-    fields after ``checkpoint_every`` fill in what the paper leaves unstated (docs/model.md,
-    "Teacher pretraining").
+    off, since compactness alone would leave nothing to learn. The fields after
+    ``checkpoint_every`` fill in what the paper leaves unstated (docs/model.md, "Teacher
+    pretraining").
     """
 
     patch_sizes: list[int] = Field(default=list(PATCH_SIZES))
@@ -70,6 +74,9 @@ class TeacherSettings(_Section):
     )
     lambda_compact: float = Field(default=1.0, ge=0)
     triplet_margin: float = Field(default=1.0, ge=0)
+    target: Literal["auto", "resnet18", "handcrafted", "none"] = Field(
+        default="auto", description="auto: resnet18 with backbone_weights, else handcrafted"
+    )
     backbone_weights: Path | None = None
     image_size: int = Field(default=256, ge=17, description="images are resized to this first")
     checkpoint_every: int = Field(default=500, ge=1, description="iterations between checkpoints")
@@ -84,6 +91,15 @@ class TeacherSettings(_Section):
     )
     descriptor_norm: bool = Field(
         default=False, description="L2-normalize descriptors (× sqrt(d)) inside the triplet loss"
+    )
+    triplet_negatives: Literal["random", "hardest"] = Field(
+        default="random", description="hardest: the closest negative of the whole batch"
+    )
+    lambda_variance: float = Field(
+        default=0.0, ge=0, description="weight of a hinge on each descriptor channel's std < 1"
+    )
+    diagnostic_patches: int = Field(
+        default=256, ge=0, description="patches for the collapse diagnostics per scale; 0: off"
     )
 
     _split = field_validator("patch_sizes", mode="before")(_split_ints)
@@ -142,10 +158,27 @@ class CalibrateSettings(_Section):
 
 
 class ScoreSettings(_Section):
-    """``stad score``: how a map becomes an image score."""
+    """``stad score``: how a map becomes an image score, and how maps are computed (these
+    also apply to ``stad calibrate`` and ``stad evaluate``; docs/usage.md, "Speed and memory")."""
 
     image_score: Literal["max", "topk_mean"] = "max"
     topk_fraction: float = Field(default=0.01, gt=0, le=1)
+    batch_size: int = Field(default=4, ge=1, description="images per network pass")
+    tile_size: int | None = Field(
+        default=512, ge=64,
+        description="images larger than this (at the model's image size) are scored in "
+        "exact overlapping tiles; None: never tiled")
+    precision: Literal["fp32", "bf16"] = Field(
+        default="fp32", description="bf16: autocast, about 2× faster on CPU, not exact")
+    fused: bool = Field(
+        default=False, description="a scale's networks as one grouped-conv network "
+        "(slower on CPU, measured in docs/benchmarks.md)")
+
+    @field_validator("tile_size", mode="before")
+    @classmethod
+    def _no_tiling(cls, value: Any) -> Any:
+        # 0 (or "none") turns tiling off: TOML and the environment cannot spell None.
+        return None if value in (0, "0") or str(value).lower() == "none" else value
 
 
 class EvaluateSettings(_Section):

@@ -65,8 +65,14 @@ class World:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item() > 0)
 
+    def broadcast(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Rank 0's ``tensor`` on every rank (in place)."""
+        if self.size > 1:
+            dist.broadcast(tensor, src=0)
+        return tensor
+
     def gather(self, value: Any) -> list[Any]:
-        """A picklable-free list of every rank's ``value`` (strings and numbers only)."""
+        """Every rank's ``value`` (a string or number), in rank order, on every rank."""
         if self.size == 1:
             return [value]
         out: list[Any] = [None] * self.size

@@ -11,22 +11,43 @@ the ``teacher.*`` entries):
                                     over the training images (METHOD.md §4)
 ``calib.p{P}``                      (4,) e_mean, e_std, v_mean, v_std on validation images
 =================================  =========================================================
+
+How the maps are computed (``Model.inference``, from the ``score`` settings) never changes what is
+stored: images larger than ``tile_size`` are scored in overlapping tiles that give the untiled
+map exactly; ``fused`` runs a scale's teacher and students as one grouped network (weights
+copied from them, rebuilt when they change); ``precision="bf16"`` runs the networks under bf16
+autocast (an approximation; fp32 is exact).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 
 from stad.artifacts import prefixed, with_prefix
 from stad.errors import ArtifactError
-from stad.networks import PatchNetwork, build_network
+from stad.networks import FusedNetworks, PatchNetwork, build_network
 
 PADDING = "reflect"
+
+
+@dataclass(frozen=True)
+class Inference:
+    """How maps are computed (the ``score`` settings of the same names).
+
+    ``batch_size``: images per network pass. ``tile_size``: images whose height or width
+    exceeds it are scored in tiles of at most tile_size × tile_size output pixels (None: never
+    tiled); the result is the same.
+    """
+
+    batch_size: int = 4
+    tile_size: int | None = None
+    precision: Literal["fp32", "bf16"] = "fp32"
+    fused: bool = False
 
 
 @dataclass
@@ -39,6 +60,8 @@ class Scale:
     mean: torch.Tensor | None = None  # (D,) teacher descriptor mean over training images
     std: torch.Tensor | None = None  # (D,)
     calib: torch.Tensor | None = None  # (4,) e_mean, e_std, v_mean, v_std
+    _fused: FusedNetworks | None = field(default=None, init=False, repr=False)
+    _fused_key: tuple[Any, ...] = field(default=(), init=False, repr=False)
 
     def normalized_teacher(self, x: torch.Tensor) -> torch.Tensor:
         """(y − μ)/σ of METHOD.md §4: (N, 3, H, W) → (N, D, H, W)."""
@@ -46,20 +69,71 @@ class Scale:
         y = self.teacher.dense(x, padding_mode=PADDING)
         return (y - self.mean.view(1, -1, 1, 1)) / self.std.view(1, -1, 1, 1)
 
-    def error_and_variance(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def error_and_variance(self, x: torch.Tensor, *, tile_size: int | None = None,
+                           precision: str = "fp32", fused: bool = False
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
         """Regression error e and predictive variance v per pixel (METHOD.md §5).
 
         e = ‖μ̄ − (y − μ)/σ‖², v = (1/M) Σ‖μ_i‖² − ‖μ̄‖², with μ̄ the mean of the M students'
-        outputs μ_i. Returns two (N, H, W) tensors.
+        outputs μ_i. Returns two (N, H, W) tensors for (N, 3, H, W) images.
+
+        The image is padded once; with ``tile_size`` it is then cut into crops of the padded
+        image whose interiors are tile_size × tile_size output tiles, each crop carrying the
+        receptive field's context, so every pixel sees exactly the input it sees untiled.
+        Tiled images are computed one at a time, so peak memory follows the tile, not the image
+        or the batch.
         """
-        target = self.normalized_teacher(x)
-        outs = torch.stack([s.dense(x, padding_mode=PADDING) for s in self.students])  # (M,N,D,H,W)
+        n, _, h, w = x.shape
+        padded = self.teacher.pad(x, padding_mode=PADDING)  # (N, 3, H + rf − 1, W + rf − 1)
+        step_h = h if tile_size is None else min(h, tile_size)
+        step_w = w if tile_size is None else min(w, tile_size)
+        if (step_h, step_w) == (h, w):
+            return self._error_and_variance_valid(padded, precision, fused)
+        grow = self.teacher.receptive_field - 1
+        e = v = None
+        for i in range(n):  # one image at a time: a tile is work enough for any batch
+            for r in range(0, h, step_h):
+                for c in range(0, w, step_w):
+                    rows, cols = min(step_h, h - r), min(step_w, w - c)
+                    crop = padded[i:i + 1, :, r:r + rows + grow, c:c + cols + grow]
+                    te, tv = self._error_and_variance_valid(crop, precision, fused)
+                    if e is None or v is None:
+                        e, v = te.new_empty((n, h, w)), tv.new_empty((n, h, w))
+                    e[i, r:r + rows, c:c + cols] = te[0]
+                    v[i, r:r + rows, c:c + cols] = tv[0]
+        assert e is not None and v is not None
+        return e, v
+
+    def _error_and_variance_valid(self, padded: torch.Tensor, precision: str, fused: bool
+                                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        """e and v of the valid region of an already padded input: (N, H', W') each."""
+        assert self.mean is not None and self.std is not None
+        autocast = torch.autocast(padded.device.type, dtype=torch.bfloat16,
+                                  enabled=precision == "bf16")
+        with autocast:
+            if fused:
+                both = self.fused_networks().dense_valid(padded)  # (N, 1 + M, D, H', W')
+                y, outs = both[:, 0], both[:, 1:].transpose(0, 1)
+            else:
+                y = self.teacher.dense_valid(padded)
+                outs = torch.stack([s.dense_valid(padded) for s in self.students])
+        y, outs = _widen(y), _widen(outs)  # (N, D, H', W'), (M, N, D, H', W')
+        target = (y - self.mean.view(1, -1, 1, 1)) / self.std.view(1, -1, 1, 1)
         mean = outs.mean(0)
         e = (mean - target).pow(2).sum(1)
         # (1/M) Σ‖μ_i‖² − ‖μ̄‖² computed as (1/M) Σ‖μ_i − μ̄‖², the same quantity without
         # the cancellation of two large terms (exactly 0 when the students agree).
         v = (outs - mean).pow(2).sum(2).mean(0)
         return e, v
+
+    def fused_networks(self) -> FusedNetworks:
+        """The teacher and students as one grouped network, rebuilt when any weight changed."""
+        nets = [self.teacher, *self.students]
+        key = tuple((id(t), t.data_ptr(), t._version, t.dtype, t.device)
+                    for net in nets for t in net.parameters())
+        if self._fused is None or key != self._fused_key:
+            self._fused, self._fused_key = FusedNetworks(nets), key
+        return self._fused
 
     def standardize(self, e: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """ẽ + ṽ with the calibration statistics (METHOD.md §5); same shape as ``e``."""
@@ -80,6 +154,7 @@ class Model:
 
     scales: dict[int, Scale]
     preprocessing: dict[str, Any]
+    inference: Inference = field(default_factory=Inference)
 
     @property
     def patch_sizes(self) -> list[int]:
@@ -114,7 +189,16 @@ class Model:
         Returns:
             dict of (N, H, W) float tensors.
         """
-        return self.fuse({p: self.scales[p].score(x) for p in self.patch_sizes}, size)
+        ev = self.error_and_variance(x)
+        return self.fuse({p: self.scales[p].standardize(*ev[p]) for p in self.patch_sizes}, size)
+
+    def error_and_variance(self, x: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """Per patch size, e and v of :meth:`Scale.error_and_variance` as ``self.inference``
+        says: (N, 3, H, W) → two (N, H, W) tensors each."""
+        run = self.inference
+        return {p: self.scales[p].error_and_variance(x, tile_size=run.tile_size,
+                                                     precision=run.precision, fused=run.fused)
+                for p in self.patch_sizes}
 
     @staticmethod
     def fuse(per_scale: dict[int, torch.Tensor], size: tuple[int, int] | None = None
@@ -194,3 +278,8 @@ def model_from_tensors(tensors: Mapping[str, torch.Tensor], preprocessing: dict[
                           tensors[f"norm.p{p}.std"].float(),
                           tensors[f"calib.p{p}"].float() if f"calib.p{p}" in tensors else None)
     return Model(scales=scales, preprocessing=preprocessing)
+
+
+def _widen(t: torch.Tensor) -> torch.Tensor:
+    """bf16/fp16 network output (autocast) as float32 for the error and variance sums."""
+    return t.float() if t.dtype in (torch.bfloat16, torch.float16) else t

@@ -29,6 +29,7 @@ equality still holds with the full patch.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -41,6 +42,7 @@ __all__ = [
     "PADDING_MODES",
     "PATCH_SIZES",
     "Decoder",
+    "FusedNetworks",
     "Layer",
     "PatchNetwork",
     "build_network",
@@ -222,6 +224,59 @@ class PatchNetwork(nn.Module):
             if layer.activation:
                 x = F.leaky_relu(x, LEAKY_SLOPE)
         return x  # (N, out_dim, H - rf + 1, W - rf + 1), channels-last strides
+
+
+class FusedNetworks(nn.Module):
+    """K patch networks of one patch size evaluated as one network (grouped convolutions).
+
+    The networks read the same input, so the first conv of all K is one conv with their weights
+    concatenated along the output channels; every later conv runs with ``groups=K``, group k
+    holding network k's weights; pools act per channel and are unchanged. One pass costs the
+    same arithmetic as K separate ``dense_valid`` passes but reads the input once and launches
+    K times fewer kernels. The weights are copied at construction: build a new one when the
+    networks' parameters change (``stad.model.Scale`` does that). Inference only.
+    """
+
+    def __init__(self, nets: Sequence[PatchNetwork]) -> None:
+        super().__init__()
+        if not nets or len({(n.patch_size, n.out_dim) for n in nets}) != 1:
+            raise ValueError("fusing needs one or more networks of one patch size and out_dim")
+        first = nets[0]
+        self.layers, self.patch_size, self.out_dim = first.layers, first.patch_size, first.out_dim
+        self.receptive_field, self.count = first.receptive_field, len(nets)
+        for i in range(len(first.convs)):
+            # (K·C_out, C_in, k, k), channels-last like dense_valid's weights.
+            weight = torch.cat([n.convs[i].weight.detach() for n in nets])
+            self.register_buffer(f"weight{i}", weight.contiguous(memory_format=torch.channels_last))
+            self.register_buffer(f"bias{i}", torch.cat([n.convs[i].bias.detach() for n in nets]))
+
+    def pad(self, images: torch.Tensor, *, padding_mode: PaddingMode = "reflect") -> torch.Tensor:
+        """As :meth:`PatchNetwork.pad` (the same for every network of the patch size)."""
+        return PatchNetwork.pad(self, images, padding_mode=padding_mode)  # type: ignore[arg-type]
+
+    def dense_valid(self, images: torch.Tensor) -> torch.Tensor:
+        """Every network's ``dense_valid``: (N, 3, H, W) → (N, K, out_dim, H − rf + 1, W − rf + 1).
+
+        ``out[:, k]`` equals ``nets[k].dense_valid(images)`` up to rounding: the same products
+        and sums, possibly accumulated in another order by another kernel.
+        """
+        _check_images(images)
+        x = images.contiguous(memory_format=torch.channels_last)
+        i = 0
+        for layer in self.layers:
+            if layer.kind == "pool":
+                x = F.max_pool2d(x, kernel_size=2, stride=1, dilation=layer.dilation)
+                continue
+            x = F.conv2d(x, getattr(self, f"weight{i}"), getattr(self, f"bias{i}"),
+                         dilation=layer.dilation, groups=1 if i == 0 else self.count)
+            if layer.activation:
+                x = F.leaky_relu(x, LEAKY_SLOPE)
+            i += 1
+        return x.unflatten(1, (self.count, self.out_dim))  # (N, K·D, h, w) -> (N, K, D, h, w)
+
+    def dense(self, images: torch.Tensor, *, padding_mode: PaddingMode = "reflect") -> torch.Tensor:
+        """Every network's ``dense``: (N, 3, H, W) → (N, K, out_dim, H, W)."""
+        return self.dense_valid(self.pad(images, padding_mode=padding_mode))
 
 
 def build_network(

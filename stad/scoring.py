@@ -10,18 +10,20 @@ mean of its top ``topk_fraction`` of pixels (``"topk_mean"``, less sensitive to 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from stad.config import ScoreSettings, Settings
 from stad.console import NULL_REPORTER, Reporter, warn
 from stad.errors import DataError, UsageError
 from stad.images import load_image, to_tensor
-from stad.model import Model
+from stad.model import Inference, Model
 
 
 def resolve_device(name: str) -> torch.device:
@@ -49,29 +51,96 @@ def prepare(path: Path, model: Model) -> tuple[torch.Tensor, np.ndarray]:
     return to_tensor(image, size=pre["image_size"], mean=pre["mean"], std=pre["std"]), image
 
 
+def configure(model: Model, cfg: ScoreSettings) -> Model:
+    """Set how ``model`` computes maps from the ``score`` settings (batch, tiles, precision)."""
+    model.inference = Inference(batch_size=cfg.batch_size, tile_size=cfg.tile_size,
+                                precision=cfg.precision, fused=cfg.fused)
+    return model
+
+
+@dataclass
+class ImageError:
+    """An image that could not be read (yielded by :func:`iter_results` in its place)."""
+
+    path: Path
+    error: DataError
+
+
+Prepared = tuple[Path, "tuple[torch.Tensor, np.ndarray] | DataError"]
+
+
+def _prepare_all(paths: Sequence[Path], model: Model) -> list[Prepared]:
+    out: list[Prepared] = []
+    for path in paths:
+        try:
+            out.append((Path(path), prepare(Path(path), model)))
+        except DataError as exc:
+            out.append((Path(path), exc))
+    return out
+
+
+def prepared_batches(model: Model, paths: Sequence[Path], batch_size: int
+                     ) -> Iterator[list[Prepared]]:
+    """The images read and resized in batches, in order; each item is (path, (tensor, image))
+    or (path, DataError). The next batch is decoded in a background thread while the caller
+    runs the networks on this one (decoding and resizing release the GIL)."""
+    chunks = [paths[i:i + batch_size] for i in range(0, len(paths), batch_size)]
+    if not chunks:
+        return
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="stad-read") as pool:
+        pending = pool.submit(_prepare_all, chunks[0], model)
+        try:
+            for nxt in [*chunks[1:], None]:
+                batch = pending.result()
+                if nxt is not None:
+                    pending = pool.submit(_prepare_all, nxt, model)
+                yield batch
+        finally:
+            pending.cancel()
+
+
 @torch.inference_mode()
-def iter_maps(model: Model, paths: Sequence[Path], *, device: torch.device,
-              batch_size: int = 4, reporter: Reporter = NULL_REPORTER,
-              what: str = "scoring") -> Iterator[ImageMaps]:
-    """Maps of each image, in order, computed in batches."""
+def iter_results(model: Model, paths: Sequence[Path], *, device: torch.device,
+                 batch_size: int | None = None, reporter: Reporter = NULL_REPORTER,
+                 what: str = "scoring") -> Iterator[ImageMaps | ImageError]:
+    """Maps of each image, in order, computed ``batch_size`` images per pass (default: the
+    model's ``inference.batch_size``); an unreadable image yields an :class:`ImageError` in
+    its place. Results are yielded as each batch finishes."""
     task = reporter.task(what, len(paths))
-    for start in range(0, len(paths), batch_size):
-        chunk = paths[start:start + batch_size]
-        prepared = [prepare(Path(p), model) for p in chunk]
-        x = torch.stack([t for t, _ in prepared]).to(device)
-        maps = model.maps(x)
-        for i, (path, (_, image)) in enumerate(zip(chunk, prepared, strict=True)):
-            shape = image.shape[:2]
+    for batch in prepared_batches(model, paths, batch_size or model.inference.batch_size):
+        good = [(path, item) for path, item in batch if not isinstance(item, DataError)]
+        maps: dict[str, torch.Tensor] = {}
+        if good:
+            x = torch.stack([t for _, (t, _) in good]).to(device)
+            maps = model.maps(x)
+        i = 0
+        for path, item in batch:
+            if isinstance(item, DataError):
+                yield ImageError(path, item)
+                continue
+            image = item[1]
             one = {k: v[i:i + 1] for k, v in maps.items()}
-            if tuple(one["fused"].shape[-2:]) != shape:
-                one = {k: torch.nn.functional.interpolate(v[:, None], size=shape,
-                                                          mode="bilinear",
-                                                          align_corners=False)[:, 0]
+            i += 1
+            if tuple(one["fused"].shape[-2:]) != image.shape[:2]:
+                one = {k: F.interpolate(v[:, None].float(), size=image.shape[:2],
+                                        mode="bilinear", align_corners=False)[:, 0]
                        for k, v in one.items()}
-            yield ImageMaps(Path(path), {k: v[0].float().cpu().numpy() for k, v in one.items()},
+            yield ImageMaps(path, {k: v[0].float().cpu().numpy() for k, v in one.items()},
                             image)
-        task.advance(len(chunk))
+        task.advance(len(batch))
     task.done()
+
+
+def iter_maps(model: Model, paths: Sequence[Path], *, device: torch.device,
+              batch_size: int | None = None, reporter: Reporter = NULL_REPORTER,
+              what: str = "scoring") -> Iterator[ImageMaps]:
+    """Maps of each image, in order, as :func:`iter_results`; an unreadable image raises its
+    :class:`~stad.errors.DataError` once the images before it have been yielded."""
+    for item in iter_results(model, paths, device=device, batch_size=batch_size,
+                             reporter=reporter, what=what):
+        if isinstance(item, ImageError):
+            raise item.error
+        yield item
 
 
 def image_score(amap: np.ndarray, cfg: ScoreSettings) -> float:
@@ -85,7 +154,7 @@ def image_score(amap: np.ndarray, cfg: ScoreSettings) -> float:
 
 @torch.inference_mode()
 def calibrate_model(model: Model, paths: Sequence[Path], rule: ScoreSettings, *,
-                    device: torch.device, batch_size: int = 4,
+                    device: torch.device, batch_size: int | None = None,
                     reporter: Reporter = NULL_REPORTER) -> tuple[dict[int, torch.Tensor],
                                                                  list[float]]:
     """Calibrate ``model`` in place on anomaly-free images, in one pass over them.
@@ -103,10 +172,14 @@ def calibrate_model(model: Model, paths: Sequence[Path], rule: ScoreSettings, *,
     kept: list[tuple[dict[int, tuple[torch.Tensor, torch.Tensor]], tuple[int, int]]] = []
     count = 0
     task = reporter.task("calibrating", len(paths))
-    for start in range(0, len(paths), batch_size):
-        prepared = [prepare(Path(p), model) for p in paths[start:start + batch_size]]
+    for batch in prepared_batches(model, paths, batch_size or model.inference.batch_size):
+        prepared = []
+        for _, item in batch:
+            if isinstance(item, DataError):
+                raise item
+            prepared.append(item)
         x = torch.stack([t for t, _ in prepared]).to(device)
-        ev = {p: model.scales[p].error_and_variance(x) for p in model.patch_sizes}
+        ev = model.error_and_variance(x)
         for p, (e, v) in ev.items():
             e, v = e.double(), v.double()
             sums[p] += torch.stack([e.sum(), e.pow(2).sum(), v.sum(), v.pow(2).sum()]).cpu()

@@ -6,13 +6,22 @@ patches of generic images with the loss of Bergmann et al. (CVPR 2020, eq. 1-3)
     L = λk·Lk + λm·Lm + λc·Lc
 
 - Lk, knowledge distillation: ‖D(T(p)) − P(p)‖², D the linear :class:`~stad.networks.Decoder`
-  (128 → 512) and P(p) the 512-d global-average-pooled feature of a frozen ResNet-18 whose weights
-  the user gives as a local file (:func:`resnet18_features`); the patch is resized bilinearly to
-  ``kd_input_size`` for it (the paper does not say). Without a file distillation is off.
+  (128 → dim P) and P(p) the distillation target chosen by ``teacher.target``: the 512-d
+  global-average-pooled feature of a frozen ResNet-18 whose weights the user gives as a local
+  file (:func:`resnet18_features`; the patch is resized bilinearly to ``kd_input_size`` for it,
+  the paper does not say), or the 484-d standardized :class:`~stad.handcrafted.HandcraftedBank`
+  (no download). With target ``none`` distillation is off.
 - Lm, metric learning (triplet): mean over the batch of max(0, δ + δ⁺ − δ⁻) with
   δ⁺ = ‖T(p) − T(p⁺)‖² and δ⁻ = min(‖T(p) − T(p⁻)‖², ‖T(p⁺) − T(p⁻)‖²); p⁺ is p shifted by up
-  to ``positive_shift`` pixels plus Gaussian noise, p⁻ a patch of another image.
+  to ``positive_shift`` pixels plus Gaussian noise, p⁻ a patch of another image (or, with
+  ``triplet_negatives = "hardest"``, the closest of the batch's negatives from other images).
 - Lc, compactness: Σ_{i≠j} c_ij over the d×d correlation matrix of the batch's descriptors.
+- Lv (ours, against collapse; weight ``lambda_variance``, 0 by default): the mean over channels of
+  max(0, 1 − std), the std of each descriptor channel over the batch (VICReg's variance term).
+
+At the end of each scale :func:`stad.diagnostics.teacher_diagnostics` measures the teacher
+(effective rank, correlation, constant channels, retrieval of augmented patches) and a warning
+names the scale when they show collapse.
 
 Every image is decoded once, resized to ``image_size`` and standardized with the ImageNet channel
 statistics (which is also what the ResNet-18 expects); patches are then cut by indexing. One
@@ -40,13 +49,24 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from stad.artifacts import prefixed, read_state_dict, with_prefix
-from stad.checkpoint import Checkpoint, last_good, load_optimizer, optimizer_tensors
+from stad.checkpoint import (
+    Checkpoint,
+    last_good,
+    load_optimizer,
+    optimizer_tensors,
+    tensors_sha256,
+)
 from stad.config import Settings, TeacherSettings
-from stad.console import NULL_REPORTER, Reporter
+from stad.console import NULL_REPORTER, Reporter, warn
 from stad.datasets.base import Sample
+from stad.diagnostics import collapse_warnings, teacher_diagnostics
+from stad.distributed import SINGLE, World
 from stad.errors import ArtifactError, DataError, TrainingError, UsageError
+from stad.handcrafted import BLOCKS, HandcraftedBank
+from stad.handcrafted import DIM as HANDCRAFTED_DIM
 from stad.images import DEFAULT_MEAN, DEFAULT_STD, load_image, to_tensor
 from stad.model import load_teachers
 from stad.networks import Decoder, PatchNetwork, build_network
@@ -56,12 +76,15 @@ __all__ = [
     "load_images",
     "pretrain_teachers",
     "resnet18_features",
+    "resolve_target",
     "triplet_loss",
+    "variance_loss",
 ]
 
 CURVE_POINTS = 20  # info["losses"][...]["curve"]: the mean loss of each 1/20 of the run
-NO_BACKBONE_NOTE = ("distillation is off: no --backbone-weights given; "
-                    "training on metric learning and compactness only")
+NO_BACKBONE_NOTE = ("distillation is off (--target none): training on metric learning and "
+                    "compactness only")
+BANK_SAMPLE = 1024  # patches on which the handcrafted bank's standardization is estimated
 
 
 # --- the frozen ResNet-18 of the distillation loss ---------------------------------------------
@@ -143,21 +166,45 @@ def _crop(images: torch.Tensor, idx: torch.Tensor, rows: torch.Tensor, cols: tor
 # --- losses ------------------------------------------------------------------------------------
 
 
+def _sq_dist(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    # (B, d), (C, d) → (B, C) squared distances; differentiable at 0, unlike cdist.
+    return (x.pow(2).sum(1)[:, None] + y.pow(2).sum(1)[None, :] - 2 * x @ y.T).clamp_min(0)
+
+
 def triplet_loss(anchor: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor, *,
-                 margin: float, normalize: bool = False) -> torch.Tensor:
+                 margin: float, normalize: bool = False, hardest: bool = False,
+                 exclude: torch.Tensor | None = None) -> torch.Tensor:
     """Lm of Bergmann et al. (eq. 2): mean of max(0, δ + δ⁺ − δ⁻) over the batch.
 
     δ⁺ = ‖a − p⁺‖², δ⁻ = min(‖a − p⁻‖², ‖p⁺ − p⁻‖²) (the harder of the two negatives). With
     ``normalize`` the descriptors (B, d) are first L2-normalized and scaled by sqrt(d), so the
-    distances lie in [0, 4d] whatever the descriptors' scale.
+    distances lie in [0, 4d] whatever the descriptors' scale. With ``hardest`` (ours) δ⁻ is the
+    smallest such distance to any of the B negatives, except where ``exclude`` (B, B) is true
+    (negative j cut from the anchor i's own image); a row with no negative left adds 0.
     """
     if normalize:
         scale = math.sqrt(anchor.shape[1])
         anchor, positive, negative = (F.normalize(x, dim=1) * scale
                                       for x in (anchor, positive, negative))
     d_pos = (anchor - positive).pow(2).sum(1)
-    d_neg = torch.minimum((anchor - negative).pow(2).sum(1), (positive - negative).pow(2).sum(1))
+    if hardest:
+        d_all = torch.minimum(_sq_dist(anchor, negative), _sq_dist(positive, negative))  # (B, B)
+        if exclude is not None:
+            d_all = d_all.masked_fill(exclude, math.inf)
+        d_neg = d_all.min(1).values
+    else:
+        d_neg = torch.minimum((anchor - negative).pow(2).sum(1),
+                              (positive - negative).pow(2).sum(1))
     return F.relu(margin + d_pos - d_neg).mean()
+
+
+def variance_loss(descriptors: torch.Tensor, *, target: float = 1.0,
+                  eps: float = 1e-4) -> torch.Tensor:
+    """Lv (ours; the variance term of VICReg, Bardes et al., ICLR 2022): the mean over the d
+    channels of max(0, target − sqrt(var + eps)), var over the batch (B, d). Zero when every
+    channel varies by at least ``target``; largest (≈ target) for a constant output."""
+    std = torch.sqrt(descriptors.var(0, unbiased=False) + eps)
+    return F.relu(target - std).mean()
 
 
 def compactness_loss(descriptors: torch.Tensor, *, eps: float = 1e-5) -> torch.Tensor:
@@ -178,28 +225,67 @@ def compactness_loss(descriptors: torch.Tensor, *, eps: float = 1e-5) -> torch.T
 # --- training ----------------------------------------------------------------------------------
 
 
+def resolve_target(cfg: TeacherSettings) -> str:
+    """``teacher.target`` with ``auto`` resolved: ``resnet18`` when ``backbone_weights`` is
+    given, else ``handcrafted``. (The one line to change for another default.)"""
+    if cfg.target != "auto":
+        return cfg.target
+    return "resnet18" if cfg.backbone_weights is not None else "handcrafted"
+
+
 def _lambdas(cfg: TeacherSettings, distillation: bool) -> dict[str, float]:
     metric = cfg.lambda_metric
     if metric is None:
         metric = 0.0 if distillation else 1.0
     return {"kd": cfg.lambda_kd if distillation else 0.0, "metric": float(metric),
-            "compact": cfg.lambda_compact}
+            "compact": cfg.lambda_compact, "variance": cfg.lambda_variance}
 
 
-def _generator(seed: int, patch_size: int) -> torch.Generator:
-    # A stable stream per (seed, scale), independent of Python's hash seed and the global RNG.
-    digest = hashlib.sha256(f"stad.teacher:{seed}:{patch_size}".encode()).digest()
+def _generator(seed: int, patch_size: int, *rank_and_start: int) -> torch.Generator:
+    # A stable stream per (seed, scale), independent of Python's hash seed and the global RNG;
+    # ranks > 0 of a distributed run add (rank, first iteration).
+    key = ":".join(str(k) for k in (seed, patch_size, *rank_and_start))
+    digest = hashlib.sha256(f"stad.teacher:{key}".encode()).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
 
 
-def _decoder(generator: torch.Generator) -> Decoder:
+def _decoder(generator: torch.Generator, out_dim: int) -> Decoder:
     # nn.Linear's default initialization, but drawn from the scale's generator.
-    decoder = Decoder()
+    decoder = Decoder(out_dim=out_dim)
     lin = decoder.linear
     nn.init.kaiming_uniform_(lin.weight, a=math.sqrt(5), generator=generator)
     bound = 1 / math.sqrt(lin.in_features)
     nn.init.uniform_(lin.bias, -bound, bound, generator=generator)
     return decoder
+
+
+def _bank(p: int, images: torch.Tensor, seed: int) -> HandcraftedBank:
+    """The handcrafted target of scale p, standardized on BANK_SAMPLE random patches drawn from
+    a generator of its own (the training stream is the same with or without it)."""
+    digest = hashlib.sha256(f"stad.teacher.bank:{seed}:{p}".encode()).digest()
+    gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+    corners = images.shape[-1] - p + 1
+    idx = torch.randint(images.shape[0], (BANK_SAMPLE,), generator=gen)
+    rows = torch.randint(corners, (BANK_SAMPLE,), generator=gen)
+    cols = torch.randint(corners, (BANK_SAMPLE,), generator=gen)
+    dev = images.device
+    bank = HandcraftedBank(p).to(dev)
+    return bank.fit(_crop(images, idx.to(dev), rows.to(dev), cols.to(dev), p))
+
+
+class _Pretrainee(nn.Module):
+    """Teacher and distillation decoder as one module, the unit DistributedDataParallel wraps:
+    patches (k·B, 3, p, p) → descriptors (k·B, d), and the first B decoded (or None)."""
+
+    def __init__(self, teacher: PatchNetwork, decoder: Decoder | None) -> None:
+        super().__init__()
+        self.teacher = teacher
+        self.decoder = decoder
+
+    def forward(self, patches: torch.Tensor, batch: int
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        desc = self.teacher(patches)
+        return desc, self.decoder(desc[:batch]) if self.decoder is not None else None
 
 
 def _curve(history: Sequence[float]) -> list[float]:
@@ -212,14 +298,23 @@ def _pretrain_scale(
     images: torch.Tensor,
     settings: Settings,
     lambdas: dict[str, float],
+    target: str,
     backbone: nn.Module | None,
     *,
     reporter: Reporter,
     device: torch.device,
     checkpoint: Checkpoint | None = None,
+    world: World = SINGLE,
 ) -> tuple[PatchNetwork, dict[str, Any]]:
     """Train the teacher of one scale on standardized images (N, 3, S, S) already on device.
 
+    In a distributed run ``images`` is this rank's shard: every rank starts from the same
+    weights, draws its own patches (ranks > 0 from a stream of their own, started afresh on a
+    resume), the handcrafted target is standardized as rank 0 estimates it, and DDP averages
+    the gradients.
+
+    ``target`` is the resolved distillation target ("resnet18" with ``backbone``,
+    "handcrafted" or "none"); distillation runs when ``lambdas["kd"]`` > 0.
     With ``checkpoint``: continues its scale in progress if it is this one, saves every
     ``checkpoint.every`` iterations but the last, and saves and raises
     :class:`~stad.errors.Interrupted` after an iteration at which ``checkpoint.stop.poll()`` is
@@ -230,9 +325,23 @@ def _pretrain_scale(
     teacher = build_network(p, generator=gen).to(device).train()
     params = list(teacher.parameters())
     decoder = None
-    if backbone is not None:
-        decoder = _decoder(gen).to(device).train()
+    kd_target: nn.Module | None = None
+    if lambdas["kd"] > 0 and target == "handcrafted":
+        kd_target = _bank(p, images, settings.seed)
+    elif lambdas["kd"] > 0 and target == "resnet18":
+        kd_target = backbone
+    if kd_target is not None:
+        dim = kd_target.dim if isinstance(kd_target, HandcraftedBank) else 512
+        decoder = _decoder(gen, dim).to(device).train()
         params += list(decoder.parameters())
+    if isinstance(kd_target, HandcraftedBank):
+        for buffer in kd_target.buffers():
+            world.broadcast(buffer)
+    # What DDP wraps (teacher and decoder, one forward); a plain run calls it directly.
+    step: nn.Module = _Pretrainee(teacher, decoder)
+    if world.size > 1:
+        step = DistributedDataParallel(
+            step, device_ids=[device.index] if device.type == "cuda" else None)
     # fused: one kernel per step instead of a dozen element-wise passes (faster on CPU too).
     opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
                            fused=device.type in ("cpu", "cuda"))
@@ -242,7 +351,7 @@ def _pretrain_scale(
     metric = lambdas["metric"] > 0
     shift = cfg.positive_shift
     history: list[float] = []
-    terms: dict[str, list[float]] = {"kd": [], "metric": [], "compact": []}
+    terms: dict[str, list[float]] = {"kd": [], "metric": [], "compact": [], "variance": []}
     first, seconds = 0, 0.0
     resume = checkpoint.progress if checkpoint is not None else None
     if resume is not None and resume.get("scale") == p:
@@ -256,18 +365,23 @@ def _pretrain_scale(
         load_optimizer(opt, tensors, f"adam.p{p}")
         gen.set_state(tensors[f"generator.p{p}"].clone())
         first, seconds = resume["iteration"], resume["seconds"]
-        losses = tensors[f"losses.p{p}"].tolist()  # (first, 4): total, kd, metric, compact
+        losses = tensors[f"losses.p{p}"].tolist()  # (first, 4 or 5): total, kd, metric, …
         history = [row[0] for row in losses]
-        for j, key in enumerate(("kd", "metric", "compact"), start=1):
-            terms[key] = [row[j] for row in losses]
+        for j, key in enumerate(terms, start=1):
+            terms[key] = [row[j] if j < len(row) else 0.0 for row in losses]
+
+    def saved_terms() -> list[list[float]]:
+        # total, kd, metric, compact (the format before Lv), then variance only when it is on.
+        keys = ["kd", "metric", "compact"] + (["variance"] if lambdas["variance"] > 0 else [])
+        return [terms[k] for k in keys]
 
     def save(done: int) -> str:
         assert checkpoint is not None
         tensors = {**with_prefix(teacher.state_dict(), f"teacher.p{p}"),
                    **optimizer_tensors(opt, f"adam.p{p}"),
                    f"generator.p{p}": gen.get_state(),
-                   f"losses.p{p}": torch.tensor([history, terms["kd"], terms["metric"],
-                                                 terms["compact"]], dtype=torch.float64).T}
+                   f"losses.p{p}": torch.tensor([history, *saved_terms()],
+                                                dtype=torch.float64).T}
         if decoder is not None:
             tensors.update(with_prefix(decoder.state_dict(), f"decoder.p{p}"))
         where = f"p={p} after iteration {done} of {cfg.iterations}"
@@ -275,6 +389,8 @@ def _pretrain_scale(
                                   "seconds": seconds + time.perf_counter() - start}, where=where)
         return where
 
+    if world.rank:
+        gen = _generator(settings.seed, p, world.rank, first)
     task = reporter.task(f"teacher p={p}", cfg.iterations)
     task.advance(first)
     start = time.perf_counter()
@@ -297,31 +413,46 @@ def _pretrain_scale(
                                cols_pos.clamp(0, corners - 1).to(device), p) + noise.to(device))
             parts.append(_crop(images, other.to(device), rows_neg.to(device),
                                cols_neg.to(device), p))
-        # One forward for anchors, positives and negatives: (len(parts)·B, d).
-        desc = teacher(torch.cat(parts)).split(batch)
+        # One forward for anchors, positives and negatives: (len(parts)·B, d), and the
+        # anchors decoded for distillation.
+        flat, decoded = step(torch.cat(parts), batch)
+        desc = flat.split(batch)
 
         zero = desc[0].new_zeros(())
         loss_kd = loss_metric = zero
-        if backbone is not None and decoder is not None:
+        if kd_target is not None and decoded is not None:
             with torch.no_grad():
-                kd_in = F.interpolate(parts[0], size=(cfg.kd_input_size,) * 2, mode="bilinear",
-                                      align_corners=False)
-                target = backbone(kd_in)  # (B, 512)
-            loss_kd = (decoder(desc[0]) - target).pow(2).sum(1).mean()
+                if isinstance(kd_target, HandcraftedBank):
+                    goal = kd_target(parts[0])  # (B, 484)
+                else:
+                    kd_in = F.interpolate(parts[0], size=(cfg.kd_input_size,) * 2,
+                                          mode="bilinear", align_corners=False)
+                    goal = kd_target(kd_in)  # (B, 512)
+            loss_kd = (decoded - goal).pow(2).sum(1).mean()
         if metric:
+            hardest = cfg.triplet_negatives == "hardest"
+            exclude = (other[None, :] == idx[:, None]).to(device) if hardest else None
             loss_metric = triplet_loss(desc[0], desc[1], desc[2], margin=cfg.triplet_margin,
-                                       normalize=cfg.descriptor_norm)
+                                       normalize=cfg.descriptor_norm, hardest=hardest,
+                                       exclude=exclude)
         loss_compact = compactness_loss(desc[0]) if lambdas["compact"] > 0 else zero
+        loss_variance = zero
+        if lambdas["variance"] > 0:
+            # On the descriptors as the triplet sees them: normalized × sqrt(d) or raw.
+            anchors = (F.normalize(desc[0], dim=1) * math.sqrt(desc[0].shape[1])
+                       if cfg.descriptor_norm else desc[0])
+            loss_variance = variance_loss(anchors)
         loss = (lambdas["kd"] * loss_kd + lambdas["metric"] * loss_metric
-                + lambdas["compact"] * loss_compact)
+                + lambdas["compact"] * loss_compact + lambdas["variance"] * loss_variance)
 
         value = loss.item()
-        if not math.isfinite(value):
+        if world.any(not math.isfinite(value), device):
             raise TrainingError(
                 f"non-finite teacher loss at p={p}, iteration {it + 1} of {cfg.iterations} "
                 f"(kd {loss_kd.item():.4g}, metric {loss_metric.item():.4g}, compact "
-                f"{loss_compact.item():.4g}); lower teacher.lr or check the images and start "
-                f"again (without --resume); {last_good(checkpoint)}")
+                f"{loss_compact.item():.4g}, variance {loss_variance.item():.4g}); lower "
+                f"teacher.lr or check the images and start again (without --resume); "
+                f"{last_good(checkpoint)}")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -329,8 +460,9 @@ def _pretrain_scale(
         terms["kd"].append(loss_kd.item())
         terms["metric"].append(loss_metric.item())
         terms["compact"].append(loss_compact.item())
+        terms["variance"].append(loss_variance.item())
         task.advance(1, loss=value)
-        stop = checkpoint is not None and checkpoint.stop.poll()
+        stop = checkpoint is not None and world.any(checkpoint.stop.poll(), device)
         if checkpoint is not None and it + 1 < cfg.iterations and (
                 stop or (it + 1) % checkpoint.every == 0):
             where = save(it + 1)
@@ -350,6 +482,19 @@ def _pretrain_scale(
     return teacher, info
 
 
+def _diagnose(net: PatchNetwork, images: torch.Tensor, settings: Settings) -> dict[str, Any]:
+    """Diagnostics of a finished teacher, with a warning per sign of collapse."""
+    cfg = settings.teacher
+    # The augmented copy must fit inside the image without clamping.
+    shift = max(0, min(cfg.positive_shift, (images.shape[-1] - net.patch_size) // 2))
+    diag = teacher_diagnostics(net, images, n_patches=cfg.diagnostic_patches, shift=shift,
+                               noise=cfg.positive_noise, seed=settings.seed)
+    diag["warnings"] = collapse_warnings(diag)
+    for line in diag["warnings"]:
+        warn(line)
+    return diag
+
+
 def pretrain_teachers(
     settings: Settings,
     samples: Sequence[Sample],
@@ -357,26 +502,36 @@ def pretrain_teachers(
     reporter: Reporter = NULL_REPORTER,
     device: torch.device = torch.device("cpu"),
     checkpoint: Checkpoint | None = None,
+    world: World = SINGLE,
 ) -> tuple[dict[int, PatchNetwork], dict[str, Any]]:
     """Pretrain one teacher per ``settings.teacher.patch_sizes`` on patches of ``samples``.
 
-    Distillation is on when ``teacher.backbone_weights`` names a ResNet-18 file and
-    ``lambda_kd`` > 0; otherwise the teachers train on metric learning and compactness only
-    (``lambda_metric`` ``None`` then means 1), and a note says so. With ``checkpoint`` the
-    run is checkpointed and resumed (module docstring); the scales the resumed checkpoint
-    finished are taken from it.
+    In a distributed run (``world``) every rank reads only its shard of ``samples``
+    (:func:`_pretrain_scale`), and at the end the ranks compare a digest of their teachers.
+
+    Distillation is on when ``lambda_kd`` > 0 and the target (:func:`resolve_target`) is
+    ``resnet18`` (the ResNet-18 file ``teacher.backbone_weights``) or ``handcrafted``; with
+    target ``none`` the teachers train on metric learning and compactness only
+    (``lambda_metric`` ``None`` then means 1), and a note says so. After each scale the
+    teacher is diagnosed (:mod:`stad.diagnostics`, ``teacher.diagnostic_patches`` patches) and
+    every sign of collapse is printed as a warning. With ``checkpoint`` the run is checkpointed
+    and resumed (module docstring); the scales the resumed checkpoint finished are taken from it.
 
     Returns:
         teachers: {p: PatchNetwork} on the CPU, eval mode, ``requires_grad`` False.
         info: ``losses`` ({"p17": {"first", "last", "curve", "terms", "seconds"}}), ``lambdas``
-            (the effective ones), ``distillation``, ``backbone`` ({"path", "sha256"} or None),
-            ``data`` ({"n_images", "image_size"}), ``iterations``, ``batch_size``, ``seconds``.
+            (the effective ones), ``target`` ("resnet18", "handcrafted" or "none": what was
+            distilled), ``distillation``, ``backbone`` ({"path", "sha256"} or None),
+            ``handcrafted`` ({"dim", "blocks"} or None), ``diagnostics`` ({"p17": figures and
+            "warnings"}, empty when off), ``data`` ({"n_images", "image_size"}),
+            ``iterations``, ``batch_size``, ``seconds``.
 
     Raises:
-        UsageError: patch sizes larger than ``image_size``, all loss weights zero, a missing
-            backbone file. ArtifactError: an unusable backbone file. DataError: no images,
-            unreadable images, or one image with metric learning on. TrainingError: a
-            non-finite loss (naming the scale, the iteration and the last good checkpoint).
+        UsageError: patch sizes larger than ``image_size``, all loss weights zero, target
+            resnet18 without a backbone file, a missing backbone file. ArtifactError: an
+            unusable backbone file. DataError: no images, unreadable images, or one image with
+            metric learning on. TrainingError: a non-finite loss (naming the scale, the
+            iteration and the last good checkpoint).
             Interrupted: a stop was requested (after saving the checkpoint).
     """
     cfg = settings.teacher
@@ -388,34 +543,47 @@ def pretrain_teachers(
     if not samples:
         raise DataError("no images to pretrain the teacher on")
 
+    target = resolve_target(cfg)
+    if target == "resnet18" and cfg.backbone_weights is None:
+        raise UsageError("teacher target resnet18 distils a ResNet-18 read from a local file: "
+                         "pass --backbone-weights FILE, or choose --target handcrafted (no "
+                         "download) or none")
     backbone_info: dict[str, str] | None = None
     backbone: nn.Module | None = None
-    if cfg.backbone_weights is not None and cfg.lambda_kd > 0:
+    if target == "resnet18" and cfg.lambda_kd > 0:
+        assert cfg.backbone_weights is not None
         backbone, sha256 = resnet18_features(cfg.backbone_weights)
         backbone = backbone.to(device)
         backbone_info = {"path": str(cfg.backbone_weights), "sha256": sha256}
-    distillation = backbone is not None
+    elif target != "resnet18" and cfg.backbone_weights is not None:
+        reporter.note(f"teacher target is {target}: the backbone weights are not used")
+    distillation = target != "none" and cfg.lambda_kd > 0
     lambdas = _lambdas(cfg, distillation)
     if not distillation:
-        if cfg.backbone_weights is not None:
-            reporter.note("distillation is off: teacher.lambda_kd = 0, so the backbone weights "
-                          "are not used")
+        if target != "none":
+            reporter.note(f"distillation is off: teacher.lambda_kd = 0, so the {target} target "
+                          "is not used")
         elif lambdas["metric"] > 0:
             reporter.note(NO_BACKBONE_NOTE)
         else:
-            reporter.note("distillation is off (no --backbone-weights) and lambda_metric = 0: "
+            reporter.note("distillation is off (--target none) and lambda_metric = 0: "
                           "training on compactness only")
     if not any(v > 0 for v in lambdas.values()):
         raise UsageError(f"every teacher loss weight is zero ({lambdas}); set lambda_kd with "
                          "backbone weights, lambda_metric or lambda_compact above zero")
-    if lambdas["metric"] > 0 and len(samples) < 2:
+    if lambdas["metric"] > 0 and len(samples) < 2 * world.size:
         raise DataError("metric learning draws its negative patches from another image, but "
-                        "there is only one image; add images or set teacher.lambda_metric = 0")
+                        f"there is only one image{' per process' if world.size > 1 else ''}; "
+                        "add images or set teacher.lambda_metric = 0")
+    if len(samples) < world.size:
+        raise DataError(f"{len(samples)} images cannot be shared by {world.size} processes: "
+                        "run on fewer")
 
     start = time.perf_counter()
-    images = load_images(samples, cfg.image_size, reporter=reporter).to(device)
+    images = load_images(world.shard(samples), cfg.image_size, reporter=reporter).to(device)
     teachers: dict[int, PatchNetwork] = {}
     losses: dict[str, Any] = {}
+    diagnostics: dict[str, Any] = {}
     for k, p in enumerate(cfg.patch_sizes):
         name = f"p{p}"
         done = checkpoint.resumed_scale(name) if checkpoint is not None else None
@@ -425,8 +593,10 @@ def pretrain_teachers(
             losses[name] = done
         else:
             teachers[p], losses[name] = _pretrain_scale(
-                p, images, settings, lambdas, backbone, reporter=reporter, device=device,
-                checkpoint=checkpoint)
+                p, images, settings, lambdas, target, backbone, reporter=reporter,
+                device=device, checkpoint=checkpoint, world=world)
+        if cfg.diagnostic_patches > 1:
+            diagnostics[name] = _diagnose(teachers[p], images, settings)
         if checkpoint is not None:
             checkpoint.finish(name, with_prefix(teachers[p].state_dict(), f"teacher.{name}"),
                               losses[name])
@@ -435,11 +605,26 @@ def pretrain_teachers(
                 checkpoint.save({}, None, where=where)
                 if checkpoint.stop.requested:
                     raise checkpoint.interrupted(where)
+    distributed = None
+    if world.size > 1:
+        digest = tensors_sha256({f"p{p}.{k}": v for p, net in teachers.items()
+                                 for k, v in net.state_dict().items()})
+        digests = world.gather(digest)
+        if len(set(digests)) != 1:
+            raise TrainingError(f"the {world.size} processes ended with different teachers "
+                                f"({', '.join(d[:12] for d in digests)}); this is a bug, "
+                                "please report it with the command line")
+        distributed = {"ranks": world.size, "backend": world.backend, "weights_sha256": digest}
     return teachers, {
         "losses": losses,
+        "distributed": distributed,
         "lambdas": lambdas,
+        "target": target if distillation else "none",
         "distillation": distillation,
         "backbone": backbone_info,
+        "handcrafted": ({"dim": HANDCRAFTED_DIM, "blocks": dict(BLOCKS)}
+                        if distillation and target == "handcrafted" else None),
+        "diagnostics": diagnostics,
         "data": {"n_images": len(samples), "image_size": cfg.image_size,
                  "mean": list(DEFAULT_MEAN), "std": list(DEFAULT_STD)},
         "iterations": cfg.iterations,

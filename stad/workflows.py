@@ -26,13 +26,14 @@ from stad.console import NULL_REPORTER, Reporter
 from stad.data import DataSelection, select_data
 from stad.datasets.base import Sample
 from stad.distributed import joined
-from stad.errors import DataError, UsageError
+from stad.errors import ArtifactError, DataError, UsageError
 from stad.fsutil import check_output_dir, check_output_file, output_lock
 from stad.images import DEFAULT_MEAN, DEFAULT_STD
 from stad.model import Model, load_teachers, model_from_tensors, model_tensors, teacher_tensors
-from stad.networks import PatchNetwork, build_network
+from stad.networks import PATCH_SIZES, PatchNetwork, build_network
 from stad.scoring import (
     calibrate_model,
+    configure,
     f1_threshold,
     fpr_threshold,
     image_score,
@@ -42,6 +43,45 @@ from stad.scoring import (
 from stad.students import fit_students, split_train_val
 
 RANDOM_TEACHER = "random"
+BUILTIN_TEACHER = "builtin"
+
+
+def builtin_teacher_path() -> Path:
+    """The teacher artifact shipped inside the package (how it was made: docs/quality.md,
+    "The shipped teacher")."""
+    return Path(__file__).resolve().parent / "assets" / "teacher.safetensors"
+
+
+def resolve_teachers(teacher: str | Path | None, patch_sizes: Sequence[int] | None, seed: int
+                     ) -> tuple[dict[int, PatchNetwork], dict[str, Any], dict[str, Any]]:
+    """The teachers a command works with: ``teacher`` is a teacher or model artifact,
+    ``random`` (randomly initialized, seeded by ``seed``) or ``builtin`` / None (the shipped
+    teacher). ``patch_sizes`` None: every scale the artifact has (random: all three).
+
+    Returns:
+        the frozen teachers by patch size, their source (for the artifact's info), and the
+        artifact's own info (empty for random teachers).
+    """
+    name = BUILTIN_TEACHER if teacher is None else str(teacher)
+    if name == RANDOM_TEACHER:
+        sizes = list(patch_sizes or PATCH_SIZES)
+        nets = {p: build_network(p, generator=torch.Generator().manual_seed(seed + p))
+                .eval().requires_grad_(False) for p in sizes}
+        return nets, {"source": RANDOM_TEACHER, "seed": seed}, {}
+    path = builtin_teacher_path() if name == BUILTIN_TEACHER else Path(name)
+    if name == BUILTIN_TEACHER and not path.is_file():
+        raise ArtifactError(f"the built-in teacher {path} is missing from this installation: "
+                            "reinstall stad, or pass --teacher FILE (from `stad "
+                            f"pretrain-teacher`) or --teacher {RANDOM_TEACHER}")
+    artifact = load_artifact(path, kind=("teacher", "model"))
+    nets = load_teachers(artifact.tensors, patch_sizes=patch_sizes)
+    # A model records its teacher's pretraining info under teacher.info.
+    info = (artifact.info.get("teacher", {}).get("info", {}) if artifact.kind == "model"
+            else artifact.info)
+    source = {"source": BUILTIN_TEACHER if name == BUILTIN_TEACHER else str(path),
+              "kind": artifact.kind, "target": info.get("target"),
+              "stad_version": artifact.stad_version, "info": info}
+    return nets, source, info
 
 
 def _relative(samples: Sequence[Sample], root: Path) -> list[str]:
@@ -77,8 +117,11 @@ def _resume_command(command: str) -> str:
 def _backbone_identity(settings: Settings) -> str | None:
     # The backbone's bytes decide the distillation targets; pretrain_teachers reports a
     # missing or unreadable file itself.
+    from stad.teacher import resolve_target
+
     path = settings.teacher.backbone_weights
-    if path is None or settings.teacher.lambda_kd <= 0 or not Path(path).is_file():
+    if (path is None or settings.teacher.lambda_kd <= 0 or not Path(path).is_file()
+            or resolve_target(settings.teacher) != "resnet18"):
         return None
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
@@ -98,10 +141,11 @@ def pretrain_teacher(settings: Settings, *, out: Path, resume: bool = False,
     samples = selection.samples("train")
     if not samples:
         raise DataError(f"no training images in {selection.describe()}")
-    device = resolve_device(settings.device)
     preprocessing = {"image_size": settings.teacher.image_size, "mean": list(DEFAULT_MEAN),
                      "std": list(DEFAULT_STD)}
-    with output_lock(out):
+    # Under torchrun, one of N processes; only rank 0 locks and writes (as in `fit`).
+    with joined(resolve_device(settings.device)) as (world, device), \
+            output_lock(out) if world.main else contextlib.nullcontext():
         identity = {"images": images_identity(_relative(samples, selection.root),
                                               [s.image for s in samples]),
                     "backbone": _backbone_identity(settings)}
@@ -109,37 +153,87 @@ def pretrain_teacher(settings: Settings, *, out: Path, resume: bool = False,
             out, command="pretrain-teacher", settings=settings, identity=identity,
             preprocessing=preprocessing, resume=resume,
             resume_command=_resume_command("pretrain-teacher"), reporter=reporter)
+        checkpoint.writer = world.main
         with stop_on_signals(checkpoint.stop):
             teachers, info = pretrain_teachers(settings, samples, reporter=reporter,
-                                               device=device, checkpoint=checkpoint)
+                                               device=device, checkpoint=checkpoint,
+                                               world=world)
             info["data"] = {**info.get("data", {}), **_data_info(selection)}
             artifact = Artifact(
                 kind="teacher", tensors=teacher_tensors(teachers),
                 config=settings.model_dump(mode="json"), preprocessing=preprocessing,
                 seed=settings.seed, info=info)
-            save_artifact(out, artifact)
+            if world.main:
+                save_artifact(out, artifact)
         checkpoint.remove()
     return {"artifact": str(out), "kind": "teacher", "patch_sizes": sorted(teachers),
             "resumed": checkpoint.resumed is not None, **info}
 
 
+# ---- inspect-teacher --------------------------------------------------------------------------
+
+INSPECT_MAX_IMAGES = 64  # diagnostics read at most this many training images, evenly spaced
+
+
+def inspect_teacher(settings: Settings, *, teacher: str | Path,
+                    patch_sizes: Sequence[int] | None = None, n_patches: int = 256,
+                    reporter: Reporter = NULL_REPORTER) -> dict[str, Any]:
+    """``stad inspect-teacher``: collapse diagnostics (:mod:`stad.diagnostics`) per scale.
+
+    ``teacher`` is a teacher or model artifact (its teachers), or ``random`` (the randomly
+    initialized teachers ``fit-students --teacher random`` would use with this seed). The images
+    are the training images of the selected data, resized to ``teacher.image_size``; without
+    ``--dataset``/``--category`` those the artifact was trained on, else the synthetic
+    ``grain`` set. Warnings name each scale that looks collapsed.
+    """
+    from stad.console import warn
+    from stad.diagnostics import collapse_warnings, teacher_diagnostics
+    from stad.teacher import load_images
+
+    if n_patches < 2:
+        raise UsageError(f"--patches must be at least 2, got {n_patches}")
+    if str(teacher) == RANDOM_TEACHER and not patch_sizes:
+        patch_sizes = settings.teacher.patch_sizes
+    nets, source, info = resolve_teachers(teacher, patch_sizes, settings.seed)
+    source.pop("info", None)
+    # Data defaults to what the artifact was trained (or fitted) on; the built-in teacher's
+    # training photos are not installed, so it is looked at on the synthetic set.
+    data = info.get("data", {}) if source["source"] != BUILTIN_TEACHER else {}
+    given = settings.model_fields_set
+    if "dataset" not in given and settings.category is None:
+        settings = settings.model_copy(update={
+            "dataset": data.get("dataset", "synthetic"), "root": data.get("root"),
+            "category": data.get("category", "grain")})
+    selection = select_data(settings)
+    samples = selection.samples("train")
+    if not samples:
+        raise DataError(f"no training images in {selection.describe()}")
+    if len(samples) > INSPECT_MAX_IMAGES:
+        step = len(samples) / INSPECT_MAX_IMAGES
+        samples = [samples[int(k * step)] for k in range(INSPECT_MAX_IMAGES)]
+    size = settings.teacher.image_size
+    too_big = [p for p in nets if p > size]
+    if too_big:
+        raise UsageError(f"teacher.image_size {size} is smaller than patch size {too_big[0]}; "
+                         "raise it (STAD_TEACHER__IMAGE_SIZE) or choose --patch-sizes")
+    images = load_images(samples, size, reporter=reporter)
+    cfg = settings.teacher
+    scales: dict[str, Any] = {}
+    for p, net in sorted(nets.items()):
+        shift = max(0, min(cfg.positive_shift, (size - p) // 2))
+        diag = teacher_diagnostics(net, images, n_patches=n_patches, shift=shift,
+                                   noise=cfg.positive_noise, seed=settings.seed)
+        diag["warnings"] = collapse_warnings(diag)
+        for line in diag["warnings"]:
+            warn(line)
+        scales[f"p{p}"] = diag
+    return {"teacher": source, "data": {**_data_info(selection), "n_images": len(samples),
+                                        "image_size": size},
+            "diagnostics": scales, "collapsed": sorted(k for k, v in scales.items()
+                                                       if v["warnings"])}
+
+
 # ---- fit-students ----------------------------------------------------------------------------
-
-
-def _teachers(teacher: str | Path | None, settings: Settings) -> tuple[dict[int, PatchNetwork],
-                                                                        dict[str, Any]]:
-    sizes = settings.students.patch_sizes
-    if teacher is None:
-        raise UsageError("no teacher given: pass --teacher FILE (from `stad pretrain-teacher`) "
-                         f"or --teacher {RANDOM_TEACHER} for randomly initialized teachers")
-    if str(teacher) == RANDOM_TEACHER:
-        nets = {p: build_network(p, generator=torch.Generator().manual_seed(settings.seed + p))
-                .eval().requires_grad_(False) for p in sizes}
-        return nets, {"source": RANDOM_TEACHER, "seed": settings.seed}
-    artifact = load_artifact(teacher, kind=("teacher", "model"))
-    nets = load_teachers(artifact.tensors, patch_sizes=sizes)
-    return nets, {"source": str(teacher), "stad_version": artifact.stad_version,
-                  "info": artifact.info.get("teacher", artifact.info)}
 
 
 def fit(settings: Settings, *, teacher: str | Path | None, out: Path, resume: bool = False,
@@ -155,7 +249,7 @@ def fit(settings: Settings, *, teacher: str | Path | None, out: Path, resume: bo
     fit_samples, held, source = split_train_val(
         selection.samples("train"), selection.samples("val"), fraction=cfg.val_fraction,
         seed=settings.seed)
-    teachers, teacher_info = _teachers(teacher, settings)
+    teachers, teacher_info, _ = resolve_teachers(teacher, cfg.patch_sizes, settings.seed)
     start = time.perf_counter()
     # Under torchrun, one of N processes (stad.distributed); only rank 0 writes (and so locks)
     # the output and the checkpoint.
@@ -252,6 +346,7 @@ def calibrate(settings: Settings, *, model_path: Path, out: Path | None = None,
         check_output_file(out)
     device = resolve_device(settings.device)
     model, artifact = load_model(model_path, device)
+    configure(model, settings.score)
     settings = _with_model_data(settings, artifact)
     selection = select_data(settings)
     val = validation_samples(selection, artifact.info)
@@ -370,25 +465,26 @@ def score(settings: Settings, *, model_path: Path, inputs: Sequence[Path],
         check_output_dir(maps_dir)
     device = resolve_device(settings.device)
     model, artifact = load_model(model_path, device)
+    configure(model, settings.score)  # before _calibrated swaps in the calibrated score rule
     calibration, settings = _calibrated(model_path, artifact, settings)
     if threshold is None:
         threshold = calibration["threshold"]
     paths = expand_inputs(inputs)
     task = reporter.task("scoring", len(paths))
-    from stad.scoring import verdict_record
+    from stad.scoring import ImageError, iter_results, verdict_record
 
-    for path in paths:
-        try:
-            (maps,) = list(iter_maps(model, [path], device=device))
-        except DataError as exc:
+    # Batches of model.inference.batch_size images; the next batch is read while one runs.
+    for maps in iter_results(model, paths, device=device):
+        if isinstance(maps, ImageError):
             if on_error != "skip":
-                raise
-            yield {"path": str(path), "error": str(exc)}
+                raise maps.error
+            yield {"path": str(maps.path), "error": str(maps.error)}
             task.advance(1)
             continue
         record = verdict_record(maps, settings, threshold)
         if maps_dir is not None:
-            record["map"] = write_maps(maps_dir, path, maps.maps["fused"], maps.image, threshold)
+            record["map"] = write_maps(maps_dir, maps.path, maps.maps["fused"], maps.image,
+                                       threshold)
         task.advance(1)
         yield record
     task.done()
@@ -409,6 +505,7 @@ def evaluate(settings: Settings, *, model_path: Path, report: Path | None = None
         check_output_dir(report)
     device = resolve_device(settings.device)
     model, artifact = load_model(model_path, device)
+    configure(model, settings.score)  # before _calibrated swaps in the calibrated score rule
     calibration, settings = _calibrated(model_path, artifact, settings)
     settings = _with_model_data(settings, artifact)
     selection = select_data(settings)
@@ -435,7 +532,9 @@ DEMO_CATEGORY = "grain"
 DEMO_SETTINGS: dict[str, Any] = {
     "dataset": "synthetic",
     "category": DEMO_CATEGORY,
-    "teacher": {"patch_sizes": [17, 33], "iterations": 50, "image_size": 64},
+    # target "none" (triplet + compactness): what the demo's figures in docs/usage.md were
+    # measured with; the handcrafted target's quality is in docs/quality.md.
+    "teacher": {"patch_sizes": [17, 33], "iterations": 50, "image_size": 64, "target": "none"},
     "students": {"preset": "fast", "patch_sizes": [17, 33], "image_size": 64, "epochs": 8,
                  "crop_size": None, "batch_size": 4, "lr": 1e-3, "precision": "bf16"},
 }

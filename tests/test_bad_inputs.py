@@ -402,7 +402,6 @@ def test_stad_variable_of_the_wrong_type(fitted: Fitted) -> None:
     (["calibrate", "--method", "bogus"], "threshold_method"),
     (["calibrate", "--target-fpr", "2"], "target_fpr"),
     (["score", "--on-error", "maybe", "{image}"], "--on-error"),
-    (["fit-students", "--root", "{data}", *DATA, "--out", "{tmp}/m.safetensors"], "--teacher"),
     (["fit-students", "--root", "{data}", *DATA, "--teacher", "random", "--image-size", "8",
       "--out", "{tmp}/m.safetensors"], "image_size"),
 ])

@@ -14,12 +14,26 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow
 def test_speed_benchmark_quick_run():
-    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "speed.py"), "--quick"],
-                            capture_output=True, text=True, timeout=600, check=True)
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "speed.py"), "--quick",
+                             "--parts", "peak,dense,fused,patchwise,train,score,tiled"],
+                            capture_output=True, text=True, timeout=900, check=True, cwd=REPO)
     data = json.loads(result.stdout)
     for key in ("peak", "ensemble_fp32", "ensemble_bf16", "dense_vs_patchwise_speedup",
-                "train_p17_fp32", "peak_memory_mib"):
+                "train_p17_fp32", "peak_memory_mib", "ensemble_separate_vs_fused_fp32",
+                "score_end_to_end_fp32", "tiled_memory"):
         assert key in data
     assert data["peak"]["fp32"]["peak_gflops"] > 0
     assert all(v > 1 for v in data["dense_vs_patchwise_speedup"].values())
     assert "ensemble (3×4 nets) fp32" in result.stderr
+    fused = data["ensemble_separate_vs_fused_fp32"]
+    assert fused["separate"]["images_per_s"] > 0 and fused["fused"]["images_per_s"] > 0
+    e2e = data["score_end_to_end_fp32"]
+    assert 0 < e2e["ratio"] < 2 and e2e["n_images"] == 4
+    # The child process's own peak: above torch's import (~0.5 GB), far below the machine's.
+    assert 100 < data["tiled_memory"]["peak_rss_mib"] < 4096
+
+
+def test_speed_benchmark_rejects_unknown_parts():
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "speed.py"), "--parts",
+                             "peak,warp"], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert result.returncode == 2 and "warp" in result.stderr

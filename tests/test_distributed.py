@@ -64,9 +64,11 @@ def _data(root: Path) -> Path:
     return root
 
 
-def _torchrun(tmp: Path, *args: str, nproc: int = 2) -> subprocess.CompletedProcess[str]:
+def _torchrun(tmp: Path, *args: str, nproc: int = 2, env: dict[str, str] | None = None
+              ) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "STAD_STUDENTS__BATCH_SIZE": "2",
-           "STAD_STUDENTS__CROP_SIZE": "12", "STAD_STUDENTS__CHECKPOINT_EVERY": "1"}
+           "STAD_STUDENTS__CROP_SIZE": "12", "STAD_STUDENTS__CHECKPOINT_EVERY": "1",
+           **(env or {})}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc-per-node={nproc}", "-m", "stad", *args]
     return subprocess.run(cmd, env=env, cwd=tmp, capture_output=True, text=True, timeout=300)
@@ -163,3 +165,25 @@ def test_a_signal_stops_every_rank_and_rank_0_saves(tmp_path: Path) -> None:
     assert checkpoint_path(out).is_file() and not out.exists()
     saved = load_artifact(checkpoint_path(out), kind="checkpoint")
     assert saved.info["progress"] is None or saved.info["progress"]["ranks"] == 2
+
+
+@pytest.mark.slow
+def test_pretrain_teacher_on_two_processes_writes_one_agreed_teacher(tmp_path: Path) -> None:
+    root = _data(tmp_path / "data")
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    out = out_dir / "teacher.safetensors"
+    env = {"STAD_TEACHER__IMAGE_SIZE": "32", "STAD_TEACHER__BATCH_SIZE": "4",
+           "STAD_TEACHER__DIAGNOSTIC_PATCHES": "0", "STAD_TEACHER__CHECKPOINT_EVERY": "2"}
+    done = _torchrun(tmp_path, "pretrain-teacher", "--dataset", "synthetic", "--root",
+                     str(root), "--category", "grain", "--device", "cpu", "--patch-sizes", "17",
+                     "--iterations", "5", "--out", str(out), "--json", env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert sorted(p.name for p in out_dir.iterdir()) == [".teacher.safetensors.lock",
+                                                         "teacher.safetensors"]
+    assert done.stdout.count('"artifact"') == 1
+    artifact = load_artifact(out, kind="teacher")
+    dist = artifact.info["distributed"]
+    assert dist["ranks"] == 2
+    weights = {k.removeprefix("teacher."): v for k, v in load_file(str(out)).items()}
+    assert tensors_sha256(weights) == dist["weights_sha256"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -9,10 +10,21 @@ import pytest
 import torch
 from PIL import Image
 
+from stad import scoring
 from stad.config import ScoreSettings
-from stad.model import Model, Scale
+from stad.errors import DataError
+from stad.model import Inference, Model, Scale
 from stad.networks import build_network
-from stad.scoring import calibrate_model, f1_threshold, fpr_threshold, image_score, iter_maps
+from stad.scoring import (
+    ImageError,
+    ImageMaps,
+    calibrate_model,
+    f1_threshold,
+    fpr_threshold,
+    image_score,
+    iter_maps,
+    iter_results,
+)
 
 
 def _model(seed: int = 0, sizes=(17,)) -> Model:
@@ -120,3 +132,70 @@ def test_f1_threshold():
     assert 0.3 <= t < 0.35
     pred = [s > t for s in scores]
     assert pred == labels
+
+
+def test_batched_results_keep_order_and_report_bad_files(tmp_path: Path):
+    model = _model()
+    calibrate_model(model, _images(tmp_path, 2, seed=6), ScoreSettings(),
+                    device=torch.device("cpu"))
+    paths = _images(tmp_path, 4, seed=7)
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not a png")
+    order = [paths[0], bad, paths[1], paths[2], paths[3]]
+    cpu = torch.device("cpu")
+    results = list(iter_results(model, order, device=cpu, batch_size=2))
+    assert [r.path for r in results] == order
+    assert isinstance(results[1], ImageError) and "bad.png" in str(results[1].error)
+    # Each map equals the map of the image scored alone (batching changes nothing).
+    for r, path in zip([results[0], *results[2:]], [paths[0], *paths[1:]], strict=True):
+        assert isinstance(r, ImageMaps)
+        (alone,) = iter_maps(model, [path], device=cpu, batch_size=1)
+        np.testing.assert_allclose(r.maps["fused"], alone.maps["fused"], rtol=1e-5, atol=1e-5)
+    # iter_maps yields the images before the bad one, then raises its DataError.
+    it = iter_maps(model, order, device=cpu, batch_size=2)
+    assert next(it).path == paths[0]
+    with pytest.raises(DataError, match="bad.png"):
+        next(it)
+
+
+def test_next_batch_is_read_in_the_background_and_results_stream(tmp_path: Path,
+                                                                monkeypatch):
+    model = _model()
+    calibrate_model(model, _images(tmp_path, 2, seed=8), ScoreSettings(),
+                    device=torch.device("cpu"))
+    readers: list[str] = []
+    real_prepare, real_maps = scoring.prepare, model.maps
+    passes: list[int] = []
+
+    def spy_prepare(path, m):
+        readers.append(threading.current_thread().name)
+        return real_prepare(path, m)
+
+    def spy_maps(x):
+        passes.append(x.shape[0])
+        return real_maps(x)
+
+    monkeypatch.setattr(scoring, "prepare", spy_prepare)
+    monkeypatch.setattr(model, "maps", spy_maps)
+    model.inference = Inference(batch_size=2)  # the model's batch size is the default
+    it = iter_maps(model, _images(tmp_path, 5, seed=9), device=torch.device("cpu"))
+    next(it)
+    assert passes == [2]  # the first result comes after the first batch only
+    assert list(it) and passes == [2, 2, 1]
+    assert readers and all(name.startswith("stad-read") for name in readers)
+
+
+def test_bf16_maps_are_close_to_fp32(tmp_path: Path):
+    model = _model(sizes=(17, 33))
+    calibrate_model(model, _images(tmp_path, 2, seed=10), ScoreSettings(),
+                    device=torch.device("cpu"))
+    paths = _images(tmp_path, 2, seed=11)
+    cpu = torch.device("cpu")
+    exact = [m.maps["fused"] for m in iter_maps(model, paths, device=cpu)]
+    model.inference = Inference(precision="bf16")
+    approx = [m.maps["fused"] for m in iter_maps(model, paths, device=cpu)]
+    for a, b in zip(approx, exact, strict=True):
+        assert a.dtype == np.float32
+        diff = np.abs(a - b)
+        # bf16 keeps 8 bits of mantissa: the maps move, but by a fraction of their spread.
+        assert 0 < diff.max() < 0.2 * (b.max() - b.min())

@@ -34,6 +34,7 @@ from stad.teacher import (
     pretrain_teachers,
     resnet18_features,
     triplet_loss,
+    variance_loss,
 )
 
 
@@ -79,7 +80,9 @@ def _samples(folder: Path, n: int = 4, size: int = 48, seed: int = 0) -> list[Sa
 
 
 def _settings(seed: int = 0, **teacher: Any):
-    values = {"patch_sizes": [17], "iterations": 3, "batch_size": 8, "image_size": 48, **teacher}
+    # Diagnostics are off unless a test asks for them (they cost more than 3 iterations).
+    values = {"patch_sizes": [17], "iterations": 3, "batch_size": 8, "image_size": 48,
+              "target": "none", "diagnostic_patches": 0, **teacher}
     return resolve_settings({"seed": seed, "teacher": values}, environ={})
 
 
@@ -102,8 +105,9 @@ def test_without_backbone_trains_on_metric_and_compactness(tmp_path: Path) -> No
 
     assert NO_BACKBONE_NOTE in rec.notes
     assert info["distillation"] is False and info["backbone"] is None
+    assert info["target"] == "none" and info["handcrafted"] is None
     # lambda_metric None means 1 without distillation; kd is off.
-    assert info["lambdas"] == {"kd": 0.0, "metric": 1.0, "compact": 1.0}
+    assert info["lambdas"] == {"kd": 0.0, "metric": 1.0, "compact": 1.0, "variance": 0.0}
     assert info["data"]["n_images"] == 4 and info["iterations"] == 4
     loss = info["losses"]["p17"]
     assert math.isfinite(loss["first"]) and math.isfinite(loss["last"])
@@ -123,7 +127,7 @@ def test_explicit_lambda_metric_zero_without_backbone(tmp_path: Path) -> None:
     rec = Recorder()
     _, info = pretrain_teachers(_settings(iterations=1, lambda_metric=0.0), _samples(tmp_path),
                                 reporter=rec)
-    assert info["lambdas"] == {"kd": 0.0, "metric": 0.0, "compact": 1.0}
+    assert info["lambdas"] == {"kd": 0.0, "metric": 0.0, "compact": 1.0, "variance": 0.0}
     assert any("compactness only" in n for n in rec.notes)
 
 
@@ -134,7 +138,8 @@ def test_loss_falls(tmp_path: Path) -> None:
     # descriptors are farther apart than the margin), so neither makes a clean falling curve.
     path = tmp_path / "resnet18.safetensors"
     save_file(_resnet18_state(), path)
-    settings = _settings(iterations=12, lr=1e-3, lambda_compact=0.0, backbone_weights=str(path))
+    settings = _settings(iterations=12, lr=1e-3, lambda_compact=0.0, backbone_weights=str(path),
+                         target="auto")
     rec = Recorder()
     pretrain_teachers(settings, _samples(tmp_path), reporter=rec)
     losses = rec.tasks["teacher p=17"].losses
@@ -187,11 +192,12 @@ def test_backbone_file_turns_distillation_on(tmp_path: Path, suffix: str) -> Non
         torch.testing.assert_close(backbone(x), reference.eval()(x))  # the pooled 512-d feature
 
     rec = Recorder()
-    _, info = pretrain_teachers(_settings(iterations=2, backbone_weights=str(path)),
-                                _samples(tmp_path), reporter=rec)
-    assert info["distillation"] is True
+    _, info = pretrain_teachers(_settings(iterations=2, backbone_weights=str(path),
+                                          target="auto"), _samples(tmp_path), reporter=rec)
+    assert info["distillation"] is True and info["target"] == "resnet18"
     assert info["backbone"] == {"path": str(path), "sha256": _sha256(path)}
-    assert info["lambdas"] == {"kd": 1.0, "metric": 0.0, "compact": 1.0}  # the paper's
+    # The paper's weights.
+    assert info["lambdas"] == {"kd": 1.0, "metric": 0.0, "compact": 1.0, "variance": 0.0}
     assert not rec.notes
     assert info["losses"]["p17"]["terms"]["kd"] > 0 and math.isfinite(info["losses"]["p17"]["last"])
 
@@ -326,3 +332,115 @@ def test_triplet_loss_hand_computed() -> None:
     # By hand: â = (√2, 0), p̂ = (1, 1), n̂ = (0, √2): δ⁺ = (√2 − 1)² + 1, ‖â − n̂‖² = 4,
     # ‖p̂ − n̂‖² = 1 + (1 − √2)² = δ⁺, so the loss is the margin, 1.
     assert expected == pytest.approx(1.0)
+
+
+# --- targets, anti-collapse terms and diagnostics (issue 8) ------------------------------------
+
+
+def test_auto_target_without_backbone_distils_the_handcrafted_bank(tmp_path: Path) -> None:
+    rec = Recorder()
+    teachers, info = pretrain_teachers(_settings(iterations=2, target="auto"),
+                                       _samples(tmp_path), reporter=rec)
+    assert teacher_mod.resolve_target(_settings(target="auto").teacher) == "handcrafted"
+    assert info["target"] == "handcrafted" and info["distillation"] is True
+    assert info["backbone"] is None and info["handcrafted"]["dim"] == 484
+    assert info["lambdas"] == {"kd": 1.0, "metric": 0.0, "compact": 1.0, "variance": 0.0}
+    assert not rec.notes
+    assert info["losses"]["p17"]["terms"]["kd"] > 0
+    assert teachers[17](torch.zeros(1, 3, 17, 17)).shape == (1, 128)  # the decoder is dropped
+
+
+def test_handcrafted_loss_falls(tmp_path: Path) -> None:
+    # The bank is a fixed, learnable target: distillation error falls (compactness off, as in
+    # test_loss_falls, so that the curve is the regression's).
+    settings = _settings(iterations=12, lr=1e-3, lambda_compact=0.0, target="handcrafted")
+    rec = Recorder()
+    pretrain_teachers(settings, _samples(tmp_path), reporter=rec)
+    losses = rec.tasks["teacher p=17"].losses
+    assert np.mean(losses[-4:]) < 0.7 * np.mean(losses[:4]), losses
+
+
+def test_target_choices_and_refusals(tmp_path: Path) -> None:
+    path = tmp_path / "resnet18.safetensors"
+    save_file(_resnet18_state(), path)
+    with pytest.raises(UsageError, match="needs|--backbone-weights FILE"):
+        pretrain_teachers(_settings(target="resnet18"), _samples(tmp_path))
+    # Weights given but another target chosen: they are not read, and a note says so.
+    rec = Recorder()
+    _, info = pretrain_teachers(_settings(iterations=1, target="handcrafted",
+                                          backbone_weights=str(path)), _samples(tmp_path),
+                                reporter=rec)
+    assert info["target"] == "handcrafted" and info["backbone"] is None
+    assert any("backbone weights are not used" in n for n in rec.notes)
+    # lambda_kd = 0 turns the target off.
+    _, info = pretrain_teachers(_settings(iterations=1, target="handcrafted", lambda_kd=0.0),
+                                _samples(tmp_path))
+    assert info["target"] == "none" and info["lambdas"]["metric"] == 1.0
+    with pytest.raises(UsageError, match="teacher.target"):
+        _settings(target="imagenet")
+
+
+def test_hardest_negatives_and_variance_term(tmp_path: Path) -> None:
+    settings = _settings(iterations=3, triplet_negatives="hardest", descriptor_norm=True,
+                         triplet_margin=10.0, lambda_variance=1.0)
+    _, info = pretrain_teachers(settings, _samples(tmp_path))
+    terms = info["losses"]["p17"]["terms"]
+    assert info["lambdas"]["variance"] == 1.0
+    assert terms["metric"] > 0 and math.isfinite(terms["variance"]) and terms["variance"] >= 0
+
+
+def test_hardest_negative_by_hand() -> None:
+    a = torch.tensor([[0.0, 0.0], [10.0, 0.0]])
+    pos = torch.tensor([[1.0, 0.0], [10.0, 1.0]])
+    neg = torch.tensor([[0.0, 3.0], [10.0, 2.0]])
+    # Random (own) negatives: δ⁻ = min(9, 10) = 9 and min(4, 1) = 1;
+    # losses max(0, 1 + 1 − 9) = 0 and max(0, 1 + 1 − 1) = 1: mean 0.5.
+    assert triplet_loss(a, pos, neg, margin=1.0).item() == 0.5
+    # Hardest over the batch: anchor 0 also sees neg 1 (δ = min(104, 85) = 85, not closer);
+    # anchor 1 sees neg 0 (min(109, 85) = 85) — the own ones are the hardest: same 0.5.
+    assert triplet_loss(a, pos, neg, margin=1.0, hardest=True).item() == 0.5
+    # Excluding its own negative leaves anchor 1 with δ⁻ = 85 (loss 0); anchor 0 with 85 too.
+    exclude = torch.eye(2, dtype=torch.bool)
+    assert triplet_loss(a, pos, neg, margin=1.0, hardest=True, exclude=exclude).item() == 0.0
+    # A row with every negative excluded contributes 0, not NaN.
+    out = triplet_loss(a, pos, neg, margin=1.0, hardest=True,
+                       exclude=torch.ones(2, 2, dtype=torch.bool))
+    assert out.item() == 0.0
+
+
+def test_variance_loss_by_hand() -> None:
+    # Constant channels: std = sqrt(eps) = 0.01 → 1 − 0.01 per channel.
+    assert variance_loss(torch.ones(8, 3)).item() == pytest.approx(0.99, abs=1e-6)
+    # Channels of std 2 (±2): no penalty; std 0.5 (±0.5): 1 − sqrt(0.25 + 1e-4).
+    x = torch.tensor([[2.0, 0.5], [-2.0, -0.5]])
+    assert variance_loss(x).item() == pytest.approx((1 - math.sqrt(0.25 + 1e-4)) / 2, abs=1e-6)
+
+
+def test_diagnostics_are_reported_per_scale(tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    _, info = pretrain_teachers(_settings(iterations=1, diagnostic_patches=16),
+                                _samples(tmp_path))
+    diag = info["diagnostics"]["p17"]
+    assert diag["n_patches"] == 16 and diag["dim"] == 128 and "warnings" in diag
+    assert 0 < diag["effective_rank"] <= 128
+    # Warnings go to stderr, one line each, as they are found.
+    err = capsys.readouterr().err
+    assert err.count("warning: teacher p=17") == len(diag["warnings"])
+
+
+def test_collapsed_teacher_is_warned_about_at_the_end_of_pretraining(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    # Pretraining that ends in a constant teacher (its last conv zeroed) must be flagged.
+    real = teacher_mod._pretrain_scale
+
+    def collapsing(*args: Any, **kwargs: Any) -> Any:
+        net, info = real(*args, **kwargs)
+        net.convs[-1].weight.zero_()
+        return net, info
+
+    monkeypatch.setattr(teacher_mod, "_pretrain_scale", collapsing)
+    _, info = pretrain_teachers(_settings(iterations=1, diagnostic_patches=16),
+                                _samples(tmp_path))
+    assert len(info["diagnostics"]["p17"]["warnings"]) == 4
+    assert "warning: teacher p=17: descriptors span few directions" in capsys.readouterr().err
