@@ -1,0 +1,291 @@
+"""Quality benchmark: AU-PRO@0.3 and image AUROC of stad on real-image sets, per teacher option.
+
+For each set (benchmarks/realsets.py; also the ``synthetic`` categories by name) and each
+teacher option (``random`` or a teacher artifact from ``stad pretrain-teacher``) it runs the
+library pipeline as the CLI does -- ``fit``, ``calibrate``, ``evaluate`` from
+:mod:`stad.workflows` with settings from :func:`stad.config.resolve_settings` -- and the
+per-pixel Gaussian colour baseline (no learning: :func:`fit_gaussian`). Prints a table on
+stderr and one JSON object on stdout. Run from the repository root:
+
+    python benchmarks/quality.py                          # all real sets, random teacher
+    python benchmarks/quality.py --teachers random,teacher.safetensors --sets brick coffee
+    python benchmarks/quality.py --baseline-only          # the Gaussian baseline alone
+    python benchmarks/quality.py --quick                  # tiny sizes, a smoke test
+
+Generated sets are kept under ``--data`` (default ``$STAD_CACHE/realsets``, i.e.
+``~/.cache/stad/realsets``) in a folder named after the generation parameters, and reused.
+The environment's ``STAD_*`` settings are ignored: the figures depend on the flags only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # realsets.py lives beside this file
+
+import realsets  # noqa: E402
+
+from stad.config import resolve_settings  # noqa: E402
+from stad.datasets import synthetic  # noqa: E402
+from stad.datasets.registry import get_adapter  # noqa: E402
+from stad.evaluation import Evaluated, compute_metrics  # noqa: E402
+from stad.fsutil import cache_dir  # noqa: E402
+from stad.images import load_image, load_mask  # noqa: E402
+
+QUICK = {"image_size": 32, "n_train": 6, "n_val": 2, "n_test_good": 2, "n_test_per_defect": 1,
+         "epochs": 1, "patch_sizes": "17", "students": 2, "crop": 0, "sets": ["brick", "coins"]}
+
+# --------------------------------------------------------------------------- Gaussian baseline
+
+RIDGE_ABS = (2.0 / 255) ** 2
+"""Added to every covariance diagonal: a 2-grey-level floor, so that a pixel that never varies
+in training (or a grey image's rank-1 colour covariance) does not give infinite distances."""
+RIDGE_REL = 0.01
+"""Plus this share of the pixel's mean channel variance."""
+
+
+@dataclass(frozen=True)
+class GaussianModel:
+    """Per pixel position: mean colour ``mean`` (H, W, 3) and inverse covariance
+    ``precision`` (H, W, 3, 3)."""
+
+    mean: np.ndarray
+    precision: np.ndarray
+
+
+def fit_gaussian(images: np.ndarray) -> GaussianModel:
+    """Fit a Gaussian to the RGB values at each pixel position over training images.
+
+    Args:
+        images: (N, H, W, 3) float array in [0, 1], N >= 1.
+
+    Returns:
+        The :class:`GaussianModel`: full 3×3 covariance per pixel, regularized by
+        ``(RIDGE_REL · trace/3 + RIDGE_ABS) · I``.
+    """
+    images = np.asarray(images, dtype=np.float64)
+    mean = images.mean(axis=0)
+    centred = images - mean
+    cov = np.einsum("nhwc,nhwd->hwcd", centred, centred) / max(len(images) - 1, 1)
+    ridge = RIDGE_REL * np.trace(cov, axis1=-2, axis2=-1) / 3 + RIDGE_ABS  # (H, W)
+    cov = cov + ridge[..., None, None] * np.eye(3)
+    return GaussianModel(mean=mean, precision=np.linalg.inv(cov))
+
+
+def gaussian_map(model: GaussianModel, image: np.ndarray) -> np.ndarray:
+    """Mahalanobis distance of each pixel's colour to its position's Gaussian: (H, W)."""
+    d = np.asarray(image, dtype=np.float64) - model.mean
+    return np.sqrt(np.einsum("hwc,hwcd,hwd->hw", d, model.precision, d))
+
+
+def _resized(image: np.ndarray, size: int) -> np.ndarray:
+    if image.shape[:2] == (size, size):
+        return image
+    return np.stack([np.asarray(Image.fromarray(image[..., c]).resize(
+        (size, size), Image.Resampling.BILINEAR)) for c in range(3)], axis=-1)
+
+
+def _map_to(amap: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    if amap.shape == shape[:2]:
+        return amap
+    img = Image.fromarray(amap.astype(np.float32), mode="F")
+    return np.asarray(img.resize((shape[1], shape[0]), Image.Resampling.BILINEAR))
+
+
+def baseline(dataset: str, root: Path, category: str, image_size: int) -> dict[str, Any]:
+    """The Gaussian baseline on one category: fit on ``train``, evaluate on ``test`` with
+    stad's evaluation code (image score = maximum of the map)."""
+    adapter = get_adapter(dataset)
+    start = time.perf_counter()
+    train = adapter.list_samples(root, category, "train")
+    model = fit_gaussian(np.stack([_resized(load_image(s.image), image_size) for s in train]))
+    fitted = time.perf_counter()
+    items = []
+    for sample in adapter.list_samples(root, category, "test"):
+        image = load_image(sample.image)
+        amap = _map_to(gaussian_map(model, _resized(image, image_size)), image.shape)
+        mask = (load_mask(sample.mask, amap.shape) if sample.mask is not None
+                else np.zeros(amap.shape, bool))
+        items.append(Evaluated(sample, {"fused": amap}, mask, {"fused": float(amap.max())}))
+    result = _summary(compute_metrics(items, fpr_limit=0.3))
+    result["seconds"] = {"fit": round(fitted - start, 2),
+                         "evaluate": round(time.perf_counter() - fitted, 2)}
+    return result
+
+
+# --------------------------------------------------------------------------- stad pipeline
+
+
+def _summary(metrics: dict[str, Any]) -> dict[str, Any]:
+    maps = metrics["maps"]
+    return {
+        "au_pro": {k: v.get("au_pro") for k, v in maps.items()},
+        "image_auroc": {k: v.get("image_auroc") for k, v in maps.items()},
+        "pixel_auroc": maps["fused"].get("pixel_auroc"),
+        "defects_au_pro": {d: v.get("au_pro") for d, v in maps["fused"]["defects"].items()},
+    }
+
+
+def run_stad(dataset: str, root: Path, category: str, teacher: str, args: argparse.Namespace,
+             work: Path) -> dict[str, Any]:
+    """fit, calibrate, evaluate through :mod:`stad.workflows`, timing each step."""
+    from stad.workflows import calibrate, evaluate, fit
+
+    settings = resolve_settings({
+        "dataset": dataset, "root": root, "category": category, "seed": args.seed,
+        "device": args.device,
+        "students": {"preset": args.preset, "patch_sizes": args.patch_sizes,
+                     "image_size": args.image_size, "epochs": args.epochs,
+                     "crop_size": (args.image_size if args.crop == 0 else args.crop),
+                     "n_students": args.students}}, environ={})
+    model = work / f"{category}-{len(list(work.iterdir()))}.safetensors"
+    seconds = {}
+    start = time.perf_counter()
+    fit(settings, teacher=teacher, out=model)
+    seconds["fit"] = round(time.perf_counter() - start, 1)
+    start = time.perf_counter()
+    calibrate(settings, model_path=model)
+    seconds["calibrate"] = round(time.perf_counter() - start, 1)
+    start = time.perf_counter()
+    result = evaluate(settings, model_path=model)
+    seconds["evaluate"] = round(time.perf_counter() - start, 1)
+    model.unlink()
+    return {**_summary(result), "seconds": seconds}
+
+
+# --------------------------------------------------------------------------- data and main
+
+
+def prepare(name: str, base: Path, params: realsets.Params, seed: int) -> tuple[str, Path]:
+    """Generate (or reuse) a set; returns the adapter name and root to read it with."""
+    tag = (f"{params.image_size}px-seed{seed}-{params.n_train}-{params.n_val}-"
+           f"{params.n_test_good}-{params.n_test_per_defect}")
+    root = base / tag
+    if name in realsets.SETS:
+        realsets.ensure_set(root, name, seed=seed, params=params)
+        return "mvtec", root
+    root = root / "synthetic"
+    synthetic.ensure_generated(root, name, seed=seed, image_size=params.image_size,
+                               n_train=params.n_train, n_val=params.n_val,
+                               n_test_good=params.n_test_good,
+                               n_test_per_defect=params.n_test_per_defect)
+    return "synthetic", root
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.3f}" if isinstance(v, float) else "–"
+
+
+def _progress(name: str, method: str, r: dict[str, Any]) -> None:
+    # One line as each run ends, so that a long run shows its figures before the table.
+    print(f"[{name}] {method}: AU-PRO {_fmt(r['au_pro'].get('fused'))}, image AUROC "
+          f"{_fmt(r['image_auroc'].get('fused'))}, seconds {r['seconds']}", file=sys.stderr)
+
+
+def table(results: dict[str, dict[str, Any]], scales: Sequence[str]) -> str:
+    head = ["set", "method", "AU-PRO fused", *(f"AU-PRO {s}" for s in scales),
+            "img AUROC", "seconds"]
+    lines = [" | ".join(head), " | ".join("---" for _ in head)]
+    for name, methods in results.items():
+        for method, r in methods.items():
+            secs = "+".join(f"{v:g}" for v in r["seconds"].values())
+            lines.append(" | ".join([name, method, _fmt(r["au_pro"].get("fused")),
+                                     *(_fmt(r["au_pro"].get(s)) for s in scales),
+                                     _fmt(r["image_auroc"].get("fused")), secs]))
+    return "\n".join(lines)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    default_sets = ",".join(realsets.SETS)
+    parser.add_argument("--sets", nargs="+", default=None,
+                        help=f"sets (default {default_sets}); also synthetic categories "
+                             f"({', '.join(synthetic.CATEGORIES)})")
+    parser.add_argument("--teachers", default="random",
+                        help="comma-separated: 'random' and/or teacher artifact files")
+    parser.add_argument("--baseline-only", action="store_true",
+                        help="only the Gaussian baseline (no teacher runs)")
+    parser.add_argument("--data", type=Path, default=None,
+                        help="where generated sets are kept (default $STAD_CACHE/realsets)")
+    parser.add_argument("--preset", default="fast")
+    parser.add_argument("--patch-sizes", default="17,33")
+    parser.add_argument("--image-size", type=int, default=None, help="default 128")
+    parser.add_argument("--epochs", type=int, default=None, help="default: the preset's")
+    parser.add_argument("--crop", type=int, default=None,
+                        help="training crop size (0: whole images); default: the preset's")
+    parser.add_argument("--students", type=int, default=None, help="students per scale")
+    parser.add_argument("--n-train", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test")
+    args = parser.parse_args(argv)
+    quick = QUICK if args.quick else {}
+    defaults = realsets.Params()
+    for key, normal in (("image_size", defaults.image_size), ("epochs", None), ("crop", None),
+                        ("students", None), ("n_train", defaults.n_train)):
+        if getattr(args, key) is None:
+            setattr(args, key, quick.get(key, normal))
+    if args.quick:
+        args.patch_sizes = QUICK["patch_sizes"]
+    sets = args.sets or quick.get("sets") or list(realsets.SETS)
+    args.sets = list(dict.fromkeys(v for item in sets for v in item.split(",") if v))
+    known = set(realsets.SETS) | set(synthetic.CATEGORIES)
+    unknown = [s for s in args.sets if s not in known]
+    if unknown:
+        parser.error(f"unknown set(s) {', '.join(unknown)}; choose from {', '.join(sorted(known))}")
+    args.teacher_list = [] if args.baseline_only else [t for t in args.teachers.split(",") if t]
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    q = QUICK if args.quick else {}
+    d = realsets.Params()
+    params = realsets.Params(image_size=args.image_size, n_train=args.n_train,
+                             n_val=q.get("n_val", d.n_val),
+                             n_test_good=q.get("n_test_good", d.n_test_good),
+                             n_test_per_defect=q.get("n_test_per_defect", d.n_test_per_defect))
+    base = args.data or cache_dir() / "realsets"
+    scales = [f"p{p}" for p in sorted(int(p) for p in args.patch_sizes.split(","))]
+    results: dict[str, dict[str, Any]] = {}
+    generation: dict[str, float] = {}
+    total = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="stad-quality-") as tmp:
+        for name in args.sets:
+            start = time.perf_counter()
+            dataset, root = prepare(name, base, params, args.seed)
+            generation[name] = round(time.perf_counter() - start, 1)
+            results[name] = {"gaussian": baseline(dataset, root, name, args.image_size)}
+            _progress(name, "gaussian", results[name]["gaussian"])
+            for teacher in args.teacher_list:
+                print(f"[{name}] fitting with teacher {teacher} ...", file=sys.stderr)
+                results[name][teacher] = run_stad(dataset, root, name, teacher, args, Path(tmp))
+                _progress(name, teacher, results[name][teacher])
+    print(table(results, scales), file=sys.stderr)
+    out = {
+        "settings": {"preset": args.preset, "patch_sizes": args.patch_sizes,
+                     "image_size": args.image_size, "epochs": args.epochs, "crop": args.crop,
+                     "students": args.students, "seed": args.seed, "device": args.device,
+                     "data": asdict(params), "teachers": args.teacher_list},
+        "data_root": str(base),
+        "generate_seconds": generation,
+        "results": results,
+        "total_seconds": round(time.perf_counter() - total, 1),
+    }
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

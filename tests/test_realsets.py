@@ -1,0 +1,201 @@
+"""The real-image quality benchmark (benchmarks/realsets.py, benchmarks/quality.py): its sets are
+deterministic, their masks exact, texture splits disjoint, and the benchmark runs."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import pytest
+
+from stad.datasets.registry import get_adapter
+from stad.images import load_image, load_mask
+
+pytest.importorskip("skimage")  # the `bench` extra: its wheel holds the source photos
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _module(name: str) -> ModuleType:
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+realsets = _module("realsets")
+quality = _module("quality")
+
+TINY = realsets.Params(image_size=32, n_train=3, n_val=1, n_test_good=1, n_test_per_defect=1)
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file()}
+
+
+def test_generation_is_byte_identical_per_seed(tmp_path: Path) -> None:
+    for run in ("a", "b"):
+        for name in ("gravel", "coffee"):
+            realsets.generate_set(tmp_path / run, name, seed=3, params=TINY)
+    realsets.generate_set(tmp_path / "c", "gravel", seed=4, params=TINY)
+    a, b = _files(tmp_path / "a"), _files(tmp_path / "b")
+    # 3 train + 1 val + 1 good + 4 defects with 4 masks, plus the marker, per set.
+    assert len(a) == 2 * 14 and a == b
+    c = _files(tmp_path / "c")
+    assert c["gravel/train/good/000.png"] != a["gravel/train/good/000.png"]  # the seed matters
+    # The files are what render_sample says they are.
+    sample = realsets.render_sample("coffee", seed=3, split="test", defect="warp", index=0,
+                                    image_size=32)
+    assert np.array_equal(np.asarray(load_image(tmp_path / "a/coffee/test/warp/000.png")),
+                          sample["image"] / np.float32(255))
+    written = load_mask(tmp_path / "a/coffee/ground_truth/warp/000_mask.png")
+    assert np.array_equal(written, sample["mask"] > 0)
+
+
+@pytest.mark.parametrize("name", ["brick", "coins", "coffee"])
+@pytest.mark.parametrize("defect", realsets.DEFECTS)
+def test_masks_are_exact_and_defects_visible(name: str, defect: str) -> None:
+    for index in range(2):
+        s = realsets.render_sample(name, seed=0, split="test", defect=defect, index=index,
+                                   image_size=64)
+        clean = s["clean"].astype(int)
+        image = s["image"].astype(int)
+        diff = np.abs(clean - image)
+        diff = diff.max(axis=-1) if diff.ndim == 3 else diff
+        mask = s["mask"] > 0
+        assert set(np.unique(s["mask"])) == {0, 255}
+        # Every pixel outside the mask is within the tolerance of the clean image, and every
+        # pixel outside the defect's footprint is bit-identical.
+        assert diff[~mask].max() <= realsets.TOLERANCE
+        assert (diff[~s["footprint"]] == 0).all()
+        # The mask only adds unchanged pixels inside the footprint (closing small gaps).
+        assert not (mask & ~s["footprint"] & (diff <= realsets.TOLERANCE)).any()
+        # Non-trivial size and a visible change over the mask.
+        assert mask.sum() >= realsets.MIN_AREA * mask.size
+        assert diff[mask].mean() >= realsets.MIN_CONTRAST
+
+
+def test_good_images_have_no_change() -> None:
+    s = realsets.render_sample("grass", split="test", defect="good", index=4, image_size=32)
+    assert np.array_equal(s["clean"], s["image"]) and not s["mask"].any()
+
+
+def test_texture_crops_come_from_disjoint_regions() -> None:
+    regions = realsets.texture_regions(512, 512)
+    boxes = {split: np.zeros((512, 512), bool) for split in regions}
+    for split, (y0, y1, x0, x1) in regions.items():
+        boxes[split][y0:y1, x0:x1] = True
+    assert not (boxes["train"] & boxes["test"]).any()
+    assert not (boxes["train"] & boxes["val"]).any()
+    assert not (boxes["val"] & boxes["test"]).any()
+    for split in ("train", "val", "test"):
+        y0, y1, x0, x1 = regions[split]
+        for index in range(6):
+            crop = realsets.render_sample("gravel", split=split, index=index,
+                                          image_size=32)["crop"]
+            assert y0 <= crop[0] < crop[1] <= y1 and x0 <= crop[2] < crop[3] <= x1
+    with pytest.raises(ValueError, match="too small"):
+        realsets.texture_regions(300, 300)
+
+
+def test_no_network_is_touched(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the benchmark tried to open a network connection")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    realsets._photo.cache_clear()
+    for name in realsets.SETS:  # every source and, through `foreign`, donor photos
+        s = realsets.render_sample(name, split="test", defect="foreign", index=0, image_size=32)
+        assert s["mask"].any()
+    for donor in realsets.DONORS:
+        assert realsets._photo(donor).size[0] > 0
+    assert "pooch" not in sys.modules
+
+
+def test_sets_load_through_the_mvtec_adapter(tmp_path: Path) -> None:
+    for name in ("brick", "coins"):
+        realsets.ensure_set(tmp_path, name, params=TINY)
+    marker = tmp_path / "coins" / realsets.MARKER
+    stamp = marker.stat().st_mtime_ns
+    realsets.ensure_set(tmp_path, "coins", params=TINY)  # reused, not rewritten
+    assert marker.stat().st_mtime_ns == stamp
+    adapter = get_adapter("mvtec")
+    assert adapter.categories(tmp_path) == ["brick", "coins"]
+    assert len(adapter.list_samples(tmp_path, "brick", "train")) == 3
+    assert len(adapter.list_samples(tmp_path, "brick", "val")) == 1
+    test = adapter.list_samples(tmp_path, "coins", "test")
+    assert sorted(s.defect for s in test) == sorted(["good", *realsets.DEFECTS])
+    for s in test:
+        image = load_image(s.image)
+        assert image.shape == (32, 32, 3)
+        if s.label == "anomalous":
+            assert load_mask(s.mask, image.shape[:2]).any()
+
+
+def test_gaussian_baseline_by_hand() -> None:
+    rng = np.random.default_rng(0)
+    # Only the red channel varies in training, so each pixel's covariance is diagonal:
+    # diag(var, 0, 0) + ridge·I with ridge = RIDGE_REL · var / 3 + RIDGE_ABS.
+    train = np.tile(np.array([0.5, 0.4, 0.3]), (50, 4, 4, 1))
+    train[..., 0] += 0.1 * rng.standard_normal((50, 4, 4))
+    model = quality.fit_gaussian(train)
+    test = model.mean.copy()
+    test[1, 2] += [0.2, 0.0, 0.0]  # along the varying channel
+    test[3, 0] += [0.0, 0.03, 0.0]  # along a channel that never varied
+    amap = quality.gaussian_map(model, test)
+    var = train[:, 1, 2, 0].var(ddof=1)
+    ridge = quality.RIDGE_REL * var / 3 + quality.RIDGE_ABS
+    assert amap[1, 2] == pytest.approx(0.2 / np.sqrt(var + ridge), rel=1e-9)
+    ridge = quality.RIDGE_REL * train[:, 3, 0, 0].var(ddof=1) / 3 + quality.RIDGE_ABS
+    assert amap[3, 0] == pytest.approx(0.03 / np.sqrt(ridge), rel=1e-9)
+    assert amap[3, 0] > amap[1, 2]  # a small change where nothing varies is the stronger one
+    others = np.ones((4, 4), bool)
+    others[1, 2] = others[3, 0] = False
+    assert np.allclose(amap[others], 0.0)
+
+
+def test_gaussian_baseline_finds_a_strong_defect() -> None:
+    train = np.stack([realsets.render_sample("coins", split="train", index=i, image_size=48)
+                      ["image"] for i in range(8)]).astype(float) / 255
+    model = quality.fit_gaussian(np.repeat(train[..., None], 3, axis=-1))
+    s = realsets.render_sample("coins", split="test", defect="foreign", index=1, image_size=48)
+    amap = quality.gaussian_map(model, np.repeat(s["image"][..., None] / 255, 3, axis=-1))
+    mask = s["mask"] > 0
+    assert amap[mask].mean() > 2 * np.median(amap[~mask])
+
+
+def test_quality_baseline_only_in_process(tmp_path: Path, capsys: pytest.CaptureFixture[str]
+                                          ) -> None:
+    assert quality.main(["--quick", "--baseline-only", "--sets", "coins", "--data",
+                         str(tmp_path)]) == 0
+    captured = capsys.readouterr()
+    data = json.loads(captured.out)
+    entry = data["results"]["coins"]["gaussian"]
+    assert 0.0 <= entry["au_pro"]["fused"] <= 1.0
+    assert set(entry["defects_au_pro"]) == set(realsets.DEFECTS)
+    assert "coins | gaussian" in captured.err
+    assert (tmp_path / "32px-seed0-6-2-2-1" / "coins" / realsets.MARKER).is_file()
+
+
+@pytest.mark.slow
+def test_quality_quick_run_with_a_random_teacher(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, str(BENCH / "quality.py"), "--quick", "--sets", "gravel",
+         "--data", str(tmp_path)], capture_output=True, text=True, timeout=300, check=True)
+    data = json.loads(result.stdout)
+    run = data["results"]["gravel"]["random"]
+    assert set(run["au_pro"]) == {"fused", "p17"}
+    assert 0.0 <= run["au_pro"]["fused"] <= 1.0 and 0.0 <= run["image_auroc"]["fused"] <= 1.0
+    assert set(run["seconds"]) == {"fit", "calibrate", "evaluate"}
+    assert "gravel | random" in result.stderr
