@@ -322,13 +322,22 @@ def score_cmd(
     on_error: Annotated[str, typer.Option(
         "--on-error", help="fail: stop at an unreadable image; skip: report it and go on "
         f"(exit {EXIT_SKIPPED} at the end).")] = "fail",
+    shard: Annotated[str | None, typer.Option(
+        "--shard", help="K/N: score only the K-th (0-based) of N disjoint shards of the "
+        "inputs; N runs with K = 0..N-1 score every input exactly once.")] = None,
+    output: Annotated[Path | None, typer.Option(
+        "--output", help="Append one JSON line per image to this file as it is scored.")
+    ] = None,
+    skip_existing: Annotated[bool, typer.Option(
+        "--skip-existing", help="With --output: skip images the file already has a "
+        "record for (resume an interrupted run).")] = False,
     batch_size: BatchSizeOpt = None,
     tile_size: TileSizeOpt = None,
     precision: PrecisionOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Score images: anomaly map, image score and verdict per image."""
-    from stad.workflows import score
+    from stad.workflows import parse_shard, score
 
     if on_error not in ("fail", "skip"):
         raise UsageError(f"--on-error must be fail or skip, got {on_error!r}")
@@ -337,7 +346,9 @@ def score_cmd(
     anomalous = skipped = 0
     with console.reporter() as rep:
         for record in score(settings, model_path=model, inputs=inputs, maps_dir=maps,
-                            threshold=threshold, on_error=on_error, reporter=rep):
+                            threshold=threshold, on_error=on_error,
+                            shard=parse_shard(shard) if shard is not None else None,
+                            output=output, skip_existing=skip_existing, reporter=rep):
             if "error" in record:
                 skipped += 1
                 print(f"stad: skipped {record['path']}: {record['error']}", file=sys.stderr)

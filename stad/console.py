@@ -70,9 +70,14 @@ def _clean(value: Any) -> Any:
     return value
 
 
+def json_line(record: dict[str, Any]) -> str:
+    """One JSON Lines record (no newline), with ``schema_version`` first."""
+    return json.dumps(_clean({"schema_version": SCHEMA_VERSION, **record}), default=str)
+
+
 def emit_json(record: dict[str, Any]) -> None:
     """Write one JSON Lines record to stdout, with ``schema_version`` first."""
-    line = json.dumps(_clean({"schema_version": SCHEMA_VERSION, **record}), default=str)
+    line = json_line(record)
     sys.stdout.write(line + "\n")
     sys.stdout.flush()
 

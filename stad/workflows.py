@@ -8,21 +8,22 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import math
 import os
 import shlex
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import torch
 
 from stad.artifacts import Artifact, load_artifact, save_artifact
 from stad.checkpoint import images_identity, open_checkpoint, stop_on_signals, tensors_sha256
 from stad.config import ScoreSettings, Settings
-from stad.console import NULL_REPORTER, Reporter
+from stad.console import NULL_REPORTER, Reporter, json_line
 from stad.data import DataSelection, select_data
 from stad.datasets.base import Sample
 from stad.distributed import joined
@@ -450,19 +451,83 @@ def _calibrated(model_path: Path, artifact: Artifact, settings: Settings
     return calibration, settings.model_copy(update={"score": rule})
 
 
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"K/N"`` → (K, N) with 0 ≤ K < N (``stad score --shard``)."""
+    try:
+        k, n = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise UsageError(f"--shard must be K/N with whole numbers, e.g. 0/4; got {text!r}"
+                         ) from None
+    if n < 1 or not 0 <= k < n:
+        raise UsageError(f"--shard K/N needs 0 <= K < N, got {text!r}")
+    return k, n
+
+
+def in_shard(path: Path, shard: tuple[int, int]) -> bool:
+    """Whether ``path`` (as given) belongs to shard K of N: by a hash of the path, so that the
+    N shards cover any set of inputs exactly once, whatever order each machine lists them in."""
+    k, n = shard
+    digest = hashlib.sha256(str(path).encode("utf-8", "surrogateescape")).digest()
+    return int.from_bytes(digest[:8], "big") % n == k
+
+
+def recorded_paths(output: Path) -> set[str]:
+    """Paths already scored in a JSON Lines ``--output`` file (records without an error).
+
+    A last line cut short by a crash is removed from the file, so appending goes on cleanly.
+    """
+    if not output.exists():
+        return set()
+    data = output.read_bytes()
+    complete = data[:data.rfind(b"\n") + 1]
+    if len(complete) != len(data):
+        with open(output, "r+b") as f:
+            f.truncate(len(complete))
+    done = set()
+    for line in complete.decode("utf-8", "replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and "path" in record and "error" not in record:
+            done.add(str(record["path"]))
+    return done
+
+
 def score(settings: Settings, *, model_path: Path, inputs: Sequence[Path],
           maps_dir: Path | None = None, threshold: float | None = None,
-          on_error: str = "fail", reporter: Reporter = NULL_REPORTER):
+          on_error: str = "fail", shard: tuple[int, int] | None = None,
+          output: Path | None = None, skip_existing: bool = False,
+          reporter: Reporter = NULL_REPORTER) -> Iterator[dict[str, Any]]:
     """``stad score``: yield one record per input image, in order, as it is scored.
 
     Records are dicts (see :func:`stad.scoring.verdict_record`) plus ``map`` when maps are
     written; with ``on_error="skip"`` an unreadable image yields ``{"path", "error"}`` instead
-    of stopping the run.
+    of stopping the run. With ``shard`` (K, N) only the inputs of shard K are scored
+    (:func:`in_shard`). With ``output`` every record is also appended to that JSON Lines file
+    before it is yielded (locked against a second writer); ``skip_existing`` keeps the file and
+    skips the inputs it already has a record for, else the file starts empty.
     """
     if threshold is not None and not math.isfinite(threshold):
         raise UsageError(f"--threshold must be a finite number, got {threshold}")
+    if skip_existing and output is None:
+        raise UsageError("--skip-existing needs --output FILE: the records to resume from")
     if maps_dir is not None:
         check_output_dir(maps_dir)
+    if output is None:
+        yield from _score(settings, model_path, inputs, maps_dir, threshold, on_error, shard,
+                          None, False, reporter)
+        return
+    check_output_file(output)
+    with output_lock(output):
+        yield from _score(settings, model_path, inputs, maps_dir, threshold, on_error,
+                          shard, output, skip_existing, reporter)
+
+
+def _score(settings: Settings, model_path: Path, inputs: Sequence[Path],
+           maps_dir: Path | None, threshold: float | None, on_error: str,
+           shard: tuple[int, int] | None, output: Path | None, skip_existing: bool,
+           reporter: Reporter) -> Iterator[dict[str, Any]]:
     device = resolve_device(settings.device)
     model, artifact = load_model(model_path, device)
     configure(model, settings.score)  # before _calibrated swaps in the calibrated score rule
@@ -470,7 +535,23 @@ def score(settings: Settings, *, model_path: Path, inputs: Sequence[Path],
     if threshold is None:
         threshold = calibration["threshold"]
     paths = expand_inputs(inputs)
+    if shard is not None:
+        paths = [p for p in paths if in_shard(p, shard)]
+    if output is not None and skip_existing:
+        done = recorded_paths(output)
+        paths = [p for p in paths if str(p) not in done]
     task = reporter.task("scoring", len(paths))
+    # Opened only now: a run that fails to start leaves an earlier output as it was.
+    with open(output, "a" if skip_existing else "w", encoding="utf-8") if output is not None \
+            else contextlib.nullcontext() as log:
+        yield from _records(model, paths, device, settings, threshold, on_error, maps_dir,
+                            log, task)
+    task.done()
+
+
+def _records(model: Model, paths: Sequence[Path], device: torch.device, settings: Settings,
+             threshold: float | None, on_error: str, maps_dir: Path | None,
+             log: TextIO | None, task: Any) -> Iterator[dict[str, Any]]:
     from stad.scoring import ImageError, iter_results, verdict_record
 
     # Batches of model.inference.batch_size images; the next batch is read while one runs.
@@ -478,16 +559,17 @@ def score(settings: Settings, *, model_path: Path, inputs: Sequence[Path],
         if isinstance(maps, ImageError):
             if on_error != "skip":
                 raise maps.error
-            yield {"path": str(maps.path), "error": str(maps.error)}
-            task.advance(1)
-            continue
-        record = verdict_record(maps, settings, threshold)
-        if maps_dir is not None:
-            record["map"] = write_maps(maps_dir, maps.path, maps.maps["fused"], maps.image,
-                                       threshold)
+            record = {"path": str(maps.path), "error": str(maps.error)}
+        else:
+            record = verdict_record(maps, settings, threshold)
+            if maps_dir is not None:
+                record["map"] = write_maps(maps_dir, maps.path, maps.maps["fused"], maps.image,
+                                           threshold)
+        if log is not None:
+            log.write(json_line(record) + "\n")
+            log.flush()
         task.advance(1)
         yield record
-    task.done()
 
 
 # ---- evaluate --------------------------------------------------------------------------------

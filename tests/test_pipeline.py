@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from stad.cli import app
 from stad.datasets.synthetic import generate
-from stad.errors import EXIT_ANOMALY, EXIT_SKIPPED
+from stad.errors import EXIT_ANOMALY, EXIT_SKIPPED, EXIT_USAGE
 
 runner = CliRunner()
 
@@ -167,3 +167,65 @@ def test_teacher_given_where_a_model_is_expected(model: Path, tiny_data: Path):
     result = runner.invoke(app, ["score", "--model", str(model.parent / "teacher.safetensors"),
                                  str(tiny_data)])
     assert result.exit_code == 4 and "teacher artifact" in result.stderr
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5])
+def test_shards_score_every_input_exactly_once(model: Path, tiny_data: Path, n: int):
+    test_dir = tiny_data / "grain" / "test"
+    everything = sorted(r["path"] for r in jsonl(run(["score", "--model", str(model), "--json",
+                                                      str(test_dir)])))
+    # A shard may be empty (json.loads per line: jsonl() insists on at least one record).
+    shards = [sorted(json.loads(line)["path"] for line in run(
+                  ["score", "--model", str(model), "--json", "--shard", f"{k}/{n}",
+                   str(test_dir)]).splitlines()) for k in range(n)]
+    assert sorted(p for shard in shards for p in shard) == everything
+    if n > 1:  # the split is not degenerate for these six images
+        assert max(map(len, shards)) < len(everything)
+
+
+def test_in_shard_does_not_depend_on_listing_order() -> None:
+    from stad.workflows import in_shard
+
+    paths = [Path(f"/lines/cam{i % 7}/{i:06d}.png") for i in range(2000)]
+    counts = [sum(in_shard(p, (k, 4)) for p in paths) for k in range(4)]
+    assert sum(counts) == 2000 and min(counts) > 400  # disjoint, covering, balanced
+    assert [in_shard(p, (1, 4)) for p in reversed(paths)] == \
+        [in_shard(p, (1, 4)) for p in paths][::-1]
+
+
+@pytest.mark.parametrize("shard", ["1", "2/2", "-1/3", "a/b", "1/0"])
+def test_bad_shard_is_a_usage_error(model: Path, tiny_data: Path, shard: str):
+    out = run(["score", "--model", str(model), "--shard", shard,
+               str(tiny_data / "grain" / "test")], code=EXIT_USAGE)
+    assert out == ""
+
+
+def test_output_file_and_skip_existing_resume_an_interrupted_run(
+        model: Path, tiny_data: Path, tmp_path: Path):
+    test_dir = tiny_data / "grain" / "test"
+    log = tmp_path / "scores.jsonl"
+    run(["score", "--model", str(model), "--output", str(log), str(test_dir)])
+    full = jsonl(log.read_text())
+    assert len(full) == 6 and all("score" in r for r in full)
+    # An interrupted run: three records and half of a fourth line.
+    lines = log.read_text().splitlines(keepends=True)
+    log.write_text("".join(lines[:3]) + lines[3][:20])
+    out = run(["score", "--model", str(model), "--json", "--output", str(log),
+               "--skip-existing", str(test_dir)])
+    assert len(jsonl(out)) == 3  # only what was missing is scored again
+    again = jsonl(log.read_text())
+    assert sorted(r["path"] for r in again) == sorted(r["path"] for r in full)
+    by_path = {r["path"]: r["score"] for r in full}
+    assert all(by_path[r["path"]] == pytest.approx(r["score"]) for r in again)
+    # Without --skip-existing the file starts afresh; --skip-existing needs --output.
+    run(["score", "--model", str(model), "--output", str(log), str(test_dir / "good")])
+    assert len(jsonl(log.read_text())) == len(list((test_dir / "good").glob("*.png")))
+    run(["score", "--model", str(model), "--skip-existing", str(test_dir)], code=EXIT_USAGE)
+
+
+def test_a_run_that_fails_to_start_leaves_the_output_alone(tiny_data: Path, tmp_path: Path):
+    log = tmp_path / "scores.jsonl"
+    log.write_text('{"path": "a.png", "score": 1.0}\n')
+    run(["score", "--model", str(tmp_path / "missing.safetensors"), "--output", str(log),
+         str(tiny_data / "grain" / "test")], code=4)
+    assert log.read_text() == '{"path": "a.png", "score": 1.0}\n'
