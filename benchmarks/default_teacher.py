@@ -1,0 +1,158 @@
+"""Rebuild the teacher that ships with stad (``stad/assets/teacher.safetensors``).
+
+Pretrains one teacher per scale with ``stad pretrain-teacher``'s library function on photos that
+scikit-image bundles -- none of the photos the quality benchmark's sets or defects are made
+from (benchmarks/realsets.py), so the benchmark measures generalization -- plus the
+``weave`` and ``granite`` procedural textures of the synthetic adapter (not ``grain``, which the
+benchmark uses). The scales are merged into one ``teacher`` artifact, stored in float16, with
+its provenance (the photos and their SHA-256, settings, losses, diagnostics, times) in the
+metadata. Run from the repository root (needs ``pip install -e '.[bench]'``):
+
+    python benchmarks/default_teacher.py --out /tmp/teacher.safetensors
+    python benchmarks/default_teacher.py --iterations 17=400,33=300,65=150 --target random \\
+        --out stad/assets/teacher.safetensors
+
+``--target random`` stores randomly initialized teachers (the floor of docs/quality.md) in the
+same format; ``--figures FILE`` adds a JSON object (the quality benchmark's table) to the
+provenance.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import realsets  # noqa: E402
+
+from stad import __version__  # noqa: E402
+from stad.artifacts import Artifact, load_artifact, save_artifact  # noqa: E402
+from stad.config import resolve_settings  # noqa: E402
+from stad.datasets.synthetic import generate  # noqa: E402
+from stad.images import DEFAULT_MEAN, DEFAULT_STD  # noqa: E402
+from stad.networks import build_network  # noqa: E402
+
+# Bundled photos that are neither a benchmark set's source nor a defect donor, and are photos
+# (not rendered test patterns such as chessboard, logo or phantom).
+PHOTOS = ("camera.png", "cell.png", "clock_motion.png", "hubble_deep_field.jpg",
+          "microaneurysms.png", "moon.png", "motorcycle_right.png", "retina.jpg", "page.png",
+          "text.png")
+TEXTURES = ("weave", "granite")
+SIZE = 256  # pool images are written at this size; the teacher reads them at image_size
+
+
+def build_pool(root: Path, seed: int = 0) -> list[dict[str, str]]:
+    """ROOT/pool/train/*.png: each photo whole and as four quadrants and a centre crop (six
+    views at two scales), and the synthetic textures' training images. Returns the sources."""
+    used = {spec.source for spec in realsets.SETS.values()} | set(realsets.DONORS)
+    assert not used & set(PHOTOS), "a pretraining photo is also used by the benchmark"
+    out = root / "pool" / "train"
+    out.mkdir(parents=True, exist_ok=True)
+    sources = []
+    for name in PHOTOS:
+        path = realsets.data_dir() / name
+        with Image.open(path) as img:
+            img = img.convert("RGB")
+        w, h = img.size
+        boxes = [(0, 0, w, h), (0, 0, w // 2, h // 2), (w // 2, 0, w, h // 2),
+                 (0, h // 2, w // 2, h), (w // 2, h // 2, w, h),
+                 (w // 4, h // 4, 3 * w // 4, 3 * h // 4)]
+        for k, box in enumerate(boxes):
+            img.crop(box).resize((SIZE, SIZE), Image.BICUBIC).save(
+                out / f"{Path(name).stem}-{k}.png")
+        sources.append({"file": f"skimage/data/{name}", "sha256": realsets._sha256(name)})
+    generate(root / "synthetic", categories=list(TEXTURES), image_size=SIZE, n_train=20,
+             n_val=0, n_test_good=0, n_test_per_defect=0, seed=seed)
+    for texture in TEXTURES:
+        for png in sorted((root / "synthetic" / texture / "train" / "good").glob("*.png")):
+            (out / f"{texture}-{png.name}").write_bytes(png.read_bytes())
+        sources.append({"synthetic": texture, "images": 20, "seed": seed})
+    return sources
+
+
+def pretrain_scale(root: Path, p: int, iterations: int, target: str, seed: int,
+                   tmp: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """One scale's teacher tensors and its pretraining info."""
+    from stad.workflows import pretrain_teacher
+
+    out = tmp / f"teacher-p{p}.safetensors"
+    settings = resolve_settings({"dataset": "folder", "root": root, "category": "pool",
+                                 "seed": seed, "teacher": {
+                                     "patch_sizes": [p], "iterations": iterations,
+                                     "image_size": SIZE, "target": target}}, environ={})
+    start = time.perf_counter()
+    pretrain_teacher(settings, out=out)
+    artifact = load_artifact(out, kind="teacher")
+    info = artifact.info
+    summary = {"iterations": iterations, "target": info["target"], "lambdas": info["lambdas"],
+               "losses": info["losses"][f"p{p}"],
+               "diagnostics": info["diagnostics"].get(f"p{p}"),
+               "seconds": round(time.perf_counter() - start, 1),
+               "settings": artifact.config["teacher"]}
+    return dict(artifact.tensors), summary
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--iterations", default="17=400,33=300,65=150",
+                        help="iterations per scale, P=N,...")
+    parser.add_argument("--target", default="handcrafted",
+                        choices=["handcrafted", "none", "random"])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--figures", type=Path, help="JSON to record as benchmark figures")
+    args = parser.parse_args(argv)
+    plan = {int(k): int(v) for k, v in (part.split("=") for part in args.iterations.split(","))}
+
+    tensors: dict[str, torch.Tensor] = {}
+    scales: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "data"
+        sources = build_pool(root, args.seed)
+        for p, iterations in sorted(plan.items()):
+            if args.target == "random":
+                net = build_network(p, generator=torch.Generator().manual_seed(args.seed + p))
+                tensors.update({f"teacher.p{p}.{k}": v for k, v in net.state_dict().items()})
+                scales[f"p{p}"] = {"iterations": 0, "target": "random"}
+                continue
+            print(f"p={p}: {iterations} iterations ...", file=sys.stderr)
+            got, summary = pretrain_scale(root, p, iterations, args.target, args.seed,
+                                          Path(tmp))
+            tensors.update(got)
+            scales[f"p{p}"] = summary
+            print(f"p={p}: {summary['seconds']} s, diagnostics {summary['diagnostics']}",
+                  file=sys.stderr)
+    info = {
+        "built_by": "benchmarks/default_teacher.py",
+        "command": " ".join(["python", "benchmarks/default_teacher.py", *(argv or sys.argv[1:])]),
+        "stad_version": __version__,
+        "target": args.target if args.target != "random" else None,
+        "data": {"images": sources, "views_per_photo": 6, "image_size": SIZE,
+                 "excluded": "the quality benchmark's source photos and defect donors"},
+        "scales": scales,
+        "storage": "float16",
+        "figures": json.loads(args.figures.read_text()) if args.figures else None,
+    }
+    # float16 halves the file; the networks compute in float32 (stad.model._load_net).
+    half = {k: v.to(torch.float16).contiguous() for k, v in sorted(tensors.items())}
+    worst = max(float((v.float() - tensors[k].float()).abs().max()) for k, v in half.items())
+    info["float16_max_abs_rounding"] = worst
+    save_artifact(args.out, Artifact(
+        kind="teacher", tensors=half, config={}, seed=args.seed, info=info,
+        preprocessing={"image_size": SIZE, "mean": list(DEFAULT_MEAN),
+                       "std": list(DEFAULT_STD)}))
+    size = args.out.stat().st_size
+    print(json.dumps({"artifact": str(args.out), "bytes": size, "scales": sorted(plan),
+                      "float16_max_abs_rounding": worst}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,50 @@
+"""The teacher shipped in the package: loads with no path given, and says where it came from."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from stad.artifacts import load_artifact
+from stad.errors import ArtifactError
+from stad.networks import PATCH_SIZES
+from stad.workflows import BUILTIN_TEACHER, builtin_teacher_path, resolve_teachers
+
+
+def test_the_builtin_teacher_is_installed_small_and_documents_its_provenance() -> None:
+    path = builtin_teacher_path()
+    assert path.is_file(), "stad/assets/teacher.safetensors is part of the package"
+    assert path.stat().st_size < 16 * 2**20
+    artifact = load_artifact(path, kind="teacher")
+    assert all(t.dtype == torch.float16 for t in artifact.tensors.values())
+    info = artifact.info
+    assert info["built_by"] == "benchmarks/default_teacher.py" and info["command"]
+    images = info["data"]["images"]
+    assert any("sha256" in source and source["file"].startswith("skimage/data/")
+               for source in images)
+    assert sorted(info["scales"]) == [f"p{p}" for p in PATCH_SIZES]
+    assert info["float16_max_abs_rounding"] < 1e-2
+
+
+def test_no_teacher_given_means_the_builtin_one_with_all_three_scales() -> None:
+    nets, source, info = resolve_teachers(None, None, seed=0)
+    assert sorted(nets) == list(PATCH_SIZES)
+    assert source["source"] == BUILTIN_TEACHER and info["built_by"]
+    same, _, _ = resolve_teachers(BUILTIN_TEACHER, [17], seed=0)
+    assert torch.equal(same[17].convs[0].weight, nets[17].convs[0].weight)
+    # Stored in float16, computed in float32; frozen.
+    assert nets[17].convs[0].weight.dtype == torch.float32
+    assert not any(p.requires_grad for p in nets[65].parameters())
+    x = torch.randn(1, 3, 20, 20)
+    assert torch.isfinite(nets[17].dense(x)).all()
+
+
+def test_a_missing_builtin_teacher_is_a_one_line_artifact_error(monkeypatch) -> None:
+    import stad.workflows as workflows
+
+    monkeypatch.setattr(workflows, "builtin_teacher_path",
+                        lambda: Path("/nonexistent/teacher.safetensors"))
+    with pytest.raises(ArtifactError, match="built-in teacher .* missing.*--teacher"):
+        resolve_teachers(None, [17], seed=0)
