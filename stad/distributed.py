@@ -122,6 +122,9 @@ def init_world(device: torch.device) -> tuple[World, torch.device]:
 def leave_world(world: World) -> None:
     """Tear the process group down at the end of a run (nothing for a world of one)."""
     if world.size > 1 and dist.is_initialized():
+        # Every rank arrives before any tears its connections down: rank 0 may still be
+        # writing the artifact, and a peer closing early aborted a gloo process in testing.
+        dist.barrier()
         dist.destroy_process_group()
 
 
