@@ -175,9 +175,6 @@ def train_scale(
     n = len(images)
     total = int(world.sum(torch.tensor([n], device=device)).item())
     per_rank = math.ceil(total / world.size)  # = n in a plain run
-    if n == 0:
-        raise DataError(f"rank {world.rank} of {world.size} got no training images: run on "
-                        f"at most {total} processes")
     steps_per_epoch = math.ceil(per_rank / cfg.batch_size)
 
     # Where to start: the beginning, or the checkpoint's epoch and step within it.
@@ -327,6 +324,9 @@ def fit_students(
     if not fit_samples:
         raise DataError("no training images to fit on")
     size = cfg.image_size
+    if len(fit_samples) < world.size:
+        raise DataError(f"{len(fit_samples)} training images cannot be shared by {world.size} "
+                        "processes: run on fewer")
     images = load_batch(world.shard(fit_samples), size)
     scales: dict[int, Scale] = {}
     info: dict[str, Any] = {"scales": {}}

@@ -187,3 +187,16 @@ def test_pretrain_teacher_on_two_processes_writes_one_agreed_teacher(tmp_path: P
     assert dist["ranks"] == 2
     weights = {k.removeprefix("teacher."): v for k, v in load_file(str(out)).items()}
     assert tensors_sha256(weights) == dist["weights_sha256"]
+
+
+def test_more_processes_than_training_images_is_a_data_error(tmp_path: Path) -> None:
+    from stad.datasets.base import Sample
+    from stad.errors import DataError
+    from stad.students import fit_students
+
+    settings = resolve_settings({"students": {"patch_sizes": [17], "image_size": 24}},
+                                environ={})
+    samples = [Sample(image=tmp_path / f"{i}.png", mask=None, label="normal", split="train")
+               for i in range(2)]
+    with pytest.raises(DataError, match="2 training images cannot be shared by 3 processes"):
+        fit_students(settings, samples, {}, world=World(0, 3))
