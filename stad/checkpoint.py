@@ -303,7 +303,12 @@ def identity_differences(saved: Mapping[str, Any], now: Mapping[str, Any]) -> li
         a, b = saved.get(key), now.get(key)
         if a == b:
             continue
-        if key == "images" and isinstance(a, Mapping) and isinstance(b, Mapping):
+        if key == "images" and isinstance(a, Mapping) and isinstance(b, Mapping) and (
+                "listing_sha256" in a or "listing_sha256" in b):
+            out.append(f"{a.get('count', len(a.get('names', [])))} training images listed in "
+                       f"the checkpoint, {b.get('count', len(b.get('names', [])))} now; names, "
+                       "sizes or modification times changed")
+        elif key == "images" and isinstance(a, Mapping) and isinstance(b, Mapping):
             out.append(_image_difference(list(a.get("names", [])), list(b.get("names", []))))
         else:
             out.append(f"the {key} weights differ")

@@ -101,6 +101,14 @@ class TeacherSettings(_Section):
     diagnostic_patches: int = Field(
         default=256, ge=0, description="patches for the collapse diagnostics per scale; 0: off"
     )
+    buffer_images: int = Field(
+        default=512, ge=2, description="decoded images held per process; a larger set is "
+        "streamed through a buffer of this many (0.75 MiB each at 256²)"
+    )
+    buffer_refresh: int = Field(
+        default=1, ge=1, description="buffer images replaced by new ones of the stream per "
+        "iteration (when streaming)"
+    )
 
     _split = field_validator("patch_sizes", mode="before")(_split_ints)
     _check = field_validator("patch_sizes")(_check_patch_sizes)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -10,7 +13,23 @@ from typing import Any
 from stad.config import Settings
 from stad.datasets.base import SPLITS, Sample, Split
 from stad.datasets.registry import Adapter, get_adapter
-from stad.errors import UsageError
+from stad.errors import DataError, UsageError
+
+
+@dataclass(frozen=True)
+class Listing:
+    """What :meth:`DataSelection.scan` found."""
+
+    count: int
+    sha256: str
+
+
+def relative_name(path: Path, root: Path) -> str:
+    """``path`` relative to ``root`` as recorded in artifacts (as given when outside it)."""
+    try:
+        return str(Path(path).relative_to(root))
+    except ValueError:
+        return str(path)
 
 
 @dataclass(frozen=True)
@@ -24,6 +43,29 @@ class DataSelection:
     def samples(self, split: Split) -> list[Sample]:
         return self.adapter.list_samples(self.root, self.category, split)
 
+    def iter_samples(self, split: Split) -> Iterator[Sample]:
+        """The samples as the adapter yields them, without holding them all (large sets)."""
+        return self.adapter.samples(self.root, self.category, split)
+
+    def scan(self, split: Split) -> Listing:
+        """One pass over a split without holding it: how many images, and a SHA-256 over
+        their paths (relative to the root), sizes and modification times. A missing file is a
+        :class:`DataError` naming it."""
+        h = hashlib.sha256()
+        count = 0
+        # Names relative to the root's folder (a list file's paths are relative to its own), so
+        # that the same data reached another way, or moved, has the same identity.
+        base = self.root if self.root.is_dir() else self.root.parent
+        for sample in self.iter_samples(split):
+            try:
+                st = os.stat(sample.image)
+            except OSError as exc:
+                raise DataError(f"cannot read {sample.image}: {exc.strerror}") from None
+            h.update(f"{relative_name(sample.image, base)}\0{st.st_size}\0{st.st_mtime_ns}\n"
+                     .encode())
+            count += 1
+        return Listing(count=count, sha256=h.hexdigest())
+
     def describe(self) -> str:
         return f"{self.adapter.name}:{self.root}/{self.category}"
 
@@ -32,7 +74,8 @@ def select_data(settings: Settings) -> DataSelection:
     """Resolve the dataset settings, loading the adapter.
 
     An adapter may offer ``default_root()`` (the synthetic set uses stad's cache); any other
-    adapter needs ``--root``. A missing category is a usage error listing the ones found.
+    adapter needs ``--root``. Without ``--category``, the root's only category is taken; with
+    several, that is a usage error listing them.
     """
     adapter = get_adapter(settings.dataset)
     root = settings.root
@@ -44,7 +87,10 @@ def select_data(settings: Settings) -> DataSelection:
     root = Path(root).expanduser()
     category = settings.category
     if category is None:
-        found = ", ".join(adapter.categories(root)) or "none found"
+        categories = adapter.categories(root)
+        if len(categories) == 1:  # nothing to choose (the collection adapter's "all")
+            return DataSelection(adapter=adapter, root=root, category=categories[0])
+        found = ", ".join(categories) or "none found"
         raise UsageError(f"pass --category (categories under {root}: {found})")
     return DataSelection(adapter=adapter, root=root, category=category)
 
@@ -53,14 +99,14 @@ def summarize(selection: DataSelection) -> dict[str, Any]:
     """Counts per split, defect type and masks; listing all splits validates their pairing."""
     splits: dict[str, Any] = {}
     for split in SPLITS:
-        samples = selection.samples(split)
-        splits[split] = {
-            "images": len(samples),
-            "normal": sum(s.label == "normal" for s in samples),
-            "anomalous": sum(s.label == "anomalous" for s in samples),
-            "masks": sum(s.mask is not None for s in samples),
-            "defects": dict(sorted(Counter(s.defect for s in samples).items())),
-        }
+        counts: Counter[str] = Counter()
+        defects: Counter[str] = Counter()
+        for s in selection.iter_samples(split):  # counted as listed: a collection is large
+            counts.update(images=1, normal=s.label == "normal",
+                          anomalous=s.label == "anomalous", masks=s.mask is not None)
+            defects[s.defect] += 1
+        splits[split] = {**{k: counts[k] for k in ("images", "normal", "anomalous", "masks")},
+                         "defects": dict(sorted(defects.items()))}
     return {
         "dataset": selection.adapter.name,
         "root": str(selection.root),

@@ -67,7 +67,8 @@ from stad.distributed import SINGLE, World
 from stad.errors import ArtifactError, DataError, TrainingError, UsageError
 from stad.handcrafted import BLOCKS, HandcraftedBank
 from stad.handcrafted import DIM as HANDCRAFTED_DIM
-from stad.images import DEFAULT_MEAN, DEFAULT_STD, load_image, to_tensor
+from stad.imagebuffer import ImageBuffer, ImageSource, load_images
+from stad.images import DEFAULT_MEAN, DEFAULT_STD
 from stad.model import load_teachers
 from stad.networks import Decoder, PatchNetwork, build_network
 
@@ -136,21 +137,6 @@ def _keys(what: str, keys: Sequence[str]) -> str:
 
 
 # --- data --------------------------------------------------------------------------------------
-
-
-def load_images(samples: Sequence[Sample], size: int, *, reporter: Reporter = NULL_REPORTER
-                ) -> torch.Tensor:
-    """Every image decoded once, resized to size×size and standardized: (N, 3, size, size).
-
-    Memory is N · 3 · size² · 4 bytes (0.75 MiB per image at 256).
-    """
-    task = reporter.task("teacher: reading images", len(samples))
-    out = torch.empty(len(samples), 3, size, size)
-    for k, sample in enumerate(samples):
-        out[k] = to_tensor(load_image(sample.image), size=size)
-        task.advance(1)
-    task.done()
-    return out
 
 
 def _crop(images: torch.Tensor, idx: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
@@ -295,7 +281,7 @@ def _curve(history: Sequence[float]) -> list[float]:
 
 def _pretrain_scale(
     p: int,
-    images: torch.Tensor,
+    buffer: ImageBuffer,
     settings: Settings,
     lambdas: dict[str, float],
     target: str,
@@ -306,12 +292,13 @@ def _pretrain_scale(
     checkpoint: Checkpoint | None = None,
     world: World = SINGLE,
 ) -> tuple[PatchNetwork, dict[str, Any]]:
-    """Train the teacher of one scale on standardized images (N, 3, S, S) already on device.
+    """Train the teacher of one scale on patches of the images in ``buffer`` (this rank's
+    share of the training images; refreshed every iteration when they do not all fit).
 
-    In a distributed run ``images`` is this rank's shard: every rank starts from the same
-    weights, draws its own patches (ranks > 0 from a stream of their own, started afresh on a
-    resume), the handcrafted target is standardized as rank 0 estimates it, and DDP averages
-    the gradients.
+    In a distributed run every rank starts from the same weights, draws its own patches
+    (ranks > 0 from a stream of their own, and with a buffer of their own, both started
+    afresh on a resume), the handcrafted target is standardized as rank 0 estimates it, and
+    DDP averages the gradients.
 
     ``target`` is the resolved distillation target ("resnet18" with ``backbone``,
     "handcrafted" or "none"); distillation runs when ``lambdas["kd"]`` > 0.
@@ -326,6 +313,8 @@ def _pretrain_scale(
     params = list(teacher.parameters())
     decoder = None
     kd_target: nn.Module | None = None
+    buffer.start()  # the first images of the share (a resumed buffer is restored below)
+    images = buffer.images
     if lambdas["kd"] > 0 and target == "handcrafted":
         kd_target = _bank(p, images, settings.seed)
     elif lambdas["kd"] > 0 and target == "resnet18":
@@ -335,8 +324,8 @@ def _pretrain_scale(
         decoder = _decoder(gen, dim).to(device).train()
         params += list(decoder.parameters())
     if isinstance(kd_target, HandcraftedBank):
-        for buffer in kd_target.buffers():
-            world.broadcast(buffer)
+        for tensor in kd_target.buffers():
+            world.broadcast(tensor)
     # What DDP wraps (teacher and decoder, one forward); a plain run calls it directly.
     step: nn.Module = _Pretrainee(teacher, decoder)
     if world.size > 1:
@@ -364,6 +353,10 @@ def _pretrain_scale(
             decoder.load_state_dict(prefixed(tensors, f"decoder.p{p}"))
         load_optimizer(opt, tensors, f"adam.p{p}")
         gen.set_state(tensors[f"generator.p{p}"].clone())
+        state = tensors.get(f"buffer.p{p}")  # absent when the saving run did not stream
+        if buffer.streaming and world.main and state is not None:
+            buffer.start(state)
+            images = buffer.images
         first, seconds = resume["iteration"], resume["seconds"]
         losses = tensors[f"losses.p{p}"].tolist()  # (first, 4 or 5): total, kd, metric, …
         history = [row[0] for row in losses]
@@ -384,6 +377,8 @@ def _pretrain_scale(
                                                 dtype=torch.float64).T}
         if decoder is not None:
             tensors.update(with_prefix(decoder.state_dict(), f"decoder.p{p}"))
+        if buffer.streaming:
+            tensors[f"buffer.p{p}"] = buffer.state()
         where = f"p={p} after iteration {done} of {cfg.iterations}"
         checkpoint.save(tensors, {"scale": p, "iteration": done,
                                   "seconds": seconds + time.perf_counter() - start}, where=where)
@@ -395,6 +390,7 @@ def _pretrain_scale(
     task.advance(first)
     start = time.perf_counter()
     for it in range(first, cfg.iterations):
+        buffer.refresh(gen)  # streams only: new images into slots drawn from the generator
         # All indices and noise come from the scale's CPU generator, then move to the device.
         idx = torch.randint(n, (batch,), generator=gen)
         rows = torch.randint(corners, (batch,), generator=gen)
@@ -479,6 +475,11 @@ def _pretrain_scale(
         "terms": {k: _curve(v)[-1] for k, v in terms.items()},
         "seconds": round(seconds, 3),
     }
+    if buffer.streaming:
+        info["skipped"] = skipped = buffer.skipped()
+        if skipped["count"]:
+            warn(f"teacher p={p}: skipped {skipped['count']} unreadable image(s) of the "
+                 f"stream, first: {'; '.join(skipped['first'])}")
     return teacher, info
 
 
@@ -495,9 +496,52 @@ def _diagnose(net: PatchNetwork, images: torch.Tensor, settings: Settings) -> di
     return diag
 
 
+def _pretrain_scales(
+    settings: Settings,
+    buffer: ImageBuffer,
+    lambdas: dict[str, float],
+    target: str,
+    backbone: nn.Module | None,
+    *,
+    reporter: Reporter,
+    device: torch.device,
+    checkpoint: Checkpoint | None,
+    world: World,
+) -> tuple[dict[int, PatchNetwork], dict[str, Any], dict[str, Any]]:
+    """Every scale in turn (:func:`pretrain_teachers`): teachers, losses, diagnostics."""
+    cfg = settings.teacher
+    teachers: dict[int, PatchNetwork] = {}
+    losses: dict[str, Any] = {}
+    diagnostics: dict[str, Any] = {}
+    for k, p in enumerate(cfg.patch_sizes):
+        name = f"p{p}"
+        done = checkpoint.resumed_scale(name) if checkpoint is not None else None
+        if done is not None:
+            assert checkpoint is not None and checkpoint.resumed is not None
+            teachers[p] = load_teachers(checkpoint.resumed.tensors, patch_sizes=[p])[p]
+            losses[name] = done
+        else:
+            teachers[p], losses[name] = _pretrain_scale(
+                p, buffer, settings, lambdas, target, backbone, reporter=reporter,
+                device=device, checkpoint=checkpoint, world=world)
+        if cfg.diagnostic_patches > 1:
+            # On the first images of the share, whether or not the scale was resumed.
+            buffer.start()
+            diagnostics[name] = _diagnose(teachers[p], buffer.images, settings)
+        if checkpoint is not None:
+            checkpoint.finish(name, with_prefix(teachers[p].state_dict(), f"teacher.{name}"),
+                              losses[name])
+            if done is None and k + 1 < len(cfg.patch_sizes):
+                where = f"the end of scale p={p}"
+                checkpoint.save({}, None, where=where)
+                if checkpoint.stop.requested:
+                    raise checkpoint.interrupted(where)
+    return teachers, losses, diagnostics
+
+
 def pretrain_teachers(
     settings: Settings,
-    samples: Sequence[Sample],
+    samples: Sequence[Sample] | ImageSource,
     *,
     reporter: Reporter = NULL_REPORTER,
     device: torch.device = torch.device("cpu"),
@@ -506,8 +550,12 @@ def pretrain_teachers(
 ) -> tuple[dict[int, PatchNetwork], dict[str, Any]]:
     """Pretrain one teacher per ``settings.teacher.patch_sizes`` on patches of ``samples``.
 
-    In a distributed run (``world``) every rank reads only its shard of ``samples``
-    (:func:`_pretrain_scale`), and at the end the ranks compare a digest of their teachers.
+    ``samples`` may be an :class:`~stad.imagebuffer.ImageSource` that lists them again on
+    demand (a large collection): when more than ``teacher.buffer_images`` images fall to a
+    process, patches come from a buffer of that many decoded images, ``teacher.buffer_refresh``
+    of which are replaced by the next images of the stream at every iteration
+    (:mod:`stad.imagebuffer`). In a distributed run (``world``) every rank reads only its
+    shard (every N-th image), and at the end the ranks compare a digest of their teachers.
 
     Distillation is on when ``lambda_kd`` > 0 and the target (:func:`resolve_target`) is
     ``resnet18`` (the ResNet-18 file ``teacher.backbone_weights``) or ``handcrafted``; with
@@ -529,7 +577,8 @@ def pretrain_teachers(
     Raises:
         UsageError: patch sizes larger than ``image_size``, all loss weights zero, target
             resnet18 without a backbone file, a missing backbone file. ArtifactError: an
-            unusable backbone file. DataError: no images, unreadable images, or one image with
+            unusable backbone file. DataError: no images, unreadable images (a stream skips
+            them, counted in ``losses[pP]["skipped"]``), or one image with
             metric learning on. TrainingError: a non-finite loss (naming the scale, the
             iteration and the last good checkpoint).
             Interrupted: a stop was requested (after saving the checkpoint).
@@ -540,7 +589,8 @@ def pretrain_teachers(
         raise UsageError(f"teacher.image_size {cfg.image_size} is smaller than patch size "
                          f"{too_big[0]}; raise teacher.image_size or drop it from "
                          "teacher.patch_sizes")
-    if not samples:
+    source = samples if isinstance(samples, ImageSource) else ImageSource.of(samples)
+    if not source.count:
         raise DataError("no images to pretrain the teacher on")
 
     target = resolve_target(cfg)
@@ -571,40 +621,22 @@ def pretrain_teachers(
     if not any(v > 0 for v in lambdas.values()):
         raise UsageError(f"every teacher loss weight is zero ({lambdas}); set lambda_kd with "
                          "backbone weights, lambda_metric or lambda_compact above zero")
-    if lambdas["metric"] > 0 and len(samples) < 2 * world.size:
+    if lambdas["metric"] > 0 and source.count < 2 * world.size:
         raise DataError("metric learning draws its negative patches from another image, but "
                         f"there is only one image{' per process' if world.size > 1 else ''}; "
                         "add images or set teacher.lambda_metric = 0")
-    if len(samples) < world.size:
-        raise DataError(f"{len(samples)} images cannot be shared by {world.size} processes: "
+    if source.count < world.size:
+        raise DataError(f"{source.count} images cannot be shared by {world.size} processes: "
                         "run on fewer")
 
     start = time.perf_counter()
-    images = load_images(world.shard(samples), cfg.image_size, reporter=reporter).to(device)
-    teachers: dict[int, PatchNetwork] = {}
-    losses: dict[str, Any] = {}
-    diagnostics: dict[str, Any] = {}
-    for k, p in enumerate(cfg.patch_sizes):
-        name = f"p{p}"
-        done = checkpoint.resumed_scale(name) if checkpoint is not None else None
-        if done is not None:
-            assert checkpoint is not None and checkpoint.resumed is not None
-            teachers[p] = load_teachers(checkpoint.resumed.tensors, patch_sizes=[p])[p]
-            losses[name] = done
-        else:
-            teachers[p], losses[name] = _pretrain_scale(
-                p, images, settings, lambdas, target, backbone, reporter=reporter,
-                device=device, checkpoint=checkpoint, world=world)
-        if cfg.diagnostic_patches > 1:
-            diagnostics[name] = _diagnose(teachers[p], images, settings)
-        if checkpoint is not None:
-            checkpoint.finish(name, with_prefix(teachers[p].state_dict(), f"teacher.{name}"),
-                              losses[name])
-            if done is None and k + 1 < len(cfg.patch_sizes):
-                where = f"the end of scale p={p}"
-                checkpoint.save({}, None, where=where)
-                if checkpoint.stop.requested:
-                    raise checkpoint.interrupted(where)
+    buffer = ImageBuffer(source, size=cfg.image_size, capacity=cfg.buffer_images,
+                         refresh=cfg.buffer_refresh, world=world, device=device,
+                         reporter=reporter)
+    with buffer:
+        teachers, losses, diagnostics = _pretrain_scales(
+            settings, buffer, lambdas, target, backbone, reporter=reporter, device=device,
+            checkpoint=checkpoint, world=world)
     distributed = None
     if world.size > 1:
         digest = tensors_sha256({f"p{p}.{k}": v for p, net in teachers.items()
@@ -625,7 +657,8 @@ def pretrain_teachers(
         "handcrafted": ({"dim": HANDCRAFTED_DIM, "blocks": dict(BLOCKS)}
                         if distillation and target == "handcrafted" else None),
         "diagnostics": diagnostics,
-        "data": {"n_images": len(samples), "image_size": cfg.image_size,
+        "data": {"n_images": source.count, "image_size": cfg.image_size,
+                 "streamed": buffer.streaming,
                  "mean": list(DEFAULT_MEAN), "std": list(DEFAULT_STD)},
         "iterations": cfg.iterations,
         "batch_size": cfg.batch_size,

@@ -24,11 +24,12 @@ from stad.artifacts import Artifact, load_artifact, save_artifact
 from stad.checkpoint import images_identity, open_checkpoint, stop_on_signals, tensors_sha256
 from stad.config import ScoreSettings, Settings
 from stad.console import NULL_REPORTER, Reporter, json_line
-from stad.data import DataSelection, select_data
+from stad.data import DataSelection, relative_name, select_data
 from stad.datasets.base import Sample
 from stad.distributed import joined
 from stad.errors import ArtifactError, DataError, UsageError
 from stad.fsutil import check_output_dir, check_output_file, output_lock
+from stad.imagebuffer import ImageSource
 from stad.images import DEFAULT_MEAN, DEFAULT_STD
 from stad.model import Model, load_teachers, model_from_tensors, model_tensors, teacher_tensors
 from stad.networks import PATCH_SIZES, PatchNetwork, build_network
@@ -86,13 +87,7 @@ def resolve_teachers(teacher: str | Path | None, patch_sizes: Sequence[int] | No
 
 
 def _relative(samples: Sequence[Sample], root: Path) -> list[str]:
-    out = []
-    for s in samples:
-        try:
-            out.append(str(Path(s.image).relative_to(root)))
-        except ValueError:
-            out.append(str(s.image))
-    return out
+    return [relative_name(s.image, root) for s in samples]
 
 
 def _data_info(selection: DataSelection) -> dict[str, Any]:
@@ -139,24 +134,32 @@ def pretrain_teacher(settings: Settings, *, out: Path, resume: bool = False,
 
     check_output_file(out)
     selection = select_data(settings)
-    samples = selection.samples("train")
-    if not samples:
+    # One pass that holds nothing, so that a collection of millions is never listed at once.
+    listing = selection.scan("train")
+    if not listing.count:
         raise DataError(f"no training images in {selection.describe()}")
+    if listing.count <= settings.teacher.buffer_images:
+        samples = selection.samples("train")
+        images = images_identity(_relative(samples, selection.root), [s.image for s in samples])
+        source = ImageSource.of(samples)
+    else:  # too many to read twice: identified by names, sizes and times, not bytes; listed
+        # again on demand, and streamed where a process's share exceeds the buffer
+        images = {"count": listing.count, "listing_sha256": listing.sha256}
+        source = ImageSource(open=lambda: selection.iter_samples("train"), count=listing.count,
+                             name=selection.describe())
     preprocessing = {"image_size": settings.teacher.image_size, "mean": list(DEFAULT_MEAN),
                      "std": list(DEFAULT_STD)}
     # Under torchrun, one of N processes; only rank 0 locks and writes (as in `fit`).
     with joined(resolve_device(settings.device)) as (world, device), \
             output_lock(out) if world.main else contextlib.nullcontext():
-        identity = {"images": images_identity(_relative(samples, selection.root),
-                                              [s.image for s in samples]),
-                    "backbone": _backbone_identity(settings)}
+        identity = {"images": images, "backbone": _backbone_identity(settings)}
         checkpoint = open_checkpoint(
             out, command="pretrain-teacher", settings=settings, identity=identity,
             preprocessing=preprocessing, resume=resume,
             resume_command=_resume_command("pretrain-teacher"), reporter=reporter)
         checkpoint.writer = world.main
         with stop_on_signals(checkpoint.stop):
-            teachers, info = pretrain_teachers(settings, samples, reporter=reporter,
+            teachers, info = pretrain_teachers(settings, source, reporter=reporter,
                                                device=device, checkpoint=checkpoint,
                                                world=world)
             info["data"] = {**info.get("data", {}), **_data_info(selection)}

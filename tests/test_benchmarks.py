@@ -37,3 +37,15 @@ def test_speed_benchmark_rejects_unknown_parts():
     result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "speed.py"), "--parts",
                              "peak,warp"], capture_output=True, text=True, timeout=120, cwd=REPO)
     assert result.returncode == 2 and "warp" in result.stderr
+
+
+@pytest.mark.slow
+def test_collection_benchmark_streams_the_longer_list():
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "collection.py"),
+                             "--sizes", "6,40", "--files", "4", "--image-size", "32",
+                             "--iterations", "3", "--buffer", "8"],
+                            capture_output=True, text=True, timeout=600, check=True, cwd=REPO)
+    runs = json.loads(result.stdout)["runs"]
+    assert [(r["listed_images"], r["streamed"]) for r in runs] == [(6, False), (40, True)]
+    assert all(100 < r["peak_rss_mib"] < 4096 and r["iterations_per_second"] > 0 for r in runs)
+    assert "peak RSS MiB" in result.stderr

@@ -331,6 +331,29 @@ def test_teacher_resume_to_the_same_weights(tmp_path: Path) -> None:
     assert_same_artifact(reference, out, "losses")
 
 
+@pytest.mark.parametrize("patch_sizes, stop, where", [
+    ([17], 3, "p=17 after iteration 3 of 6"),
+    ([17, 33], 9, "p=33 after iteration 3 of 6"),  # the 2nd scale, after p=17's diagnostics
+])
+def test_streamed_teacher_resumes_to_the_same_weights(tmp_path: Path, patch_sizes: list[int],
+                                                      stop: int, where: str) -> None:
+    # 4 training images through a buffer of 2: every iteration replaces one (stad.imagebuffer),
+    # and the checkpoint must bring back the buffer's images and its place in the stream.
+    root = _data(tmp_path / "data")
+    settings = _teacher(root, iterations=6, checkpoint_every=10, buffer_images=2,
+                        patch_sizes=patch_sizes, image_size=36, diagnostic_patches=16)
+    reference, out = tmp_path / "reference.safetensors", tmp_path / "teacher.safetensors"
+    pretrain_teacher(settings, out=reference)
+    with stop_at(stop), pytest.raises(Interrupted, match=where):
+        pretrain_teacher(settings, out=out)
+    saved = load_artifact(checkpoint_path(out), kind="checkpoint")
+    # Two slots, the next position, the number of processes.
+    state = saved.tensors[f"buffer.p{patch_sizes[-1]}"]
+    assert state.shape == (4,) and state[-1] == 1
+    pretrain_teacher(settings, out=out, resume=True)
+    assert_same_artifact(reference, out, "losses")
+
+
 def test_nan_teacher_loss_names_the_last_good_checkpoint(tmp_path: Path,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     root = _data(tmp_path / "data")

@@ -21,7 +21,7 @@ from stad.config import resolve_settings
 from stad.datasets.synthetic import generate
 from stad.distributed import World, init_world
 from stad.errors import Interrupted, UsageError
-from stad.workflows import fit
+from stad.workflows import fit, pretrain_teacher
 
 
 @pytest.mark.parametrize("size", [1, 2, 3, 5])
@@ -136,6 +136,34 @@ def test_a_checkpoint_from_one_process_resumes_on_two(tmp_path: Path, monkeypatc
 
 
 @pytest.mark.slow
+def test_a_streamed_teacher_checkpoint_from_one_process_resumes_on_two(
+        tmp_path: Path, monkeypatch) -> None:
+    # 7 images, 3 in memory per process: one process streams; on two, rank 0 (4 images)
+    # streams from the start of its share again and rank 1 (3 images) holds all of its own.
+    root = _data(tmp_path / "data")
+    out = tmp_path / "teacher.safetensors"
+    teacher = {"patch_sizes": [17], "iterations": 4, "batch_size": 4, "image_size": 32,
+               "diagnostic_patches": 0, "buffer_images": 3, "checkpoint_every": 10}
+    settings = resolve_settings({"dataset": "synthetic", "root": root, "category": "grain",
+                                 "device": "cpu", "teacher": teacher}, environ={})
+    calls = iter(range(100))
+    monkeypatch.setattr(StopFlag, "poll", lambda self: next(calls) == 1)
+    with pytest.raises(Interrupted):
+        pretrain_teacher(settings, out=out)
+    assert "buffer.p17" in load_artifact(checkpoint_path(out), kind="checkpoint").tensors
+    monkeypatch.undo()
+    env = {f"STAD_TEACHER__{k.upper()}": str(v) for k, v in teacher.items()
+           if k != "patch_sizes"}
+    done = _torchrun(tmp_path, "pretrain-teacher", "--dataset", "synthetic", "--root",
+                     str(root), "--category", "grain", "--device", "cpu", "--patch-sizes", "17",
+                     "--out", str(out), "--resume", "--json", env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert '"resumed": true' in done.stdout
+    info = load_artifact(out, kind="teacher").info
+    assert info["distributed"]["ranks"] == 2 and info["data"]["streamed"] is True
+
+
+@pytest.mark.slow
 def test_a_signal_stops_every_rank_and_rank_0_saves(tmp_path: Path) -> None:
     root = _data(tmp_path / "data")
     out = tmp_path / "model.safetensors"
@@ -168,16 +196,21 @@ def test_a_signal_stops_every_rank_and_rank_0_saves(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_pretrain_teacher_on_two_processes_writes_one_agreed_teacher(tmp_path: Path) -> None:
+@pytest.mark.parametrize("streamed", [False, True], ids=["in-memory", "streamed"])
+def test_pretrain_teacher_on_two_processes_writes_one_agreed_teacher(tmp_path: Path,
+                                                                     streamed: bool) -> None:
     root = _data(tmp_path / "data")
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     out = out_dir / "teacher.safetensors"
     env = {"STAD_TEACHER__IMAGE_SIZE": "32", "STAD_TEACHER__BATCH_SIZE": "4",
            "STAD_TEACHER__DIAGNOSTIC_PATCHES": "0", "STAD_TEACHER__CHECKPOINT_EVERY": "2"}
-    done = _torchrun(tmp_path, "pretrain-teacher", "--dataset", "synthetic", "--root",
-                     str(root), "--category", "grain", "--device", "cpu", "--patch-sizes", "17",
-                     "--iterations", "5", "--out", str(out), "--json", env=env)
+    data = ["--dataset", "synthetic", "--root", str(root), "--category", "grain"]
+    if streamed:  # the collection adapter over the training folder, 2 images in memory each
+        env["STAD_TEACHER__BUFFER_IMAGES"] = "2"
+        data = ["--dataset", "collection", "--root", str(root / "grain" / "train")]
+    done = _torchrun(tmp_path, "pretrain-teacher", *data, "--device", "cpu", "--patch-sizes",
+                     "17", "--iterations", "5", "--out", str(out), "--json", env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     assert sorted(p.name for p in out_dir.iterdir()) == [".teacher.safetensors.lock",
                                                          "teacher.safetensors"]
@@ -185,6 +218,8 @@ def test_pretrain_teacher_on_two_processes_writes_one_agreed_teacher(tmp_path: P
     artifact = load_artifact(out, kind="teacher")
     dist = artifact.info["distributed"]
     assert dist["ranks"] == 2
+    # Only a streamed run reports skipped images (none here).
+    assert ("skipped" in artifact.info["losses"]["p17"]) is streamed
     weights = {k.removeprefix("teacher."): v for k, v in load_file(str(out)).items()}
     assert tensors_sha256(weights) == dist["weights_sha256"]
 

@@ -32,7 +32,8 @@ SHRINK = {
                      "--students", "2"],
     "inspect-teacher": ["--patch-sizes", "17", "--patches", "16"],
 }
-ENV = {"STAD_TEACHER__IMAGE_SIZE": "32", "STAD_TEACHER__BATCH_SIZE": "8"}
+ENV = {"STAD_TEACHER__IMAGE_SIZE": "32", "STAD_TEACHER__BATCH_SIZE": "8",
+       "STAD_TEACHER__BUFFER_IMAGES": "4"}  # 6 training images: the streamed path
 
 
 def documented_commands(path: Path) -> list[str]:
@@ -73,7 +74,14 @@ def _world(tmp: Path) -> dict[str, str]:
     Image.open(defect).save(btad / "test" / "ko" / "0000.bmp")
     Image.open(mvtec / "bottle" / "ground_truth" / "hole" / f"{defect.stem}_mask.png").save(
         btad / "ground_truth" / "ko" / "0000.png")
-    return {"/data/mvtec": str(mvtec), "PATH": str(tmp / "btad")}
+    photos = tmp / "photos" / "n01"
+    photos.mkdir(parents=True)
+    for src in sorted((mvtec / "bottle" / "train" / "good").glob("*.png")):
+        shutil.copy(src, photos / src.name)
+    (tmp / "photos.txt").write_text("".join(f"photos/n01/{p.name}\n"
+                                            for p in sorted(photos.iterdir())))
+    return {"/data/mvtec": str(mvtec), "PATH": str(tmp / "btad"),
+            "/data/photos": str(tmp / "photos"), "photos.txt": str(tmp / "photos.txt")}
 
 
 @pytest.mark.slow

@@ -22,6 +22,7 @@ from PIL import Image
 from safetensors.torch import save_file
 from torch import nn
 
+import stad.imagebuffer as imagebuffer
 import stad.teacher as teacher_mod
 from stad.config import resolve_settings
 from stad.console import Reporter
@@ -279,14 +280,14 @@ def test_pickle_is_never_executed(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
 
 def test_non_finite_loss_raises_training_error(tmp_path: Path,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    real = teacher_mod.load_image
+    real = imagebuffer.load_image
 
     def nan_image(path: Any) -> np.ndarray:
         image = real(path)
         image[:] = np.nan
         return image
 
-    monkeypatch.setattr(teacher_mod, "load_image", nan_image)
+    monkeypatch.setattr(imagebuffer, "load_image", nan_image)
     with pytest.raises(TrainingError, match=r"p=17, iteration 1 of 3"):
         pretrain_teachers(_settings(), _samples(tmp_path))
 

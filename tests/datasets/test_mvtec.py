@@ -253,10 +253,13 @@ def test_missing_root_and_category_through_the_cli(tmp_path: Path) -> None:
     make_mvtec(tmp_path, "bottle", seed=17)
     missing = _show(tmp_path / "nowhere")
     assert missing.exit_code == 3 and "nowhere" in missing.stderr
+    only = _show(tmp_path, category=None)  # one category: nothing to choose
+    assert only.exit_code == 0 and '"category": "bottle"' in only.stdout
+    make_mvtec(tmp_path, "cable", seed=16)
     no_category = _show(tmp_path, category=None)
     assert no_category.exit_code == 2
     assert "--category" in no_category.stderr
-    assert "bottle" in no_category.stderr
+    assert "bottle, cable" in no_category.stderr
     wrong = _show(tmp_path, category="bottel")
     assert wrong.exit_code == 3 and "bottel" in wrong.stderr
 
