@@ -138,7 +138,7 @@ def _summary(metrics: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_stad(dataset: str, root: Path, category: str, teacher: str, args: argparse.Namespace,
-             work: Path) -> dict[str, Any]:
+             work: Path, epochs: int | None = None) -> dict[str, Any]:
     """fit, calibrate, evaluate through :mod:`stad.workflows`, timing each step."""
     from stad.workflows import calibrate, evaluate, fit
 
@@ -146,9 +146,10 @@ def run_stad(dataset: str, root: Path, category: str, teacher: str, args: argpar
         "dataset": dataset, "root": root, "category": category, "seed": args.seed,
         "device": args.device,
         "students": {"preset": args.preset, "patch_sizes": args.patch_sizes,
-                     "image_size": args.image_size, "epochs": args.epochs,
+                     "image_size": args.image_size, "epochs": epochs,
                      "crop_size": (args.image_size if args.crop == 0 else args.crop),
-                     "n_students": args.students}}, environ={})
+                     "n_students": args.students},
+        "score": {"precision": args.precision}}, environ={})
     model = work / f"{category}-{len(list(work.iterdir()))}.safetensors"
     seconds = {}
     start = time.perf_counter()
@@ -221,7 +222,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--preset", default="fast")
     parser.add_argument("--patch-sizes", default="17,33")
     parser.add_argument("--image-size", type=int, default=None, help="default 128")
-    parser.add_argument("--epochs", type=int, default=None, help="default: the preset's")
+    parser.add_argument("--epochs", default=None,
+                        help="default: the preset's; comma-separated: one run per value")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
+                        help="of calibrate and evaluate (score.precision)")
     parser.add_argument("--crop", type=int, default=None,
                         help="training crop size (0: whole images); default: the preset's")
     parser.add_argument("--students", type=int, default=None, help="students per scale")
@@ -245,6 +249,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if unknown:
         parser.error(f"unknown set(s) {', '.join(unknown)}; choose from {', '.join(sorted(known))}")
     args.teacher_list = [] if args.baseline_only else [t for t in args.teachers.split(",") if t]
+    try:
+        args.epoch_list = ([None] if args.epochs is None
+                           else [int(v) for v in str(args.epochs).split(",") if v])
+    except ValueError:
+        parser.error(f"--epochs takes whole numbers separated by commas, not {args.epochs!r}")
     return args
 
 
@@ -269,13 +278,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             results[name] = {"gaussian": baseline(dataset, root, name, args.image_size)}
             _progress(name, "gaussian", results[name]["gaussian"])
             for teacher in args.teacher_list:
-                print(f"[{name}] fitting with teacher {teacher} ...", file=sys.stderr)
-                results[name][teacher] = run_stad(dataset, root, name, teacher, args, Path(tmp))
-                _progress(name, teacher, results[name][teacher])
+                for epochs in args.epoch_list:
+                    method = (teacher if len(args.epoch_list) == 1
+                              else f"{teacher} @ {epochs} epochs")
+                    print(f"[{name}] fitting {method} ...", file=sys.stderr)
+                    results[name][method] = run_stad(dataset, root, name, teacher, args,
+                                                     Path(tmp), epochs)
+                    _progress(name, method, results[name][method])
     print(table(results, scales), file=sys.stderr)
     out = {
         "settings": {"preset": args.preset, "patch_sizes": args.patch_sizes,
-                     "image_size": args.image_size, "epochs": args.epochs, "crop": args.crop,
+                     "image_size": args.image_size, "epochs": args.epoch_list, "crop": args.crop,
+                     "precision": args.precision,
                      "students": args.students, "seed": args.seed, "device": args.device,
                      "data": asdict(params), "teachers": args.teacher_list},
         "data_root": str(base),

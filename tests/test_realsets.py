@@ -194,10 +194,13 @@ def test_quality_baseline_only_in_process(tmp_path: Path, capsys: pytest.Capture
 def test_quality_quick_run_with_a_random_teacher(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, str(BENCH / "quality.py"), "--quick", "--sets", "gravel",
-         "--data", str(tmp_path)], capture_output=True, text=True, timeout=300, check=True)
+         "--data", str(tmp_path), "--epochs", "1,2", "--precision", "bf16"],
+        capture_output=True, text=True, timeout=300, check=True)
     data = json.loads(result.stdout)
-    run = data["results"]["gravel"]["random"]
-    assert set(run["au_pro"]) == {"fused", "p17"}
-    assert 0.0 <= run["au_pro"]["fused"] <= 1.0 and 0.0 <= run["image_auroc"]["fused"] <= 1.0
-    assert set(run["seconds"]) == {"fit", "calibrate", "evaluate"}
-    assert "gravel | random" in result.stderr
+    assert data["settings"]["epochs"] == [1, 2] and data["settings"]["precision"] == "bf16"
+    for epochs in (1, 2):
+        run = data["results"]["gravel"][f"random @ {epochs} epochs"]
+        assert set(run["au_pro"]) == {"fused", "p17"}
+        assert 0.0 <= run["au_pro"]["fused"] <= 1.0 and 0.0 <= run["image_auroc"]["fused"] <= 1.0
+        assert set(run["seconds"]) == {"fit", "calibrate", "evaluate"}
+    assert "gravel | random @ 2 epochs" in result.stderr
