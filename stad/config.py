@@ -120,9 +120,10 @@ STUDENT_PRESETS: dict[str, dict[str, Any]] = {
     "paper": {"image_size": 256, "epochs": 100, "lr": 1e-4, "crop_size": None, "batch_size": 1,
               "precision": "fp32"},
     # CPU-friendly: smaller images, random crops (same per-pixel loss), few epochs at a higher
-    # learning rate, bf16 autocast (docs/usage.md, "Presets").
+    # learning rate, bf16 autocast, and no p=65, whose students learn nothing in such a budget
+    # (docs/usage.md, "Presets"; docs/benchmarks.md).
     "fast": {"image_size": 128, "epochs": 3, "lr": 1e-3, "crop_size": 64, "batch_size": 4,
-             "precision": "bf16"},
+             "precision": "bf16", "patch_sizes": [17, 33]},
 }
 
 

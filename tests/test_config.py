@@ -248,6 +248,10 @@ def test_fast_preset_fills_the_student_settings() -> None:
     settings = resolve_settings({"students": {"preset": "fast"}}, environ={})
     assert (settings.students.image_size, settings.students.epochs,
             settings.students.crop_size, settings.students.precision) == (128, 3, 64, "bf16")
+    assert settings.students.patch_sizes == [17, 33]
+    given = resolve_settings({"students": {"preset": "fast", "patch_sizes": "17,33,65"}},
+                             environ={})
+    assert given.students.patch_sizes == [17, 33, 65]  # what the user sets wins
     for key, value in STUDENT_PRESETS["fast"].items():
         assert getattr(settings.students, key) == value
 
