@@ -209,12 +209,13 @@ def inspect_teacher(settings: Settings, *, teacher: str | Path,
             "dataset": data.get("dataset", "synthetic"), "root": data.get("root"),
             "category": data.get("category", "grain")})
     selection = select_data(settings)
-    samples = selection.samples("train")
-    if not samples:
+    # Evenly spaced images picked as the listing streams by (a collection may hold millions).
+    count = selection.scan("train").count
+    if not count:
         raise DataError(f"no training images in {selection.describe()}")
-    if len(samples) > INSPECT_MAX_IMAGES:
-        step = len(samples) / INSPECT_MAX_IMAGES
-        samples = [samples[int(k * step)] for k in range(INSPECT_MAX_IMAGES)]
+    step = max(1.0, count / INSPECT_MAX_IMAGES)
+    wanted = {int(k * step) for k in range(min(count, INSPECT_MAX_IMAGES))}
+    samples = [s for i, s in enumerate(selection.iter_samples("train")) if i in wanted]
     size = settings.teacher.image_size
     too_big = [p for p in nets if p > size]
     if too_big:

@@ -300,3 +300,25 @@ def test_pretrain_teacher_streams_a_list_file(tmp_path: Path) -> None:
     assert info["losses"]["p17"]["skipped"]["count"] >= 1
     assert "unreadable image(s) of the stream" in result.stderr
     assert out.is_file()
+
+
+def test_inspect_teacher_reads_evenly_spaced_images_of_a_collection(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import stad.workflows as workflows
+
+    (image,) = _images(tmp_path, 1)
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"{image.name}\n" * 1000)
+    read: list[int] = []
+    monkeypatch.setattr(workflows, "INSPECT_MAX_IMAGES", 4)
+    real = imagebuffer.load_images
+    monkeypatch.setattr(imagebuffer, "load_images",
+                        lambda samples, size, **kw: (read.append(len(samples)),
+                                                     real(samples, size, **kw))[1])
+    monkeypatch.setattr("stad.teacher.load_images", imagebuffer.load_images)
+    result = CliRunner().invoke(app, [
+        "inspect-teacher", "--teacher", "random", "--dataset", "collection", "--root",
+        str(listing), "--patch-sizes", "17", "--patches", "8", "--json"],
+        env={"STAD_TEACHER__IMAGE_SIZE": "20"})
+    assert result.exit_code == 0, result.output
+    assert read == [4] and json.loads(result.stdout)["data"]["n_images"] == 4
