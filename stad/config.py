@@ -118,12 +118,13 @@ class TeacherSettings(_Section):
 STUDENT_PRESETS: dict[str, dict[str, Any]] = {
     # METHOD.md §4: 256×256, 100 epochs, Adam 1e-4, wd 1e-5, batch of one whole image.
     "paper": {"image_size": 256, "epochs": 100, "lr": 1e-4, "crop_size": None, "batch_size": 1,
-              "precision": "fp32"},
+              "precision": "fp32", "min_steps": 0},
     # CPU-friendly: smaller images, random crops (same per-pixel loss), few epochs at a higher
-    # learning rate, bf16 autocast, and no p=65, whose students learn nothing in such a budget
-    # (docs/usage.md, "Presets"; docs/benchmarks.md).
-    "fast": {"image_size": 128, "epochs": 3, "lr": 1e-3, "crop_size": 64, "batch_size": 4,
-             "precision": "bf16", "patch_sizes": [17, 33]},
+    # learning rate but at least 150 steps a scale (what 3 epochs of 200 images give), bf16
+    # autocast, and no p=65, whose students learn nothing in such a budget (docs/usage.md,
+    # "Presets"; docs/benchmarks.md; docs/quality.md, "Training budget").
+    "fast": {"image_size": 128, "epochs": 3, "min_steps": 150, "lr": 1e-3, "crop_size": 64,
+             "batch_size": 4, "precision": "bf16", "patch_sizes": [17, 33]},
 }
 
 
@@ -135,6 +136,9 @@ class StudentSettings(_Section):
     n_students: int = Field(default=3, ge=2, description="ensemble size M (≥ 2 for a variance)")
     image_size: int = Field(default=256, ge=17)
     epochs: int = Field(default=100, ge=1)
+    min_steps: int = Field(
+        default=0, ge=0, description="more epochs when an epoch has few steps: every scale "
+        "trains at least this many optimizer steps")
     lr: float = Field(default=1e-4, gt=0)
     weight_decay: float = Field(default=1e-5, ge=0)
     crop_size: int | None = Field(default=None, ge=1)
@@ -155,6 +159,8 @@ class StudentSettings(_Section):
         values = STUDENT_PRESETS.get(preset) if isinstance(preset, str) else None
         if values is None:
             return data  # the Literal check reports the bad name
+        if "epochs" in data and "min_steps" not in data:
+            values = {**values, "min_steps": 0}  # epochs given: exactly that many
         return {**values, **data}
 
 

@@ -176,6 +176,9 @@ def train_scale(
     total = int(world.sum(torch.tensor([n], device=device)).item())
     per_rank = math.ceil(total / world.size)  # = n in a plain run
     steps_per_epoch = math.ceil(per_rank / cfg.batch_size)
+    # min_steps (the fast preset): a small set gets more epochs, so that every scale trains
+    # for at least that many optimizer steps whatever the number of images.
+    epochs = max(cfg.epochs, math.ceil(cfg.min_steps / steps_per_epoch))
 
     # Where to start: the beginning, or the checkpoint's epoch and step within it.
     first_epoch, first_step, epoch_loss, seconds = 0, 0, 0.0, 0.0
@@ -202,8 +205,8 @@ def train_scale(
 
     def where(epoch: int, step: int) -> str:
         if step == 0:
-            return f"p={p} after epoch {epoch} of {cfg.epochs}"
-        return f"p={p}, epoch {epoch + 1} of {cfg.epochs} after step {step} of {steps_per_epoch}"
+            return f"p={p} after epoch {epoch} of {epochs}"
+        return f"p={p}, epoch {epoch + 1} of {epochs} after step {step} of {steps_per_epoch}"
 
     def save(epoch: int, step: int) -> None:
         # epoch, step: the epoch in progress (0-based) and the steps of it already done.
@@ -216,10 +219,10 @@ def train_scale(
                     "ranks": world.size, "steps_per_epoch": steps_per_epoch}
         checkpoint.save(tensors, progress, where=where(epoch, step))
 
-    task = reporter.task(f"students p={p}", cfg.epochs * steps_per_epoch)
+    task = reporter.task(f"students p={p}", epochs * steps_per_epoch)
     task.advance(first_epoch * steps_per_epoch + first_step)
     start = time.perf_counter()
-    for epoch in range(first_epoch, cfg.epochs):
+    for epoch in range(first_epoch, epochs):
         # One stream per (seed, scale, epoch), and per rank beyond the first.
         gen = torch.Generator().manual_seed(
             _seed(settings.seed, p, 1000 + epoch, *([world.rank] if world.rank else [])))
@@ -246,7 +249,7 @@ def train_scale(
             loss = torch.stack(losses).sum()
             if world.any(not bool(torch.isfinite(loss)), device):
                 raise TrainingError(
-                    f"non-finite student loss at p={p}, epoch {epoch + 1} of {cfg.epochs}, "
+                    f"non-finite student loss at p={p}, epoch {epoch + 1} of {epochs}, "
                     f"step {step + 1} of {steps_per_epoch}; lower students.lr and start again "
                     f"(without --resume); {last_good(checkpoint)}")
             opt.zero_grad(set_to_none=True)
@@ -261,7 +264,7 @@ def train_scale(
         history.append(float(world.sum(torch.tensor([epoch_loss], dtype=torch.float64,
                                                      device=device)).item())
                        / (per_rank * world.size))
-        if checkpoint is not None and epoch + 1 < cfg.epochs and (
+        if checkpoint is not None and epoch + 1 < epochs and (
                 stop or (epoch + 1) % checkpoint.every == 0):
             save(epoch + 1, 0)
             if stop:
@@ -270,7 +273,7 @@ def train_scale(
     for s in students:
         s.eval().requires_grad_(False)
     scale = Scale(p, teacher, students, mean.to(device), std.to(device))
-    return scale, {"loss_per_epoch": history,
+    return scale, {"loss_per_epoch": history, "epochs": epochs,
                    "seconds": round(seconds + time.perf_counter() - start, 2)}
 
 

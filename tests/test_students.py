@@ -55,6 +55,15 @@ def test_loss_falls_on_a_small_set():
     assert losses[-1] < 0.7 * losses[0], losses
 
 
+def test_min_steps_adds_epochs_to_a_small_set():
+    teacher = build_network(17, generator=torch.Generator().manual_seed(0))
+    # 4 images at batch 2: 2 steps an epoch, so 5 steps need 3 epochs.
+    _, info = train_scale(teacher, _images(4, 24, 2), _settings(epochs=1, min_steps=5))
+    assert info["epochs"] == 3 and len(info["loss_per_epoch"]) == 3
+    _, info = train_scale(teacher, _images(4, 24, 2), _settings(epochs=2, min_steps=1))
+    assert info["epochs"] == 2  # epochs stays the floor
+
+
 def test_crops_see_the_same_targets_as_whole_images():
     # A crop of the padded image through dense_valid gives exactly the dense output there.
     net = build_network(33, generator=torch.Generator().manual_seed(3))
