@@ -192,7 +192,7 @@ def inspect_teacher(settings: Settings, *, teacher: str | Path,
     """
     from stad.console import warn
     from stad.diagnostics import collapse_warnings, teacher_diagnostics
-    from stad.teacher import load_images
+    from stad.imagebuffer import load_images
 
     if n_patches < 2:
         raise UsageError(f"--patches must be at least 2, got {n_patches}")

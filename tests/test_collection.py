@@ -315,7 +315,6 @@ def test_inspect_teacher_reads_evenly_spaced_images_of_a_collection(
     monkeypatch.setattr(imagebuffer, "load_images",
                         lambda samples, size, **kw: (read.append(len(samples)),
                                                      real(samples, size, **kw))[1])
-    monkeypatch.setattr("stad.teacher.load_images", imagebuffer.load_images)
     result = CliRunner().invoke(app, [
         "inspect-teacher", "--teacher", "random", "--dataset", "collection", "--root",
         str(listing), "--patch-sizes", "17", "--patches", "8", "--json"],
