@@ -79,7 +79,7 @@ def build_pool(root: Path, seed: int = 0) -> list[dict[str, str]]:
 
 
 def pretrain_scale(root: Path, p: int, iterations: int, target: str, seed: int,
-                   tmp: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+                   tmp: Path, whiten: int = 0) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """One scale's teacher tensors and its pretraining info."""
     from stad.workflows import pretrain_teacher
 
@@ -87,7 +87,8 @@ def pretrain_scale(root: Path, p: int, iterations: int, target: str, seed: int,
     settings = resolve_settings({"dataset": "folder", "root": root, "category": "pool",
                                  "seed": seed, "teacher": {
                                      "patch_sizes": [p], "iterations": iterations,
-                                     "image_size": SIZE, "target": target}}, environ={})
+                                     "image_size": SIZE, "target": target,
+                                     "target_whiten": whiten}}, environ={})
     start = time.perf_counter()
     pretrain_teacher(settings, out=out)
     artifact = load_artifact(out, kind="teacher")
@@ -107,6 +108,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="iterations per scale, P=N,...")
     parser.add_argument("--target", default="handcrafted",
                         choices=["handcrafted", "none", "random"])
+    parser.add_argument("--target-whiten", type=int, default=0, metavar="K",
+                        help="handcrafted target: distil its K leading principal components, "
+                        "whitened (stad pretrain-teacher --target-whiten)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--figures", type=Path, help="JSON to record as benchmark figures")
     args = parser.parse_args(argv)
@@ -125,7 +129,7 @@ def main(argv: list[str] | None = None) -> None:
                 continue
             print(f"p={p}: {iterations} iterations ...", file=sys.stderr)
             got, summary = pretrain_scale(root, p, iterations, args.target, args.seed,
-                                          Path(tmp))
+                                          Path(tmp), args.target_whiten)
             tensors.update(got)
             scales[f"p{p}"] = summary
             print(f"p={p}: {summary['seconds']} s, diagnostics {summary['diagnostics']}",
@@ -135,6 +139,7 @@ def main(argv: list[str] | None = None) -> None:
         "command": " ".join(["python", "benchmarks/default_teacher.py", *(argv or sys.argv[1:])]),
         "stad_version": __version__,
         "target": args.target if args.target != "random" else None,
+        "target_whiten": args.target_whiten,
         "data": {"images": sources, "views_per_photo": 6, "image_size": SIZE,
                  "excluded": "the quality benchmark's source photos and defect donors"},
         "scales": scales,

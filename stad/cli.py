@@ -168,6 +168,9 @@ def pretrain_teacher_cmd(
         "handcrafted (a fixed descriptor bank, no download), none (metric learning and "
         "compactness only) or auto (resnet18 with --backbone-weights, else handcrafted). "
         "[default: auto]")] = None,
+    target_whiten: Annotated[int | None, typer.Option(
+        "--target-whiten", metavar="K", help="Handcrafted target: distil its K leading "
+        "principal components, each scaled to unit variance (0: off). [default: 0]")] = None,
     resume: ResumeOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
@@ -178,7 +181,8 @@ def pretrain_teacher_cmd(
                          device=device, teacher={"patch_sizes": patch_sizes,
                                                  "iterations": iterations,
                                                  "backbone_weights": backbone_weights,
-                                                 "target": target})
+                                                 "target": target,
+                                                 "target_whiten": target_whiten})
     with console.reporter() as rep:
         result = pretrain_teacher(settings, out=out, resume=resume, reporter=rep)
     lines = [f"teacher written to {result['artifact']} (target {result['target']})"]

@@ -78,6 +78,10 @@ class TeacherSettings(_Section):
         default="auto", description="auto: resnet18 with backbone_weights, else handcrafted"
     )
     backbone_weights: Path | None = None
+    target_whiten: int = Field(
+        default=0, ge=0, le=484, description="handcrafted target: distil its k leading principal "
+        "components, each scaled to unit variance; 0: the standardized bank as is"
+    )
     image_size: int = Field(default=256, ge=17, description="images are resized to this first")
     checkpoint_every: int = Field(default=500, ge=1, description="iterations between checkpoints")
     kd_input_size: int = Field(

@@ -86,6 +86,7 @@ CURVE_POINTS = 20  # info["losses"][...]["curve"]: the mean loss of each 1/20 of
 NO_BACKBONE_NOTE = ("distillation is off (--target none): training on metric learning and "
                     "compactness only")
 BANK_SAMPLE = 1024  # patches on which the handcrafted bank's standardization is estimated
+WHITEN_SAMPLE = 4096  # ... and its whitening (484 dimensions: a covariance wants more)
 
 
 # --- the frozen ResNet-18 of the distillation loss ---------------------------------------------
@@ -245,17 +246,19 @@ def _decoder(generator: torch.Generator, out_dim: int) -> Decoder:
     return decoder
 
 
-def _bank(p: int, images: torch.Tensor, seed: int) -> HandcraftedBank:
-    """The handcrafted target of scale p, standardized on BANK_SAMPLE random patches drawn from
-    a generator of its own (the training stream is the same with or without it)."""
+def _bank(p: int, images: torch.Tensor, seed: int, components: int = 0) -> HandcraftedBank:
+    """The handcrafted target of scale p, standardized (and with ``components``, whitened) on
+    BANK_SAMPLE random patches drawn from a generator of its own (the training stream is the
+    same with or without it); WHITEN_SAMPLE patches when whitened, for the covariance."""
     digest = hashlib.sha256(f"stad.teacher.bank:{seed}:{p}".encode()).digest()
     gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
     corners = images.shape[-1] - p + 1
-    idx = torch.randint(images.shape[0], (BANK_SAMPLE,), generator=gen)
-    rows = torch.randint(corners, (BANK_SAMPLE,), generator=gen)
-    cols = torch.randint(corners, (BANK_SAMPLE,), generator=gen)
+    n = WHITEN_SAMPLE if components else BANK_SAMPLE
+    idx = torch.randint(images.shape[0], (n,), generator=gen)
+    rows = torch.randint(corners, (n,), generator=gen)
+    cols = torch.randint(corners, (n,), generator=gen)
     dev = images.device
-    bank = HandcraftedBank(p).to(dev)
+    bank = HandcraftedBank(p, components).to(dev)
     return bank.fit(_crop(images, idx.to(dev), rows.to(dev), cols.to(dev), p))
 
 
@@ -316,7 +319,7 @@ def _pretrain_scale(
     buffer.start()  # the first images of the share (a resumed buffer is restored below)
     images = buffer.images
     if lambdas["kd"] > 0 and target == "handcrafted":
-        kd_target = _bank(p, images, settings.seed)
+        kd_target = _bank(p, images, settings.seed, cfg.target_whiten)
     elif lambdas["kd"] > 0 and target == "resnet18":
         kd_target = backbone
     if kd_target is not None:
@@ -419,7 +422,7 @@ def _pretrain_scale(
         if kd_target is not None and decoded is not None:
             with torch.no_grad():
                 if isinstance(kd_target, HandcraftedBank):
-                    goal = kd_target(parts[0])  # (B, 484)
+                    goal = kd_target(parts[0])  # (B, 484), or (B, k) whitened
                 else:
                     kd_in = F.interpolate(parts[0], size=(cfg.kd_input_size,) * 2,
                                           mode="bilinear", align_corners=False)
@@ -607,6 +610,9 @@ def pretrain_teachers(
         backbone_info = {"path": str(cfg.backbone_weights), "sha256": sha256}
     elif target != "resnet18" and cfg.backbone_weights is not None:
         reporter.note(f"teacher target is {target}: the backbone weights are not used")
+    if cfg.target_whiten and target != "handcrafted":
+        raise UsageError(f"--target-whiten applies to the handcrafted target, not {target}: "
+                         "drop it or choose --target handcrafted")
     distillation = target != "none" and cfg.lambda_kd > 0
     lambdas = _lambdas(cfg, distillation)
     if not distillation:
@@ -654,7 +660,8 @@ def pretrain_teachers(
         "target": target if distillation else "none",
         "distillation": distillation,
         "backbone": backbone_info,
-        "handcrafted": ({"dim": HANDCRAFTED_DIM, "blocks": dict(BLOCKS)}
+        "handcrafted": ({"dim": HANDCRAFTED_DIM, "blocks": dict(BLOCKS),
+                         "whiten": cfg.target_whiten}
                         if distillation and target == "handcrafted" else None),
         "diagnostics": diagnostics,
         "data": {"n_images": source.count, "image_size": cfg.image_size,

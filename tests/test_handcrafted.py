@@ -99,6 +99,35 @@ def test_fit_standardizes_and_balances_blocks() -> None:
         start += size
 
 
+def test_whitened_target_has_unit_covariance_along_the_leading_directions() -> None:
+    patches = _smooth_patches(600, 17, seed=8)
+    plain = HandcraftedBank(17).fit(patches)
+    bank = HandcraftedBank(17, components=24).fit(patches)
+    assert bank.dim == 24 and plain.dim == DIM
+    out = bank(patches)
+    assert out.shape == (600, 24)
+    torch.testing.assert_close(torch.cov(out.T), torch.eye(24), atol=1e-4, rtol=0)
+    # It is the standardized bank's top principal subspace: the whitened outputs, scaled
+    # back by their std in the plain bank, reconstruct the part of the plain output that
+    # the 24 leading directions explain, i.e. projecting the plain output on that subspace
+    # loses less variance than on any other 24 directions (here: than on the first 24 axes).
+    z = plain(patches)
+    z = z - z.mean(0)
+    basis, _ = torch.linalg.qr(torch.linalg.lstsq(z, out - out.mean(0)).solution)
+    kept = (z @ basis).pow(2).sum()
+    assert kept > 0.95 * torch.linalg.svdvals(z)[:24].pow(2).sum()
+    assert kept > (z[:, :24]).pow(2).sum()
+    # Deterministic, signs included.
+    torch.testing.assert_close(HandcraftedBank(17, components=24).fit(patches)(patches), out)
+
+
+def test_whitening_refuses_too_few_patches_and_too_many_components() -> None:
+    with pytest.raises(ValueError, match="more than 24 patches"):
+        HandcraftedBank(17, components=24).fit(_smooth_patches(20, 17, seed=9))
+    with pytest.raises(ValueError, match="components"):
+        HandcraftedBank(17, components=DIM + 1)
+
+
 def test_canonical_size_is_used_for_every_scale() -> None:
     # Upsampling to CANONICAL for p = 17 and downsampling for p = 65 read the same content: a
     # p=65 patch that is the p=17 patch blown up gives nearly the same raw colour block.

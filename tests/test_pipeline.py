@@ -43,8 +43,11 @@ def fitted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
              n_test_good=2, n_test_per_defect=1, seed=1)
     teacher = tmp_path / "teacher.safetensors"
     out = run(["pretrain-teacher", *DATA, "--root", str(tiny_data), "--patch-sizes", "17",
-               "--iterations", "3", "--out", str(teacher), "--json"], env=TEACHER_ENV)
-    assert jsonl(out)[0]["kind"] == "teacher"
+               "--iterations", "3", "--target-whiten", "8", "--out", str(teacher), "--json"],
+              env=TEACHER_ENV)
+    pretrained = jsonl(out)[0]
+    assert pretrained["kind"] == "teacher" and pretrained["target"] == "handcrafted"
+    assert pretrained["handcrafted"]["whiten"] == 8
     path = tmp_path / "model.safetensors"
     out = run(["fit-students", *DATA, "--root", str(tiny_data), "--teacher", str(teacher),
                "--patch-sizes", "17", "--epochs", "1", "--image-size", "32", "--students", "2",

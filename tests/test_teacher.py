@@ -381,6 +381,16 @@ def test_target_choices_and_refusals(tmp_path: Path) -> None:
         _settings(target="imagenet")
 
 
+def test_whitened_handcrafted_target(tmp_path: Path) -> None:
+    _, info = pretrain_teachers(_settings(iterations=2, target="handcrafted", target_whiten=16),
+                                _samples(tmp_path))
+    assert info["handcrafted"]["whiten"] == 16
+    assert info["losses"]["p17"]["terms"]["kd"] > 0
+    # Whitening the ResNet-18 or no target is refused, naming the option.
+    with pytest.raises(UsageError, match="--target-whiten applies to the handcrafted target"):
+        pretrain_teachers(_settings(target="none", target_whiten=16), _samples(tmp_path))
+
+
 def test_hardest_negatives_and_variance_term(tmp_path: Path) -> None:
     settings = _settings(iterations=3, triplet_negatives="hardest", descriptor_norm=True,
                          triplet_margin=10.0, lambda_variance=1.0)
