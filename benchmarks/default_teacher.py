@@ -79,7 +79,8 @@ def build_pool(root: Path, seed: int = 0) -> list[dict[str, str]]:
 
 
 def pretrain_scale(root: Path, p: int, iterations: int, target: str, seed: int,
-                   tmp: Path, whiten: int = 0) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+                   tmp: Path, whiten: int = 0,
+                   compactness: str = "signed") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """One scale's teacher tensors and its pretraining info."""
     from stad.workflows import pretrain_teacher
 
@@ -88,7 +89,8 @@ def pretrain_scale(root: Path, p: int, iterations: int, target: str, seed: int,
                                  "seed": seed, "teacher": {
                                      "patch_sizes": [p], "iterations": iterations,
                                      "image_size": SIZE, "target": target,
-                                     "target_whiten": whiten}}, environ={})
+                                     "target_whiten": whiten,
+                                     "compactness": compactness}}, environ={})
     start = time.perf_counter()
     pretrain_teacher(settings, out=out)
     artifact = load_artifact(out, kind="teacher")
@@ -111,6 +113,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--target-whiten", type=int, default=0, metavar="K",
                         help="handcrafted target: distil its K leading principal components, "
                         "whitened (stad pretrain-teacher --target-whiten)")
+    parser.add_argument("--compactness", default="signed", choices=["signed", "squared"],
+                        help="teacher.compactness (signed: the paper's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--figures", type=Path, help="JSON to record as benchmark figures")
     args = parser.parse_args(argv)
@@ -129,7 +133,7 @@ def main(argv: list[str] | None = None) -> None:
                 continue
             print(f"p={p}: {iterations} iterations ...", file=sys.stderr)
             got, summary = pretrain_scale(root, p, iterations, args.target, args.seed,
-                                          Path(tmp), args.target_whiten)
+                                          Path(tmp), args.target_whiten, args.compactness)
             tensors.update(got)
             scales[f"p{p}"] = summary
             print(f"p={p}: {summary['seconds']} s, diagnostics {summary['diagnostics']}",
@@ -140,6 +144,7 @@ def main(argv: list[str] | None = None) -> None:
         "stad_version": __version__,
         "target": args.target if args.target != "random" else None,
         "target_whiten": args.target_whiten,
+        "compactness": args.compactness,
         "data": {"images": sources, "views_per_photo": 6, "image_size": SIZE,
                  "excluded": "the quality benchmark's source photos and defect donors"},
         "scales": scales,

@@ -73,6 +73,10 @@ class TeacherSettings(_Section):
         default=None, ge=0, description="None: 0 with distillation, 1 without"
     )
     lambda_compact: float = Field(default=1.0, ge=0)
+    compactness: Literal["signed", "squared"] = Field(
+        default="signed", description="signed: Σ c_ij (the paper); squared: Σ c_ij² / (d − 1), "
+        "which only uncorrelated channels minimize"
+    )
     triplet_margin: float = Field(default=1.0, ge=0)
     target: Literal["auto", "resnet18", "handcrafted", "none"] = Field(
         default="auto", description="auto: resnet18 with backbone_weights, else handcrafted"

@@ -194,18 +194,27 @@ def variance_loss(descriptors: torch.Tensor, *, target: float = 1.0,
     return F.relu(target - std).mean()
 
 
-def compactness_loss(descriptors: torch.Tensor, *, eps: float = 1e-5) -> torch.Tensor:
+def compactness_loss(descriptors: torch.Tensor, *, eps: float = 1e-5,
+                     squared: bool = False) -> torch.Tensor:
     """Lc of Bergmann et al. (eq. 3): Σ_{i≠j} c_ij, c the d×d correlation matrix of (B, d).
 
     Each dimension is standardized over the batch, z = (y − mean) / sqrt(var + eps), and
     c = zᵀz / B. The sum is signed and not averaged, as in the paper: it lies in [−d, d(d − 1)]
-    (the lower bound because Σ_ij c_ij = ‖Σ_i z_·i‖² / B ≥ 0).
+    (the lower bound because Σ_ij c_ij = ‖Σ_i z_·i‖² / B ≥ 0). It is at that bound as soon as
+    the channels sum to a constant, whatever else they do, so it does not stop channels from
+    being copies of a few directions.
+
+    ``squared`` (ours, the redundancy term of Barlow Twins, Zbontar et al., ICML 2021):
+    Σ_{i≠j} c_ij² / (d − 1), in [0, d]; 0 only for uncorrelated channels, d for channels
+    that are all ± the same.
     """
     b = descriptors.shape[0]
     mean = descriptors.mean(0)
     var = descriptors.var(0, unbiased=False)
     z = (descriptors - mean) / torch.sqrt(var + eps)  # (B, d)
     c = z.T @ z / b  # (d, d)
+    if squared:
+        return (c.pow(2).sum() - c.diagonal().pow(2).sum()) / max(c.shape[0] - 1, 1)
     return c.sum() - c.diagonal().sum()
 
 
@@ -434,7 +443,8 @@ def _pretrain_scale(
             loss_metric = triplet_loss(desc[0], desc[1], desc[2], margin=cfg.triplet_margin,
                                        normalize=cfg.descriptor_norm, hardest=hardest,
                                        exclude=exclude)
-        loss_compact = compactness_loss(desc[0]) if lambdas["compact"] > 0 else zero
+        loss_compact = (compactness_loss(desc[0], squared=cfg.compactness == "squared")
+                        if lambdas["compact"] > 0 else zero)
         loss_variance = zero
         if lambdas["variance"] > 0:
             # On the descriptors as the triplet sees them: normalized × sqrt(d) or raw.

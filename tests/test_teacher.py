@@ -316,6 +316,18 @@ def test_compactness_loss_hand_computed() -> None:
     assert compactness_loss(torch.stack([x, y], 1)).item() == pytest.approx(0, abs=1e-6)
     # Three copies of one dimension: all 6 off-diagonal entries are 1.
     assert compactness_loss(torch.stack([x, x, x], 1)).item() == pytest.approx(6, abs=1e-4)
+    # Squared: Σ_{i≠j} c_ij² / (d − 1). ± copies are as bad as copies (d), uncorrelated is 0,
+    # and the signed sum's floor (x, −x: −2, as low as it goes) is its ceiling.
+    sq = {"squared": True}
+    assert compactness_loss(torch.stack([x, x, x], 1), **sq).item() == pytest.approx(3, abs=1e-3)
+    assert compactness_loss(torch.stack([x, -x], 1), **sq).item() == pytest.approx(2, abs=1e-3)
+    assert compactness_loss(torch.stack([x, y], 1), **sq).item() == pytest.approx(0, abs=1e-6)
+    # A general case against torch.corrcoef (z has correlation 0.6 with x; eps is negligible).
+    z = 0.6 * x / x.norm() + 0.8 * y / y.norm()
+    three = torch.stack([x, z, y.roll(1) - y.roll(1).mean()], 1)
+    c = torch.corrcoef(three.T)
+    expected = (c.pow(2).sum() - 3) / 2
+    assert compactness_loss(three, **sq).item() == pytest.approx(expected.item(), abs=1e-4)
 
 
 def test_triplet_loss_hand_computed() -> None:
@@ -389,6 +401,16 @@ def test_whitened_handcrafted_target(tmp_path: Path) -> None:
     # Whitening the ResNet-18 or no target is refused, naming the option.
     with pytest.raises(UsageError, match="--target-whiten applies to the handcrafted target"):
         pretrain_teachers(_settings(target="none", target_whiten=16), _samples(tmp_path))
+
+
+def test_squared_compactness_is_selectable(tmp_path: Path) -> None:
+    rec = Recorder()
+    _, info = pretrain_teachers(_settings(iterations=2, compactness="squared"),
+                                _samples(tmp_path), reporter=rec)
+    # Squared, the term is non-negative (the paper's signed sum is near −d once trained).
+    assert 0 <= info["losses"]["p17"]["terms"]["compact"] <= 128
+    with pytest.raises(UsageError, match="compactness"):
+        _settings(compactness="abs")
 
 
 def test_hardest_negatives_and_variance_term(tmp_path: Path) -> None:
