@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -49,3 +50,24 @@ def test_collection_benchmark_streams_the_longer_list():
     assert [(r["listed_images"], r["streamed"]) for r in runs] == [(6, False), (40, True)]
     assert all(100 < r["peak_rss_mib"] < 4096 and r["iterations_per_second"] > 0 for r in runs)
     assert "peak RSS MiB" in result.stderr
+
+
+@pytest.mark.slow
+def test_default_teacher_script_passes_the_teacher_recipe_on(tmp_path: Path):
+    # The script that built stad/assets/teacher.safetensors, at 2 iterations of one scale:
+    # its recipe flags reach the settings and the provenance.
+    out = tmp_path / "teacher.safetensors"
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "default_teacher.py"),
+                             "--out", str(out), "--iterations", "17=2",
+                             "--compactness", "squared", "--target-whiten", "8"],
+                            capture_output=True, text=True, timeout=600, check=True, cwd=REPO)
+    assert json.loads(result.stdout.splitlines()[-1])["scales"] == [17]
+    from stad.artifacts import load_artifact
+
+    artifact = load_artifact(out, kind="teacher")
+    info = artifact.info
+    assert info["compactness"] == "squared" and info["target_whiten"] == 8
+    settings = info["scales"]["p17"]["settings"]
+    assert settings["compactness"] == "squared" and settings["target_whiten"] == 8
+    assert info["scales"]["p17"]["iterations"] == 2
+    assert all(t.dtype == torch.float16 for t in artifact.tensors.values())
