@@ -360,8 +360,8 @@ def test_nan_teacher_loss_names_the_last_good_checkpoint(tmp_path: Path,
     calls = itertools.count(1)
     compactness = teacher_mod.compactness_loss
 
-    def poisoned(descriptors: torch.Tensor) -> torch.Tensor:
-        value = compactness(descriptors)
+    def poisoned(descriptors: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        value = compactness(descriptors, **kwargs)
         return value * float("nan") if next(calls) == 3 else value
 
     monkeypatch.setattr(teacher_mod, "compactness_loss", poisoned)
