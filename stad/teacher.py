@@ -583,9 +583,10 @@ def pretrain_teachers(
         info: ``losses`` ({"p17": {"first", "last", "curve", "terms", "seconds"}}), ``lambdas``
             (the effective ones), ``target`` ("resnet18", "handcrafted" or "none": what was
             distilled), ``distillation``, ``backbone`` ({"path", "sha256"} or None),
-            ``handcrafted`` ({"dim", "blocks"} or None), ``diagnostics`` ({"p17": figures and
-            "warnings"}, empty when off), ``data`` ({"n_images", "image_size"}),
-            ``iterations``, ``batch_size``, ``seconds``.
+            ``handcrafted`` ({"dim", "blocks", "whiten", "target_dim"}: the bank's
+            dimension, the whitened components (0: off), what was distilled; or None),
+            ``diagnostics`` ({"p17": figures and "warnings"}, empty when off), ``data``
+            ({"n_images", "image_size"}), ``iterations``, ``batch_size``, ``seconds``.
 
     Raises:
         UsageError: patch sizes larger than ``image_size``, all loss weights zero, target
@@ -607,6 +608,9 @@ def pretrain_teachers(
         raise DataError("no images to pretrain the teacher on")
 
     target = resolve_target(cfg)
+    if cfg.target_whiten and target != "handcrafted":
+        raise UsageError(f"teacher.target_whiten (--target-whiten) applies to the handcrafted "
+                         f"target, not {target}: drop it or choose --target handcrafted")
     if target == "resnet18" and cfg.backbone_weights is None:
         raise UsageError("teacher target resnet18 distils a ResNet-18 read from a local file: "
                          "pass --backbone-weights FILE, or choose --target handcrafted (no "
@@ -620,9 +624,6 @@ def pretrain_teachers(
         backbone_info = {"path": str(cfg.backbone_weights), "sha256": sha256}
     elif target != "resnet18" and cfg.backbone_weights is not None:
         reporter.note(f"teacher target is {target}: the backbone weights are not used")
-    if cfg.target_whiten and target != "handcrafted":
-        raise UsageError(f"--target-whiten applies to the handcrafted target, not {target}: "
-                         "drop it or choose --target handcrafted")
     distillation = target != "none" and cfg.lambda_kd > 0
     lambdas = _lambdas(cfg, distillation)
     if not distillation:
@@ -671,7 +672,8 @@ def pretrain_teachers(
         "distillation": distillation,
         "backbone": backbone_info,
         "handcrafted": ({"dim": HANDCRAFTED_DIM, "blocks": dict(BLOCKS),
-                         "whiten": cfg.target_whiten}
+                         "whiten": cfg.target_whiten,
+                         "target_dim": cfg.target_whiten or HANDCRAFTED_DIM}
                         if distillation and target == "handcrafted" else None),
         "diagnostics": diagnostics,
         "data": {"n_images": source.count, "image_size": cfg.image_size,

@@ -117,6 +117,9 @@ def test_whitened_target_has_unit_covariance_along_the_leading_directions() -> N
     kept = (z @ basis).pow(2).sum()
     assert kept > 0.95 * torch.linalg.svdvals(z)[:24].pow(2).sum()
     assert kept > (z[:, :24]).pow(2).sum()
+    # Signs fixed: each direction's largest entry is positive.
+    top = bank.projection.gather(0, bank.projection.abs().argmax(0, keepdim=True))
+    assert (top > 0).all()
     # Deterministic, signs included.
     torch.testing.assert_close(HandcraftedBank(17, components=24).fit(patches)(patches), out)
 

@@ -28,6 +28,7 @@ from stad.config import resolve_settings
 from stad.console import Reporter
 from stad.datasets.base import Sample
 from stad.errors import ArtifactError, DataError, StadError, TrainingError, UsageError
+from stad.handcrafted import HandcraftedBank
 from stad.model import load_teachers, teacher_tensors
 from stad.teacher import (
     NO_BACKBONE_NOTE,
@@ -393,13 +394,22 @@ def test_target_choices_and_refusals(tmp_path: Path) -> None:
         _settings(target="imagenet")
 
 
-def test_whitened_handcrafted_target(tmp_path: Path) -> None:
+def test_whitened_handcrafted_target(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    built: list[int] = []
+
+    class Recording(HandcraftedBank):
+        def __init__(self, patch_size: int, components: int = 0) -> None:
+            built.append(components)
+            super().__init__(patch_size, components)
+
+    monkeypatch.setattr(teacher_mod, "HandcraftedBank", Recording)
     _, info = pretrain_teachers(_settings(iterations=2, target="handcrafted", target_whiten=16),
                                 _samples(tmp_path))
-    assert info["handcrafted"]["whiten"] == 16
+    assert built == [16]  # the bank that was distilled is the whitened one
+    assert info["handcrafted"]["whiten"] == 16 and info["handcrafted"]["target_dim"] == 16
     assert info["losses"]["p17"]["terms"]["kd"] > 0
     # Whitening the ResNet-18 or no target is refused, naming the option.
-    with pytest.raises(UsageError, match="--target-whiten applies to the handcrafted target"):
+    with pytest.raises(UsageError, match=r"target_whiten \(--target-whiten\) applies to the"):
         pretrain_teachers(_settings(target="none", target_whiten=16), _samples(tmp_path))
 
 
