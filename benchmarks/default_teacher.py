@@ -78,19 +78,17 @@ def build_pool(root: Path, seed: int = 0) -> list[dict[str, str]]:
     return sources
 
 
-def pretrain_scale(root: Path, p: int, iterations: int, target: str, seed: int,
-                   tmp: Path, whiten: int = 0,
-                   compactness: str = "signed") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """One scale's teacher tensors and its pretraining info."""
+def pretrain_scale(root: Path, p: int, iterations: int, seed: int, tmp: Path,
+                   **recipe: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """One scale's teacher tensors and its pretraining info; ``recipe``: teacher settings
+    (target, target_whiten, compactness)."""
     from stad.workflows import pretrain_teacher
 
     out = tmp / f"teacher-p{p}.safetensors"
     settings = resolve_settings({"dataset": "folder", "root": root, "category": "pool",
                                  "seed": seed, "teacher": {
                                      "patch_sizes": [p], "iterations": iterations,
-                                     "image_size": SIZE, "target": target,
-                                     "target_whiten": whiten,
-                                     "compactness": compactness}}, environ={})
+                                     "image_size": SIZE, **recipe}}, environ={})
     start = time.perf_counter()
     pretrain_teacher(settings, out=out)
     artifact = load_artifact(out, kind="teacher")
@@ -132,8 +130,9 @@ def main(argv: list[str] | None = None) -> None:
                 scales[f"p{p}"] = {"iterations": 0, "target": "random"}
                 continue
             print(f"p={p}: {iterations} iterations ...", file=sys.stderr)
-            got, summary = pretrain_scale(root, p, iterations, args.target, args.seed,
-                                          Path(tmp), args.target_whiten, args.compactness)
+            got, summary = pretrain_scale(root, p, iterations, args.seed, Path(tmp),
+                                          target=args.target, target_whiten=args.target_whiten,
+                                          compactness=args.compactness)
             tensors.update(got)
             scales[f"p{p}"] = summary
             print(f"p={p}: {summary['seconds']} s, diagnostics {summary['diagnostics']}",

@@ -229,7 +229,7 @@ class HandcraftedBank(nn.Module):
             if raw.shape[0] <= self.components:
                 raise ValueError(f"whitening {self.components} components needs more than "
                                  f"{self.components} patches, got {raw.shape[0]}")
-            z = ((raw - self.mean) / self.std * self.weight).double()
+            z = self._standardize(raw).double()
             values, vectors = torch.linalg.eigh(z.T @ z / (z.shape[0] - 1))  # ascending
             values = values.flip(0)[: self.components]
             vectors = vectors.flip(1)[:, : self.components]
@@ -241,7 +241,10 @@ class HandcraftedBank(nn.Module):
             self.projection.copy_((vectors * sign * scale).to(self.projection))
         return self
 
+    def _standardize(self, raw: torch.Tensor) -> torch.Tensor:
+        return (raw - self.mean) / self.std * self.weight
+
     def forward(self, patches: torch.Tensor) -> torch.Tensor:
         """(B, 3, p, p) → (B, dim): ((raw − mean) / std) · block weight [· projection]."""
-        z = (self.raw(patches) - self.mean) / self.std * self.weight
+        z = self._standardize(self.raw(patches))
         return z @ self.projection if self.components else z
