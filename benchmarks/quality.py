@@ -138,31 +138,48 @@ def _summary(metrics: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_stad(dataset: str, root: Path, category: str, teacher: str, args: argparse.Namespace,
-             work: Path, epochs: int | None = None) -> dict[str, Any]:
-    """fit, calibrate, evaluate through :mod:`stad.workflows`, timing each step."""
+             work: Path, epochs: int | None = None) -> dict[str, dict[str, Any]]:
+    """fit once, then calibrate and evaluate once per ``args.normalize_list`` entry, through
+    :mod:`stad.workflows`, timing each step; results keyed by the normalization. The model is
+    deleted afterwards unless ``args.keep_models`` names a folder to keep it in."""
     from stad.workflows import calibrate, evaluate, fit
 
-    settings = resolve_settings({
-        "dataset": dataset, "root": root, "category": category, "seed": args.seed,
-        "device": args.device,
-        "students": {"preset": args.preset, "patch_sizes": args.patch_sizes,
-                     "image_size": args.image_size, "epochs": epochs,
-                     "crop_size": (args.image_size if args.crop == 0 else args.crop),
-                     "n_students": args.students},
-        "score": {"precision": args.precision}}, environ={})
-    model = work / f"{category}-{len(list(work.iterdir()))}.safetensors"
-    seconds = {}
+    def settings_for(normalize: str) -> Any:
+        return resolve_settings({
+            "dataset": dataset, "root": root, "category": category, "seed": args.seed,
+            "device": args.device,
+            "students": {"preset": args.preset, "patch_sizes": args.patch_sizes,
+                         "image_size": args.image_size, "epochs": epochs,
+                         "crop_size": (args.image_size if args.crop == 0 else args.crop),
+                         "n_students": args.students},
+            "calibrate": {"normalize": normalize},
+            "score": {"precision": args.precision}}, environ={})
+
+    folder = args.keep_models or work
+    folder.mkdir(parents=True, exist_ok=True)
+    label = Path(teacher).stem if teacher != "random" else "random"
+    model = folder / (f"{category}-{label}-{epochs if epochs is not None else 'preset'}ep-"
+                      f"{len(list(folder.iterdir()))}.safetensors")
     start = time.perf_counter()
-    fit(settings, teacher=teacher, out=model)
-    seconds["fit"] = round(time.perf_counter() - start, 1)
-    start = time.perf_counter()
-    calibrate(settings, model_path=model)
-    seconds["calibrate"] = round(time.perf_counter() - start, 1)
-    start = time.perf_counter()
-    result = evaluate(settings, model_path=model)
-    seconds["evaluate"] = round(time.perf_counter() - start, 1)
-    model.unlink()
-    return {**_summary(result), "seconds": seconds}
+    fit(settings_for(args.normalize_list[0]), teacher=teacher, out=model)
+    fit_seconds = round(time.perf_counter() - start, 1)
+    out = {}
+    for normalize in args.normalize_list:
+        settings = settings_for(normalize)
+        seconds = {"fit": fit_seconds}
+        start = time.perf_counter()
+        calibrate(settings, model_path=model)
+        seconds["calibrate"] = round(time.perf_counter() - start, 1)
+        start = time.perf_counter()
+        result = evaluate(settings, model_path=model)
+        seconds["evaluate"] = round(time.perf_counter() - start, 1)
+        out[normalize] = {**_summary(result), "seconds": seconds}
+    if args.keep_models is None:
+        model.unlink()
+    else:
+        for r in out.values():
+            r["model"] = str(model)  # calibrated as the last normalization says
+    return out
 
 
 # --------------------------------------------------------------------------- data and main
@@ -229,9 +246,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--crop", type=int, default=None,
                         help="training crop size (0: whole images); default: the preset's")
     parser.add_argument("--students", type=int, default=None, help="students per scale")
+    parser.add_argument("--normalize", default="global",
+                        help="calibrate.normalize: global, position, or both comma-separated "
+                             "(one fit, calibrated and evaluated once per value)")
     parser.add_argument("--n-train", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--keep-models", type=Path, default=None, metavar="DIR",
+                        help="keep each fitted model in DIR (default: deleted after evaluation)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test")
     args = parser.parse_args(argv)
     quick = QUICK if args.quick else {}
@@ -249,6 +271,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if unknown:
         parser.error(f"unknown set(s) {', '.join(unknown)}; choose from {', '.join(sorted(known))}")
     args.teacher_list = [] if args.baseline_only else [t for t in args.teachers.split(",") if t]
+    args.normalize_list = list(dict.fromkeys(v for v in args.normalize.split(",") if v))
+    if not args.normalize_list or set(args.normalize_list) - {"global", "position"}:
+        parser.error(f"--normalize takes global and/or position, not {args.normalize!r}")
     try:
         args.epoch_list = ([None] if args.epochs is None
                            else [int(v) for v in str(args.epochs).split(",") if v])
@@ -282,14 +307,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                     method = (teacher if len(args.epoch_list) == 1
                               else f"{teacher} @ {epochs} epochs")
                     print(f"[{name}] fitting {method} ...", file=sys.stderr)
-                    results[name][method] = run_stad(dataset, root, name, teacher, args,
-                                                     Path(tmp), epochs)
-                    _progress(name, method, results[name][method])
+                    runs = run_stad(dataset, root, name, teacher, args, Path(tmp), epochs)
+                    for normalize, r in runs.items():
+                        key = (method if len(runs) == 1
+                               else f"{method} ({normalize} normalization)")
+                        results[name][key] = r
+                        _progress(name, key, r)
     print(table(results, scales), file=sys.stderr)
     out = {
         "settings": {"preset": args.preset, "patch_sizes": args.patch_sizes,
                      "image_size": args.image_size, "epochs": args.epoch_list, "crop": args.crop,
-                     "precision": args.precision,
+                     "precision": args.precision, "normalize": args.normalize_list,
                      "students": args.students, "seed": args.seed, "device": args.device,
                      "data": asdict(params), "teachers": args.teacher_list},
         "data_root": str(base),

@@ -290,6 +290,9 @@ def calibrate_cmd(
         "--threshold", help="For --method manual.")] = None,
     image_score: Annotated[str | None, typer.Option(
         "--image-score", help="max or topk_mean. [default: max]")] = None,
+    normalize: Annotated[str | None, typer.Option(
+        "--normalize", help="global (one mean and spread per scale, the paper's) or position "
+        "(per pixel position: for aligned objects). [default: global]")] = None,
     batch_size: BatchSizeOpt = None,
     tile_size: TileSizeOpt = None,
     precision: PrecisionOpt = None,
@@ -300,7 +303,7 @@ def calibrate_cmd(
 
     settings = _settings(config, dataset=dataset, root=root, category=category, device=device,
                          calibrate={"threshold_method": method, "target_fpr": target_fpr,
-                                    "threshold": threshold},
+                                    "threshold": threshold, "normalize": normalize},
                          score={"image_score": image_score,
                                 **_maps_flags(batch_size, tile_size, precision)})
     with console.reporter() as rep:

@@ -178,6 +178,9 @@ class CalibrateSettings(_Section):
     threshold_method: Literal["fpr", "f1", "manual"] = "fpr"
     target_fpr: float = Field(default=0.01, gt=0, lt=1)
     threshold: float | None = Field(default=None, allow_inf_nan=False)
+    normalize: Literal["global", "position"] = Field(
+        default="global", description="standardize e and v with one mean and spread per "
+        "scale (the paper's) or per pixel position (aligned objects; docs/usage.md)")
 
 
 class ScoreSettings(_Section):

@@ -10,6 +10,8 @@ the ``teacher.*`` entries):
 ``norm.p{P}.mean`` / ``.std``       (128,) per-channel statistics of the teacher's descriptors
                                     over the training images (METHOD.md §4)
 ``calib.p{P}``                      (4,) e_mean, e_std, v_mean, v_std on validation images
+``calib_map.p{P}``                  (4, S, S) the same per pixel position of the S × S map
+                                    (only after ``stad calibrate --normalize position``)
 =================================  =========================================================
 
 How the maps are computed (``Model.inference``, from the ``score`` settings) never changes what is
@@ -60,6 +62,7 @@ class Scale:
     mean: torch.Tensor | None = None  # (D,) teacher descriptor mean over training images
     std: torch.Tensor | None = None  # (D,)
     calib: torch.Tensor | None = None  # (4,) e_mean, e_std, v_mean, v_std
+    calib_map: torch.Tensor | None = None  # (4, S, S) per position; None: ``calib`` everywhere
     _fused: FusedNetworks | None = field(default=None, init=False, repr=False)
     _fused_key: tuple[Any, ...] = field(default=(), init=False, repr=False)
 
@@ -136,7 +139,17 @@ class Scale:
         return self._fused
 
     def standardize(self, e: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """ẽ + ṽ with the calibration statistics (METHOD.md §5); same shape as ``e``."""
+        """ẽ + ṽ with the calibration statistics (METHOD.md §5); same shape as ``e``.
+
+        With per-position statistics (``calib_map``), each pixel of the (N, S, S) maps is
+        standardized with its own position's mean and spread."""
+        if self.calib_map is not None:
+            if tuple(e.shape[-2:]) != tuple(self.calib_map.shape[-2:]):
+                raise ValueError(f"p={self.patch_size}: maps of size {tuple(e.shape[-2:])} "
+                                 f"cannot use per-position statistics of size "
+                                 f"{tuple(self.calib_map.shape[-2:])}")
+            e_mean, e_std, v_mean, v_std = self.calib_map.unbind(0)
+            return (e - e_mean) / e_std + (v - v_mean) / v_std
         if self.calib is None:
             raise ArtifactError(f"the model is not calibrated for p={self.patch_size}: "
                                 "run `stad calibrate` first")
@@ -165,7 +178,7 @@ class Model:
             s.teacher.to(device)
             for st in s.students:
                 st.to(device)
-            for name in ("mean", "std", "calib"):
+            for name in ("mean", "std", "calib", "calib_map"):
                 t = getattr(s, name)
                 if t is not None:
                     setattr(s, name, t.to(device))
@@ -261,6 +274,8 @@ def model_tensors(model: Model) -> dict[str, torch.Tensor]:
         out[f"norm.p{p}.std"] = s.std
         if s.calib is not None:
             out[f"calib.p{p}"] = s.calib
+        if s.calib_map is not None:
+            out[f"calib_map.p{p}"] = s.calib_map
     return {k: v.detach().cpu().contiguous() for k, v in out.items()}
 
 
@@ -276,8 +291,26 @@ def model_from_tensors(tensors: Mapping[str, torch.Tensor], preprocessing: dict[
             raise ArtifactError(f"the model artifact lacks students or normalization for p={p}")
         scales[p] = Scale(p, teacher, students, tensors[f"norm.p{p}.mean"].float(),
                           tensors[f"norm.p{p}.std"].float(),
-                          tensors[f"calib.p{p}"].float() if f"calib.p{p}" in tensors else None)
+                          tensors[f"calib.p{p}"].float() if f"calib.p{p}" in tensors else None,
+                          _calib_map(tensors, p, preprocessing))
     return Model(scales=scales, preprocessing=preprocessing)
+
+
+def _calib_map(tensors: Mapping[str, torch.Tensor], p: int, preprocessing: dict[str, Any]
+               ) -> torch.Tensor | None:
+    """The per-position statistics of scale p, checked: (4, S, S), finite, spreads > 0."""
+    t = tensors.get(f"calib_map.p{p}")
+    if t is None:
+        return None
+    size = preprocessing.get("image_size")
+    t = t.float()
+    if tuple(t.shape) != (4, size, size):
+        raise ArtifactError(f"calib_map.p{p} has shape {tuple(t.shape)}, not (4, {size}, "
+                            f"{size}) for the model's image size; recalibrate the model")
+    if not bool(torch.isfinite(t).all()) or not bool((t[[1, 3]] > 0).all()):
+        raise ArtifactError(f"calib_map.p{p} holds non-finite values or spreads <= 0; "
+                            "recalibrate the model")
+    return t
 
 
 def _widen(t: torch.Tensor) -> torch.Tensor:

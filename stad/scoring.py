@@ -13,7 +13,7 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -155,6 +155,7 @@ def image_score(amap: np.ndarray, cfg: ScoreSettings) -> float:
 @torch.inference_mode()
 def calibrate_model(model: Model, paths: Sequence[Path], rule: ScoreSettings, *,
                     device: torch.device, batch_size: int | None = None,
+                    normalize: Literal["global", "position"] = "global",
                     reporter: Reporter = NULL_REPORTER) -> tuple[dict[int, torch.Tensor],
                                                                  list[float]]:
     """Calibrate ``model`` in place on anomaly-free images, in one pass over them.
@@ -165,10 +166,16 @@ def calibrate_model(model: Model, paths: Sequence[Path], rule: ScoreSettings, *,
     e or v, e.g. a single tiny image) would divide by zero in the standardization; it is
     replaced by 1 with a warning, which leaves that term unscaled.
 
+    With ``normalize="position"``, each pixel position of the model's S × S maps also gets
+    its own statistics (``calib_map``, :func:`position_statistics`), which the maps then use:
+    for aligned images, where some places (edges, prints) are always harder to regress than
+    others. ``"global"`` (the paper's) removes any per-position statistics.
+
     Returns:
         the statistics per patch size, and the image scores of the normal images.
     """
     sums = {p: torch.zeros(4, dtype=torch.float64) for p in model.patch_sizes}
+    at: dict[int, torch.Tensor] = {}  # per position: Σe, Σe², Σv, Σv² over the images
     kept: list[tuple[dict[int, tuple[torch.Tensor, torch.Tensor]], tuple[int, int]]] = []
     count = 0
     task = reporter.task("calibrating", len(paths))
@@ -183,6 +190,9 @@ def calibrate_model(model: Model, paths: Sequence[Path], rule: ScoreSettings, *,
         for p, (e, v) in ev.items():
             e, v = e.double(), v.double()
             sums[p] += torch.stack([e.sum(), e.pow(2).sum(), v.sum(), v.pow(2).sum()]).cpu()
+            if normalize == "position":
+                here = torch.stack([e.sum(0), e.pow(2).sum(0), v.sum(0), v.pow(2).sum(0)]).cpu()
+                at[p] = at[p] + here if p in at else here
         for i, (_, image) in enumerate(prepared):
             kept.append(({p: (e[i:i + 1], v[i:i + 1]) for p, (e, v) in ev.items()},
                          image.shape[:2]))
@@ -201,12 +211,65 @@ def calibrate_model(model: Model, paths: Sequence[Path], rule: ScoreSettings, *,
         v_std = v_std if v_std >= 1e-12 else torch.tensor(1.0, dtype=torch.float64)
         stats[p] = torch.stack([e_mean, e_std, v_mean, v_std]).float()
         model.scales[p].calib = stats[p].to(device)
+        model.scales[p].calib_map = (
+            position_statistics(at[p], len(kept), stats[p], sigma=POSITION_SIGMA,
+                                prior=POSITION_PRIOR).to(device)
+            if normalize == "position" else None)
     scores = []
     for ev_one, shape in kept:
         fused = model.fuse({p: model.scales[p].standardize(e, v) for p, (e, v) in ev_one.items()},
                            shape)["fused"]
         scores.append(image_score(fused[0].float().cpu().numpy(), rule))
     return stats, scores
+
+
+POSITION_SIGMA = 2.0
+"""Per-position statistics are pooled over a Gaussian window of this σ (model pixels)."""
+POSITION_PRIOR = 2.0
+"""... and each position's variance is shrunk towards the global one as if that had been
+seen on this many images: ``(n·var_pos + k·var_global) / (n + k)``."""
+
+
+def position_statistics(sums: torch.Tensor, n_images: int, global_stats: torch.Tensor, *,
+                        sigma: float = POSITION_SIGMA, prior: float = POSITION_PRIOR
+                        ) -> torch.Tensor:
+    """Per-position (e_mean, e_std, v_mean, v_std) from per-position sums over n images.
+
+    Args:
+        sums: (4, S, S) Σe, Σe², Σv, Σv² over the images at each position.
+        n_images: how many images were summed (≥ 1).
+        global_stats: (4,) the global e_mean, e_std, v_mean, v_std (spreads > 0).
+
+    The first and second moments are smoothed with a Gaussian of ``sigma`` pixels before the
+    variance is taken (a position's neighbours count as more samples of it, and a structure
+    that moves by a pixel between images widens the spread instead of flagging the shift); the
+    variance is then shrunk towards the global one with weight ``prior``, so that few images
+    cannot give a near-zero spread. Returns a (4, S, S) float32 tensor.
+    """
+    moments = gaussian_blur(sums.double() / n_images, sigma)
+    g = global_stats.double()
+    out = []
+    for j in (0, 2):
+        mean = moments[j]
+        var = (moments[j + 1] - mean.pow(2)).clamp_min(0)
+        var = (n_images * var + prior * g[j + 1].pow(2)) / (n_images + prior)
+        out += [mean, var.sqrt()]
+    return torch.stack(out).float()
+
+
+def gaussian_blur(t: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian smoothing of the last two dimensions (edges replicated)."""
+    if sigma <= 0:
+        return t
+    radius = max(1, int(np.ceil(3 * sigma)))
+    x = torch.arange(-radius, radius + 1, dtype=t.dtype, device=t.device)
+    k = torch.exp(-x.pow(2) / (2 * sigma**2))
+    k = k / k.sum()
+    shape = t.shape
+    flat = t.reshape(-1, 1, *shape[-2:])
+    flat = F.conv2d(F.pad(flat, (radius, radius, 0, 0), mode="replicate"), k.view(1, 1, 1, -1))
+    flat = F.conv2d(F.pad(flat, (0, 0, radius, radius), mode="replicate"), k.view(1, 1, -1, 1))
+    return flat.reshape(shape)
 
 
 def fpr_threshold(normal_scores: Sequence[float], target_fpr: float) -> float:

@@ -357,7 +357,7 @@ def calibrate(settings: Settings, *, model_path: Path, out: Path | None = None,
     val = validation_samples(selection, artifact.info)
     paths = [s.image for s in val]
     stats, normal_scores = calibrate_model(model, paths, settings.score, device=device,
-                                           reporter=reporter)
+                                           normalize=cfg.normalize, reporter=reporter)
     if cfg.threshold_method == "manual":
         assert cfg.threshold is not None  # checked above
         threshold = cfg.threshold
@@ -374,6 +374,7 @@ def calibrate(settings: Settings, *, model_path: Path, out: Path | None = None,
         "target_fpr": cfg.target_fpr if cfg.threshold_method == "fpr" else None,
         "image_score": settings.score.image_score,
         "topk_fraction": settings.score.topk_fraction,
+        "normalize": cfg.normalize,
         "n_images": len(val), "images_source": artifact.info["data"]["validation"]["source"],
         "statistics": {f"p{p}": dict(zip(("e_mean", "e_std", "v_mean", "v_std"),
                                          s.tolist(), strict=True)) for p, s in stats.items()},

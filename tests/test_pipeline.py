@@ -156,6 +156,40 @@ def test_evaluate_report(model: Path, tmp_path: Path):
     assert "AU-PRO@0.3" in text and "fused" in text
 
 
+def test_calibrate_per_position_and_back(model: Path, tiny_data: Path, tmp_path: Path):
+    positioned = tmp_path / "positioned.safetensors"
+    result = jsonl(run(["calibrate", "--model", str(model), "--normalize", "position",
+                        "--out", str(positioned), "--json"]))[0]
+    assert result["normalize"] == "position"
+    with safe_open(str(positioned), framework="pt") as f:
+        assert tuple(f.get_tensor("calib_map.p17").shape) == (4, 32, 32)
+        assert json.loads(f.metadata()["stad.info"])["calibration"]["normalize"] == "position"
+    with safe_open(str(model), framework="pt") as f:
+        assert "calib_map.p17" not in f.keys()  # --out left the model alone
+    test_dir = tiny_data / "grain" / "test"
+    by_position = {r["path"]: r["score"]
+                   for r in jsonl(run(["score", "--model", str(positioned), "--json",
+                                       str(test_dir)]))}
+    by_scale = {r["path"]: r["score"]
+                for r in jsonl(run(["score", "--model", str(model), "--json", str(test_dir)]))}
+    assert by_position.keys() == by_scale.keys()
+    assert any(abs(by_position[k] - by_scale[k]) > 1e-3 for k in by_scale)
+    # Calibrating it again the paper's way drops the per-position statistics.
+    run(["calibrate", "--model", str(positioned), "--normalize", "global"])
+    with safe_open(str(positioned), framework="pt") as f:
+        assert "calib_map.p17" not in f.keys()
+    again = {r["path"]: r["score"]
+             for r in jsonl(run(["score", "--model", str(positioned), "--json", str(test_dir)]))}
+    assert again == pytest.approx(by_scale, abs=1e-5)
+
+
+def test_bad_normalize_is_a_usage_error(model: Path, tmp_path: Path):
+    result = runner.invoke(app, ["calibrate", "--model", str(model), "--normalize", "pixel",
+                                 "--out", str(tmp_path / "m.safetensors")])
+    assert result.exit_code == EXIT_USAGE and "normalize" in result.stderr
+    assert not (tmp_path / "m.safetensors").exists()
+
+
 def test_uncalibrated_model_is_refused(tiny_data: Path, tmp_path: Path):
     # (tiny_data is shared and only read: fit-students writes to tmp_path)
     path = tmp_path / "m.safetensors"

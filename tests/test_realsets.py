@@ -204,3 +204,24 @@ def test_quality_quick_run_with_a_random_teacher(tmp_path: Path) -> None:
         assert 0.0 <= run["au_pro"]["fused"] <= 1.0 and 0.0 <= run["image_auroc"]["fused"] <= 1.0
         assert set(run["seconds"]) == {"fit", "calibrate", "evaluate"}
     assert "gravel | random @ 2 epochs" in result.stderr
+
+
+@pytest.mark.slow
+def test_quality_one_fit_evaluated_per_normalization_and_kept(tmp_path: Path) -> None:
+    kept = tmp_path / "models"
+    result = subprocess.run(
+        [sys.executable, str(BENCH / "quality.py"), "--quick", "--sets", "coins",
+         "--data", str(tmp_path / "data"), "--normalize", "global,position",
+         "--keep-models", str(kept)],
+        capture_output=True, text=True, timeout=300, check=True)
+    data = json.loads(result.stdout)
+    assert data["settings"]["normalize"] == ["global", "position"]
+    runs = {n: data["results"]["coins"][f"random ({n} normalization)"]
+            for n in ("global", "position")}
+    assert runs["global"]["seconds"]["fit"] == runs["position"]["seconds"]["fit"]  # one fit
+    assert runs["global"]["au_pro"] != runs["position"]["au_pro"]
+    (model,) = kept.glob("*.safetensors")
+    assert runs["position"]["model"] == str(model)
+    from safetensors import safe_open
+    with safe_open(str(model), framework="pt") as f:  # calibrated as the last one says
+        assert "calib_map.p17" in f.keys()

@@ -21,9 +21,11 @@ from stad.scoring import (
     calibrate_model,
     f1_threshold,
     fpr_threshold,
+    gaussian_blur,
     image_score,
     iter_maps,
     iter_results,
+    position_statistics,
 )
 
 
@@ -104,6 +106,97 @@ def test_constant_error_does_not_divide_by_zero(tmp_path: Path, capsys):
     assert stats[17][1] == 1.0 and stats[17][3] == 1.0
     assert all(np.isfinite(scores))
     assert "constant" in capsys.readouterr().err
+
+
+def test_position_statistics_per_pixel_with_and_without_pooling():
+    rng = np.random.default_rng(0)
+    e = torch.from_numpy(rng.gamma(2.0, 1.0, (5, 12, 12))) * torch.linspace(1, 4, 12)
+    v = torch.from_numpy(rng.gamma(3.0, 0.5, (5, 12, 12)))
+    sums = torch.stack([e.sum(0), e.pow(2).sum(0), v.sum(0), v.pow(2).sum(0)])
+    g = torch.tensor([e.mean(), e.std(correction=0), v.mean(), v.std(correction=0)])
+    # No pooling, no prior: each position's own mean and (population) spread.
+    got = position_statistics(sums, 5, g, sigma=0, prior=0)
+    torch.testing.assert_close(got, torch.stack([e.mean(0), e.std(0, correction=0),
+                                                 v.mean(0), v.std(0, correction=0)]).float())
+    # The prior shrinks each variance towards the global one, by weight k against n images.
+    got = position_statistics(sums, 5, g, sigma=0, prior=3)
+    want = ((5 * e.var(0, correction=0) + 3 * g[1] ** 2) / 8).sqrt().float()
+    torch.testing.assert_close(got[1], want)
+    torch.testing.assert_close(got[0], e.mean(0).float())
+    # Pooling over neighbours: a position's mean is the weighted mean around it.
+    pooled = position_statistics(sums, 5, g, sigma=2, prior=0)
+    torch.testing.assert_close(pooled[0], gaussian_blur(e.mean(0), 2).float())
+    assert (pooled[1] > 0).all()
+
+
+def test_gaussian_blur_keeps_constants_and_smooths():
+    flat = torch.full((2, 9, 9), 3.0)
+    torch.testing.assert_close(gaussian_blur(flat, 1.5), flat)
+    spike = torch.zeros(1, 15, 15)
+    spike[0, 7, 7] = 1.0
+    out = gaussian_blur(spike, 1.0)
+    assert float(out.sum()) == pytest.approx(1.0, abs=1e-6)  # far from the edges: mass kept
+    assert out[0, 7, 7] < 0.2 and out[0, 7, 8] == pytest.approx(out[0, 8, 7])
+    assert gaussian_blur(spike, 0) is spike
+
+
+def test_per_position_calibration_standardizes_each_position(tmp_path: Path, monkeypatch):
+    # Without pooling or prior, each position's ẽ and ṽ over the calibration images have
+    # mean 0 and spread 1 exactly.
+    monkeypatch.setattr(scoring, "POSITION_SIGMA", 0.0)
+    monkeypatch.setattr(scoring, "POSITION_PRIOR", 0.0)
+    model = _model(sizes=(17, 33))
+    paths = _images(tmp_path, 4, seed=12)
+    rule = ScoreSettings()
+    stats, scores = calibrate_model(model, paths, rule, device=torch.device("cpu"),
+                                    normalize="position")
+    for p, scale in model.scales.items():
+        assert scale.calib_map is not None and tuple(scale.calib_map.shape) == (4, 24, 24)
+        torch.testing.assert_close(scale.calib, stats[p])
+    x = torch.stack([scoring.prepare(p, model)[0] for p in paths])
+    with torch.inference_mode():
+        for scale in model.scales.values():
+            e, v = scale.error_and_variance(x)
+            z = scale.standardize(e, torch.zeros_like(v))  # ẽ + (0 − v_mean)/v_std
+            assert scale.calib_map is not None
+            ez = z + scale.calib_map[2] / scale.calib_map[3]  # ẽ alone
+            torch.testing.assert_close(ez.mean(0), torch.zeros(24, 24), atol=1e-4, rtol=0)
+            torch.testing.assert_close(ez.pow(2).mean(0), torch.ones(24, 24), atol=1e-3,
+                                       rtol=0)
+            assert ez.shape == (4, 24, 24)
+    again = [image_score(m.maps["fused"], rule)
+             for m in iter_maps(model, paths, device=torch.device("cpu"))]
+    np.testing.assert_allclose(scores, again, rtol=1e-5, atol=1e-5)
+    # Recalibrating globally removes them.
+    calibrate_model(model, paths, rule, device=torch.device("cpu"))
+    assert all(s.calib_map is None for s in model.scales.values())
+
+
+def test_per_position_statistics_must_match_the_map():
+    scale = _model().scales[17]
+    scale.calib_map = torch.ones(4, 24, 24)
+    with pytest.raises(ValueError, match="per-position"):
+        scale.standardize(torch.zeros(1, 20, 20), torch.zeros(1, 20, 20))
+
+
+def test_per_position_statistics_round_trip_and_are_checked_on_load(tmp_path: Path):
+    from stad.errors import ArtifactError
+    from stad.model import model_from_tensors, model_tensors
+
+    model = _model()
+    calibrate_model(model, _images(tmp_path, 2, seed=14), ScoreSettings(),
+                    device=torch.device("cpu"), normalize="position")
+    tensors = model_tensors(model)
+    loaded = model_from_tensors(tensors, model.preprocessing)
+    torch.testing.assert_close(loaded.scales[17].calib_map, model.scales[17].calib_map)
+    bad = {**tensors, "calib_map.p17": torch.ones(4, 20, 20)}
+    with pytest.raises(ArtifactError, match=r"calib_map\.p17 has shape"):
+        model_from_tensors(bad, model.preprocessing)
+    for value in (float("nan"), 0.0):
+        broken = tensors["calib_map.p17"].clone()
+        broken[1, 3, 3] = value
+        with pytest.raises(ArtifactError, match="recalibrate"):
+            model_from_tensors({**tensors, "calib_map.p17": broken}, model.preprocessing)
 
 
 def test_image_score_rules():
