@@ -148,17 +148,22 @@ class Scale:
                 raise ValueError(f"p={self.patch_size}: maps of size {tuple(e.shape[-2:])} "
                                  f"cannot use per-position statistics of size "
                                  f"{tuple(self.calib_map.shape[-2:])}")
-            e_mean, e_std, v_mean, v_std = self.calib_map.unbind(0)
-            return (e - e_mean) / e_std + (v - v_mean) / v_std
+            return standardized(e, v, self.calib_map)
         if self.calib is None:
             raise ArtifactError(f"the model is not calibrated for p={self.patch_size}: "
                                 "run `stad calibrate` first")
-        e_mean, e_std, v_mean, v_std = self.calib.tolist()
-        return (e - e_mean) / e_std + (v - v_mean) / v_std
+        return standardized(e, v, self.calib)
 
     def score(self, x: torch.Tensor) -> torch.Tensor:
         """Per-scale anomaly score ẽ + ṽ (METHOD.md §5): (N, 3, H, W) → (N, H, W)."""
         return self.standardize(*self.error_and_variance(x))
+
+
+def standardized(e: torch.Tensor, v: torch.Tensor, stats: torch.Tensor) -> torch.Tensor:
+    """ẽ + ṽ = (e − e_mean)/e_std + (v − v_mean)/v_std with ``stats`` (e_mean, e_std, v_mean,
+    v_std) of shape (4,) (one value each) or (4, H, W) (one per position of (N, H, W) maps)."""
+    e_mean, e_std, v_mean, v_std = stats.unbind(0)
+    return (e - e_mean) / e_std + (v - v_mean) / v_std
 
 
 @dataclass
@@ -279,8 +284,10 @@ def model_tensors(model: Model) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in out.items()}
 
 
-def model_from_tensors(tensors: Mapping[str, torch.Tensor], preprocessing: dict[str, Any]
-                       ) -> Model:
+def model_from_tensors(tensors: Mapping[str, torch.Tensor], preprocessing: dict[str, Any],
+                       *, calibration: bool = True) -> Model:
+    """The model an artifact's tensors hold; ``calibration=False`` leaves its calibration
+    statistics out (``stad calibrate`` replaces them, so damaged ones must not stop it)."""
     teachers = load_teachers(tensors)
     scales: dict[int, Scale] = {}
     for p, teacher in teachers.items():
@@ -289,27 +296,35 @@ def model_from_tensors(tensors: Mapping[str, torch.Tensor], preprocessing: dict[
                               f"student {m} p={p}").requires_grad_(False).eval() for m in ids]
         if len(students) < 2 or f"norm.p{p}.mean" not in tensors:
             raise ArtifactError(f"the model artifact lacks students or normalization for p={p}")
+        size = preprocessing.get("image_size")
         scales[p] = Scale(p, teacher, students, tensors[f"norm.p{p}.mean"].float(),
                           tensors[f"norm.p{p}.std"].float(),
-                          tensors[f"calib.p{p}"].float() if f"calib.p{p}" in tensors else None,
-                          _calib_map(tensors, p, preprocessing))
+                          _calibration(tensors, f"calib.p{p}", (4,)) if calibration else None,
+                          _calibration(tensors, f"calib_map.p{p}", (4, size, size))
+                          if calibration else None)
     return Model(scales=scales, preprocessing=preprocessing)
 
 
-def _calib_map(tensors: Mapping[str, torch.Tensor], p: int, preprocessing: dict[str, Any]
-               ) -> torch.Tensor | None:
-    """The per-position statistics of scale p, checked: (4, S, S), finite, spreads > 0."""
-    t = tensors.get(f"calib_map.p{p}")
+MIN_SPREAD = 1e-30
+"""Stored spreads below this are refused: dividing by them would overflow float32 (calibration
+never stores a spread below 1e-12)."""
+
+
+def _calibration(tensors: Mapping[str, torch.Tensor], name: str, shape: tuple[Any, ...]
+                 ) -> torch.Tensor | None:
+    """Calibration statistics (e_mean, e_std, v_mean, v_std) stored under ``name``, checked
+    before use: a float tensor of ``shape``, finite, spreads >= MIN_SPREAD."""
+    t = tensors.get(name)
     if t is None:
         return None
-    size = preprocessing.get("image_size")
+    if not t.is_floating_point() or tuple(t.shape) != shape:
+        raise ArtifactError(f"{name} is a {t.dtype} tensor of shape {tuple(t.shape)}, not a "
+                            f"float tensor of shape {shape}; recalibrate the model "
+                            f"(stad calibrate)")
     t = t.float()
-    if tuple(t.shape) != (4, size, size):
-        raise ArtifactError(f"calib_map.p{p} has shape {tuple(t.shape)}, not (4, {size}, "
-                            f"{size}) for the model's image size; recalibrate the model")
-    if not bool(torch.isfinite(t).all()) or not bool((t[[1, 3]] > 0).all()):
-        raise ArtifactError(f"calib_map.p{p} holds non-finite values or spreads <= 0; "
-                            "recalibrate the model")
+    if not bool(torch.isfinite(t).all()) or not bool((t[[1, 3]] >= MIN_SPREAD).all()):
+        raise ArtifactError(f"{name} holds non-finite values or spreads below {MIN_SPREAD:g}; "
+                            "recalibrate the model (stad calibrate)")
     return t
 
 

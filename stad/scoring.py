@@ -23,7 +23,7 @@ from stad.config import ScoreSettings, Settings
 from stad.console import NULL_REPORTER, Reporter, warn
 from stad.errors import DataError, UsageError
 from stad.images import load_image, to_tensor
-from stad.model import Inference, Model
+from stad.model import Inference, Model, standardized
 
 
 def resolve_device(name: str) -> torch.device:
@@ -171,9 +171,17 @@ def calibrate_model(model: Model, paths: Sequence[Path], rule: ScoreSettings, *,
     for aligned images, where some places (edges, prints) are always harder to regress than
     others. ``"global"`` (the paper's) removes any per-position statistics.
 
+    Each normal image's score is computed with per-position statistics from the *other*
+    images (leave one out; with one image, its own): a position's statistics fitted on an image
+    would standardize that image's own peaks away and set an ``fpr`` threshold too low.
+
     Returns:
         the statistics per patch size, and the image scores of the normal images.
     """
+    if normalize not in ("global", "position"):
+        raise UsageError(f"calibrate.normalize must be global or position, not {normalize!r}")
+    if not paths:
+        raise DataError("no anomaly-free images to calibrate on: the validation split is empty")
     sums = {p: torch.zeros(4, dtype=torch.float64) for p in model.patch_sizes}
     at: dict[int, torch.Tensor] = {}  # per position: Σe, Σe², Σv, Σv² over the images
     kept: list[tuple[dict[int, tuple[torch.Tensor, torch.Tensor]], tuple[int, int]]] = []
@@ -211,16 +219,35 @@ def calibrate_model(model: Model, paths: Sequence[Path], rule: ScoreSettings, *,
         v_std = v_std if v_std >= 1e-12 else torch.tensor(1.0, dtype=torch.float64)
         stats[p] = torch.stack([e_mean, e_std, v_mean, v_std]).float()
         model.scales[p].calib = stats[p].to(device)
-        model.scales[p].calib_map = (
-            position_statistics(at[p], len(kept), stats[p], sigma=POSITION_SIGMA,
-                                prior=POSITION_PRIOR).to(device)
-            if normalize == "position" else None)
+        model.scales[p].calib_map = (_position_statistics(at[p], len(kept), stats[p], p)
+                                     .to(device) if normalize == "position" else None)
     scores = []
+    leave_out = normalize == "position" and len(kept) > 1
     for ev_one, shape in kept:
-        fused = model.fuse({p: model.scales[p].standardize(e, v) for p, (e, v) in ev_one.items()},
-                           shape)["fused"]
+        per_scale = {}
+        for p, (e, v) in ev_one.items():
+            if leave_out:
+                ed, vd = e[0].double(), v[0].double()
+                own = torch.stack([ed, ed.pow(2), vd, vd.pow(2)]).cpu()
+                others = _position_statistics(at[p] - own, len(kept) - 1, stats[p], p)
+                per_scale[p] = standardized(e, v, others.to(device))
+            else:
+                per_scale[p] = model.scales[p].standardize(e, v)
+        fused = model.fuse(per_scale, shape)["fused"]
         scores.append(image_score(fused[0].float().cpu().numpy(), rule))
     return stats, scores
+
+
+def _position_statistics(sums: torch.Tensor, n_images: int, global_stats: torch.Tensor, p: int
+                         ) -> torch.Tensor:
+    # With the module's settings (read at call time), and checked: a non-finite e or v on a
+    # calibration image would otherwise give a model that loading refuses.
+    out = position_statistics(sums, n_images, global_stats, sigma=POSITION_SIGMA,
+                              prior=POSITION_PRIOR)
+    if not bool(torch.isfinite(out).all()):
+        raise DataError(f"p={p}: the regression error or variance is not finite on the "
+                        "calibration images; the model cannot be calibrated per position")
+    return out
 
 
 POSITION_SIGMA = 2.0
@@ -253,7 +280,7 @@ def position_statistics(sums: torch.Tensor, n_images: int, global_stats: torch.T
         mean = moments[j]
         var = (moments[j + 1] - mean.pow(2)).clamp_min(0)
         var = (n_images * var + prior * g[j + 1].pow(2)) / (n_images + prior)
-        out += [mean, var.sqrt()]
+        out += [mean, var.sqrt().clamp_min(1e-12)]
     return torch.stack(out).float()
 
 

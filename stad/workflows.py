@@ -308,9 +308,12 @@ def _with_model_data(settings: Settings, artifact: Artifact) -> Settings:
     })
 
 
-def load_model(path: Path, device: torch.device) -> tuple[Model, Artifact]:
+def load_model(path: Path, device: torch.device, *, calibration: bool = True
+               ) -> tuple[Model, Artifact]:
+    """A model artifact in memory; ``calibration=False`` skips its calibration statistics."""
     artifact = load_artifact(path, kind="model")
-    model = model_from_tensors(artifact.tensors, artifact.preprocessing)
+    model = model_from_tensors(artifact.tensors, artifact.preprocessing,
+                               calibration=calibration)
     return model.to(device).eval(), artifact
 
 
@@ -350,7 +353,7 @@ def calibrate(settings: Settings, *, model_path: Path, out: Path | None = None,
     if out is not None:
         check_output_file(out)
     device = resolve_device(settings.device)
-    model, artifact = load_model(model_path, device)
+    model, artifact = load_model(model_path, device, calibration=False)  # replaced here
     configure(model, settings.score)
     settings = _with_model_data(settings, artifact)
     selection = select_data(settings)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from safetensors import safe_open
 from typer.testing import CliRunner
@@ -181,6 +182,20 @@ def test_calibrate_per_position_and_back(model: Path, tiny_data: Path, tmp_path:
     again = {r["path"]: r["score"]
              for r in jsonl(run(["score", "--model", str(positioned), "--json", str(test_dir)]))}
     assert again == pytest.approx(by_scale, abs=1e-5)
+
+
+def test_calibrate_replaces_damaged_statistics(model: Path, tmp_path: Path):
+    from stad.artifacts import load_artifact, save_artifact
+
+    artifact = load_artifact(model, kind="model")
+    artifact.tensors["calib.p17"] = torch.full((4,), float("nan"))
+    damaged = tmp_path / "damaged.safetensors"
+    save_artifact(damaged, artifact)
+    result = runner.invoke(app, ["score", "--model", str(damaged), str(model)])
+    assert result.exit_code == 4 and "calib.p17" in result.stderr
+    run(["calibrate", "--model", str(damaged), "--normalize", "position"])
+    run(["score", "--model", str(damaged), "--threshold", "1e9",
+         str(model.parent / "data" / "grain" / "test" / "good" / "000.png")])
 
 
 def test_bad_normalize_is_a_usage_error(model: Path, tmp_path: Path):

@@ -12,7 +12,7 @@ from PIL import Image
 
 from stad import scoring
 from stad.config import ScoreSettings
-from stad.errors import DataError
+from stad.errors import DataError, UsageError
 from stad.model import Inference, Model, Scale
 from stad.networks import build_network
 from stad.scoring import (
@@ -164,9 +164,7 @@ def test_per_position_calibration_standardizes_each_position(tmp_path: Path, mon
             torch.testing.assert_close(ez.pow(2).mean(0), torch.ones(24, 24), atol=1e-3,
                                        rtol=0)
             assert ez.shape == (4, 24, 24)
-    again = [image_score(m.maps["fused"], rule)
-             for m in iter_maps(model, paths, device=torch.device("cpu"))]
-    np.testing.assert_allclose(scores, again, rtol=1e-5, atol=1e-5)
+    assert len(scores) == 4 and all(np.isfinite(scores))  # (leave-one-out: tested below)
     # Recalibrating globally removes them.
     calibrate_model(model, paths, rule, device=torch.device("cpu"))
     assert all(s.calib_map is None for s in model.scales.values())
@@ -189,14 +187,51 @@ def test_per_position_statistics_round_trip_and_are_checked_on_load(tmp_path: Pa
     tensors = model_tensors(model)
     loaded = model_from_tensors(tensors, model.preprocessing)
     torch.testing.assert_close(loaded.scales[17].calib_map, model.scales[17].calib_map)
-    bad = {**tensors, "calib_map.p17": torch.ones(4, 20, 20)}
-    with pytest.raises(ArtifactError, match=r"calib_map\.p17 has shape"):
-        model_from_tensors(bad, model.preprocessing)
-    for value in (float("nan"), 0.0):
-        broken = tensors["calib_map.p17"].clone()
-        broken[1, 3, 3] = value
-        with pytest.raises(ArtifactError, match="recalibrate"):
-            model_from_tensors({**tensors, "calib_map.p17": broken}, model.preprocessing)
+    for name, bad in (("calib_map.p17", torch.ones(4, 20, 20)),
+                      ("calib_map.p17", torch.ones(4, 24, 24, dtype=torch.int32)),
+                      ("calib.p17", torch.ones(3))):
+        with pytest.raises(ArtifactError, match=rf"{name.replace('.', '[.]')} is a .* shape"):
+            model_from_tensors({**tensors, name: bad}, model.preprocessing)
+    for name in ("calib_map.p17", "calib.p17"):
+        for value in (float("nan"), 0.0, 1e-40):
+            broken = tensors[name].clone()
+            broken.view(4, -1)[1, -1] = value
+            with pytest.raises(ArtifactError, match="recalibrate"):
+                model_from_tensors({**tensors, name: broken}, model.preprocessing)
+            # ... unless the calibration is left out, as stad calibrate does.
+            plain = model_from_tensors({**tensors, name: broken}, model.preprocessing,
+                                       calibration=False)
+            assert plain.scales[17].calib is None and plain.scales[17].calib_map is None
+
+
+def test_normal_scores_leave_their_own_image_out(tmp_path: Path, monkeypatch):
+    # Without the prior (which uses all images' global spread), image i's score must be
+    # what a model calibrated per position on the other images gives it.
+    monkeypatch.setattr(scoring, "POSITION_PRIOR", 0.0)
+    paths = _images(tmp_path, 4, seed=16)
+    rule = ScoreSettings()
+    model = _model(sizes=(17, 33))
+    _, scores = calibrate_model(model, paths, rule, device=torch.device("cpu"),
+                                normalize="position")
+    for i in (0, 3):
+        others = _model(sizes=(17, 33))
+        calibrate_model(others, paths[:i] + paths[i + 1:], rule, device=torch.device("cpu"),
+                        normalize="position")
+        (m,) = iter_maps(others, [paths[i]], device=torch.device("cpu"))
+        assert scores[i] == pytest.approx(image_score(m.maps["fused"], rule), rel=1e-4)
+    # In-sample scores would be lower: each image's own peaks would be standardized away.
+    (m,) = iter_maps(model, [paths[0]], device=torch.device("cpu"))
+    assert image_score(m.maps["fused"], rule) < scores[0]
+
+
+def test_calibration_refuses_no_images_and_unknown_normalizations(tmp_path: Path):
+    model = _model()
+    with pytest.raises(DataError, match="no anomaly-free images"):
+        calibrate_model(model, [], ScoreSettings(), device=torch.device("cpu"),
+                        normalize="position")
+    with pytest.raises(UsageError, match="normalize"):
+        calibrate_model(model, _images(tmp_path, 1, seed=18), ScoreSettings(),
+                        device=torch.device("cpu"), normalize="pixel")  # type: ignore[arg-type]
 
 
 def test_image_score_rules():
