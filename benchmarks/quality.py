@@ -246,9 +246,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--crop", type=int, default=None,
                         help="training crop size (0: whole images); default: the preset's")
     parser.add_argument("--students", type=int, default=None, help="students per scale")
-    parser.add_argument("--normalize", default="global",
-                        help="calibrate.normalize: global, position, or both comma-separated "
-                             "(one fit, calibrated and evaluated once per value)")
+    parser.add_argument("--normalize", default="position",
+                        help="calibrate.normalize: position (default), global, or both "
+                             "comma-separated (one fit, calibrated and evaluated per value)")
     parser.add_argument("--n-train", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")

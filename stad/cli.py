@@ -291,8 +291,9 @@ def calibrate_cmd(
     image_score: Annotated[str | None, typer.Option(
         "--image-score", help="max or topk_mean. [default: max]")] = None,
     normalize: Annotated[str | None, typer.Option(
-        "--normalize", help="global (one mean and spread per scale, the paper's) or position "
-        "(per pixel position: for aligned objects). [default: global]")] = None,
+        "--normalize", help="position (statistics per pixel position: aligned objects gain "
+        "most) or global (one mean and spread per scale, the paper's). [default: position]")
+    ] = None,
     batch_size: BatchSizeOpt = None,
     tile_size: TileSizeOpt = None,
     precision: PrecisionOpt = None,

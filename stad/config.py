@@ -179,8 +179,8 @@ class CalibrateSettings(_Section):
     target_fpr: float = Field(default=0.01, gt=0, lt=1)
     threshold: float | None = Field(default=None, allow_inf_nan=False)
     normalize: Literal["global", "position"] = Field(
-        default="global", description="standardize e and v with one mean and spread per "
-        "scale (the paper's) or per pixel position (aligned objects; docs/usage.md)")
+        default="position", description="standardize e and v per pixel position (default) "
+        "or with one mean and spread per scale (global, the paper's); docs/model.md")
 
 
 class ScoreSettings(_Section):

@@ -158,30 +158,31 @@ def test_evaluate_report(model: Path, tmp_path: Path):
 
 
 def test_calibrate_per_position_and_back(model: Path, tiny_data: Path, tmp_path: Path):
-    positioned = tmp_path / "positioned.safetensors"
-    result = jsonl(run(["calibrate", "--model", str(model), "--normalize", "position",
-                        "--out", str(positioned), "--json"]))[0]
-    assert result["normalize"] == "position"
-    with safe_open(str(positioned), framework="pt") as f:
+    with safe_open(str(model), framework="pt") as f:  # the default calibration
         assert tuple(f.get_tensor("calib_map.p17").shape) == (4, 32, 32)
         assert json.loads(f.metadata()["stad.info"])["calibration"]["normalize"] == "position"
+    plain = tmp_path / "global.safetensors"
+    result = jsonl(run(["calibrate", "--model", str(model), "--normalize", "global",
+                        "--out", str(plain), "--json"]))[0]
+    assert result["normalize"] == "global"
+    with safe_open(str(plain), framework="pt") as f:
+        assert "calib_map.p17" not in f.keys() and "calib.p17" in f.keys()
     with safe_open(str(model), framework="pt") as f:
-        assert "calib_map.p17" not in f.keys()  # --out left the model alone
+        assert "calib_map.p17" in f.keys()  # --out left the model alone
     test_dir = tiny_data / "grain" / "test"
-    by_position = {r["path"]: r["score"]
-                   for r in jsonl(run(["score", "--model", str(positioned), "--json",
-                                       str(test_dir)]))}
-    by_scale = {r["path"]: r["score"]
-                for r in jsonl(run(["score", "--model", str(model), "--json", str(test_dir)]))}
+
+    def scores(path: Path) -> dict[str, float]:
+        return {r["path"]: r["score"]
+                for r in jsonl(run(["score", "--model", str(path), "--json", str(test_dir)]))}
+
+    by_position, by_scale = scores(model), scores(plain)
     assert by_position.keys() == by_scale.keys()
     assert any(abs(by_position[k] - by_scale[k]) > 1e-3 for k in by_scale)
-    # Calibrating it again the paper's way drops the per-position statistics.
-    run(["calibrate", "--model", str(positioned), "--normalize", "global"])
-    with safe_open(str(positioned), framework="pt") as f:
-        assert "calib_map.p17" not in f.keys()
-    again = {r["path"]: r["score"]
-             for r in jsonl(run(["score", "--model", str(positioned), "--json", str(test_dir)]))}
-    assert again == pytest.approx(by_scale, abs=1e-5)
+    # Calibrating the global one per position again gives the default model's maps.
+    run(["calibrate", "--model", str(plain), "--normalize", "position"])
+    with safe_open(str(plain), framework="pt") as f:
+        assert "calib_map.p17" in f.keys()
+    assert scores(plain) == pytest.approx(by_position, abs=1e-5)
 
 
 def test_calibrate_replaces_damaged_statistics(model: Path, tmp_path: Path):
