@@ -179,7 +179,8 @@ def test_calibrate_per_position_and_back(model: Path, tiny_data: Path, tmp_path:
     assert by_position.keys() == by_scale.keys()
     assert any(abs(by_position[k] - by_scale[k]) > 1e-3 for k in by_scale)
     # Calibrating the global one per position again gives the default model's maps.
-    run(["calibrate", "--model", str(plain), "--normalize", "position"])
+    text = run(["calibrate", "--model", str(plain), "--normalize", "position"])
+    assert "(position normalization)" in text
     with safe_open(str(plain), framework="pt") as f:
         assert "calib_map.p17" in f.keys()
     assert scores(plain) == pytest.approx(by_position, abs=1e-5)
