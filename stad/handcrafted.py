@@ -80,11 +80,21 @@ def _pool(x: torch.Tensor, grids: tuple[int, ...]) -> torch.Tensor:
     return torch.cat([F.adaptive_avg_pool2d(x, g).flatten(1) for g in grids], dim=1)
 
 
-def _gaussian(sigma: float) -> torch.Tensor:
+def gaussian_kernel(sigma: float, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The normalized 1-D Gaussian of ``sigma`` over ±ceil(3σ) (at least ±1), computed in
+    float64 and returned as ``dtype``."""
     radius = max(1, math.ceil(3 * sigma))
     t = torch.arange(-radius, radius + 1, dtype=torch.float64)
     k = torch.exp(-t.pow(2) / (2 * sigma**2))
-    return (k / k.sum()).float()
+    return (k / k.sum()).to(dtype)
+
+
+def smooth(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+    """(B, 1, H, W) convolved with a 1-D ``kernel`` along rows, then columns; replicate
+    padding keeps the size."""
+    r = kernel.numel() // 2
+    x = F.conv2d(F.pad(x, (r, r, 0, 0), mode="replicate"), kernel.view(1, 1, 1, -1))
+    return F.conv2d(F.pad(x, (0, 0, r, r), mode="replicate"), kernel.view(1, 1, -1, 1))
 
 
 def _log_kernel(sigma: float) -> torch.Tensor:
@@ -137,7 +147,7 @@ class HandcraftedBank(nn.Module):
         self.crop = build_network(patch_size).receptive_field
         self.dim = components or DIM
         for i, (sigma, _) in enumerate(GRADIENT_SCALES):
-            self.register_buffer(f"gauss{i}", _gaussian(sigma), persistent=False)
+            self.register_buffer(f"gauss{i}", gaussian_kernel(sigma), persistent=False)
         for i, sigma in enumerate(LOG_SCALES):
             self.register_buffer(f"log{i}", _log_kernel(sigma)[None, None], persistent=False)
         self.register_buffer("gabor", _gabor_kernels(), persistent=False)
@@ -162,12 +172,6 @@ class HandcraftedBank(nn.Module):
         r = kernel.shape[-1] // 2
         return F.conv2d(F.pad(x, (r, r, r, r), mode="replicate"), kernel)
 
-    def _smooth(self, x: torch.Tensor, gauss: torch.Tensor) -> torch.Tensor:
-        # Separable Gaussian: rows then columns.
-        r = gauss.numel() // 2
-        x = F.conv2d(F.pad(x, (r, r, 0, 0), mode="replicate"), gauss.view(1, 1, 1, -1))
-        return F.conv2d(F.pad(x, (0, 0, r, r), mode="replicate"), gauss.view(1, 1, -1, 1))
-
     def raw(self, patches: torch.Tensor) -> torch.Tensor:
         """The unstandardized features, (B, DIM), blocks in the order of :data:`BLOCKS`."""
         x = self._canonical(patches.float())  # (B, 3, C, C)
@@ -178,7 +182,7 @@ class HandcraftedBank(nn.Module):
         grey = x.mean(1, keepdim=True)  # (B, 1, C, C)
         centres = torch.arange(N_ORIENT, device=x.device) * (2 * math.pi / N_ORIENT)
         for i, (_, grids) in enumerate(GRADIENT_SCALES):
-            s = self._smooth(grey, getattr(self, f"gauss{i}"))
+            s = smooth(grey, getattr(self, f"gauss{i}"))
             p = F.pad(s, (1, 1, 1, 1), mode="replicate")
             gx = (p[:, :, 1:-1, 2:] - p[:, :, 1:-1, :-2]) / 2
             gy = (p[:, :, 2:, 1:-1] - p[:, :, :-2, 1:-1]) / 2
@@ -197,7 +201,7 @@ class HandcraftedBank(nn.Module):
         energy = torch.sqrt(g[:, 0::2].pow(2) + g[:, 1::2].pow(2) + 1e-12)
         feats.append(_pool(energy, (1, 2)))
 
-        centre = self._smooth(grey, self.gauss0)
+        centre = smooth(grey, self.gauss0)
         r = LBP_RADIUS
         p = F.pad(centre, (r, r, r, r), mode="replicate")
         size = centre.shape[-1]

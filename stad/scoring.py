@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from stad.config import ScoreSettings, Settings
 from stad.console import NULL_REPORTER, Reporter, warn
 from stad.errors import DataError, UsageError
+from stad.handcrafted import gaussian_kernel, smooth
 from stad.images import load_image, to_tensor
 from stad.model import Inference, Model, standardized
 
@@ -182,10 +183,8 @@ def calibrate_model(model: Model, paths: Sequence[Path], rule: ScoreSettings, *,
         raise UsageError(f"calibrate.normalize must be global or position, not {normalize!r}")
     if not paths:
         raise DataError("no anomaly-free images to calibrate on: the validation split is empty")
-    sums = {p: torch.zeros(4, dtype=torch.float64) for p in model.patch_sizes}
     at: dict[int, torch.Tensor] = {}  # per position: Σe, Σe², Σv, Σv² over the images
     kept: list[tuple[dict[int, tuple[torch.Tensor, torch.Tensor]], tuple[int, int]]] = []
-    count = 0
     task = reporter.task("calibrating", len(paths))
     for batch in prepared_batches(model, paths, batch_size or model.inference.batch_size):
         prepared = []
@@ -196,19 +195,17 @@ def calibrate_model(model: Model, paths: Sequence[Path], rule: ScoreSettings, *,
         x = torch.stack([t for t, _ in prepared]).to(device)
         ev = model.error_and_variance(x)
         for p, (e, v) in ev.items():
-            e, v = e.double(), v.double()
-            sums[p] += torch.stack([e.sum(), e.pow(2).sum(), v.sum(), v.pow(2).sum()]).cpu()
-            if normalize == "position":
-                here = torch.stack([e.sum(0), e.pow(2).sum(0), v.sum(0), v.pow(2).sum(0)]).cpu()
-                at[p] = at[p] + here if p in at else here
+            here = _moments(e, v).sum(0).cpu()
+            at[p] = at[p] + here if p in at else here
         for i, (_, image) in enumerate(prepared):
             kept.append(({p: (e[i:i + 1], v[i:i + 1]) for p, (e, v) in ev.items()},
                          image.shape[:2]))
-        count += x.shape[0] * x.shape[2] * x.shape[3]
         task.advance(len(prepared))
     task.done()
     stats = {}
-    for p, (se, se2, sv, sv2) in sums.items():
+    for p in model.patch_sizes:
+        se, se2, sv, sv2 = at[p].sum((1, 2))
+        count = len(kept) * at[p][0].numel()  # pixels summed
         e_mean, v_mean = se / count, sv / count
         e_std = (se2 / count - e_mean**2).clamp_min(0).sqrt()
         v_std = (sv2 / count - v_mean**2).clamp_min(0).sqrt()
@@ -227,8 +224,7 @@ def calibrate_model(model: Model, paths: Sequence[Path], rule: ScoreSettings, *,
         per_scale = {}
         for p, (e, v) in ev_one.items():
             if leave_out:
-                ed, vd = e[0].double(), v[0].double()
-                own = torch.stack([ed, ed.pow(2), vd, vd.pow(2)]).cpu()
+                own = _moments(e, v)[0].cpu()
                 others = _position_statistics(at[p] - own, len(kept) - 1, stats[p], p)
                 per_scale[p] = standardized(e, v, others.to(device))
             else:
@@ -236,6 +232,12 @@ def calibrate_model(model: Model, paths: Sequence[Path], rule: ScoreSettings, *,
         fused = model.fuse(per_scale, shape)["fused"]
         scores.append(image_score(fused[0].float().cpu().numpy(), rule))
     return stats, scores
+
+
+def _moments(e: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """(N, H, W) e and v → (N, 4, H, W) float64: e, e², v, v² at each pixel."""
+    e, v = e.double(), v.double()
+    return torch.stack([e, e.pow(2), v, v.pow(2)], 1)
 
 
 def _position_statistics(sums: torch.Tensor, n_images: int, global_stats: torch.Tensor, p: int
@@ -288,15 +290,8 @@ def gaussian_blur(t: torch.Tensor, sigma: float) -> torch.Tensor:
     """Separable Gaussian smoothing of the last two dimensions (edges replicated)."""
     if sigma <= 0:
         return t
-    radius = max(1, int(np.ceil(3 * sigma)))
-    x = torch.arange(-radius, radius + 1, dtype=t.dtype, device=t.device)
-    k = torch.exp(-x.pow(2) / (2 * sigma**2))
-    k = k / k.sum()
-    shape = t.shape
-    flat = t.reshape(-1, 1, *shape[-2:])
-    flat = F.conv2d(F.pad(flat, (radius, radius, 0, 0), mode="replicate"), k.view(1, 1, 1, -1))
-    flat = F.conv2d(F.pad(flat, (0, 0, radius, radius), mode="replicate"), k.view(1, 1, -1, 1))
-    return flat.reshape(shape)
+    kernel = gaussian_kernel(sigma, t.dtype).to(t.device)
+    return smooth(t.reshape(-1, 1, *t.shape[-2:]), kernel).reshape(t.shape)
 
 
 def fpr_threshold(normal_scores: Sequence[float], target_fpr: float) -> float:
