@@ -4,12 +4,15 @@ For each set (benchmarks/realsets.py; also the ``synthetic`` categories by name)
 teacher option (``random`` or a teacher artifact from ``stad pretrain-teacher``) it runs the
 library pipeline as the CLI does -- ``fit``, ``calibrate``, ``evaluate`` from
 :mod:`stad.workflows` with settings from :func:`stad.config.resolve_settings` -- and the
-per-pixel Gaussian colour baseline (no learning: :func:`fit_gaussian`). Prints a table on
-stderr and one JSON object on stdout. Run from the repository root:
+per-pixel Gaussian colour baseline (no learning: :func:`fit_gaussian`). With ``--knn`` it also
+scores each teacher's own descriptors without students (:func:`descriptor_knn`): how far the
+descriptor space separates the defects at all. Prints a table on stderr and one JSON object on
+stdout. Run from the repository root:
 
     python benchmarks/quality.py                          # all real sets, random teacher
     python benchmarks/quality.py --teachers random,teacher.safetensors --sets brick coffee
     python benchmarks/quality.py --baseline-only          # the Gaussian baseline alone
+    python benchmarks/quality.py --teachers builtin --knn-only --sets gravel  # no students
     python benchmarks/quality.py --quick                  # tiny sizes, a smoke test
 
 Generated sets are kept under ``--data`` (default ``$STAD_CACHE/realsets``, i.e.
@@ -30,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # realsets.py lives beside this file
@@ -118,6 +122,85 @@ def baseline(dataset: str, root: Path, category: str, image_size: int) -> dict[s
         mask = (load_mask(sample.mask, amap.shape) if sample.mask is not None
                 else np.zeros(amap.shape, bool))
         items.append(Evaluated(sample, {"fused": amap}, mask, {"fused": float(amap.max())}))
+    result = _summary(compute_metrics(items, fpr_limit=0.3))
+    result["seconds"] = {"fit": round(fitted - start, 2),
+                         "evaluate": round(time.perf_counter() - fitted, 2)}
+    return result
+
+
+# --------------------------------------------------------------------------- descriptor kNN
+
+KNN_BANK = 20_000
+"""Training descriptors per scale (sampled at random) that :func:`descriptor_knn` compares with."""
+
+
+def nearest_distance(queries: torch.Tensor, bank: torch.Tensor, chunk: int = 4096
+                     ) -> torch.Tensor:
+    """Euclidean distance from each of (Q, D) ``queries`` to its nearest row of (B, D) ``bank``:
+    (Q,), computed ``chunk`` queries at a time."""
+    bank = bank.float()
+    bank_sq = bank.pow(2).sum(1)
+    out = []
+    for q in queries.float().split(chunk):
+        d2 = q.pow(2).sum(1, keepdim=True) - 2 * q @ bank.T + bank_sq
+        out.append(d2.min(1).values.clamp_min(0).sqrt())
+    return torch.cat(out) if out else queries.new_zeros(0)
+
+
+@torch.inference_mode()
+def descriptor_knn(dataset: str, root: Path, category: str, teacher: str,
+                   args: argparse.Namespace) -> dict[str, Any]:
+    """The teacher's descriptors scored without students, as a reference for the models.
+
+    Per scale: the descriptors of every training pixel, normalized as for the students
+    (METHOD.md §4); :data:`KNN_BANK` of them sampled (seeded) as a memory bank. A pixel's score
+    is the distance of its normalized descriptor to the nearest one in the bank, standardized
+    by the mean and std of the scores of the ``val`` images; the fused map is the mean over
+    scales and an image's score its maximum, as for the models. Low figures mean that the
+    descriptors themselves hardly tell the defects from normal texture by their density.
+    """
+    from stad.students import load_batch, teacher_targets
+    from stad.workflows import resolve_teachers
+
+    adapter = get_adapter(dataset)
+    patch_sizes = sorted(int(p) for p in args.patch_sizes.split(","))
+    start = time.perf_counter()
+    nets, _, _ = resolve_teachers(teacher, patch_sizes, args.seed)
+    size = args.image_size
+    train = load_batch(adapter.list_samples(root, category, "train"), size)
+    val = load_batch(adapter.list_samples(root, category, "val"), size)
+    tests = adapter.list_samples(root, category, "test")
+    test = load_batch(tests, size)
+    generator = torch.Generator().manual_seed(args.seed)
+    per_scale: dict[str, torch.Tensor] = {}
+    for p in patch_sizes:
+        net = nets[p].eval()
+        targets, mean, std = teacher_targets(net, train)
+        flat = targets.permute(0, 2, 3, 1).reshape(-1, targets.shape[1])
+        bank = flat[torch.randperm(len(flat), generator=generator)[:KNN_BANK]]
+
+        def scores(x: torch.Tensor, net: Any = net, mean: torch.Tensor = mean,
+                   std: torch.Tensor = std, bank: torch.Tensor = bank) -> torch.Tensor:
+            maps = []
+            for batch in x.split(4):
+                y = (net.dense(batch, padding_mode="reflect") - mean.view(1, -1, 1, 1)) \
+                    / std.view(1, -1, 1, 1)
+                q = y.permute(0, 2, 3, 1).reshape(-1, y.shape[1])
+                maps.append(nearest_distance(q, bank).view(len(batch), *y.shape[2:]))
+            return torch.cat(maps)
+
+        reference = scores(val).double()
+        per_scale[f"p{p}"] = ((scores(test).double() - reference.mean())
+                              / reference.std().clamp_min(1e-12))
+    fitted = time.perf_counter()
+    maps = {**per_scale, "fused": torch.stack(list(per_scale.values())).mean(0)}
+    items = []
+    for i, sample in enumerate(tests):
+        shape = load_image(sample.image).shape
+        amaps = {k: _map_to(v[i].float().numpy(), shape) for k, v in maps.items()}
+        mask = (load_mask(sample.mask, amaps["fused"].shape) if sample.mask is not None
+                else np.zeros(amaps["fused"].shape, bool))
+        items.append(Evaluated(sample, amaps, mask, {k: float(m.max()) for k, m in amaps.items()}))
     result = _summary(compute_metrics(items, fpr_limit=0.3))
     result["seconds"] = {"fit": round(fitted - start, 2),
                          "evaluate": round(time.perf_counter() - fitted, 2)}
@@ -234,6 +317,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="comma-separated: 'random' and/or teacher artifact files")
     parser.add_argument("--baseline-only", action="store_true",
                         help="only the Gaussian baseline (no teacher runs)")
+    parser.add_argument("--knn", action="store_true",
+                        help="also score each teacher's descriptors by their distance to the "
+                             "nearest training descriptor, without students")
+    parser.add_argument("--knn-only", action="store_true",
+                        help="the Gaussian baseline and --knn, no student fits")
     parser.add_argument("--data", type=Path, default=None,
                         help="where generated sets are kept (default $STAD_CACHE/realsets)")
     parser.add_argument("--preset", default="fast")
@@ -271,6 +359,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if unknown:
         parser.error(f"unknown set(s) {', '.join(unknown)}; choose from {', '.join(sorted(known))}")
     args.teacher_list = [] if args.baseline_only else [t for t in args.teachers.split(",") if t]
+    args.knn = args.knn or args.knn_only
     args.normalize_list = list(dict.fromkeys(v for v in args.normalize.split(",") if v))
     if not args.normalize_list or set(args.normalize_list) - {"global", "position"}:
         parser.error(f"--normalize takes global and/or position, not {args.normalize!r}")
@@ -303,7 +392,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             results[name] = {"gaussian": baseline(dataset, root, name, args.image_size)}
             _progress(name, "gaussian", results[name]["gaussian"])
             for teacher in args.teacher_list:
-                for epochs in args.epoch_list:
+                if args.knn:
+                    key = f"{teacher} (descriptor kNN)"
+                    results[name][key] = descriptor_knn(dataset, root, name, teacher, args)
+                    _progress(name, key, results[name][key])
+                for epochs in [] if args.knn_only else args.epoch_list:
                     method = (teacher if len(args.epoch_list) == 1
                               else f"{teacher} @ {epochs} epochs")
                     print(f"[{name}] fitting {method} ...", file=sys.stderr)
@@ -317,7 +410,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = {
         "settings": {"preset": args.preset, "patch_sizes": args.patch_sizes,
                      "image_size": args.image_size, "epochs": args.epoch_list, "crop": args.crop,
-                     "precision": args.precision, "normalize": args.normalize_list,
+                     "precision": args.precision, "normalize": args.normalize_list, "knn": args.knn,
                      "students": args.students, "seed": args.seed, "device": args.device,
                      "data": asdict(params), "teachers": args.teacher_list},
         "data_root": str(base),

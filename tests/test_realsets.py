@@ -190,6 +190,33 @@ def test_quality_baseline_only_in_process(tmp_path: Path, capsys: pytest.Capture
     assert (tmp_path / "32px-seed0-6-2-2-1" / "coins" / realsets.MARKER).is_file()
 
 
+def test_nearest_distance_matches_brute_force() -> None:
+    import torch
+    gen = torch.Generator().manual_seed(0)
+    queries, bank = torch.randn(10, 5, generator=gen), torch.randn(7, 5, generator=gen)
+    expected = torch.cdist(queries.double(), bank.double()).min(1).values
+    got = quality.nearest_distance(queries, bank, chunk=3)  # several chunks, a short last one
+    assert got.shape == (10,)
+    assert torch.allclose(got.double(), expected, atol=1e-5)
+    assert torch.allclose(quality.nearest_distance(bank[2:4], bank), torch.zeros(2), atol=1e-3)
+
+
+def test_quality_knn_only_scores_descriptors_without_fitting(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert quality.main(["--quick", "--knn-only", "--teachers", "random", "--sets", "coins",
+                         "--data", str(tmp_path)]) == 0
+    captured = capsys.readouterr()
+    data = json.loads(captured.out)
+    assert data["settings"]["knn"] is True
+    runs = data["results"]["coins"]
+    assert set(runs) == {"gaussian", "random (descriptor kNN)"}  # no student fit
+    run = runs["random (descriptor kNN)"]
+    assert set(run["au_pro"]) == {"fused", "p17"}
+    assert 0.0 <= run["au_pro"]["fused"] <= 1.0 and 0.0 <= run["image_auroc"]["fused"] <= 1.0
+    assert set(run["defects_au_pro"]) == set(realsets.DEFECTS)
+    assert "coins | random (descriptor kNN)" in captured.err
+
+
 @pytest.mark.slow
 def test_quality_quick_run_with_a_random_teacher(tmp_path: Path) -> None:
     result = subprocess.run(
