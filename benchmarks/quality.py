@@ -290,8 +290,9 @@ def _fmt(v: Any) -> str:
 
 def _progress(name: str, method: str, r: dict[str, Any]) -> None:
     # One line as each run ends, so that a long run shows its figures before the table.
-    print(f"[{name}] {method}: AU-PRO {_fmt(r['au_pro'].get('fused'))}, image AUROC "
-          f"{_fmt(r['image_auroc'].get('fused'))}, seconds {r['seconds']}", file=sys.stderr)
+    defects = ", ".join(f"{d} {_fmt(v)}" for d, v in r["defects_au_pro"].items())
+    print(f"[{name}] {method}: AU-PRO {_fmt(r['au_pro'].get('fused'))} ({defects}), image "
+          f"AUROC {_fmt(r['image_auroc'].get('fused'))}, seconds {r['seconds']}", file=sys.stderr)
 
 
 def table(results: dict[str, dict[str, Any]], scales: Sequence[str]) -> str:
@@ -314,7 +315,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help=f"sets (default {default_sets}); also synthetic categories "
                              f"({', '.join(synthetic.CATEGORIES)})")
     parser.add_argument("--teachers", default="random",
-                        help="comma-separated: 'random' and/or teacher artifact files")
+                        help="comma-separated: 'random', 'builtin' and/or teacher artifact files")
     parser.add_argument("--baseline-only", action="store_true",
                         help="only the Gaussian baseline (no teacher runs)")
     parser.add_argument("--knn", action="store_true",
