@@ -147,52 +147,76 @@ def nearest_distance(queries: torch.Tensor, bank: torch.Tensor, chunk: int = 409
     return torch.cat(out) if out else queries.new_zeros(0)
 
 
-@torch.inference_mode()
+@dataclass(frozen=True)
+class DescriptorBank:
+    """One scale's nearest-neighbour reference: the teacher, the normalization of its
+    descriptors over the training images (METHOD.md §4) and a sample of those descriptors."""
+
+    net: Any
+    mean: torch.Tensor
+    std: torch.Tensor
+    bank: torch.Tensor  # (B, D) normalized training descriptors
+
+    @classmethod
+    @torch.inference_mode()
+    def fit(cls, net: Any, train: torch.Tensor, size: int, generator: torch.Generator
+            ) -> DescriptorBank:
+        """Normalize as for the students (:func:`stad.students.teacher_targets`) and keep
+        ``size`` of the training pixels' descriptors, sampled with ``generator``."""
+        from stad.students import teacher_targets
+
+        targets, mean, std = teacher_targets(net, train)
+        flat = targets.permute(0, 2, 3, 1).reshape(-1, targets.shape[1])
+        pick = torch.randperm(len(flat), generator=generator)[:size].to(flat.device)
+        return cls(net, mean.to(train.device), std.to(train.device), flat[pick].float())
+
+    @torch.inference_mode()
+    def distances(self, x: torch.Tensor, batch: int = 4) -> torch.Tensor:
+        """(N, 3, H, W) images → (N, H, W): each pixel's distance from its normalized
+        descriptor to the nearest one in the bank."""
+        from stad.model import PADDING
+
+        maps = []
+        for chunk in x.split(batch):
+            y = self.net.dense(chunk, padding_mode=PADDING)
+            y = (y - self.mean.view(1, -1, 1, 1)) / self.std.view(1, -1, 1, 1)
+            q = y.permute(0, 2, 3, 1).reshape(-1, y.shape[1])
+            maps.append(nearest_distance(q, self.bank).view(len(chunk), *y.shape[2:]))
+        return torch.cat(maps)
+
+
 def descriptor_knn(dataset: str, root: Path, category: str, teacher: str,
                    args: argparse.Namespace) -> dict[str, Any]:
     """The teacher's descriptors scored without students, as a reference for the models.
 
-    Per scale: the descriptors of every training pixel, normalized as for the students
-    (METHOD.md §4); :data:`KNN_BANK` of them sampled (seeded) as a memory bank. A pixel's score
-    is the distance of its normalized descriptor to the nearest one in the bank, standardized
-    by the mean and std of the scores of the ``val`` images; the fused map is the mean over
-    scales and an image's score its maximum, as for the models. Low figures mean that the
-    descriptors themselves hardly tell the defects from normal texture by their density.
+    Per scale a :class:`DescriptorBank` of :data:`KNN_BANK` training descriptors (sampled,
+    seeded). A pixel's score is the distance of its normalized descriptor to the nearest one
+    in the bank, standardized by the mean and std of the scores of the ``val`` images; the
+    fused map is the mean over scales and an image's score its maximum, as for the models.
+    Computed in float32 on ``args.device``. Low figures mean that the descriptors themselves
+    hardly tell the defects from normal texture by their density.
     """
-    from stad.students import load_batch, teacher_targets
+    from stad.students import load_batch
     from stad.workflows import resolve_teachers
 
     adapter = get_adapter(dataset)
+    device = torch.device(args.device)
     patch_sizes = sorted(int(p) for p in args.patch_sizes.split(","))
     start = time.perf_counter()
     nets, _, _ = resolve_teachers(teacher, patch_sizes, args.seed)
     size = args.image_size
-    train = load_batch(adapter.list_samples(root, category, "train"), size)
-    val = load_batch(adapter.list_samples(root, category, "val"), size)
+    train, val = (load_batch(adapter.list_samples(root, category, split), size).to(device)
+                  for split in ("train", "val"))
     tests = adapter.list_samples(root, category, "test")
-    test = load_batch(tests, size)
+    test = load_batch(tests, size).to(device)
     generator = torch.Generator().manual_seed(args.seed)
     per_scale: dict[str, torch.Tensor] = {}
     for p in patch_sizes:
-        net = nets[p].eval()
-        targets, mean, std = teacher_targets(net, train)
-        flat = targets.permute(0, 2, 3, 1).reshape(-1, targets.shape[1])
-        bank = flat[torch.randperm(len(flat), generator=generator)[:KNN_BANK]]
-
-        def scores(x: torch.Tensor, net: Any = net, mean: torch.Tensor = mean,
-                   std: torch.Tensor = std, bank: torch.Tensor = bank) -> torch.Tensor:
-            maps = []
-            for batch in x.split(4):
-                y = (net.dense(batch, padding_mode="reflect") - mean.view(1, -1, 1, 1)) \
-                    / std.view(1, -1, 1, 1)
-                q = y.permute(0, 2, 3, 1).reshape(-1, y.shape[1])
-                maps.append(nearest_distance(q, bank).view(len(batch), *y.shape[2:]))
-            return torch.cat(maps)
-
-        reference = scores(val).double()
-        per_scale[f"p{p}"] = ((scores(test).double() - reference.mean())
-                              / reference.std().clamp_min(1e-12))
-    fitted = time.perf_counter()
+        bank = DescriptorBank.fit(nets[p].to(device).eval(), train, KNN_BANK, generator)
+        reference = bank.distances(val).double()
+        per_scale[f"p{p}"] = ((bank.distances(test).double() - reference.mean())
+                              / reference.std().clamp_min(1e-12)).cpu()
+    scored = time.perf_counter()
     maps = {**per_scale, "fused": torch.stack(list(per_scale.values())).mean(0)}
     items = []
     for i, sample in enumerate(tests):
@@ -202,8 +226,8 @@ def descriptor_knn(dataset: str, root: Path, category: str, teacher: str,
                 else np.zeros(amaps["fused"].shape, bool))
         items.append(Evaluated(sample, amaps, mask, {k: float(m.max()) for k, m in amaps.items()}))
     result = _summary(compute_metrics(items, fpr_limit=0.3))
-    result["seconds"] = {"fit": round(fitted - start, 2),
-                         "evaluate": round(time.perf_counter() - fitted, 2)}
+    result["seconds"] = {"descriptors": round(scored - start, 2),
+                         "evaluate": round(time.perf_counter() - scored, 2)}
     return result
 
 
@@ -361,6 +385,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error(f"unknown set(s) {', '.join(unknown)}; choose from {', '.join(sorted(known))}")
     args.teacher_list = [] if args.baseline_only else [t for t in args.teachers.split(",") if t]
     args.knn = args.knn or args.knn_only
+    if args.knn and args.baseline_only:
+        parser.error("--knn scores teachers' descriptors; --baseline-only runs no teacher")
     args.normalize_list = list(dict.fromkeys(v for v in args.normalize.split(",") if v))
     if not args.normalize_list or set(args.normalize_list) - {"global", "position"}:
         parser.error(f"--normalize takes global and/or position, not {args.normalize!r}")

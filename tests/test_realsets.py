@@ -201,6 +201,32 @@ def test_nearest_distance_matches_brute_force() -> None:
     assert torch.allclose(quality.nearest_distance(bank[2:4], bank), torch.zeros(2), atol=1e-3)
 
 
+def test_descriptor_bank_scores_its_own_training_pixels_zero() -> None:
+    import torch
+
+    from stad.networks import build_network
+    torch.manual_seed(0)
+    net = build_network(17).eval()
+    train = torch.randn(2, 3, 20, 20)
+    generator = torch.Generator().manual_seed(0)
+    everything = quality.DescriptorBank.fit(net, train, 10_000, generator)  # all 800 pixels
+    assert everything.bank.shape == (2 * 20 * 20, 128)
+    own = everything.distances(train, batch=1)  # the same normalization as the bank's
+    assert own.shape == (2, 20, 20) and own.abs().max() < 0.05
+    other = everything.distances(torch.randn(1, 3, 20, 20))
+    assert other.median() > 20 * own.abs().max() + 0.5
+    sampled = quality.DescriptorBank.fit(net, train, 100, generator)
+    assert sampled.bank.shape == (100, 128)
+    assert (sampled.distances(train) > 0.05).any()  # pixels left out of the bank
+
+
+def test_quality_knn_needs_a_teacher_run(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        quality.parse_args(["--knn", "--baseline-only"])
+    assert exc.value.code == 2
+    assert "--baseline-only runs no teacher" in capsys.readouterr().err
+
+
 def test_quality_knn_only_scores_descriptors_without_fitting(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert quality.main(["--quick", "--knn-only", "--teachers", "random", "--sets", "coins",
