@@ -107,6 +107,14 @@ def _map_to(amap: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     return np.asarray(img.resize((shape[1], shape[0]), Image.Resampling.BILINEAR))
 
 
+def _evaluated(sample: Any, maps: dict[str, np.ndarray]) -> Evaluated:
+    """A test sample with its maps (at the image's size): mask read at that size (none: all
+    normal), image score = each map's maximum."""
+    shape = maps["fused"].shape
+    mask = load_mask(sample.mask, shape) if sample.mask is not None else np.zeros(shape, bool)
+    return Evaluated(sample, maps, mask, {k: float(m.max()) for k, m in maps.items()})
+
+
 def baseline(dataset: str, root: Path, category: str, image_size: int) -> dict[str, Any]:
     """The Gaussian baseline on one category: fit on ``train``, evaluate on ``test`` with
     stad's evaluation code (image score = maximum of the map)."""
@@ -119,9 +127,7 @@ def baseline(dataset: str, root: Path, category: str, image_size: int) -> dict[s
     for sample in adapter.list_samples(root, category, "test"):
         image = load_image(sample.image)
         amap = _map_to(gaussian_map(model, _resized(image, image_size)), image.shape)
-        mask = (load_mask(sample.mask, amap.shape) if sample.mask is not None
-                else np.zeros(amap.shape, bool))
-        items.append(Evaluated(sample, {"fused": amap}, mask, {"fused": float(amap.max())}))
+        items.append(_evaluated(sample, {"fused": amap}))
     result = _summary(compute_metrics(items, fpr_limit=0.3))
     result["seconds"] = {"fit": round(fitted - start, 2),
                          "evaluate": round(time.perf_counter() - fitted, 2)}
@@ -144,7 +150,7 @@ def nearest_distance(queries: torch.Tensor, bank: torch.Tensor, chunk: int = 409
     for q in queries.float().split(chunk):
         d2 = q.pow(2).sum(1, keepdim=True) - 2 * q @ bank.T + bank_sq
         out.append(d2.min(1).values.clamp_min(0).sqrt())
-    return torch.cat(out) if out else queries.new_zeros(0)
+    return torch.cat(out)
 
 
 @dataclass(frozen=True)
@@ -152,9 +158,7 @@ class DescriptorBank:
     """One scale's nearest-neighbour reference: the teacher, the normalization of its
     descriptors over the training images (METHOD.md §4) and a sample of those descriptors."""
 
-    net: Any
-    mean: torch.Tensor
-    std: torch.Tensor
+    scale: Any  # stad.model.Scale: the teacher with its descriptor mean and std
     bank: torch.Tensor  # (B, D) normalized training descriptors
 
     @classmethod
@@ -163,23 +167,22 @@ class DescriptorBank:
             ) -> DescriptorBank:
         """Normalize as for the students (:func:`stad.students.teacher_targets`) and keep
         ``size`` of the training pixels' descriptors, sampled with ``generator``."""
+        from stad.model import Scale
         from stad.students import teacher_targets
 
         targets, mean, std = teacher_targets(net, train)
         flat = targets.permute(0, 2, 3, 1).reshape(-1, targets.shape[1])
         pick = torch.randperm(len(flat), generator=generator)[:size].to(flat.device)
-        return cls(net, mean.to(train.device), std.to(train.device), flat[pick].float())
+        scale = Scale(net.patch_size, net, mean=mean.to(train.device), std=std.to(train.device))
+        return cls(scale, flat[pick].float())
 
     @torch.inference_mode()
     def distances(self, x: torch.Tensor, batch: int = 4) -> torch.Tensor:
         """(N, 3, H, W) images → (N, H, W): each pixel's distance from its normalized
         descriptor to the nearest one in the bank."""
-        from stad.model import PADDING
-
         maps = []
         for chunk in x.split(batch):
-            y = self.net.dense(chunk, padding_mode=PADDING)
-            y = (y - self.mean.view(1, -1, 1, 1)) / self.std.view(1, -1, 1, 1)
+            y = self.scale.normalized_teacher(chunk)
             q = y.permute(0, 2, 3, 1).reshape(-1, y.shape[1])
             maps.append(nearest_distance(q, self.bank).view(len(chunk), *y.shape[2:]))
         return torch.cat(maps)
@@ -196,6 +199,7 @@ def descriptor_knn(dataset: str, root: Path, category: str, teacher: str,
     Computed in float32 on ``args.device``. Low figures mean that the descriptors themselves
     hardly tell the defects from normal texture by their density.
     """
+    from stad.images import to_tensor
     from stad.students import load_batch
     from stad.workflows import resolve_teachers
 
@@ -208,7 +212,8 @@ def descriptor_knn(dataset: str, root: Path, category: str, teacher: str,
     train, val = (load_batch(adapter.list_samples(root, category, split), size).to(device)
                   for split in ("train", "val"))
     tests = adapter.list_samples(root, category, "test")
-    test = load_batch(tests, size).to(device)
+    images = [load_image(s.image) for s in tests]  # decoded once: tensors and map sizes
+    test = torch.stack([to_tensor(image, size=size) for image in images]).to(device)
     generator = torch.Generator().manual_seed(args.seed)
     per_scale: dict[str, torch.Tensor] = {}
     for p in patch_sizes:
@@ -219,12 +224,9 @@ def descriptor_knn(dataset: str, root: Path, category: str, teacher: str,
     scored = time.perf_counter()
     maps = {**per_scale, "fused": torch.stack(list(per_scale.values())).mean(0)}
     items = []
-    for i, sample in enumerate(tests):
-        shape = load_image(sample.image).shape
-        amaps = {k: _map_to(v[i].float().numpy(), shape) for k, v in maps.items()}
-        mask = (load_mask(sample.mask, amaps["fused"].shape) if sample.mask is not None
-                else np.zeros(amaps["fused"].shape, bool))
-        items.append(Evaluated(sample, amaps, mask, {k: float(m.max()) for k, m in amaps.items()}))
+    for i, (sample, image) in enumerate(zip(tests, images, strict=True)):
+        items.append(_evaluated(sample, {k: _map_to(v[i].float().numpy(), image.shape)
+                                         for k, v in maps.items()}))
     result = _summary(compute_metrics(items, fpr_limit=0.3))
     result["seconds"] = {"descriptors": round(scored - start, 2),
                          "evaluate": round(time.perf_counter() - scored, 2)}
