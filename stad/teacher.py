@@ -52,6 +52,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from stad.artifacts import prefixed, read_state_dict, with_prefix
+from stad.backbones import EfficientNetLite
 from stad.checkpoint import (
     Checkpoint,
     last_good,
@@ -63,6 +64,14 @@ from stad.config import Settings, TeacherSettings
 from stad.console import NULL_REPORTER, Reporter, warn
 from stad.datasets.base import Sample
 from stad.diagnostics import collapse_warnings, teacher_diagnostics
+from stad.distillation import (
+    BACKBONES,
+    DenseTargets,
+    PooledTargets,
+    blocks_for,
+    describe,
+    load_backbone,
+)
 from stad.distributed import SINGLE, World
 from stad.errors import ArtifactError, DataError, TrainingError, UsageError
 from stad.handcrafted import BLOCKS, HandcraftedBank
@@ -255,20 +264,26 @@ def _decoder(generator: torch.Generator, out_dim: int) -> Decoder:
     return decoder
 
 
-def _bank(p: int, images: torch.Tensor, seed: int, components: int = 0) -> HandcraftedBank:
-    """The handcrafted target of scale p, standardized (and with ``components``, whitened) on
-    BANK_SAMPLE random patches drawn from a generator of its own (the training stream is the
-    same with or without it); WHITEN_SAMPLE patches when whitened, for the covariance."""
+def _sample_patches(p: int, images: torch.Tensor, seed: int, n: int = BANK_SAMPLE
+                    ) -> torch.Tensor:
+    """n random p×p patches of ``images``, drawn from a generator of their own (the training
+    stream is the same with or without them): where a target's statistics are estimated."""
     digest = hashlib.sha256(f"stad.teacher.bank:{seed}:{p}".encode()).digest()
     gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
     corners = images.shape[-1] - p + 1
-    n = WHITEN_SAMPLE if components else BANK_SAMPLE
     idx = torch.randint(images.shape[0], (n,), generator=gen)
     rows = torch.randint(corners, (n,), generator=gen)
     cols = torch.randint(corners, (n,), generator=gen)
     dev = images.device
-    bank = HandcraftedBank(p, components).to(dev)
-    return bank.fit(_crop(images, idx.to(dev), rows.to(dev), cols.to(dev), p))
+    return _crop(images, idx.to(dev), rows.to(dev), cols.to(dev), p)
+
+
+def _bank(p: int, images: torch.Tensor, seed: int, components: int = 0) -> HandcraftedBank:
+    """The handcrafted target of scale p, standardized (and with ``components``, whitened) on
+    BANK_SAMPLE random patches (WHITEN_SAMPLE when whitened, for the covariance)."""
+    n = WHITEN_SAMPLE if components else BANK_SAMPLE
+    return HandcraftedBank(p, components).to(images.device).fit(
+        _sample_patches(p, images, seed, n))
 
 
 class _Pretrainee(nn.Module):
@@ -327,12 +342,24 @@ def _pretrain_scale(
     kd_target: nn.Module | None = None
     buffer.start()  # the first images of the share (a resumed buffer is restored below)
     images = buffer.images
+    dense: DenseTargets | None = None
     if lambdas["kd"] > 0 and target == "handcrafted":
         kd_target = _bank(p, images, settings.seed, cfg.target_whiten)
     elif lambdas["kd"] > 0 and target == "resnet18":
         kd_target = backbone
+    elif lambdas["kd"] > 0 and target in BACKBONES:
+        assert isinstance(backbone, EfficientNetLite)
+        blocks = blocks_for(p, backbone, cfg.target_blocks)
+        if cfg.distill == "dense":
+            dense = DenseTargets(backbone, blocks, images)
+        else:
+            kd_target = PooledTargets(backbone, blocks, cfg.kd_input_size,
+                                      _sample_patches(p, images, settings.seed))
+    if dense is not None:
+        decoder = _decoder(gen, dense.dim).to(device).train()
+        params += list(decoder.parameters())
     if kd_target is not None:
-        dim = kd_target.dim if isinstance(kd_target, HandcraftedBank) else 512
+        dim = getattr(kd_target, "dim", 512)
         decoder = _decoder(gen, dim).to(device).train()
         params += list(decoder.parameters())
     if isinstance(kd_target, HandcraftedBank):
@@ -369,6 +396,8 @@ def _pretrain_scale(
         if buffer.streaming and world.main and state is not None:
             buffer.start(state)
             images = buffer.images
+            if dense is not None:
+                dense.update(images, range(images.shape[0]))
         first, seconds = resume["iteration"], resume["seconds"]
         losses = tensors[f"losses.p{p}"].tolist()  # (first, 4 or 5): total, kd, metric, …
         history = [row[0] for row in losses]
@@ -401,8 +430,13 @@ def _pretrain_scale(
     task = reporter.task(f"teacher p={p}", cfg.iterations)
     task.advance(first)
     start = time.perf_counter()
+    positions = list(buffer.positions)
     for it in range(first, cfg.iterations):
         buffer.refresh(gen)  # streams only: new images into slots drawn from the generator
+        if dense is not None and buffer.positions != positions:
+            dense.update(images, [k for k, (a, b) in enumerate(zip(positions, buffer.positions,
+                                                                   strict=True)) if a != b])
+            positions = list(buffer.positions)
         # All indices and noise come from the scale's CPU generator, then move to the device.
         idx = torch.randint(n, (batch,), generator=gen)
         rows = torch.randint(corners, (batch,), generator=gen)
@@ -428,9 +462,13 @@ def _pretrain_scale(
 
         zero = desc[0].new_zeros(())
         loss_kd = loss_metric = zero
-        if kd_target is not None and decoded is not None:
+        if dense is not None and decoded is not None:
+            half = (p - 1) // 2  # the pixel whose patch this is (stad.networks alignment)
+            goal = dense.at(idx.to(device), (rows + half).to(device), (cols + half).to(device))
+            loss_kd = (decoded - goal).pow(2).sum(1).mean()
+        elif kd_target is not None and decoded is not None:
             with torch.no_grad():
-                if isinstance(kd_target, HandcraftedBank):
+                if isinstance(kd_target, HandcraftedBank | PooledTargets):
                     goal = kd_target(parts[0])  # (B, 484), or (B, k) whitened
                 else:
                     kd_in = F.interpolate(parts[0], size=(cfg.kd_input_size,) * 2,
@@ -622,7 +660,12 @@ def pretrain_teachers(
         backbone, sha256 = resnet18_features(cfg.backbone_weights)
         backbone = backbone.to(device)
         backbone_info = {"path": str(cfg.backbone_weights), "sha256": sha256}
-    elif target != "resnet18" and cfg.backbone_weights is not None:
+    elif target in BACKBONES and cfg.lambda_kd > 0:
+        backbone, backbone_info = load_backbone(target, cfg.backbone_weights)
+        backbone = backbone.to(device)
+        for p in cfg.patch_sizes:
+            blocks_for(p, backbone, cfg.target_blocks)  # refused before any training
+    elif target not in ("resnet18", *BACKBONES) and cfg.backbone_weights is not None:
         reporter.note(f"teacher target is {target}: the backbone weights are not used")
     distillation = target != "none" and cfg.lambda_kd > 0
     lambdas = _lambdas(cfg, distillation)
@@ -671,6 +714,10 @@ def pretrain_teachers(
         "target": target if distillation else "none",
         "distillation": distillation,
         "backbone": backbone_info,
+        "efficientnet": (describe(backbone_info or {}, cfg.distill, backbone,
+                                  {p: blocks_for(p, backbone, cfg.target_blocks)
+                                   for p in cfg.patch_sizes})
+                         if distillation and isinstance(backbone, EfficientNetLite) else None),
         "handcrafted": ({"dim": HANDCRAFTED_DIM, "blocks": dict(BLOCKS),
                          "whiten": cfg.target_whiten,
                          "target_dim": cfg.target_whiten or HANDCRAFTED_DIM}

@@ -113,11 +113,19 @@ def _resume_command(command: str) -> str:
 def _backbone_identity(settings: Settings) -> str | None:
     # The backbone's bytes decide the distillation targets; pretrain_teachers reports a
     # missing or unreadable file itself.
+    from stad.distillation import BACKBONES, backbone_path
+    from stad.errors import UsageError
     from stad.teacher import resolve_target
 
     path = settings.teacher.backbone_weights
+    target = resolve_target(settings.teacher)
+    if path is None and target in BACKBONES:
+        try:
+            path = backbone_path(target)[0]
+        except UsageError:
+            return None
     if (path is None or settings.teacher.lambda_kd <= 0 or not Path(path).is_file()
-            or resolve_target(settings.teacher) != "resnet18"):
+            or target not in ("resnet18", *BACKBONES)):
         return None
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
