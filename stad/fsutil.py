@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,6 +36,9 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     os.close(fd)
     tmp = Path(tmp_name)
     try:
+        # mkstemp makes the file 0600; give it the mode open() would: the old file's, or
+        # 0666 less the umask, so that another user or a CI job can read what stad wrote.
+        os.chmod(tmp, _mode_of(target))
         yield tmp
         _fsync_file(tmp)
         os.replace(tmp, target)
@@ -43,6 +47,24 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
+
+
+def _umask() -> int:
+    with contextlib.suppress(OSError, ValueError):
+        with open("/proc/self/status", encoding="ascii") as status:  # Linux: no side effect
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    mask = os.umask(0o022)  # elsewhere: read it by setting it, and put it back at once
+    os.umask(mask)
+    return mask
+
+
+def _mode_of(target: Path) -> int:
+    try:
+        return stat.S_IMODE(target.stat().st_mode)
+    except OSError:
+        return 0o666 & ~_umask()
 
 
 def _make_dir(folder: Path, what: Path) -> None:
@@ -106,29 +128,56 @@ def output_lock(path: str | os.PathLike[str]) -> Iterator[None]:
     """Hold an exclusive lock on ``path`` (via a hidden ``.NAME.lock`` beside it) or refuse.
 
     Two runs writing the same artifact would otherwise interleave checkpoints; the second
-    one gets a :class:`UsageError` naming the lock instead of waiting.
+    one gets a :class:`UsageError` naming the lock instead of waiting. The lock file is
+    removed when the run ends (successfully or not), so none is left beside the artifact.
+    Removing it is safe because a run that locked a file which is no longer the one at
+    ``lock_path`` (removed by the run before it) opens the path afresh and locks that.
     """
     target = check_output_file(path)
-    # The lock file stays (removing it would open a race); hidden, it does not clutter listings.
     lock_path = target.with_name(f".{target.name}.lock")
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
+    for _ in range(100):
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            import fcntl
-
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except ImportError:  # pragma: no cover - Windows: no advisory locks, run unguarded
-            pass
-        except OSError as exc:
-            if exc.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-                raise UsageError(
-                    f"{target} is being written by another stad run (lock {lock_path}); "
-                    "wait for it to finish or choose another --out"
-                ) from None
+            _lock(fd, target, lock_path)
+            if _same_file(fd, lock_path):
+                break
+        except BaseException:
+            os.close(fd)
             raise
+        os.close(fd)  # locked a file the previous holder had already removed: again
+    else:  # pragma: no cover - only if other runs keep removing it under us
+        raise UsageError(f"cannot lock {lock_path}: it keeps being replaced; try again")
+    try:
         yield
     finally:
+        with contextlib.suppress(OSError):
+            os.unlink(lock_path)  # while still holding the lock
         os.close(fd)
+
+
+def _lock(fd: int, target: Path, lock_path: Path) -> None:
+    try:
+        import fcntl
+
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except ImportError:  # pragma: no cover - Windows: no advisory locks, run unguarded
+        pass
+    except OSError as exc:
+        if exc.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+            raise UsageError(
+                f"{target} is being written by another stad run (lock {lock_path}); "
+                "wait for it to finish or choose another --out"
+            ) from None
+        raise
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return False
+    own = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (own.st_dev, own.st_ino)
 
 
 def cache_dir() -> Path:

@@ -12,6 +12,7 @@ import json
 import os
 import pickle
 import re
+import stat
 import struct
 from pathlib import Path
 from typing import Any
@@ -422,6 +423,56 @@ def test_output_lock_released_after_an_error(tmp_path: Path) -> None:
         raise RuntimeError("training failed")
     with output_lock(target):
         pass
+
+
+def test_output_lock_leaves_no_lock_file(tmp_path: Path) -> None:
+    # Users committed the zero-byte .NAME.lock files by accident: none stays after a run.
+    target = tmp_path / "model.safetensors"
+    with output_lock(target):
+        assert (tmp_path / ".model.safetensors.lock").is_file()
+        atomic_write_bytes(target, b"weights")
+    with pytest.raises(RuntimeError), output_lock(target):
+        raise RuntimeError("failed")
+    assert [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]
+
+
+def test_output_lock_holder_of_a_removed_lock_file_does_not_hold_the_lock(
+        tmp_path: Path) -> None:
+    # A run that opened the lock file just before its holder removed it must not count as
+    # holding the lock while a third run locks the new file at the same path.
+    import fcntl
+
+    target = tmp_path / "model.safetensors"
+    lock_path = tmp_path / ".model.safetensors.lock"
+    stale = os.open(lock_path, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(stale, fcntl.LOCK_EX)  # the stale holder, then its file is removed
+    os.unlink(lock_path)
+    try:
+        with output_lock(target):  # not blocked by the removed file's lock
+            with pytest.raises(UsageError, match="another stad run"), output_lock(target):
+                pass
+    finally:
+        os.close(stale)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_atomic_writes_get_the_mode_open_would_give(tmp_path: Path, umask: int) -> None:
+    # mkstemp creates 0600 files; a model written for a CI job or a colleague must be readable
+    # as the umask allows, as with open().
+    old = os.umask(umask)
+    try:
+        atomic_write_bytes(tmp_path / "new.bin", b"x")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "new.bin").stat().st_mode) == 0o666 & ~umask
+
+
+def test_atomic_replace_keeps_the_files_mode(tmp_path: Path) -> None:
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(b"old")
+    path.chmod(0o640)
+    atomic_write_bytes(path, b"new")
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640 and path.read_bytes() == b"new"
 
 
 # ---- fuzzing: every input ends in an Artifact or a StadError -----------------------------------

@@ -85,9 +85,8 @@ def test_fit_students_on_two_processes_writes_one_artifact_with_agreed_weights(
                      "--category", "grain", "--teacher", "random", "--device", "cpu",
                      "--out", str(out), "--json", *STUDENTS)
     assert done.returncode == 0, done.stderr[-3000:]
-    # One artifact and no checkpoint (beside rank 0's hidden lock file), one result line.
-    assert sorted(p.name for p in out_dir.iterdir()) == [".model.safetensors.lock",
-                                                         "model.safetensors"]
+    # One artifact, no checkpoint and no lock file left behind, one result line.
+    assert sorted(p.name for p in out_dir.iterdir()) == ["model.safetensors"]
     assert done.stdout.count('"artifact"') == 1 and '"processes": 2' in done.stdout
     artifact = load_artifact(out, kind="model")
     dist = artifact.info["students"]["distributed"]
@@ -212,8 +211,7 @@ def test_pretrain_teacher_on_two_processes_writes_one_agreed_teacher(tmp_path: P
     done = _torchrun(tmp_path, "pretrain-teacher", *data, "--device", "cpu", "--patch-sizes",
                      "17", "--iterations", "5", "--out", str(out), "--json", env=env)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert sorted(p.name for p in out_dir.iterdir()) == [".teacher.safetensors.lock",
-                                                         "teacher.safetensors"]
+    assert sorted(p.name for p in out_dir.iterdir()) == ["teacher.safetensors"]
     assert done.stdout.count('"artifact"') == 1
     artifact = load_artifact(out, kind="teacher")
     dist = artifact.info["distributed"]
