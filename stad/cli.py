@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from typer.core import TyperGroup
+from typer.core import TyperGroup, TyperOption
 
 from stad import console
 from stad._version import __version__
@@ -38,6 +38,14 @@ class _StadGroup(TyperGroup):
     errors (unknown options, bad values) are reported by Typer itself with exit code 2.
     """
 
+    def parse_args(self, ctx: typer.Context, args: list[str]) -> list[str]:
+        # -q/--quiet and --debug belong to the root command but are typed anywhere
+        # (`stad fit-students ... -q`): move them in front of the subcommand. Not past "--".
+        end = args.index("--") if "--" in args else len(args)
+        moved = [a for a in args[:end] if a in GLOBAL_FLAGS]
+        rest = [a for a in args[:end] if a not in GLOBAL_FLAGS]
+        return super().parse_args(ctx, [*moved, *rest, *args[end:]])
+
     def invoke(self, ctx: typer.Context) -> Any:
         try:
             return super().invoke(ctx)
@@ -57,6 +65,19 @@ class _StadGroup(TyperGroup):
             print(f"stad: unexpected error: {type(exc).__name__}: {exc} "
                   "(run with --debug for the traceback, and please report it)", file=sys.stderr)
             raise typer.Exit(EXIT_UNEXPECTED) from None
+
+
+GLOBAL_FLAGS = ("-q", "--quiet", "--debug")
+
+
+def _flag_type(self: TyperOption, ctx: typer.Context) -> str | None:
+    # Typer 0.29 shows "<bool>" beside every on/off flag in --help, which reads as if the flag
+    # took a value; show no type for flags (the only change to Typer's help).
+    return None if self.is_flag else _typer_display_type(self, ctx)
+
+
+_typer_display_type = TyperOption.display_type_rich
+TyperOption.display_type_rich = _flag_type  # type: ignore[method-assign]
 
 
 def _debug_traceback() -> None:

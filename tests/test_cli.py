@@ -142,6 +142,25 @@ def test_debug_adds_the_traceback(tmp_path: Path) -> None:
     assert result.stderr.strip().splitlines()[-1].startswith("stad: error: ")
 
 
+@pytest.mark.parametrize("flag", ["--debug", "-q", "--quiet"])
+def test_global_flags_work_after_the_subcommand_too(tmp_path: Path, flag: str) -> None:
+    # What people type: `stad fit-students ... -q`; once "No such option: -q".
+    result = _run(*_show_args(tmp_path / "nowhere"), flag)
+    assert result.exit_code == EXIT_DATA, result.output
+    assert ("Traceback" in result.stderr) == (flag == "--debug")
+    assert console.state.quiet == (flag != "--debug")
+    # After "--" nothing is moved: it is the subcommand's (here an unexpected argument).
+    assert _run(*_show_args(tmp_path / "nowhere"), "--", flag).exit_code == EXIT_USAGE
+
+
+@pytest.mark.parametrize("command", ["score", "fit-students", "pretrain-teacher"])
+def test_help_shows_no_type_beside_flags(command: str) -> None:
+    result = CliRunner().invoke(app, [command, "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0
+    assert "<bool>" not in result.stdout and "--json" in result.stdout
+    assert "<path>" in result.stdout  # options with a value keep theirs
+
+
 def test_stad_debug_variable_adds_the_traceback(tmp_path: Path) -> None:
     result = _run(*_show_args(tmp_path / "nowhere"), env={"STAD_DEBUG": "1"})
     assert result.exit_code == EXIT_DATA
