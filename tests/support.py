@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
 from hypothesis import strategies as st
+from PIL import Image
+
+from stad.datasets.base import Sample
 
 # Sources of fake dataset-adapter plugins, written to a temporary module by the tests.
 FAILS_LISTING = '''
@@ -53,3 +59,16 @@ def mutated(draw: st.DrawFn, base: bytes) -> bytes:
         else:
             del data[i:]
     return bytes(data)
+
+
+def smooth_noise_samples(folder: Path, n: int = 4, size: int = 48, seed: int = 0
+                         ) -> list[Sample]:
+    """n training samples: 8×8 colour noise upsampled (bicubic) to size², saved as PNGs."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for k in range(n):
+        small = Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8))
+        path = folder / f"img{k}.png"
+        small.resize((size, size), Image.BICUBIC).save(path)
+        out.append(Sample(path, None, "normal", "train"))
+    return out

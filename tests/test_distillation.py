@@ -8,12 +8,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from safetensors.torch import save_file
+from support import smooth_noise_samples
 from typer.testing import CliRunner
 
 from stad import distillation
@@ -21,7 +20,6 @@ from stad.artifacts import load_artifact
 from stad.backbones import EfficientNetLite
 from stad.cli import app
 from stad.config import resolve_settings
-from stad.datasets.base import Sample
 from stad.distillation import (
     DenseTargets,
     PooledTargets,
@@ -201,15 +199,7 @@ def test_pooled_targets_are_standardized_means_of_the_resized_patch() -> None:
 # --- pretraining on them -----------------------------------------------------------------------
 
 
-def _samples(folder: Path, n: int = 4, size: int = 48) -> list[Sample]:
-    rng = np.random.default_rng(0)
-    out = []
-    for k in range(n):
-        small = Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8))
-        path = folder / f"img{k}.png"
-        small.resize((size, size), Image.BICUBIC).save(path)
-        out.append(Sample(path, None, "normal", "train"))
-    return out
+_samples = smooth_noise_samples
 
 
 def _settings(weights: Path, **teacher: Any):

@@ -18,15 +18,14 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from PIL import Image
 from safetensors.torch import save_file
+from support import smooth_noise_samples
 from torch import nn
 
 import stad.imagebuffer as imagebuffer
 import stad.teacher as teacher_mod
 from stad.config import resolve_settings
 from stad.console import Reporter
-from stad.datasets.base import Sample
 from stad.errors import ArtifactError, DataError, StadError, TrainingError, UsageError
 from stad.handcrafted import HandcraftedBank
 from stad.model import load_teachers, teacher_tensors
@@ -70,15 +69,7 @@ class Recorder(Reporter):
         return self.tasks[description]
 
 
-def _samples(folder: Path, n: int = 4, size: int = 48, seed: int = 0) -> list[Sample]:
-    rng = np.random.default_rng(seed)
-    out = []
-    for k in range(n):
-        small = Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8))
-        path = folder / f"img{k}.png"
-        small.resize((size, size), Image.BICUBIC).save(path)
-        out.append(Sample(path, None, "normal", "train"))
-    return out
+_samples = smooth_noise_samples
 
 
 def _settings(seed: int = 0, **teacher: Any):
