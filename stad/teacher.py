@@ -386,6 +386,10 @@ def _pretrain_scale(
         # The networks were built above from the fresh generator (drawing their init from it),
         # as in an uninterrupted run; now weights, Adam and the generator continue.
         assert checkpoint is not None and checkpoint.resumed is not None
+        if resume["iteration"] > cfg.iterations:
+            raise UsageError(f"the checkpoint has trained p={p} for {resume['iteration']} "
+                             f"iterations, more than teacher.iterations {cfg.iterations}: "
+                             f"resume with --iterations {resume['iteration']} or more")
         tensors = checkpoint.resumed.tensors
         teacher.load_state_dict(prefixed(tensors, f"teacher.p{p}"))
         if decoder is not None:
@@ -569,6 +573,12 @@ def _pretrain_scales(
         done = checkpoint.resumed_scale(name) if checkpoint is not None else None
         if done is not None:
             assert checkpoint is not None and checkpoint.resumed is not None
+            trained = checkpoint.resumed.config.get("teacher", {}).get("iterations")
+            if trained != cfg.iterations:
+                raise UsageError(f"the checkpoint finished p={p} at {trained} iterations; "
+                                 f"teacher.iterations can change on resume only while the "
+                                 f"first scale is in progress: resume with --iterations "
+                                 f"{trained}")
             teachers[p] = load_teachers(checkpoint.resumed.tensors, patch_sizes=[p])[p]
             losses[name] = done
         else:

@@ -331,6 +331,29 @@ def test_teacher_resume_to_the_same_weights(tmp_path: Path) -> None:
     assert_same_artifact(reference, out, "losses")
 
 
+def test_teacher_run_extended_on_resume_equals_the_longer_run(tmp_path: Path) -> None:
+    # A long pretraining spans sessions: stopped at iteration 2 of 4, resumed with 6, it ends
+    # where an uninterrupted 6-iteration run does; fewer than done, or a change after a scale
+    # was finished, is refused.
+    root = _data(tmp_path / "data")
+    reference, out = tmp_path / "reference.safetensors", tmp_path / "teacher.safetensors"
+    pretrain_teacher(_teacher(root, iterations=6, image_size=36), out=reference)
+    with stop_at(2), pytest.raises(Interrupted, match="p=17 after iteration 2 of 4"):
+        pretrain_teacher(_teacher(root, iterations=4, image_size=36), out=out)
+    with pytest.raises(UsageError, match="trained p=17 for 2 iterations.*--iterations 2 or"):
+        pretrain_teacher(_teacher(root, iterations=1, image_size=36), out=out, resume=True)
+    result = pretrain_teacher(_teacher(root, iterations=6, image_size=36), out=out, resume=True)
+    assert result["resumed"] and result["iterations"] == 6
+    assert_same_artifact(reference, out, "losses")
+
+    two = _teacher(root, patch_sizes=[17, 33], image_size=36)
+    with stop_at(6), pytest.raises(Interrupted, match="p=33"):
+        pretrain_teacher(two, out=out)
+    longer = _teacher(root, patch_sizes=[17, 33], image_size=36, iterations=8)
+    with pytest.raises(UsageError, match="finished p=17 at 4 iterations.*--iterations 4"):
+        pretrain_teacher(longer, out=out, resume=True)
+
+
 @pytest.mark.parametrize("patch_sizes, stop, where", [
     ([17], 3, "p=17 after iteration 3 of 6"),
     ([17, 33], 9, "p=33 after iteration 3 of 6"),  # the 2nd scale, after p=17's diagnostics
