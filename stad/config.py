@@ -144,7 +144,7 @@ STUDENT_PRESETS: dict[str, dict[str, Any]] = {
     # autocast, and no p=65, whose students learn nothing in such a budget (docs/usage.md,
     # "Presets"; docs/benchmarks.md; docs/quality.md, "Training budget").
     "fast": {"image_size": 128, "epochs": 3, "min_steps": 150, "lr": 1e-3, "crop_size": 64,
-             "batch_size": 4, "precision": "bf16", "patch_sizes": [17, 33]},
+             "batch_size": 4, "precision": "auto", "patch_sizes": [17, 33]},
 }
 
 
@@ -164,7 +164,9 @@ class StudentSettings(_Section):
     crop_size: int | None = Field(default=None, ge=1)
     batch_size: int = Field(default=1, ge=1)
     val_fraction: float = Field(default=0.1, ge=0, lt=1, description="held back for calibrate")
-    precision: Literal["fp32", "bf16"] = "fp32"
+    precision: Literal["fp32", "bf16", "auto"] = Field(
+        default="fp32", description="auto: bf16 where the device computes it natively (a GPU, "
+        "a CPU with AVX-512 BF16 or AMX), else fp32 (emulated bf16 is ~20× slower)")
     checkpoint_every: int = Field(default=1, ge=1, description="epochs between checkpoints")
 
     _split = field_validator("patch_sizes", mode="before")(_split_ints)

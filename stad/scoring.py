@@ -36,6 +36,26 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes bf16 in hardware: a CUDA GPU that supports it, or a CPU with
+    oneDNN's bf16 path (AVX-512 BF16 or AMX). Elsewhere bf16 autocast is emulated, and was
+    measured 20× slower than fp32 (docs/benchmarks.md, "bf16 without hardware support")."""
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a build without oneDNN
+        return False
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto`` → ``bf16`` where the device computes it natively (:func:`native_bf16`), else
+    ``fp32``; ``fp32`` and ``bf16`` as given."""
+    if precision == "auto":
+        return "bf16" if native_bf16(device) else "fp32"
+    return precision
+
+
 @dataclass
 class ImageMaps:
     """The maps of one image at its own resolution: ``maps["fused"]``, ``maps["p17"]``, ..."""

@@ -47,6 +47,7 @@ from stad.errors import DataError, TrainingError
 from stad.images import DEFAULT_MEAN, DEFAULT_STD, load_image, to_tensor
 from stad.model import PADDING, Model, Scale
 from stad.networks import PatchNetwork, build_network
+from stad.scoring import resolve_precision
 
 
 @dataclass
@@ -289,8 +290,10 @@ class _Ensemble(nn.Module):
 
 
 def _autocast(device: torch.device, precision: str) -> torch.autocast:
-    """bf16 autocast for the networks (losses stay in fp32), or a disabled context."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    """bf16 autocast for the networks (losses stay in fp32), or a disabled context; ``auto``
+    is bf16 only where the device computes it natively (:func:`stad.scoring.resolve_precision`)."""
+    bf16 = resolve_precision(precision, device) == "bf16"
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
 
 def _seed(seed: int, *parts: int) -> int:
@@ -332,7 +335,8 @@ def fit_students(
                         "processes: run on fewer")
     images = load_batch(world.shard(fit_samples), size)
     scales: dict[int, Scale] = {}
-    info: dict[str, Any] = {"scales": {}}
+    # What the networks computed in: "auto" resolved for this device.
+    info: dict[str, Any] = {"scales": {}, "precision": resolve_precision(cfg.precision, device)}
     for k, p in enumerate(cfg.patch_sizes):
         name = f"p{p}"
         done = checkpoint.resumed_scale(name) if checkpoint is not None else None

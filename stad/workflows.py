@@ -634,7 +634,7 @@ DEMO_SETTINGS: dict[str, Any] = {
     # measured with; the handcrafted target's quality is in docs/quality.md.
     "teacher": {"patch_sizes": [17, 33], "iterations": 50, "image_size": 64, "target": "none"},
     "students": {"preset": "fast", "patch_sizes": [17, 33], "image_size": 64, "epochs": 8,
-                 "crop_size": None, "batch_size": 4, "lr": 1e-3, "precision": "bf16"},
+                 "crop_size": None, "batch_size": 4, "lr": 1e-3, "precision": "auto"},
 }
 
 

@@ -87,7 +87,7 @@ def test_default_teacher_script_builds_an_imagenet_teacher_and_reuses_scales(tmp
     for k in range(4):
         Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).resize(
             (300, 288)).save(photos / f"n0{k}_thing.jpg")
-    (photos / "SOURCE.md").write_text("# x\n\nWhere from: a test folder.\n")
+    (photos / "SOURCE.md").write_text("# x\n\nWhere from: a test\nfolder.\n\nTerms: none.\n")
     work, first = tmp_path / "work", tmp_path / "first.safetensors"
     script = [sys.executable, str(REPO / "benchmarks" / "default_teacher.py")]
     recipe = ["--images", str(photos), "--target", "efficientnet-lite0", "--lambda-compact",

@@ -247,7 +247,7 @@ def test_several_problems_are_all_reported(tmp_path: Path) -> None:
 def test_fast_preset_fills_the_student_settings() -> None:
     settings = resolve_settings({"students": {"preset": "fast"}}, environ={})
     assert (settings.students.image_size, settings.students.epochs,
-            settings.students.crop_size, settings.students.precision) == (128, 3, 64, "bf16")
+            settings.students.crop_size, settings.students.precision) == (128, 3, 64, "auto")
     assert settings.students.patch_sizes == [17, 33]
     given = resolve_settings({"students": {"preset": "fast", "patch_sizes": "17,33,65"}},
                              environ={})
