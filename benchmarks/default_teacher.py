@@ -100,8 +100,10 @@ def imagenet_pool(root: Path, images: Path) -> list[dict[str, Any]]:
     for path in files:
         (out / path.name).symlink_to(path.resolve())
     source = images / "SOURCE.md"
-    where = next((line for line in source.read_text().splitlines()
-                  if line.startswith("Where from")), None) if source.is_file() else None
+    where = None
+    if source.is_file():  # the paragraph that starts "Where from", on one line
+        paragraphs = [" ".join(p.split()) for p in source.read_text().split("\n\n")]
+        where = next((p for p in paragraphs if p.startswith("Where from")), None)
     return [{"imagenet_sample": where or str(images), "count": len(files),
              "files": [p.name for p in files]}]
 
