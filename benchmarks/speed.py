@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 from stad.model import Inference, Model, Scale
 from stad.networks import PATCH_SIZES, FusedNetworks, build_network, count_macs
+from stad.scoring import native_bf16
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 PARTS = ("peak", "dense", "fused", "patchwise", "train", "score", "tiled")
@@ -254,8 +255,10 @@ def main() -> None:
                         help=f"comma-separated subset of {','.join(PARTS)}")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch.set_num_threads (default: torch's own choice)")
-    parser.add_argument("--precisions", default="fp32,bf16",
-                        help="for the dense, fused, train and score parts")
+    parser.add_argument("--precisions", default="auto",
+                        help="for the dense, fused, train and score parts: comma-separated "
+                        "fp32,bf16; auto (default): fp32, and bf16 where the device computes it "
+                        "natively (emulated bf16 is ~20x slower: docs/benchmarks.md)")
     parser.add_argument("--score-images", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=4, help="of the score part")
     parser.add_argument("--tiled-size", type=int, default=2048)
@@ -267,8 +270,11 @@ def main() -> None:
         parser.error(f"unknown parts {sorted(parts - set(PARTS))}; choose among {PARTS}")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    precisions = args.precisions.split(",")
     device = torch.device(args.device)
+    if args.precisions == "auto":
+        precisions = ["fp32", "bf16"] if native_bf16(device) else ["fp32"]
+    else:
+        precisions = args.precisions.split(",")
     size, repeats, gemm_n, n_score = (args.size, args.repeats, 4096, args.score_images)
     if args.quick:
         size, repeats, gemm_n, n_score = 64, 1, 1024, 4
