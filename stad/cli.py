@@ -73,11 +73,13 @@ GLOBAL_FLAGS = ("-q", "--quiet", "--debug")
 def _flag_type(self: TyperOption, ctx: typer.Context) -> str | None:
     # Typer 0.29 shows "<bool>" beside every on/off flag in --help, which reads as if the flag
     # took a value; show no type for flags (the only change to Typer's help).
+    assert _typer_display_type is not None
     return None if self.is_flag else _typer_display_type(self, ctx)
 
 
-_typer_display_type = TyperOption.display_type_rich
-TyperOption.display_type_rich = _flag_type  # type: ignore[method-assign]
+_typer_display_type = getattr(TyperOption, "display_type_rich", None)
+if _typer_display_type is not None:  # Typer versions without it show no "<bool>" anyway
+    TyperOption.display_type_rich = _flag_type  # type: ignore[method-assign]
 
 
 def _debug_traceback() -> None:
@@ -191,6 +193,10 @@ def pretrain_teacher_cmd(
         "handcrafted (a fixed descriptor bank, no download), none (metric learning and "
         "compactness only) or auto (resnet18 with --backbone-weights, else handcrafted). "
         "[default: auto]")] = None,
+    lambda_compact: Annotated[float | None, typer.Option(
+        "--lambda-compact", help="Weight of the compactness loss (the paper: 1; 0 for "
+        "EfficientNet-Lite targets, where it collapses the teacher: docs/model.md). "
+        "[default: 1]")] = None,
     distill: Annotated[str | None, typer.Option(
         "--distill", help="EfficientNet-Lite targets: dense (the backbone's feature maps at "
         "each patch's centre) or patch (the paper's pooled feature of the resized patch). "
@@ -210,6 +216,7 @@ def pretrain_teacher_cmd(
                                                  "backbone_weights": backbone_weights,
                                                  "target": target,
                                                  "distill": distill,
+                                                 "lambda_compact": lambda_compact,
                                                  "target_whiten": target_whiten})
     with console.reporter() as rep:
         result = pretrain_teacher(settings, out=out, resume=resume, reporter=rep)

@@ -165,8 +165,8 @@ class StudentSettings(_Section):
     batch_size: int = Field(default=1, ge=1)
     val_fraction: float = Field(default=0.1, ge=0, lt=1, description="held back for calibrate")
     precision: Literal["fp32", "bf16", "auto"] = Field(
-        default="fp32", description="auto: bf16 where the device computes it natively (a GPU, "
-        "a CPU with AVX-512 BF16 or AMX), else fp32 (emulated bf16 is ~20× slower)")
+        default="fp32", description="auto: bf16 where the device computes it natively (a GPU "
+        "with bf16 units, an AVX-512 CPU), else fp32 (emulated bf16 is ~20× slower)")
     checkpoint_every: int = Field(default=1, ge=1, description="epochs between checkpoints")
 
     _split = field_validator("patch_sizes", mode="before")(_split_ints)

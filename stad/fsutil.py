@@ -36,11 +36,12 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        # mkstemp makes the file 0600; give it the mode open() would: the old file's, or
-        # 0666 less the umask, so that another user or a CI job can read what stad wrote.
-        os.chmod(tmp, _mode_of(target))
         yield tmp
         _fsync_file(tmp)
+        # mkstemp makes the file 0600; give it the mode open() would: the old file's, or
+        # 0666 less the umask, so that another user or a CI job can read what stad wrote.
+        # After writing, so that a read-only mode does not stop the write.
+        os.chmod(tmp, _mode_of(target))
         os.replace(tmp, target)
         _fsync_dir(target.parent)
     except BaseException:
@@ -151,7 +152,8 @@ def output_lock(path: str | os.PathLike[str]) -> Iterator[None]:
         yield
     finally:
         with contextlib.suppress(OSError):
-            os.unlink(lock_path)  # while still holding the lock
+            if _same_file(fd, lock_path):  # ours, not one put there since
+                os.unlink(lock_path)  # while still holding the lock
         os.close(fd)
 
 

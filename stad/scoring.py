@@ -37,11 +37,16 @@ def resolve_device(name: str) -> torch.device:
 
 
 def native_bf16(device: torch.device) -> bool:
-    """Whether ``device`` computes bf16 in hardware: a CUDA GPU that supports it, or a CPU with
-    oneDNN's bf16 path (AVX-512 BF16 or AMX). Elsewhere bf16 autocast is emulated, and was
+    """Whether ``device`` computes bf16 in hardware: a CUDA GPU that supports it, or a CPU for
+    which oneDNN has a bf16 path (AVX-512 CPUs). Elsewhere bf16 autocast is emulated, and was
     measured 20× slower than fp32 (docs/benchmarks.md, "bf16 without hardware support")."""
     if device.type == "cuda":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        if not torch.cuda.is_available():
+            return False
+        try:  # not counting emulation (pre-Ampere GPUs emulate it)
+            return torch.cuda.is_bf16_supported(including_emulation=False)
+        except TypeError:  # older torch: no such argument
+            return torch.cuda.is_bf16_supported()
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):  # a build without oneDNN

@@ -365,6 +365,15 @@ def _pretrain_scale(
     if isinstance(kd_target, HandcraftedBank):
         for tensor in kd_target.buffers():
             world.broadcast(tensor)
+    elif isinstance(kd_target, PooledTargets):
+        for tensor in (kd_target.mean, kd_target.std):
+            world.broadcast(tensor)
+    if dense is not None and world.size > 1:  # every rank standardizes as rank 0 does
+        stats = [(mean.clone(), std.clone()) for mean, std in dense.stats]
+        for mean, std in stats:
+            world.broadcast(mean)
+            world.broadcast(std)
+        dense.set_stats(stats)
     # What DDP wraps (teacher and decoder, one forward); a plain run calls it directly.
     step: nn.Module = _Pretrainee(teacher, decoder)
     if world.size > 1:

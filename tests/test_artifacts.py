@@ -436,23 +436,29 @@ def test_output_lock_leaves_no_lock_file(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]
 
 
-def test_output_lock_holder_of_a_removed_lock_file_does_not_hold_the_lock(
-        tmp_path: Path) -> None:
-    # A run that opened the lock file just before its holder removed it must not count as
-    # holding the lock while a third run locks the new file at the same path.
-    import fcntl
-
+def test_output_lock_retries_when_its_file_is_removed_under_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The previous holder removes the lock file just after this run opened it: the lock taken
+    # on the removed file must not count (a third run would lock the new file at the path),
+    # so the run opens the path again and locks the file that is there.
     target = tmp_path / "model.safetensors"
     lock_path = tmp_path / ".model.safetensors.lock"
-    stale = os.open(lock_path, os.O_RDWR | os.O_CREAT)
-    fcntl.flock(stale, fcntl.LOCK_EX)  # the stale holder, then its file is removed
-    os.unlink(lock_path)
-    try:
-        with output_lock(target):  # not blocked by the removed file's lock
-            with pytest.raises(UsageError, match="another stad run"), output_lock(target):
-                pass
-    finally:
-        os.close(stale)
+    real_open, raced = os.open, []
+
+    def racing_open(path: Any, flags: int, mode: int = 0o777) -> int:
+        fd = real_open(path, flags, mode)
+        if Path(path) == lock_path and not raced:
+            raced.append(True)
+            os.unlink(path)
+        return fd
+
+    monkeypatch.setattr(fsutil.os, "open", racing_open)
+    with output_lock(target):
+        assert raced and lock_path.is_file()
+        monkeypatch.undo()
+        with pytest.raises(UsageError, match="another stad run"), output_lock(target):
+            pass
+    assert not lock_path.exists()
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])

@@ -162,12 +162,22 @@ def test_dense_targets_are_the_upsampled_standardized_maps_at_the_pixel() -> Non
         flat = maps.transpose(0, 1).flatten(1)
         torch.testing.assert_close(flat.mean(1), torch.zeros(flat.shape[0]), atol=1e-4, rtol=0)
         torch.testing.assert_close(flat.std(1), torch.ones(flat.shape[0]), atol=1e-3, rtol=0)
-    # Independent route: upsample every map to the image (bilinear, pixel centres) and read it.
-    full = torch.cat([F.interpolate(m, size=(64, 64), mode="bilinear", align_corners=False)
-                      for m in dense.maps], 1)
-    idx, rows, cols = torch.tensor([0, 2, 1, 2]), torch.tensor([5, 17, 40, 63]), \
-        torch.tensor([9, 0, 33, 20])
-    torch.testing.assert_close(dense.at(idx, rows, cols), full[idx, :, rows, cols])
+    # The convolutions are padded symmetrically, so feature j of a block with stride s is
+    # centred on pixel s·j (checked on the network itself below): there the target is the
+    # feature itself, for both blocks (strides 4 and 8) at once.
+    idx, j = torch.tensor([0, 2, 1, 2]), torch.tensor([0, 1, 3, 7])
+    got = dense.at(idx, 8 * j, 8 * j[[1, 0, 3, 2]])
+    torch.testing.assert_close(got[:, :6], dense.maps[0][idx, :, 2 * j, 2 * j[[1, 0, 3, 2]]])
+    torch.testing.assert_close(got[:, 6:], dense.maps[1][idx, :, j, j[[1, 0, 3, 2]]])
+    # Between features: linear interpolation (pixel 10 is 2.5 features of stride 4 in).
+    half = dense.at(idx[:1], torch.tensor([10]), torch.tensor([8]))[0, :6]
+    torch.testing.assert_close(half, dense.maps[0][0, :, 2:4, 2].mean(1))
+    # Feature j of the stride-8 block depends on pixels symmetric about 8·j: a change at
+    # pixel 8·j + d and at 8·j − d moves it by amounts of the same support.
+    x = torch.zeros(1, 3, 64, 64, requires_grad=True)
+    net.features(x, [3])[0][0, :, 4, 4].sum().backward()
+    rows_hit = torch.nonzero(x.grad.abs().sum((0, 1, 3)) > 0).flatten()
+    assert rows_hit.min() + rows_hit.max() == 2 * 32  # centred on pixel 32 = 8·4
 
 
 def test_dense_targets_follow_a_replaced_image() -> None:
