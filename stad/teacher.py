@@ -355,11 +355,9 @@ def _pretrain_scale(
         else:
             kd_target = PooledTargets(backbone, blocks, cfg.kd_input_size,
                                       _sample_patches(p, images, settings.seed))
-    if dense is not None:
-        decoder = _decoder(gen, dense.dim).to(device).train()
-        params += list(decoder.parameters())
-    if kd_target is not None:
-        dim = getattr(kd_target, "dim", 512)
+    if dense is not None or kd_target is not None:
+        # The target's dimension: the bank's, the backbone blocks', or ResNet-18's 512.
+        dim = dense.dim if dense is not None else getattr(kd_target, "dim", 512)
         decoder = _decoder(gen, dim).to(device).train()
         params += list(decoder.parameters())
     if isinstance(kd_target, HandcraftedBank):
@@ -446,7 +444,7 @@ def _pretrain_scale(
     positions = list(buffer.positions)
     for it in range(first, cfg.iterations):
         buffer.refresh(gen)  # streams only: new images into slots drawn from the generator
-        if dense is not None and buffer.positions != positions:
+        if dense is not None and buffer.streaming and buffer.positions != positions:
             dense.update(images, [k for k, (a, b) in enumerate(zip(positions, buffer.positions,
                                                                    strict=True)) if a != b])
             positions = list(buffer.positions)
