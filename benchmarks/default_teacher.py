@@ -114,7 +114,7 @@ def pretrain_scale(root: Path, p: int, iterations: int, seed: int, work: Path,
                    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """One scale's teacher tensors and its pretraining info; ``recipe``: teacher settings
     (target, target_whiten, compactness, ...). A teacher already in ``work`` is reused."""
-    from stad.workflows import pretrain_teacher
+    from stad.commands.train import pretrain_teacher
 
     out = work / f"teacher-p{p}.safetensors"
     settings = resolve_settings({"dataset": "folder", "root": root, "category": "pool",

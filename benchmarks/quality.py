@@ -3,7 +3,7 @@
 For each set (benchmarks/realsets.py; also the ``synthetic`` categories by name) and each
 teacher option (``random`` or a teacher artifact from ``stad pretrain-teacher``) it runs the
 library pipeline as the CLI does -- ``fit``, ``calibrate``, ``evaluate`` from
-:mod:`stad.workflows` with settings from :func:`stad.config.resolve_settings` -- and the
+:mod:`stad.commands` with settings from :func:`stad.config.resolve_settings` -- and the
 per-pixel Gaussian colour baseline (no learning: :func:`fit_gaussian`). With ``--knn`` it also
 scores each teacher's own descriptors without students (:func:`descriptor_knn`): how far the
 descriptor space separates the defects at all. Prints a table on stderr and one JSON object on
@@ -200,8 +200,8 @@ def descriptor_knn(dataset: str, root: Path, category: str, teacher: str,
     hardly tell the defects from normal texture by their density.
     """
     from stad.images import to_tensor
+    from stad.model import resolve_teachers
     from stad.students import load_batch
-    from stad.workflows import resolve_teachers
 
     adapter = get_adapter(dataset)
     device = torch.device(args.device)
@@ -249,9 +249,11 @@ def _summary(metrics: dict[str, Any]) -> dict[str, Any]:
 def run_stad(dataset: str, root: Path, category: str, teacher: str, args: argparse.Namespace,
              work: Path, epochs: int | None = None) -> dict[str, dict[str, Any]]:
     """fit once, then calibrate and evaluate once per ``args.normalize_list`` entry, through
-    :mod:`stad.workflows`, timing each step; results keyed by the normalization. The model is
+    :mod:`stad.commands`, timing each step; results keyed by the normalization. The model is
     deleted afterwards unless ``args.keep_models`` names a folder to keep it in."""
-    from stad.workflows import calibrate, evaluate, fit
+    from stad.commands.calibrate import calibrate
+    from stad.commands.evaluate import evaluate
+    from stad.commands.train import fit_students as fit
 
     def settings_for(normalize: str) -> Any:
         return resolve_settings({

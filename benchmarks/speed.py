@@ -34,9 +34,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from stad.model import Inference, Model, Scale
+from stad.devices import native_bf16
+from stad.model import Inference, Networks, Scale
 from stad.networks import PATCH_SIZES, FusedNetworks, build_network, count_macs
-from stad.scoring import native_bf16
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 PARTS = ("peak", "dense", "fused", "patchwise", "train", "score", "tiled")
@@ -138,7 +138,7 @@ def ensemble_separate_vs_fused(size: int, device: torch.device, precision: str, 
             for k, v in seconds.items()}
 
 
-def _random_model(size: int, device: torch.device) -> Model:
+def _random_model(size: int, device: torch.device) -> Networks:
     """A calibrated full-ensemble model with random weights (speed does not depend on them)."""
     g = torch.Generator().manual_seed(0)
     scales = {}
@@ -148,19 +148,19 @@ def _random_model(size: int, device: torch.device) -> Model:
         scales[p] = Scale(p, teacher, students, torch.zeros(128), torch.ones(128),
                           torch.tensor([0.0, 1.0, 0.0, 1.0]))
     pre = {"image_size": size, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
-    return Model(scales=scales, preprocessing=pre).to(device).eval()
+    return Networks(scales=scales, preprocessing=pre).to(device).eval()
 
 
 def score_end_to_end(size: int, n_images: int, batch_size: int, device: torch.device,
                      precision: str, rounds: int) -> dict[str, float]:
-    """Images/s of ``stad.workflows.score`` (load the model, read PNGs, resize, all scales, fuse,
-    verdicts, maps written) against the networks alone (``Model.error_and_variance`` on the
+    """Images/s of ``stad.commands.score.score`` (load the model, read PNGs, resize, all scales,
+    fuse, verdicts, maps written) against the networks alone (``Networks.error_and_variance`` on the
     prepared tensors) on the same images; best of ``rounds`` interleaved runs after a warm-up."""
     from stad.artifacts import Artifact, save_artifact
+    from stad.commands.score import score
     from stad.config import Settings
     from stad.model import model_tensors
     from stad.scoring import prepare
-    from stad.workflows import score
 
     model = _random_model(size, device)
     rng = np.random.default_rng(0)

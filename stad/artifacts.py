@@ -214,6 +214,16 @@ def with_prefix(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, tor
 _TORCH_SUFFIXES = (".pth", ".pt")
 
 
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of a weights file's bytes (the provenance :func:`read_state_dict` returns),
+    without parsing it."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def read_state_dict(path: Path, *, what: str) -> tuple[dict[str, torch.Tensor], str]:
     """A state dict of tensors from a ``.safetensors`` or torchvision ``.pth``/``.pt`` file.
 

@@ -209,7 +209,7 @@ def pretrain_teacher_cmd(
     json_out: JsonOpt = False,
 ) -> None:
     """Pretrain teacher patch networks on random patches of any dataset's images."""
-    from stad.workflows import pretrain_teacher
+    from stad.commands.train import pretrain_teacher
 
     settings = _settings(config, dataset=dataset, root=root, category=category, seed=seed,
                          device=device, teacher={"patch_sizes": patch_sizes,
@@ -252,7 +252,7 @@ def inspect_teacher_cmd(
     json_out: JsonOpt = False,
 ) -> None:
     """Collapse diagnostics of a teacher per scale, on a dataset's training images."""
-    from stad.workflows import inspect_teacher
+    from stad.commands.train import inspect_teacher
 
     settings = _settings(config, dataset=dataset, root=root, category=category, seed=seed,
                          teacher={"patch_sizes": patch_sizes})
@@ -294,14 +294,14 @@ def fit_students_cmd(
     json_out: JsonOpt = False,
 ) -> None:
     """Fit an ensemble of students per scale to regress the teacher on anomaly-free images."""
-    from stad.workflows import fit
+    from stad.commands.train import fit_students
 
     settings = _settings(config, dataset=dataset, root=root, category=category, seed=seed,
                          device=device, students={"preset": preset, "patch_sizes": patch_sizes,
                                                   "epochs": epochs, "image_size": image_size,
                                                   "n_students": n_students})
     with console.reporter() as rep:
-        result = fit(settings, teacher=teacher, out=out, resume=resume, reporter=rep)
+        result = fit_students(settings, teacher=teacher, out=out, resume=resume, reporter=rep)
     _print_result(result, json_out, [f"model written to {result['artifact']} "
                                      f"({result['n_fit']} images, {result['seconds']} s); "
                                      f"next: stad calibrate --model {result['artifact']}"])
@@ -336,7 +336,7 @@ def calibrate_cmd(
     json_out: JsonOpt = False,
 ) -> None:
     """Standardize error and variance on anomaly-free validation images and set a threshold."""
-    from stad.workflows import calibrate
+    from stad.commands.calibrate import calibrate
 
     settings = _settings(config, dataset=dataset, root=root, category=category, device=device,
                          calibrate={"threshold_method": method, "target_fpr": target_fpr,
@@ -382,7 +382,8 @@ def score_cmd(
     json_out: JsonOpt = False,
 ) -> None:
     """Score images: anomaly map, image score and verdict per image."""
-    from stad.workflows import parse_shard, score
+    from stad.commands.score import score
+    from stad.scorefiles import parse_shard
 
     if on_error not in ("fail", "skip"):
         raise UsageError(f"--on-error must be fail or skip, got {on_error!r}")
@@ -428,8 +429,8 @@ def evaluate_cmd(
     json_out: JsonOpt = False,
 ) -> None:
     """Evaluate on the labelled test split: AU-PRO, pixel and image AUROC, AP."""
+    from stad.commands.evaluate import evaluate
     from stad.evaluation import markdown
-    from stad.workflows import evaluate
 
     settings = _settings(config, dataset=dataset, root=root, category=category, device=device,
                          evaluate={"fpr_limit": fpr_limit},
@@ -451,7 +452,7 @@ def demo_cmd(
     json_out: JsonOpt = False,
 ) -> None:
     """Run the whole pipeline on the built-in synthetic data and print the metrics."""
-    from stad.workflows import demo
+    from stad.commands.demo import demo
 
     with console.reporter() as rep:
         result = demo(out=out, seed=seed or 0, device=device or "auto", reporter=rep)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,11 @@ def relative_name(path: Path, root: Path) -> str:
         return str(Path(path).relative_to(root))
     except ValueError:
         return str(path)
+
+
+def relative_names(samples: Sequence[Sample], root: Path) -> list[str]:
+    """:func:`relative_name` of each sample's image."""
+    return [relative_name(s.image, root) for s in samples]
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from stad.datasets.base import Sample
 from stad.errors import DataError
 from stad.fsutil import atomic_write_bytes, atomic_write_text
 from stad.images import load_image, load_mask
-from stad.model import Model
+from stad.model import Networks
 from stad.scoring import image_score, iter_maps
 
 
@@ -36,7 +36,7 @@ class Evaluated:
     scores: dict[str, float]
 
 
-def collect(model: Model, samples: Sequence[Sample], settings: Settings, *,
+def collect(model: Networks, samples: Sequence[Sample], settings: Settings, *,
             device: torch.device, reporter: Reporter = NULL_REPORTER) -> list[Evaluated]:
     """Maps, masks and image scores of every test sample."""
     out = []

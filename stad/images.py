@@ -18,6 +18,7 @@ import struct
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -65,9 +66,13 @@ def load_image(path: str | Path) -> np.ndarray:
         float32 array of shape (H, W, 3) with values in [0, 1].
     """
     path = Path(path)
-    img = _open(path)
+    return _pil_to_rgb(_open(path), f"image {path}")
+
+
+def _pil_to_rgb(img: Image.Image, what: str) -> np.ndarray:
+    """A decoded PIL image as RGB float32 (H, W, 3) in [0, 1], by the module's conversions."""
     if img.width < 1 or img.height < 1:
-        raise DataError(f"image {path} is empty ({img.width}×{img.height})")
+        raise DataError(f"{what} is empty ({img.width}×{img.height})")
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
         arr = np.asarray(img, dtype=np.float64)
         top = 65535.0 if img.mode.startswith("I;16") or arr.max() <= 65535 else arr.max()
@@ -77,8 +82,48 @@ def load_image(path: str | Path) -> np.ndarray:
         values = np.nan_to_num(np.asarray(img, dtype=np.float32), nan=0.0, posinf=1.0, neginf=0.0)
         gray = np.clip(values, 0.0, 1.0)
         return np.repeat(gray[:, :, None], 3, axis=2)
+    if img.mode == "P":
+        img = img.convert("RGBA")
     rgb = img.convert("RGB")
     return np.asarray(rgb, dtype=np.float32) / 255.0
+
+
+def as_rgb(image: Any, what: str = "image") -> np.ndarray:
+    """An image in memory as :func:`load_image` returns a file: (H, W, 3) float32 in [0, 1].
+
+    Accepts a PIL image (converted as a file of its mode would be) or a NumPy array laid out
+    (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) (alpha dropped): ``uint8`` scaled by 255,
+    ``uint16`` by 65535, ``bool`` as 0/1, floating point taken as given and required to lie
+    in [0, 1]. Anything else raises :class:`~stad.errors.DataError` naming ``what``.
+    """
+    if isinstance(image, Image.Image):
+        return _pil_to_rgb(image, what)
+    if not isinstance(image, np.ndarray):
+        raise DataError(f"{what} is a {type(image).__name__}, not an image: pass a file path, "
+                        "a PIL image or a NumPy array (H, W[, C])")
+    arr = image
+    if arr.ndim == 3 and arr.shape[2] in (1, 3, 4):
+        arr = arr[:, :, :3] if arr.shape[2] != 1 else arr[:, :, 0]
+    if arr.ndim not in (2, 3) or arr.shape[0] < 1 or arr.shape[1] < 1:
+        raise DataError(f"{what} is an array of shape {image.shape}; images are (H, W), "
+                        "(H, W, 1), (H, W, 3) or (H, W, 4) arrays")
+    if arr.dtype == np.uint8:
+        out = arr.astype(np.float32) / 255.0
+    elif arr.dtype == np.uint16:
+        out = arr.astype(np.float32) / 65535.0
+    elif arr.dtype == np.bool_:
+        out = arr.astype(np.float32)
+    elif np.issubdtype(arr.dtype, np.floating):
+        out = arr.astype(np.float32)
+        if not bool(np.isfinite(out).all()) or out.min() < 0.0 or out.max() > 1.0:
+            raise DataError(f"{what} is a float array with values outside [0, 1] (or not "
+                            "finite); scale it to [0, 1] or pass uint8")
+    else:
+        raise DataError(f"{what} has dtype {arr.dtype}; pass uint8, uint16, bool or float in "
+                        "[0, 1]")
+    if out.ndim == 2:
+        out = np.repeat(out[:, :, None], 3, axis=2)
+    return np.ascontiguousarray(out)
 
 
 def load_mask(path: str | Path, shape: tuple[int, int] | None = None) -> np.ndarray:
@@ -110,16 +155,6 @@ def load_mask(path: str | Path, shape: tuple[int, int] | None = None) -> np.ndar
             f"{shape[1]}×{shape[0]}; masks must have their image's size"
         )
     return arr > 0
-
-
-def image_size_of(path: str | Path) -> tuple[int, int]:
-    """(H, W) of an image file, reading only its header."""
-    path = Path(path)
-    try:
-        with Image.open(path) as img:
-            return img.height, img.width
-    except (OSError, UnidentifiedImageError, ValueError) as exc:
-        raise DataError(f"{path} is not a readable image ({exc})") from None
 
 
 def to_tensor(

@@ -14,9 +14,9 @@ the ``teacher.*`` entries):
                                     (only after ``stad calibrate --normalize position``)
 =================================  =========================================================
 
-How the maps are computed (``Model.inference``, from the ``score`` settings) never changes what is
-stored: images larger than ``tile_size`` are scored in overlapping tiles that give the untiled
-map exactly; ``fused`` runs a scale's teacher and students as one grouped network (weights
+How the maps are computed (``Networks.inference``, from the ``score`` settings) never changes
+what is stored: images larger than ``tile_size`` are scored in overlapping tiles that give the
+untiled map exactly; ``fused`` runs a scale's teacher and students as one grouped network (weights
 copied from them, rebuilt when they change); ``precision="bf16"`` runs the networks under bf16
 autocast (an approximation; fp32 is exact).
 """
@@ -25,14 +25,15 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 
-from stad.artifacts import prefixed, with_prefix
+from stad.artifacts import load_artifact, prefixed, with_prefix
 from stad.errors import ArtifactError
-from stad.networks import FusedNetworks, PatchNetwork, build_network
+from stad.networks import PATCH_SIZES, FusedNetworks, PatchNetwork, build_network
 
 PADDING = "reflect"
 
@@ -167,8 +168,9 @@ def standardized(e: torch.Tensor, v: torch.Tensor, stats: torch.Tensor) -> torch
 
 
 @dataclass
-class Model:
-    """A multi-scale student–teacher model; ``scales`` is keyed by patch size."""
+class Networks:
+    """The networks and statistics of a multi-scale student–teacher model, keyed by patch size
+    (the public :class:`stad.Model` wraps them with their artifact and calibration)."""
 
     scales: dict[int, Scale]
     preprocessing: dict[str, Any]
@@ -178,7 +180,7 @@ class Model:
     def patch_sizes(self) -> list[int]:
         return sorted(self.scales)
 
-    def to(self, device: torch.device | str) -> Model:
+    def to(self, device: torch.device | str) -> Networks:
         for s in self.scales.values():
             s.teacher.to(device)
             for st in s.students:
@@ -189,7 +191,7 @@ class Model:
                     setattr(s, name, t.to(device))
         return self
 
-    def eval(self) -> Model:
+    def eval(self) -> Networks:
         for s in self.scales.values():
             s.teacher.eval()
             for st in s.students:
@@ -269,7 +271,7 @@ def _load_net(p: int, state: Mapping[str, torch.Tensor], what: str) -> PatchNetw
     return net
 
 
-def model_tensors(model: Model) -> dict[str, torch.Tensor]:
+def model_tensors(model: Networks) -> dict[str, torch.Tensor]:
     out = teacher_tensors({p: s.teacher for p, s in model.scales.items()})
     for p, s in model.scales.items():
         for m, student in enumerate(s.students):
@@ -285,7 +287,7 @@ def model_tensors(model: Model) -> dict[str, torch.Tensor]:
 
 
 def model_from_tensors(tensors: Mapping[str, torch.Tensor], preprocessing: dict[str, Any],
-                       *, calibration: bool = True) -> Model:
+                       *, calibration: bool = True) -> Networks:
     """The model an artifact's tensors hold; ``calibration=False`` leaves its calibration
     statistics out (``stad calibrate`` replaces them, so damaged ones must not stop it)."""
     teachers = load_teachers(tensors)
@@ -302,7 +304,7 @@ def model_from_tensors(tensors: Mapping[str, torch.Tensor], preprocessing: dict[
                           _calibration(tensors, f"calib.p{p}", (4,)) if calibration else None,
                           _calibration(tensors, f"calib_map.p{p}", (4, size, size))
                           if calibration else None)
-    return Model(scales=scales, preprocessing=preprocessing)
+    return Networks(scales=scales, preprocessing=preprocessing)
 
 
 MIN_SPREAD = 1e-30
@@ -331,3 +333,47 @@ def _calibration(tensors: Mapping[str, torch.Tensor], name: str, shape: tuple[An
 def _widen(t: torch.Tensor) -> torch.Tensor:
     """bf16/fp16 network output (autocast) as float32 for the error and variance sums."""
     return t.float() if t.dtype in (torch.bfloat16, torch.float16) else t
+
+
+# ---- which teachers a command uses ----------------------------------------------------------
+
+RANDOM_TEACHER = "random"
+BUILTIN_TEACHER = "builtin"
+
+
+def builtin_teacher_path() -> Path:
+    """The teacher artifact shipped inside the package (how it was made: docs/quality.md,
+    "The shipped teacher")."""
+    return Path(__file__).resolve().parent / "assets" / "teacher.safetensors"
+
+
+def resolve_teachers(teacher: str | Path | None, patch_sizes: Sequence[int] | None, seed: int
+                     ) -> tuple[dict[int, PatchNetwork], dict[str, Any], dict[str, Any]]:
+    """The teachers a command works with: ``teacher`` is a teacher or model artifact,
+    ``random`` (randomly initialized, seeded by ``seed``) or ``builtin`` / None (the shipped
+    teacher). ``patch_sizes`` None: every scale the artifact has (random: all three).
+
+    Returns:
+        the frozen teachers by patch size, their source (for the artifact's info), and the
+        artifact's own info (empty for random teachers).
+    """
+    name = BUILTIN_TEACHER if teacher is None else str(teacher)
+    if name == RANDOM_TEACHER:
+        sizes = list(patch_sizes or PATCH_SIZES)
+        nets = {p: build_network(p, generator=torch.Generator().manual_seed(seed + p))
+                .eval().requires_grad_(False) for p in sizes}
+        return nets, {"source": RANDOM_TEACHER, "seed": seed}, {}
+    path = builtin_teacher_path() if name == BUILTIN_TEACHER else Path(name)
+    if name == BUILTIN_TEACHER and not path.is_file():
+        raise ArtifactError(f"the built-in teacher {path} is missing from this installation: "
+                            "reinstall stad, or pass --teacher FILE (from `stad "
+                            f"pretrain-teacher`) or --teacher {RANDOM_TEACHER}")
+    artifact = load_artifact(path, kind=("teacher", "model"))
+    nets = load_teachers(artifact.tensors, patch_sizes=patch_sizes)
+    # A model records its teacher's pretraining info under teacher.info.
+    info = (artifact.info.get("teacher", {}).get("info", {}) if artifact.kind == "model"
+            else artifact.info)
+    source = {"source": BUILTIN_TEACHER if name == BUILTIN_TEACHER else str(path),
+              "kind": artifact.kind, "target": info.get("target"),
+              "stad_version": artifact.stad_version, "info": info}
+    return nets, source, info

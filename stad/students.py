@@ -23,7 +23,6 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -42,17 +41,17 @@ from stad.checkpoint import (
 from stad.config import Settings
 from stad.console import NULL_REPORTER, Reporter
 from stad.datasets.base import Sample
+from stad.devices import resolve_precision
 from stad.distributed import SINGLE, World
 from stad.errors import DataError, TrainingError
 from stad.images import DEFAULT_MEAN, DEFAULT_STD, load_image, to_tensor
-from stad.model import PADDING, Model, Scale
+from stad.model import PADDING, Networks, Scale
 from stad.networks import PatchNetwork, build_network
-from stad.scoring import resolve_precision
 
 
 @dataclass
 class FitResult:
-    model: Model
+    model: Networks
     info: dict[str, Any] = field(default_factory=dict)
 
 
@@ -291,7 +290,7 @@ class _Ensemble(nn.Module):
 
 def _autocast(device: torch.device, precision: str) -> torch.autocast:
     """bf16 autocast for the networks (losses stay in fp32), or a disabled context; ``auto``
-    is bf16 only where the device computes it natively (:func:`stad.scoring.resolve_precision`)."""
+    is bf16 only where the device computes it natively (:func:`stad.devices.resolve_precision`)."""
     bf16 = resolve_precision(precision, device) == "bf16"
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
@@ -369,7 +368,7 @@ def fit_students(
         info["distributed"] = {"ranks": world.size, "backend": world.backend,
                                "weights_sha256": digest}
     preprocessing = {"image_size": size, "mean": list(DEFAULT_MEAN), "std": list(DEFAULT_STD)}
-    return FitResult(Model(scales=scales, preprocessing=preprocessing), info)
+    return FitResult(Networks(scales=scales, preprocessing=preprocessing), info)
 
 
 def _scale_tensors(scale: Scale) -> dict[str, torch.Tensor]:
@@ -395,6 +394,3 @@ def _finished_scale(teacher: PatchNetwork, tensors: dict[str, torch.Tensor], n_s
     return Scale(p, teacher.to(device).eval().requires_grad_(False), students,
                  tensors[f"norm.p{p}.mean"].to(device), tensors[f"norm.p{p}.std"].to(device))
 
-
-def describe_samples(samples: Sequence[Sample]) -> list[str]:
-    return [str(Path(s.image)) for s in samples]

@@ -358,7 +358,7 @@ def test_damaged_artifact(fitted: Fitted, tmp_path: Path, kind: str, command: st
 
 def test_model_given_as_teacher_is_accepted(fitted: Fitted, tmp_path: Path) -> None:
     # fit-students --teacher reads a teacher or a model artifact; from a model it reuses the
-    # teachers (stad.workflows._teachers loads kind=("teacher", "model")).
+    # teachers (stad.model.resolve_teachers loads kind=("teacher", "model")).
     out = tmp_path / "refit.safetensors"
     _expect(_run("fit-students", *DATA, "--root", fitted.data, "--teacher", fitted.model, *FIT,
                  "--out", out), EXIT_OK)

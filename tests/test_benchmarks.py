@@ -22,7 +22,7 @@ def test_speed_benchmark_quick_run():
                             capture_output=True, text=True, timeout=900, check=True, cwd=REPO)
     data = json.loads(result.stdout)
     # bf16 is measured only where it is native: emulated, it is ~20× slower than fp32.
-    from stad.scoring import native_bf16
+    from stad.devices import native_bf16
 
     assert ("ensemble_bf16" in data) == native_bf16(torch.device("cpu"))
     for key in ("peak", "ensemble_fp32", "dense_vs_patchwise_speedup",

@@ -9,8 +9,8 @@ import torch
 
 from stad.artifacts import load_artifact
 from stad.errors import ArtifactError
+from stad.model import BUILTIN_TEACHER, builtin_teacher_path, resolve_teachers
 from stad.networks import PATCH_SIZES
-from stad.workflows import BUILTIN_TEACHER, builtin_teacher_path, resolve_teachers
 
 
 def test_the_builtin_teacher_is_installed_small_and_documents_its_provenance() -> None:
@@ -62,9 +62,9 @@ def test_no_teacher_given_means_the_builtin_one_with_all_three_scales() -> None:
 
 
 def test_a_missing_builtin_teacher_is_a_one_line_artifact_error(monkeypatch) -> None:
-    import stad.workflows as workflows
+    import stad.model
 
-    monkeypatch.setattr(workflows, "builtin_teacher_path",
+    monkeypatch.setattr(stad.model, "builtin_teacher_path",
                         lambda: Path("/nonexistent/teacher.safetensors"))
     with pytest.raises(ArtifactError, match="built-in teacher .* missing.*--teacher"):
         resolve_teachers(None, [17], seed=0)

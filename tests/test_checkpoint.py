@@ -38,11 +38,12 @@ from stad.checkpoint import (
     stop_on_signals,
 )
 from stad.cli import app
+from stad.commands.train import fit_students as fit
+from stad.commands.train import pretrain_teacher
 from stad.config import Settings, resolve_settings
 from stad.console import Reporter
 from stad.datasets.synthetic import generate
 from stad.errors import EXIT_INTERRUPTED, ArtifactError, Interrupted, TrainingError, UsageError
-from stad.workflows import fit, pretrain_teacher
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -304,13 +304,13 @@ def test_pretrain_teacher_streams_a_list_file(tmp_path: Path) -> None:
 
 def test_inspect_teacher_reads_evenly_spaced_images_of_a_collection(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import stad.workflows as workflows
+    import stad.commands.train as train
 
     (image,) = _images(tmp_path, 1)
     listing = tmp_path / "list.txt"
     listing.write_text(f"{image.name}\n" * 1000)
     read: list[int] = []
-    monkeypatch.setattr(workflows, "INSPECT_MAX_IMAGES", 4)
+    monkeypatch.setattr(train, "INSPECT_MAX_IMAGES", 4)
     real = imagebuffer.load_images
     monkeypatch.setattr(imagebuffer, "load_images",
                         lambda samples, size, **kw: (read.append(len(samples)),

@@ -17,11 +17,12 @@ from safetensors.torch import load_file
 
 from stad.artifacts import load_artifact
 from stad.checkpoint import StopFlag, checkpoint_path, tensors_sha256
+from stad.commands.train import fit_students as fit
+from stad.commands.train import pretrain_teacher
 from stad.config import resolve_settings
 from stad.datasets.synthetic import generate
 from stad.distributed import World, init_world
 from stad.errors import Interrupted, UsageError
-from stad.workflows import fit, pretrain_teacher
 
 
 @pytest.mark.parametrize("size", [1, 2, 3, 5])

@@ -235,7 +235,7 @@ def test_shards_score_every_input_exactly_once(model: Path, tiny_data: Path, n: 
     assert sorted(p for shard in shards for p in shard) == everything
     # The split is not degenerate. Checked on fixed names: the six paths above lie under
     # pytest's numbered temporary folder, and all six hash to one of two shards once in 32.
-    from stad.workflows import in_shard
+    from stad.scorefiles import in_shard
 
     names = [Path(f"line/{i:03d}.png") for i in range(60)]
     sizes = [sum(in_shard(name, (k, n)) for name in names) for k in range(n)]
@@ -243,7 +243,7 @@ def test_shards_score_every_input_exactly_once(model: Path, tiny_data: Path, n: 
 
 
 def test_in_shard_does_not_depend_on_listing_order() -> None:
-    from stad.workflows import in_shard
+    from stad.scorefiles import in_shard
 
     paths = [Path(f"/lines/cam{i % 7}/{i:06d}.png") for i in range(2000)]
     counts = [sum(in_shard(p, (k, 4)) for p in paths) for k in range(4)]

@@ -10,26 +10,22 @@ import pytest
 import torch
 from PIL import Image
 
-from stad import scoring
-from stad.config import ScoreSettings
-from stad.errors import DataError, UsageError
-from stad.model import Inference, Model, Scale
-from stad.networks import build_network
-from stad.scoring import (
-    ImageError,
-    ImageMaps,
+from stad import calibration, scoring
+from stad.calibration import (
     calibrate_model,
     f1_threshold,
     fpr_threshold,
     gaussian_blur,
-    image_score,
-    iter_maps,
-    iter_results,
     position_statistics,
 )
+from stad.config import ScoreSettings
+from stad.errors import DataError, UsageError
+from stad.model import Inference, Networks, Scale
+from stad.networks import build_network
+from stad.scoring import ImageError, ImageMaps, image_score, iter_maps, iter_results
 
 
-def _model(seed: int = 0, sizes=(17,)) -> Model:
+def _model(seed: int = 0, sizes=(17,)) -> Networks:
     g = torch.Generator().manual_seed(seed)
     scales = {}
     for p in sizes:
@@ -37,7 +33,7 @@ def _model(seed: int = 0, sizes=(17,)) -> Model:
         students = [build_network(p, 16, generator=g).eval() for _ in range(3)]
         scales[p] = Scale(p, teacher, students, torch.zeros(16), torch.ones(16))
     pre = {"image_size": 24, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}
-    return Model(scales=scales, preprocessing=pre)
+    return Networks(scales=scales, preprocessing=pre)
 
 
 def _images(tmp_path: Path, n: int, seed: int, size=(30, 26)) -> list[Path]:
@@ -143,8 +139,8 @@ def test_gaussian_blur_keeps_constants_and_smooths():
 def test_per_position_calibration_standardizes_each_position(tmp_path: Path, monkeypatch):
     # Without pooling or prior, each position's ẽ and ṽ over the calibration images have
     # mean 0 and spread 1 exactly.
-    monkeypatch.setattr(scoring, "POSITION_SIGMA", 0.0)
-    monkeypatch.setattr(scoring, "POSITION_PRIOR", 0.0)
+    monkeypatch.setattr(calibration, "POSITION_SIGMA", 0.0)
+    monkeypatch.setattr(calibration, "POSITION_PRIOR", 0.0)
     model = _model(sizes=(17, 33))
     paths = _images(tmp_path, 4, seed=12)
     rule = ScoreSettings()
@@ -207,7 +203,7 @@ def test_per_position_statistics_round_trip_and_are_checked_on_load(tmp_path: Pa
 def test_normal_scores_leave_their_own_image_out(tmp_path: Path, monkeypatch):
     # Without the prior (which uses all images' global spread), image i's score must be
     # what a model calibrated per position on the other images gives it.
-    monkeypatch.setattr(scoring, "POSITION_PRIOR", 0.0)
+    monkeypatch.setattr(calibration, "POSITION_PRIOR", 0.0)
     paths = _images(tmp_path, 4, seed=16)
     rule = ScoreSettings()
     model = _model(sizes=(17, 33))
@@ -295,9 +291,9 @@ def test_next_batch_is_read_in_the_background_and_results_stream(tmp_path: Path,
     real_prepare, real_maps = scoring.prepare, model.maps
     passes: list[int] = []
 
-    def spy_prepare(path, m):
+    def spy_prepare(path, m, what="image"):
         readers.append(threading.current_thread().name)
-        return real_prepare(path, m)
+        return real_prepare(path, m, what)
 
     def spy_maps(x):
         passes.append(x.shape[0])

@@ -130,17 +130,17 @@ def test_too_few_images_to_hold_back():
 def test_auto_precision_is_bf16_only_where_the_device_computes_it(monkeypatch):
     # Emulated bf16 autocast measured 20× slower than fp32 on an AVX2 CPU: the fast preset's
     # "auto" must not pick it there, and must where oneDNN has a bf16 path.
-    import stad.scoring as scoring
+    import stad.devices as devices
     import stad.students as students
 
     cpu = torch.device("cpu")
-    assert scoring.resolve_precision("fp32", cpu) == "fp32"
-    assert scoring.resolve_precision("bf16", cpu) == "bf16"  # asked for: honoured
+    assert devices.resolve_precision("fp32", cpu) == "fp32"
+    assert devices.resolve_precision("bf16", cpu) == "bf16"  # asked for: honoured
     for native in (False, True):
-        monkeypatch.setattr(scoring, "native_bf16", lambda device, n=native: n)
-        assert scoring.resolve_precision("auto", cpu) == ("bf16" if native else "fp32")
+        monkeypatch.setattr(devices, "native_bf16", lambda device, n=native: n)
+        assert devices.resolve_precision("auto", cpu) == ("bf16" if native else "fp32")
         with students._autocast(cpu, "auto"):
             assert torch.is_autocast_enabled("cpu") == native
     monkeypatch.undo()
     # The real check answers from the hardware, and agrees with oneDNN's own.
-    assert scoring.native_bf16(cpu) == bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    assert devices.native_bf16(cpu) == bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())

@@ -15,11 +15,11 @@ from typer.testing import CliRunner
 
 from stad.cli import app
 from stad.config import ScoreSettings
-from stad.model import Inference, Model, Scale
+from stad.model import Inference, Networks, Scale
 from stad.networks import PATCH_SIZES, build_network
 
 
-def _model(seed: int, sizes=PATCH_SIZES, m: int = 2) -> Model:
+def _model(seed: int, sizes=PATCH_SIZES, m: int = 2) -> Networks:
     g = torch.Generator().manual_seed(seed)
     scales = {}
     for p in sizes:
@@ -27,7 +27,7 @@ def _model(seed: int, sizes=PATCH_SIZES, m: int = 2) -> Model:
                               for _ in range(m + 1)]
         mean = torch.randn(8, generator=g)
         scales[p] = Scale(p, teacher, students, mean, torch.rand(8, generator=g) + 0.5)
-    return Model(scales=scales, preprocessing={})
+    return Networks(scales=scales, preprocessing={})
 
 
 def _x(shape: tuple[int, ...], seed: int) -> torch.Tensor:

@@ -1,0 +1,321 @@
+"""The public Python API: load a model, score images, and run each step from Python.
+
+Everything here is covered by :data:`stad.API_VERSION`'s promise (docs/api.md)::
+
+    import stad
+    model = stad.load_model("model.safetensors")
+    result = model.score("part.png")        # or a PIL image, a NumPy array, or a list of them
+    result.score, result.anomalous, result.threshold, result.map   # map: (H, W) at the input's size
+
+The steps of the command line take keyword settings, nested as in the TOML file
+(docs/usage.md, "Settings"), or a :class:`~stad.config.Settings`; from Python the environment
+and ``$STAD_CONFIG`` are not read::
+
+    stad.fit_students("model.safetensors", dataset="synthetic", category="grain", root="data",
+                      students={"preset": "fast"})
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from stad.artifacts import Artifact, load_artifact
+from stad.calibration import (
+    calibrate_model,
+    check_threshold_method,
+    f1_threshold,
+    fpr_threshold,
+)
+from stad.commands.common import save_model
+from stad.config import ScoreSettings, Settings, resolve_settings
+from stad.console import NULL_REPORTER, Reporter
+from stad.devices import resolve_device
+from stad.errors import UsageError
+from stad.fsutil import output_lock
+from stad.model import Networks, model_from_tensors
+from stad.scoring import ImageMaps, configure, image_score, is_path, iter_maps
+
+ImageInput = Any
+"""What :meth:`Model.score` takes as one image: a file path (``str`` or ``os.PathLike``), a
+PIL image, or a NumPy array (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) of ``uint8``, ``uint16``,
+``bool`` or floats in [0, 1] (:func:`stad.images.as_rgb`)."""
+
+
+@dataclass(frozen=True)
+class Result:
+    """The verdict on one image.
+
+    Attributes:
+        map: the fused anomaly map, (H, W) float32 at the input image's own size.
+        score: the image score (the map's maximum, or the mean of its top pixels, as the model
+            was calibrated).
+        threshold: the threshold used (the calibrated one unless another was given).
+        anomalous: ``score > threshold``; None when there is no threshold.
+        scales: the image score of each scale's map (``{"p17": ..., "p33": ...}``).
+        maps: each scale's map, (H, W) like ``map``.
+        path: the file the image was read from; None for an image given in memory.
+    """
+
+    map: np.ndarray
+    score: float
+    threshold: float | None
+    anomalous: bool | None
+    scales: dict[str, float] = field(default_factory=dict)
+    maps: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+    path: str | None = None
+
+    @classmethod
+    def of(cls, maps: ImageMaps, rule: ScoreSettings, threshold: float | None) -> Result:
+        """The result of one image's maps, scored by ``rule``, judged against ``threshold``."""
+        score = image_score(maps.maps["fused"], rule)
+        return cls(map=maps.maps["fused"], score=score, threshold=threshold,
+                   anomalous=None if threshold is None else bool(score > threshold),
+                   scales={k: image_score(v, rule) for k, v in maps.maps.items()
+                           if k != "fused"},
+                   maps={k: v for k, v in maps.maps.items() if k != "fused"},
+                   path=None if maps.path is None else str(maps.path))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON record of ``stad score --json``: path, score, threshold, anomalous,
+        scales (no maps)."""
+        return {"path": self.path, "score": self.score, "threshold": self.threshold,
+                "anomalous": self.anomalous, "scales": dict(self.scales)}
+
+
+class Model:
+    """A fitted model loaded from its artifact (:func:`load_model`): scores images, can be
+    calibrated on anomaly-free images and saved.
+
+    Attributes:
+        networks: the teachers, students and statistics (:class:`stad.model.Networks`).
+        path: the artifact it was loaded from (None if none).
+        device: where the networks run.
+        info: the artifact's provenance and results (``info["calibration"]`` once calibrated).
+        config: the settings that made it, as stored in the artifact.
+    """
+
+    def __init__(self, networks: Networks, artifact: Artifact, *, path: Path | None,
+                 device: torch.device, score: ScoreSettings) -> None:
+        self.networks = configure(networks.to(device).eval(), score)
+        self.path = path
+        self.device = device
+        self.info: dict[str, Any] = dict(artifact.info)
+        self.config: dict[str, Any] = dict(artifact.config)
+        self.seed = artifact.seed
+        self._score = score
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], *, device: str = "auto",
+             score: ScoreSettings | None = None, calibration: bool = True) -> Model:
+        """The model artifact at ``path``; ``score`` says how maps are computed (batch, tiles,
+        precision) and, until calibrated, how an image score is taken. ``calibration=False``
+        leaves out the stored calibration (which :meth:`calibrate` replaces)."""
+        path = Path(path)
+        artifact = load_artifact(path, kind="model")
+        networks = model_from_tensors(artifact.tensors, artifact.preprocessing,
+                                      calibration=calibration)
+        if not calibration:
+            artifact.info.pop("calibration", None)
+        return cls(networks, artifact, path=path, device=resolve_device(device),
+                   score=score or ScoreSettings())
+
+    @property
+    def patch_sizes(self) -> list[int]:
+        return self.networks.patch_sizes
+
+    @property
+    def image_size(self) -> int:
+        """The side of the square the images are resized to before the networks see them."""
+        return int(self.networks.preprocessing["image_size"])
+
+    @property
+    def calibration(self) -> dict[str, Any] | None:
+        """What :meth:`calibrate` (or ``stad calibrate``) recorded; None if not calibrated."""
+        return self.info.get("calibration")
+
+    @property
+    def threshold(self) -> float | None:
+        """The calibrated image threshold (None if not calibrated)."""
+        return None if self.calibration is None else self.calibration["threshold"]
+
+    def score_rule(self) -> tuple[dict[str, Any], ScoreSettings]:
+        """The calibration, and the score settings with the image-score rule it was made with
+        (a threshold only means something for the rule it was set on)."""
+        name = self.path if self.path is not None else "the model"
+        if self.calibration is None:
+            raise UsageError(f"{name} is not calibrated: run `stad calibrate --model {name}` "
+                             "(or model.calibrate(normal_images)) first")
+        c = self.calibration
+        return c, self._score.model_copy(update={"image_score": c["image_score"],
+                                                 "topk_fraction": c["topk_fraction"]})
+
+    def iter_score(self, images: Iterable[ImageInput], *, threshold: float | None = None
+                   ) -> Iterator[Result]:
+        """:meth:`score` of each image, yielded as each batch finishes (for long lists)."""
+        calibration, rule = self.score_rule()
+        if threshold is None:
+            threshold = calibration["threshold"]
+        for maps in iter_maps(self.networks, list(images), device=self.device):
+            yield Result.of(maps, rule, threshold)
+
+    def score(self, images: ImageInput | Sequence[ImageInput], *,
+              threshold: float | None = None) -> Result | list[Result]:
+        """Score one image (a :class:`Result`) or a list of them (a list, in order).
+
+        ``threshold`` replaces the calibrated one for this call. An unreadable image raises
+        :class:`~stad.errors.DataError` naming it; an uncalibrated model raises
+        :class:`~stad.errors.UsageError`.
+        """
+        if _is_single(images):
+            return next(self.iter_score([images], threshold=threshold))
+        return list(self.iter_score(images, threshold=threshold))
+
+    def calibrate(self, normal_images: Sequence[ImageInput], *,
+                  method: Literal["fpr", "f1", "manual"] = "fpr", target_fpr: float = 0.01,
+                  threshold: float | None = None,
+                  normalize: Literal["global", "position"] = "position",
+                  test_images: Sequence[ImageInput] | None = None,
+                  test_labels: Sequence[bool] | None = None, source: str = "given images",
+                  reporter: Reporter = NULL_REPORTER) -> dict[str, Any]:
+        """Calibrate on anomaly-free images (METHOD.md §5), in memory; :meth:`save` keeps it.
+
+        The statistics that standardize e and v come from ``normal_images`` (globally, or per
+        map position with ``normalize="position"``). The threshold: ``"fpr"`` lets at most
+        ``target_fpr`` of those images score above it; ``"f1"`` maximizes F1 on
+        ``test_images`` with ``test_labels`` (True: anomalous); ``"manual"`` takes
+        ``threshold``. Returns what is recorded as ``info["calibration"]``.
+        """
+        cfg = _settings(None, {"calibrate": {
+            "threshold_method": method, "target_fpr": target_fpr, "threshold": threshold,
+            "normalize": normalize}}).calibrate
+        check_threshold_method(method, cfg.threshold)
+        if method == "f1" and (test_images is None or test_labels is None
+                               or len(test_images) != len(test_labels)):
+            raise UsageError("threshold method 'f1' needs test_images and as many test_labels")
+        self.info.pop("calibration", None)
+        stats, normal_scores = calibrate_model(
+            self.networks, list(normal_images), self._score, device=self.device,
+            normalize=cfg.normalize, reporter=reporter)
+        if method == "manual":
+            assert cfg.threshold is not None
+            chosen = cfg.threshold
+        elif method == "fpr":
+            chosen = fpr_threshold(normal_scores, cfg.target_fpr)
+        else:
+            assert test_images is not None and test_labels is not None
+            scores = [image_score(m.maps["fused"], self._score)
+                      for m in iter_maps(self.networks, list(test_images), device=self.device,
+                                         reporter=reporter, what="test scores")]
+            chosen = f1_threshold(scores, [bool(t) for t in test_labels])
+        self.info["calibration"] = {
+            "method": method, "threshold": chosen,
+            "target_fpr": cfg.target_fpr if method == "fpr" else None,
+            "image_score": self._score.image_score, "topk_fraction": self._score.topk_fraction,
+            "normalize": cfg.normalize, "n_images": len(normal_scores), "images_source": source,
+            "statistics": {f"p{p}": dict(zip(("e_mean", "e_std", "v_mean", "v_std"),
+                                             s.tolist(), strict=True))
+                           for p, s in stats.items()},
+            "normal_scores": {"min": min(normal_scores), "max": max(normal_scores)},
+        }
+        self.config = {**self.config, "calibrate": cfg.model_dump(mode="json"),
+                       "score": self._score.model_dump(mode="json")}
+        return self.info["calibration"]
+
+    def save(self, path: str | os.PathLike[str] | None = None) -> Path:
+        """Write the model artifact (atomically, locked against a second writer) to ``path``,
+        by default the file it was loaded from. Returns where it was written."""
+        target = Path(path) if path is not None else self.path
+        if target is None:
+            raise UsageError("Model.save needs a path: this model was not loaded from a file")
+        with output_lock(target):
+            save_model(target, self.networks, Settings.model_validate(self.config), self.info)
+        return target
+
+    def __repr__(self) -> str:
+        state = "calibrated" if self.calibration else "not calibrated"
+        return (f"stad.Model({str(self.path)!r}, patch_sizes={self.patch_sizes}, "
+                f"image_size={self.image_size}, {state})")
+
+
+def _is_single(images: Any) -> bool:
+    if is_path(images) or not isinstance(images, (Sequence, np.ndarray)):
+        return True  # a path, a PIL image (or something as_rgb will name and refuse)
+    return isinstance(images, np.ndarray) and images.ndim < 4
+
+
+def load_model(path: str | os.PathLike[str], *, device: str = "auto", **score: Any) -> Model:
+    """Load a model artifact (from ``stad fit-students``, calibrated by ``stad calibrate``).
+
+    Args:
+        path: the ``.safetensors`` model file.
+        device: ``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``.
+        score: ``score`` settings: ``batch_size``, ``tile_size``, ``precision``, ``fused``
+            (how maps are computed), ``image_score`` and ``topk_fraction`` (used by
+            :meth:`Model.calibrate`; a calibrated model keeps the rule it was calibrated with).
+    """
+    return Model.load(path, device=device, score=_settings(None, {"score": score}).score)
+
+
+# ---- the steps of the command line, with keyword settings ------------------------------------
+
+
+def _settings(settings: Settings | None, keywords: Mapping[str, Any]) -> Settings:
+    """``settings`` (or the defaults) with ``keywords`` on top, validated; no environment."""
+    base = settings.model_dump(mode="json", exclude_unset=True) if settings is not None else {}
+    for key, value in keywords.items():
+        if isinstance(value, Mapping) and isinstance(base.get(key), Mapping):
+            base[key] = {**base[key], **value}
+        else:
+            base[key] = value
+    return resolve_settings(base, environ={})
+
+
+def pretrain_teacher(out: str | os.PathLike[str], *, settings: Settings | None = None,
+                     resume: bool = False, reporter: Reporter = NULL_REPORTER,
+                     **keywords: Any) -> dict[str, Any]:
+    """``stad pretrain-teacher``: pretrain teachers on a dataset's training images and write
+    the teacher artifact to ``out``. Returns what the command prints."""
+    from stad.commands.train import pretrain_teacher as run
+
+    return run(_settings(settings, keywords), out=Path(out), resume=resume, reporter=reporter)
+
+
+def fit_students(out: str | os.PathLike[str], *, teacher: str | os.PathLike[str] | None = None,
+                 settings: Settings | None = None, resume: bool = False,
+                 reporter: Reporter = NULL_REPORTER, **keywords: Any) -> dict[str, Any]:
+    """``stad fit-students``: fit the student ensembles and write the model artifact to
+    ``out``. ``teacher``: a teacher or model artifact, ``"random"``, or None for the
+    shipped teacher."""
+    from stad.commands.train import fit_students as run
+
+    return run(_settings(settings, keywords), teacher=teacher, out=Path(out), resume=resume,
+               reporter=reporter)
+
+
+def calibrate(model: str | os.PathLike[str], *, out: str | os.PathLike[str] | None = None,
+              settings: Settings | None = None, reporter: Reporter = NULL_REPORTER,
+              **keywords: Any) -> dict[str, Any]:
+    """``stad calibrate``: calibrate the model file on the validation images recorded in it
+    and store the calibration (in ``out``, or in place)."""
+    from stad.commands.calibrate import calibrate as run
+
+    return run(_settings(settings, keywords), model_path=Path(model),
+               out=None if out is None else Path(out), reporter=reporter)
+
+
+def evaluate(model: str | os.PathLike[str], *, report: str | os.PathLike[str] | None = None,
+             settings: Settings | None = None, reporter: Reporter = NULL_REPORTER,
+             **keywords: Any) -> dict[str, Any]:
+    """``stad evaluate``: metrics of the model on its dataset's labelled test split (and a
+    report folder with ``report``)."""
+    from stad.commands.evaluate import evaluate as run
+
+    return run(_settings(settings, keywords), model_path=Path(model),
+               report=None if report is None else Path(report), reporter=reporter)

@@ -1,0 +1,223 @@
+"""Calibration (METHOD.md §5): the statistics that standardize e and v, and the image threshold.
+
+:func:`calibrate_model` computes per scale the mean and spread of the regression error e and
+the predictive variance v over anomaly-free images (globally, or per map position), and the
+normal images' scores; :func:`fpr_threshold` and :func:`f1_threshold` turn scores into a
+threshold; :func:`validation_samples` finds the images ``fit-students`` held back for it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from stad.config import ScoreSettings
+from stad.console import NULL_REPORTER, Reporter, warn
+from stad.data import DataSelection, relative_names
+from stad.datasets.base import Sample
+from stad.errors import DataError, UsageError
+from stad.handcrafted import gaussian_kernel, smooth
+from stad.model import Networks, standardized
+from stad.scoring import image_score, prepared_batches
+
+
+@torch.inference_mode()
+def calibrate_model(model: Networks, paths: Sequence[Path], rule: ScoreSettings, *,
+                    device: torch.device, batch_size: int | None = None,
+                    normalize: Literal["global", "position"] = "global",
+                    reporter: Reporter = NULL_REPORTER) -> tuple[dict[int, torch.Tensor],
+                                                                 list[float]]:
+    """Calibrate ``model`` in place on anomaly-free images, in one pass over them.
+
+    Per scale, (e_mean, e_std, v_mean, v_std) over all pixels of the images become the
+    scale's ``calib``; then the same e and v give each image's fused map and its score (the
+    map resized to the image's own size, as :func:`iter_maps` does). A zero spread (a constant
+    e or v, e.g. a single tiny image) would divide by zero in the standardization; it is
+    replaced by 1 with a warning, which leaves that term unscaled.
+
+    With ``normalize="position"``, each pixel position of the model's S × S maps also gets
+    its own statistics (``calib_map``, :func:`position_statistics`), which the maps then use:
+    for aligned images, where some places (edges, prints) are always harder to regress than
+    others. ``"global"`` (the paper's) removes any per-position statistics.
+
+    Each normal image's score is computed with per-position statistics from the *other*
+    images (leave one out; with one image, its own): a position's statistics fitted on an image
+    would standardize that image's own peaks away and set an ``fpr`` threshold too low.
+
+    Returns:
+        the statistics per patch size, and the image scores of the normal images.
+    """
+    if normalize not in ("global", "position"):
+        raise UsageError(f"calibrate.normalize must be global or position, not {normalize!r}")
+    if not paths:
+        raise DataError("no anomaly-free images to calibrate on: the validation split is empty")
+    at: dict[int, torch.Tensor] = {}  # per position: Σe, Σe², Σv, Σv² over the images
+    kept: list[tuple[dict[int, tuple[torch.Tensor, torch.Tensor]], tuple[int, int]]] = []
+    task = reporter.task("calibrating", len(paths))
+    for batch in prepared_batches(model, paths, batch_size or model.inference.batch_size):
+        prepared = []
+        for _, item in batch:
+            if isinstance(item, DataError):
+                raise item
+            prepared.append(item)
+        x = torch.stack([t for t, _ in prepared]).to(device)
+        ev = model.error_and_variance(x)
+        for p, (e, v) in ev.items():
+            here = _moments(e, v).sum(0).cpu()
+            at[p] = at[p] + here if p in at else here
+        for i, (_, image) in enumerate(prepared):
+            kept.append(({p: (e[i:i + 1], v[i:i + 1]) for p, (e, v) in ev.items()},
+                         image.shape[:2]))
+        task.advance(len(prepared))
+    task.done()
+    stats = {}
+    for p in model.patch_sizes:
+        se, se2, sv, sv2 = at[p].sum((1, 2))
+        count = len(kept) * at[p][0].numel()  # pixels summed
+        e_mean, v_mean = se / count, sv / count
+        e_std = (se2 / count - e_mean**2).clamp_min(0).sqrt()
+        v_std = (sv2 / count - v_mean**2).clamp_min(0).sqrt()
+        if e_std < 1e-12 or v_std < 1e-12:
+            warn(f"p={p}: regression error or variance is constant on the calibration images; "
+                 "its standardization uses a spread of 1")
+        e_std = e_std if e_std >= 1e-12 else torch.tensor(1.0, dtype=torch.float64)
+        v_std = v_std if v_std >= 1e-12 else torch.tensor(1.0, dtype=torch.float64)
+        stats[p] = torch.stack([e_mean, e_std, v_mean, v_std]).float()
+        model.scales[p].calib = stats[p].to(device)
+        model.scales[p].calib_map = (_position_statistics(at[p], len(kept), stats[p], p)
+                                     .to(device) if normalize == "position" else None)
+    scores = []
+    leave_out = normalize == "position" and len(kept) > 1
+    for ev_one, shape in kept:
+        per_scale = {}
+        for p, (e, v) in ev_one.items():
+            if leave_out:
+                own = _moments(e, v)[0].cpu()
+                others = _position_statistics(at[p] - own, len(kept) - 1, stats[p], p)
+                per_scale[p] = standardized(e, v, others.to(device))
+            else:
+                per_scale[p] = model.scales[p].standardize(e, v)
+        fused = model.fuse(per_scale, shape)["fused"]
+        scores.append(image_score(fused[0].float().cpu().numpy(), rule))
+    return stats, scores
+
+
+def _moments(e: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """(N, H, W) e and v → (N, 4, H, W) float64: e, e², v, v² at each pixel."""
+    e, v = e.double(), v.double()
+    return torch.stack([e, e.pow(2), v, v.pow(2)], 1)
+
+
+def _position_statistics(sums: torch.Tensor, n_images: int, global_stats: torch.Tensor, p: int
+                         ) -> torch.Tensor:
+    # With the module's settings (read at call time), and checked: a non-finite e or v on a
+    # calibration image would otherwise give a model that loading refuses.
+    out = position_statistics(sums, n_images, global_stats, sigma=POSITION_SIGMA,
+                              prior=POSITION_PRIOR)
+    if not bool(torch.isfinite(out).all()):
+        raise DataError(f"p={p}: the regression error or variance is not finite on the "
+                        "calibration images; the model cannot be calibrated per position")
+    return out
+
+
+POSITION_SIGMA = 2.0
+"""Per-position statistics are pooled over a Gaussian window of this σ (model pixels)."""
+POSITION_PRIOR = 2.0
+"""... and each position's variance is shrunk towards the global one as if that had been
+seen on this many images: ``(n·var_pos + k·var_global) / (n + k)``."""
+
+
+def position_statistics(sums: torch.Tensor, n_images: int, global_stats: torch.Tensor, *,
+                        sigma: float = POSITION_SIGMA, prior: float = POSITION_PRIOR
+                        ) -> torch.Tensor:
+    """Per-position (e_mean, e_std, v_mean, v_std) from per-position sums over n images.
+
+    Args:
+        sums: (4, S, S) Σe, Σe², Σv, Σv² over the images at each position.
+        n_images: how many images were summed (≥ 1).
+        global_stats: (4,) the global e_mean, e_std, v_mean, v_std (spreads > 0).
+
+    The first and second moments are smoothed with a Gaussian of ``sigma`` pixels before the
+    variance is taken (a position's neighbours count as more samples of it, and a structure
+    that moves by a pixel between images widens the spread instead of flagging the shift); the
+    variance is then shrunk towards the global one with weight ``prior``, so that few images
+    cannot give a near-zero spread. Returns a (4, S, S) float32 tensor.
+    """
+    moments = gaussian_blur(sums.double() / n_images, sigma)
+    g = global_stats.double()
+    out = []
+    for j in (0, 2):
+        mean = moments[j]
+        var = (moments[j + 1] - mean.pow(2)).clamp_min(0)
+        var = (n_images * var + prior * g[j + 1].pow(2)) / (n_images + prior)
+        out += [mean, var.sqrt().clamp_min(1e-12)]
+    return torch.stack(out).float()
+
+
+def gaussian_blur(t: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian smoothing of the last two dimensions (edges replicated)."""
+    if sigma <= 0:
+        return t
+    kernel = gaussian_kernel(sigma, t.dtype).to(t.device)
+    return smooth(t.reshape(-1, 1, *t.shape[-2:]), kernel).reshape(t.shape)
+
+
+def check_threshold_method(method: str, threshold: float | None) -> None:
+    """A manual threshold needs ``threshold`` and no other method takes one."""
+    if threshold is not None and method != "manual":
+        raise UsageError(f"--threshold applies only to --method manual, not to "
+                         f"--method {method}; give one or the other")
+    if method == "manual" and threshold is None:
+        raise UsageError("threshold method 'manual' needs --threshold T")
+
+
+def fpr_threshold(normal_scores: Sequence[float], target_fpr: float) -> float:
+    """The smallest threshold at which at most ``target_fpr`` of normal images score above it.
+
+    An image is anomalous when its score is > threshold. With n normal images, the FPR can only
+    take values k/n, so the result is the k-th largest score with k = floor(target_fpr · n).
+    """
+    scores = np.sort(np.asarray(normal_scores, dtype=np.float64))[::-1]
+    if len(scores) == 0:
+        raise DataError("no normal images to set a threshold on")
+    k = int(np.floor(target_fpr * len(scores)))
+    return float(scores[min(k, len(scores) - 1)])
+
+
+def f1_threshold(scores: Sequence[float], labels: Sequence[bool]) -> float:
+    """The threshold (score > t is anomalous) that maximizes F1 on labelled images."""
+    s = np.asarray(scores, dtype=np.float64)
+    y = np.asarray(labels, dtype=bool)
+    if y.all() or not y.any():
+        raise DataError("an F1-optimal threshold needs both normal and anomalous images")
+    candidates = np.unique(s)
+    best_t, best_f1 = float(candidates[0]), -1.0
+    for t in np.concatenate([[candidates[0] - 1.0], candidates]):
+        pred = s > t
+        tp = float(np.sum(pred & y))
+        f1 = 2 * tp / (pred.sum() + y.sum())
+        if f1 > best_f1:
+            best_t, best_f1 = float(t), f1
+    return best_t
+
+
+def validation_samples(selection: DataSelection, info: dict[str, Any]) -> list[Sample]:
+    """The anomaly-free images fit-students kept for calibration (recorded in the model)."""
+    val = info.get("data", {}).get("validation", {})
+    if val.get("source") == "adapter val split":
+        return selection.samples("val")
+    wanted = list(val.get("images", []))
+    if not wanted:
+        raise DataError("the model holds no record of validation images (students.val_fraction "
+                        "was 0); refit with a held-back share or give the dataset a val split")
+    by_name = dict(zip(relative_names(selection.samples("train"), selection.root),
+                       selection.samples("train"), strict=True))
+    missing = [w for w in wanted if w not in by_name]
+    if missing:
+        raise DataError(f"validation images recorded in the model are missing from "
+                        f"{selection.describe()}: {', '.join(missing[:5])}")
+    return [by_name[w] for w in wanted]

@@ -1,0 +1,50 @@
+"""What several commands share: names relative to the data root, the data a model was fitted
+on, the command line that resumes a run, and reading and writing model artifacts."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+from stad.artifacts import Artifact, save_artifact
+from stad.config import Settings
+from stad.data import DataSelection
+from stad.model import Networks, model_tensors
+
+
+def data_info(selection: DataSelection) -> dict[str, Any]:
+    return {"dataset": selection.adapter.name, "root": str(selection.root),
+            "category": selection.category}
+
+
+def resume_command(command: str) -> str:
+    """How to continue an interrupted run: this command line plus ``--resume`` when it was
+    run as ``stad COMMAND ...`` (or ``python -m stad``), else in words."""
+    argv = sys.argv[1:]
+    if command in argv and Path(sys.argv[0]).name in ("stad", "__main__.py"):
+        line = shlex.join(["stad", *(a for a in argv if a != "--resume"), "--resume"])
+        if int(os.environ.get("WORLD_SIZE", "1") or "1") > 1:
+            return f"start it under torchrun again (any number of processes) as {line}"
+        return line
+    return f"run the same `stad {command}` command again with --resume"
+
+
+def save_model(path: Path, model: Networks, settings: Settings, info: dict[str, Any]) -> None:
+    save_artifact(path, Artifact(kind="model", tensors=model_tensors(model),
+                                 config=settings.model_dump(mode="json"),
+                                 preprocessing=model.preprocessing, seed=settings.seed,
+                                 info=info))
+
+
+def with_model_data(settings: Settings, info: dict[str, Any]) -> Settings:
+    """Dataset, root and category default to those the model (its ``info``) was fitted on."""
+    data = info.get("data", {})
+    given = settings.model_fields_set
+    return settings.model_copy(update={
+        "dataset": settings.dataset if "dataset" in given else data.get("dataset", "mvtec"),
+        "root": settings.root if settings.root is not None else data.get("root"),
+        "category": settings.category if settings.category is not None else data.get("category"),
+    })

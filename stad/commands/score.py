@@ -1,0 +1,90 @@
+"""``stad score``: records (and maps) of image files, streamed, sharded and resumable."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+from stad.api import Model, Result
+from stad.config import ScoreSettings, Settings
+from stad.console import NULL_REPORTER, Reporter, json_line
+from stad.errors import UsageError
+from stad.fsutil import check_output_dir, check_output_file, output_lock
+from stad.scorefiles import expand_inputs, in_shard, recorded_paths, write_maps
+from stad.scoring import ImageError, iter_results
+
+
+def score(settings: Settings, *, model_path: Path, inputs: Sequence[Path],
+          maps_dir: Path | None = None, threshold: float | None = None,
+          on_error: str = "fail", shard: tuple[int, int] | None = None,
+          output: Path | None = None, skip_existing: bool = False,
+          reporter: Reporter = NULL_REPORTER) -> Iterator[dict[str, Any]]:
+    """``stad score``: yield one record per input image, in order, as it is scored.
+
+    Records are dicts (see :meth:`stad.api.Result.to_dict`) plus ``map`` when maps are
+    written; with ``on_error="skip"`` an unreadable image yields ``{"path", "error"}`` instead
+    of stopping the run. With ``shard`` (K, N) only the inputs of shard K are scored
+    (:func:`in_shard`). With ``output`` every record is also appended to that JSON Lines file
+    before it is yielded (locked against a second writer); ``skip_existing`` keeps the file and
+    skips the inputs it already has a record for, else the file starts empty.
+    """
+    if threshold is not None and not math.isfinite(threshold):
+        raise UsageError(f"--threshold must be a finite number, got {threshold}")
+    if skip_existing and output is None:
+        raise UsageError("--skip-existing needs --output FILE: the records to resume from")
+    if maps_dir is not None:
+        check_output_dir(maps_dir)
+    if output is None:
+        yield from _score(settings, model_path, inputs, maps_dir, threshold, on_error, shard,
+                          None, False, reporter)
+        return
+    check_output_file(output)
+    with output_lock(output):
+        yield from _score(settings, model_path, inputs, maps_dir, threshold, on_error,
+                          shard, output, skip_existing, reporter)
+
+
+def _score(settings: Settings, model_path: Path, inputs: Sequence[Path],
+           maps_dir: Path | None, threshold: float | None, on_error: str,
+           shard: tuple[int, int] | None, output: Path | None, skip_existing: bool,
+           reporter: Reporter) -> Iterator[dict[str, Any]]:
+    model = Model.load(model_path, device=settings.device, score=settings.score)
+    calibration, rule = model.score_rule()
+    if threshold is None:
+        threshold = calibration["threshold"]
+    paths = expand_inputs(inputs)
+    if shard is not None:
+        paths = [p for p in paths if in_shard(p, shard)]
+    if output is not None and skip_existing:
+        done = recorded_paths(output)
+        paths = [p for p in paths if str(p) not in done]
+    task = reporter.task("scoring", len(paths))
+    # Opened only now: a run that fails to start leaves an earlier output as it was.
+    with open(output, "a" if skip_existing else "w", encoding="utf-8") if output is not None \
+            else contextlib.nullcontext() as log:
+        yield from _records(model, paths, rule, threshold, on_error, maps_dir, log, task)
+    task.done()
+
+
+def _records(model: Model, paths: Sequence[Path], rule: ScoreSettings,
+             threshold: float | None, on_error: str, maps_dir: Path | None,
+             log: TextIO | None, task: Any) -> Iterator[dict[str, Any]]:
+    # Batches of the score settings' batch_size images; the next batch is read while one runs.
+    for maps in iter_results(model.networks, paths, device=model.device):
+        if isinstance(maps, ImageError):
+            if on_error != "skip":
+                raise maps.error
+            record = {"path": str(maps.path), "error": str(maps.error)}
+        else:
+            record = Result.of(maps, rule, threshold).to_dict()
+            if maps_dir is not None and maps.path is not None:
+                record["map"] = write_maps(maps_dir, maps.path, maps.maps["fused"], maps.image,
+                                           threshold)
+        if log is not None:
+            log.write(json_line(record) + "\n")
+            log.flush()
+        task.advance(1)
+        yield record

@@ -1,0 +1,212 @@
+"""``pretrain-teacher``, ``inspect-teacher`` and ``fit-students``: checkpointed training runs
+(:mod:`stad.checkpoint`) around :mod:`stad.teacher` and :mod:`stad.students`."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from stad.artifacts import Artifact, file_sha256, save_artifact
+from stad.checkpoint import images_identity, open_checkpoint, stop_on_signals, tensors_sha256
+from stad.commands.common import data_info, resume_command, save_model
+from stad.config import Settings
+from stad.console import NULL_REPORTER, Reporter
+from stad.data import relative_names, select_data
+from stad.devices import resolve_device
+from stad.distributed import joined
+from stad.errors import DataError, UsageError
+from stad.fsutil import check_output_file, output_lock
+from stad.imagebuffer import ImageSource
+from stad.images import DEFAULT_MEAN, DEFAULT_STD
+from stad.model import BUILTIN_TEACHER, RANDOM_TEACHER, resolve_teachers, teacher_tensors
+from stad.students import fit_students as train_students
+from stad.students import split_train_val
+
+
+def _backbone_identity(settings: Settings) -> str | None:
+    # The backbone's bytes decide the distillation targets; pretrain_teachers reports a
+    # missing or unreadable file itself.
+    from stad.distillation import BACKBONES, backbone_path
+    from stad.errors import UsageError
+    from stad.teacher import resolve_target
+
+    path = settings.teacher.backbone_weights
+    target = resolve_target(settings.teacher)
+    if path is None and target in BACKBONES:
+        try:
+            path = backbone_path(target)[0]
+        except UsageError:
+            return None
+    if (path is None or settings.teacher.lambda_kd <= 0 or not Path(path).is_file()
+            or target not in ("resnet18", *BACKBONES)):
+        return None
+    return file_sha256(Path(path))
+
+
+def pretrain_teacher(settings: Settings, *, out: Path, resume: bool = False,
+                     reporter: Reporter = NULL_REPORTER) -> dict[str, Any]:
+    """``stad pretrain-teacher``: train teachers on the training images of any adapter.
+
+    The run is checkpointed beside ``out`` (:mod:`stad.checkpoint`); SIGINT/SIGTERM save and
+    raise :class:`~stad.errors.Interrupted`; ``resume`` continues a checkpoint made with the
+    same settings and data. The checkpoint is deleted once ``out`` is written.
+    """
+    from stad.teacher import pretrain_teachers
+
+    check_output_file(out)
+    selection = select_data(settings)
+    # One pass that holds nothing, so that a collection of millions is never listed at once.
+    listing = selection.scan("train")
+    if not listing.count:
+        raise DataError(f"no training images in {selection.describe()}")
+    if listing.count <= settings.teacher.buffer_images:
+        samples = selection.samples("train")
+        images = images_identity(relative_names(samples, selection.root),
+                                 [s.image for s in samples])
+        source = ImageSource.of(samples)
+    else:  # too many to read twice: identified by names, sizes and times, not bytes; listed
+        # again on demand, and streamed where a process's share exceeds the buffer
+        images = {"count": listing.count, "listing_sha256": listing.sha256}
+        source = ImageSource(open=lambda: selection.iter_samples("train"), count=listing.count,
+                             name=selection.describe())
+    preprocessing = {"image_size": settings.teacher.image_size, "mean": list(DEFAULT_MEAN),
+                     "std": list(DEFAULT_STD)}
+    # Under torchrun, one of N processes; only rank 0 locks and writes (as in `fit`).
+    with joined(resolve_device(settings.device)) as (world, device), \
+            output_lock(out) if world.main else contextlib.nullcontext():
+        identity = {"images": images, "backbone": _backbone_identity(settings)}
+        checkpoint = open_checkpoint(
+            out, command="pretrain-teacher", settings=settings, identity=identity,
+            preprocessing=preprocessing, resume=resume,
+            resume_command=resume_command("pretrain-teacher"), reporter=reporter)
+        checkpoint.writer = world.main
+        with stop_on_signals(checkpoint.stop):
+            teachers, info = pretrain_teachers(settings, source, reporter=reporter,
+                                               device=device, checkpoint=checkpoint,
+                                               world=world)
+            info["data"] = {**info.get("data", {}), **data_info(selection)}
+            artifact = Artifact(
+                kind="teacher", tensors=teacher_tensors(teachers),
+                config=settings.model_dump(mode="json"), preprocessing=preprocessing,
+                seed=settings.seed, info=info)
+            if world.main:
+                save_artifact(out, artifact)
+        checkpoint.remove()
+    return {"artifact": str(out), "kind": "teacher", "patch_sizes": sorted(teachers),
+            "resumed": checkpoint.resumed is not None, **info}
+
+
+# ---- inspect-teacher --------------------------------------------------------------------------
+
+INSPECT_MAX_IMAGES = 64  # diagnostics read at most this many training images, evenly spaced
+
+
+def inspect_teacher(settings: Settings, *, teacher: str | Path,
+                    patch_sizes: Sequence[int] | None = None, n_patches: int = 256,
+                    reporter: Reporter = NULL_REPORTER) -> dict[str, Any]:
+    """``stad inspect-teacher``: collapse diagnostics (:mod:`stad.diagnostics`) per scale.
+
+    ``teacher`` is a teacher or model artifact (its teachers), or ``random`` (the randomly
+    initialized teachers ``fit-students --teacher random`` would use with this seed). The images
+    are the training images of the selected data, resized to ``teacher.image_size``; without
+    ``--dataset``/``--category`` those the artifact was trained on, else the synthetic
+    ``grain`` set. Warnings name each scale that looks collapsed.
+    """
+    from stad.console import warn
+    from stad.diagnostics import collapse_warnings, teacher_diagnostics
+    from stad.imagebuffer import load_images
+
+    if n_patches < 2:
+        raise UsageError(f"--patches must be at least 2, got {n_patches}")
+    if str(teacher) == RANDOM_TEACHER and not patch_sizes:
+        patch_sizes = settings.teacher.patch_sizes
+    nets, source, info = resolve_teachers(teacher, patch_sizes, settings.seed)
+    source.pop("info", None)
+    # Data defaults to what the artifact was trained (or fitted) on; the built-in teacher's
+    # training photos are not installed, so it is looked at on the synthetic set.
+    data = info.get("data", {}) if source["source"] != BUILTIN_TEACHER else {}
+    given = settings.model_fields_set
+    if "dataset" not in given and settings.category is None:
+        settings = settings.model_copy(update={
+            "dataset": data.get("dataset", "synthetic"), "root": data.get("root"),
+            "category": data.get("category", "grain")})
+    selection = select_data(settings)
+    # Evenly spaced images picked as the listing streams by (a collection may hold millions).
+    count = selection.scan("train").count
+    if not count:
+        raise DataError(f"no training images in {selection.describe()}")
+    step = max(1.0, count / INSPECT_MAX_IMAGES)
+    wanted = {int(k * step) for k in range(min(count, INSPECT_MAX_IMAGES))}
+    samples = [s for i, s in enumerate(selection.iter_samples("train")) if i in wanted]
+    size = settings.teacher.image_size
+    too_big = [p for p in nets if p > size]
+    if too_big:
+        raise UsageError(f"teacher.image_size {size} is smaller than patch size {too_big[0]}; "
+                         "raise it (STAD_TEACHER__IMAGE_SIZE) or choose --patch-sizes")
+    images = load_images(samples, size, reporter=reporter)
+    cfg = settings.teacher
+    scales: dict[str, Any] = {}
+    for p, net in sorted(nets.items()):
+        shift = max(0, min(cfg.positive_shift, (size - p) // 2))
+        diag = teacher_diagnostics(net, images, n_patches=n_patches, shift=shift,
+                                   noise=cfg.positive_noise, seed=settings.seed)
+        diag["warnings"] = collapse_warnings(diag)
+        for line in diag["warnings"]:
+            warn(line)
+        scales[f"p{p}"] = diag
+    return {"teacher": source, "data": {**data_info(selection), "n_images": len(samples),
+                                        "image_size": size},
+            "diagnostics": scales, "collapsed": sorted(k for k, v in scales.items()
+                                                       if v["warnings"])}
+
+
+def fit_students(settings: Settings, *, teacher: str | Path | None, out: Path, resume: bool = False,
+        reporter: Reporter = NULL_REPORTER) -> dict[str, Any]:
+    """``stad fit-students``: fit students on a category and write the model artifact.
+
+    Checkpointed and resumable like :func:`pretrain_teacher`; the checkpoint also records the
+    teacher's weights, and resuming with other ones is refused.
+    """
+    check_output_file(out)
+    selection = select_data(settings)
+    cfg = settings.students
+    fit_samples, held, source = split_train_val(
+        selection.samples("train"), selection.samples("val"), fraction=cfg.val_fraction,
+        seed=settings.seed)
+    teachers, teacher_info, _ = resolve_teachers(teacher, cfg.patch_sizes, settings.seed)
+    start = time.perf_counter()
+    # Under torchrun, one of N processes (stad.distributed); only rank 0 writes (and so locks)
+    # the output and the checkpoint.
+    with joined(resolve_device(settings.device)) as (world, device), \
+            output_lock(out) if world.main else contextlib.nullcontext():
+        identity = {"images": images_identity(relative_names(fit_samples, selection.root),
+                                              [s.image for s in fit_samples]),
+                    "teacher": tensors_sha256(teacher_tensors(teachers))}
+        checkpoint = open_checkpoint(
+            out, command="fit-students", settings=settings, identity=identity,
+            preprocessing={"image_size": cfg.image_size, "mean": list(DEFAULT_MEAN),
+                           "std": list(DEFAULT_STD)},
+            resume=resume, resume_command=resume_command("fit-students"), reporter=reporter)
+        checkpoint.writer = world.main
+        with stop_on_signals(checkpoint.stop):
+            result = train_students(settings, fit_samples, teachers, reporter=reporter,
+                                  device=device, checkpoint=checkpoint, world=world)
+            info = {
+                "data": {**data_info(selection), "n_fit": len(fit_samples),
+                         "validation": {"source": source,
+                                        "images": relative_names(held, selection.root)}},
+                "teacher": teacher_info,
+                "students": result.info,
+                "seconds": round(time.perf_counter() - start, 1),
+            }
+            if world.main:
+                save_model(out, result.model, settings, info)
+        checkpoint.remove()
+    return {"artifact": str(out), "kind": "model", "patch_sizes": result.model.patch_sizes,
+            "n_fit": len(fit_samples), "n_validation": len(held),
+            "final_loss": {k: v["loss_per_epoch"][-1] for k, v in result.info["scales"].items()},
+            "resumed": checkpoint.resumed is not None, "processes": world.size,
+            "seconds": info["seconds"]}

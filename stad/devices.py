@@ -1,0 +1,41 @@
+"""Which device a command runs on, and in which precision."""
+
+from __future__ import annotations
+
+import torch
+
+from stad.errors import UsageError
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when available; ``cuda`` without a GPU is a usage error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda was asked for, but torch sees no CUDA device")
+    return torch.device(name)
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes bf16 in hardware: a CUDA GPU that supports it, or a CPU for
+    which oneDNN has a bf16 path (AVX-512 CPUs). Elsewhere bf16 autocast is emulated, and was
+    measured 20× slower than fp32 (docs/benchmarks.md, "bf16 without hardware support")."""
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return False
+        try:  # not counting emulation (pre-Ampere GPUs emulate it)
+            return torch.cuda.is_bf16_supported(including_emulation=False)
+        except TypeError:  # older torch: no such argument
+            return torch.cuda.is_bf16_supported()
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a build without oneDNN
+        return False
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto`` → ``bf16`` where the device computes it natively (:func:`native_bf16`), else
+    ``fp32``; ``fp32`` and ``bf16`` as given."""
+    if precision == "auto":
+        return "bf16" if native_bf16(device) else "fp32"
+    return precision
