@@ -292,7 +292,8 @@ def fit_students(out: str | os.PathLike[str], *, teacher: str | os.PathLike[str]
                  reporter: Reporter = NULL_REPORTER, **keywords: Any) -> dict[str, Any]:
     """``stad fit-students``: fit the student ensembles and write the model artifact to
     ``out``. ``teacher``: a teacher or model artifact, ``"random"``, or None for the
-    shipped teacher."""
+    shipped teacher (here the name is that of ``--teacher``, not of the ``teacher`` settings
+    section, which only ``pretrain_teacher`` uses)."""
     from stad.commands.train import fit_students as run
 
     return run(_settings(settings, keywords), teacher=teacher, out=Path(out), resume=resume,

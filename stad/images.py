@@ -104,7 +104,7 @@ def as_rgb(image: Any, what: str = "image") -> np.ndarray:
     arr = image
     if arr.ndim == 3 and arr.shape[2] in (1, 3, 4):
         arr = arr[:, :, :3] if arr.shape[2] != 1 else arr[:, :, 0]
-    if arr.ndim not in (2, 3) or arr.shape[0] < 1 or arr.shape[1] < 1:
+    if not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] == 3)) or min(arr.shape[:2]) < 1:
         raise DataError(f"{what} is an array of shape {image.shape}; images are (H, W), "
                         "(H, W, 1), (H, W, 3) or (H, W, 4) arrays")
     if arr.dtype == np.uint8:

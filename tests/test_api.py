@@ -1,0 +1,173 @@
+"""The public Python API (docs/api.md): load_model, Model.score/calibrate/save, Result, and the
+steps with keyword settings; and every ```python example in README.md and docs/ runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+import stad
+import stad.api
+from stad.cli import app
+from stad.datasets.synthetic import generate
+from stad.errors import DataError, UsageError
+
+REPO = Path(__file__).resolve().parents[1]
+DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+
+# Settings that only shrink the work (as tests/test_docs.py appends flags to commands).
+SHRINK = {"teacher": {"image_size": 32, "iterations": 2, "batch_size": 8, "patch_sizes": [17]},
+          "students": {"patch_sizes": [17], "epochs": 1, "image_size": 32, "n_students": 2}}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder with tiny synthetic data under data/, a model fitted and calibrated through
+    the keyword API, a part.png to score and anomaly-free images in good/."""
+    tmp = tmp_path_factory.mktemp("api")
+    generate(tmp / "data", categories=["grain"], image_size=32, n_train=6, n_val=2,
+             n_test_good=2, n_test_per_defect=1, seed=1)
+    model = tmp / "model.safetensors"
+    fitted = stad.fit_students(model, teacher="random", dataset="synthetic", category="grain",
+                               root=tmp / "data", students=SHRINK["students"])
+    assert fitted["kind"] == "model" and fitted["n_fit"] == 6 and fitted["patch_sizes"] == [17]
+    calibration = stad.calibrate(model)
+    assert calibration["method"] == "fpr" and calibration["n_images"] == 2
+    shutil.copy(next((tmp / "data" / "grain" / "test").glob("*/000.png")), tmp / "part.png")
+    (tmp / "good").mkdir()
+    for i, png in enumerate(sorted((tmp / "data" / "grain" / "val").rglob("*.png"))):
+        shutil.copy(png, tmp / "good" / f"{i}.png")
+    return tmp
+
+
+def test_score_a_file_as_the_cli_does(world: Path) -> None:
+    model = stad.load_model(world / "model.safetensors", device="cpu")
+    assert model.patch_sizes == [17] and model.image_size == 32 and model.threshold is not None
+    result = model.score(world / "part.png")
+    assert isinstance(result, stad.Result)
+    assert result.map.shape == (32, 32) and result.map.dtype == np.float32
+    assert result.score == pytest.approx(float(result.map.max()))
+    assert result.anomalous == (result.score > model.threshold)
+    assert set(result.scales) == {"p17"} and result.maps["p17"].shape == (32, 32)
+    out = CliRunner().invoke(app, ["score", "--model", str(world / "model.safetensors"),
+                                   str(world / "part.png"), "--json", "--device", "cpu"])
+    record = json.loads(out.stdout.splitlines()[0])
+    record.pop("schema_version")
+    assert record == result.to_dict()
+
+
+def test_images_in_memory_score_as_their_files(world: Path) -> None:
+    model = stad.load_model(world / "model.safetensors", device="cpu")
+    rgb = np.asarray(Image.open(world / "part.png").convert("RGB"))
+    inputs = [world / "part.png", Image.fromarray(rgb), rgb, rgb.astype(np.float32) / 255,
+              np.dstack([rgb, np.full(rgb.shape[:2], 255, np.uint8)])]
+    results = model.score(inputs)
+    assert [r.path for r in results] == [str(world / "part.png"), None, None, None, None]
+    assert len({r.score for r in results}) == 1
+    batch = model.score(np.stack([rgb, rgb[::-1]]))  # (N, H, W, C): a batch
+    assert len(batch) == 2 and batch[0].score == results[0].score
+    gray = model.score(rgb[:, :, 0])
+    assert gray.map.shape == (32, 32)
+    big = np.asarray(Image.fromarray(rgb).resize((48, 40)))
+    assert model.score(big).map.shape == (40, 48)  # the map at the input's own size
+
+
+@pytest.mark.parametrize("bad, message", [
+    (np.full((8, 8, 3), 2.0, np.float32), "outside \\[0, 1\\]"),
+    (np.zeros((8, 8, 2), np.uint8), "shape \\(8, 8, 2\\)"),
+    (np.zeros((8, 8), np.int64), "dtype int64"),
+    (42, "int, not an image"),
+])
+def test_bad_images_in_memory_are_data_errors(world: Path, bad, message: str) -> None:
+    model = stad.load_model(world / "model.safetensors", device="cpu")
+    with pytest.raises(DataError, match=message):
+        model.score(bad)
+
+
+def test_threshold_override_and_streaming(world: Path) -> None:
+    model = stad.load_model(world / "model.safetensors", device="cpu")
+    result = model.score(world / "part.png")
+    for t, verdict in ((result.score - 1e-3, True), (result.score, False)):
+        other = model.score(world / "part.png", threshold=t)
+        assert other.threshold == t and other.anomalous is verdict
+    paths = sorted((world / "good").glob("*.png"))
+    streamed = list(model.iter_score(iter(paths)))
+    assert [r.path for r in streamed] == [str(p) for p in paths]
+
+
+def test_calibrate_in_python_save_and_reload(world: Path, tmp_path: Path) -> None:
+    model = stad.load_model(world / "model.safetensors", device="cpu")
+    normal = sorted((world / "good").glob("*.png"))
+    calibration = model.calibrate(normal, method="fpr", target_fpr=0.4, normalize="global")
+    scores = [r.score for r in model.score(normal)]
+    assert calibration["normalize"] == "global" and calibration["n_images"] == len(normal)
+    assert sum(s > model.threshold for s in scores) <= 0.4 * len(normal)
+    manual = model.calibrate(normal, method="manual", threshold=1.5, normalize="global")
+    assert manual["threshold"] == 1.5 == model.threshold
+    old_umask = os.umask(0o022)
+    try:
+        saved = model.save(tmp_path / "again.safetensors")
+    finally:
+        os.umask(old_umask)
+    assert saved.stat().st_mode & 0o777 == 0o644
+    again = stad.load_model(saved, device="cpu")
+    assert again.threshold == 1.5 and again.calibration["normalize"] == "global"
+    assert again.score(world / "part.png").score == pytest.approx(
+        model.score(world / "part.png").score, rel=1e-5)
+    with pytest.raises(UsageError, match="--method manual"):
+        model.calibrate(normal, method="fpr", threshold=1.0)
+    with pytest.raises(UsageError, match="needs test_images"):
+        model.calibrate(normal, method="f1")
+
+
+def test_uncalibrated_models_and_bad_settings_are_usage_errors(world: Path) -> None:
+    model = stad.api.Model.load(world / "model.safetensors", device="cpu", calibration=False)
+    assert model.calibration is None and model.threshold is None
+    with pytest.raises(UsageError, match="not calibrated"):
+        model.score(world / "part.png")
+    with pytest.raises(UsageError, match="batch_siz"):
+        stad.load_model(world / "model.safetensors", batch_siz=2)
+    with pytest.raises(UsageError, match="students"):
+        stad.fit_students(world / "x.safetensors", students={"n_students": 1})
+
+
+def test_evaluate_with_keywords(world: Path, tmp_path: Path) -> None:
+    metrics = stad.evaluate(world / "model.safetensors", report=tmp_path / "report")
+    assert 0.0 <= metrics["maps"]["fused"]["image_auroc"] <= 1.0
+    assert (tmp_path / "report" / "metrics.json").is_file()
+
+
+def python_blocks(path: Path) -> list[str]:
+    return re.findall(r"```python\n(.*?)```", path.read_text(encoding="utf-8"), flags=re.S)
+
+
+def test_the_api_page_has_examples() -> None:
+    blocks = python_blocks(REPO / "docs" / "api.md")
+    assert len(blocks) >= 4 and any("stad.load_model(" in b for b in blocks)
+
+
+@pytest.mark.parametrize("doc", [d for d in DOCS if python_blocks(d)], ids=lambda d: d.name)
+def test_documented_python_runs(doc: Path, world: Path, tmp_path: Path, monkeypatch) -> None:
+    """Each file's ```python blocks, in order, in one namespace, in a copy of the world;
+    ``root`` is predefined as an empty folder (the docs' name for "your data folder")."""
+    real = stad.api._settings
+
+    def shrunk(settings, keywords):
+        merged = {**keywords, **{k: {**keywords.get(k, {}), **v} for k, v in SHRINK.items()}}
+        return real(settings, merged)
+
+    monkeypatch.setattr(stad.api, "_settings", shrunk)
+    here = tmp_path / "world"
+    shutil.copytree(world, here)
+    monkeypatch.chdir(here)
+    namespace: dict = {"root": here / "root"}
+    for block in python_blocks(doc):
+        exec(compile(block, f"{doc.name} example", "exec"), namespace)
