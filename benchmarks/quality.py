@@ -165,10 +165,10 @@ class DescriptorBank:
     @torch.inference_mode()
     def fit(cls, net: Any, train: torch.Tensor, size: int, generator: torch.Generator
             ) -> DescriptorBank:
-        """Normalize as for the students (:func:`stad.students.teacher_targets`) and keep
+        """Normalize as for the students (:func:`stad.training.students.teacher_targets`) and keep
         ``size`` of the training pixels' descriptors, sampled with ``generator``."""
         from stad.model import Scale
-        from stad.students import teacher_targets
+        from stad.training.students import teacher_targets
 
         targets, mean, std = teacher_targets(net, train)
         flat = targets.permute(0, 2, 3, 1).reshape(-1, targets.shape[1])
@@ -201,7 +201,7 @@ def descriptor_knn(dataset: str, root: Path, category: str, teacher: str,
     """
     from stad.images import to_tensor
     from stad.model import resolve_teachers
-    from stad.students import load_batch
+    from stad.training.students import load_batch
 
     adapter = get_adapter(dataset)
     device = torch.device(args.device)

@@ -6,7 +6,7 @@ An artifact is a safetensors file (never a pickle) whose string metadata carries
 ``stad.kind``               ``teacher`` (from ``pretrain-teacher``), ``model`` (teacher,
                             students and normalization, from ``fit-students``) or
                             ``checkpoint`` (the state of an unfinished run of either,
-                            :mod:`stad.checkpoint`)
+                            :mod:`stad.training.checkpoint`)
 ``stad.format_version``     integer; this stad reads versions up to :data:`FORMAT_VERSION`
 ``stad.version``            the stad version that wrote it
 ``stad.config``             the full resolved settings as JSON

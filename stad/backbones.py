@@ -17,8 +17,8 @@ the tensor shapes, and only the stride of each stage (a change of channels start
 fixed by the architecture. Inputs are RGB in [0, 1] mapped to (x − 0.5) / 0.5, not standardized
 with the ImageNet mean and std (``INPUT_MEAN``, ``INPUT_STD``).
 
-Nothing here reads files: :mod:`stad.artifacts` reads the state dict and :func:`stad.teacher`
-resolves where it comes from.
+Nothing here reads files: :mod:`stad.artifacts` reads the state dict and
+:mod:`stad.distillation` resolves where it comes from.
 """
 
 from __future__ import annotations

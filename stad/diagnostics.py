@@ -17,8 +17,8 @@ on N random p×p patches of a set of standardized images (B = the descriptors, (
   largest channel std (or below 1e-8): channels that carry nothing.
 - ``retrieval_top1``: for each of the N patches, an augmented copy (the patch moved by up to
   ``shift`` pixels plus Gaussian noise of std ``noise``, the triplet positive of
-  :mod:`stad.teacher`) must have the patch itself as nearest neighbour (Euclidean) among the N
-  originals; ``retrieval_chance`` = 1/N. Ties count as misses.
+  :mod:`stad.training.teacher`) must have the patch itself as nearest neighbour (Euclidean)
+  among the N originals; ``retrieval_chance`` = 1/N. Ties count as misses.
 
 :func:`collapse_warnings` turns them into warning lines (thresholds in :data:`THRESHOLDS`).
 """

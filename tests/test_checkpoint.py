@@ -1,4 +1,5 @@
-"""Checkpoints, interruption and resuming (stad.checkpoint and its use by the two trainings).
+"""Checkpoints, interruption and resuming (stad.training.checkpoint and its use by the two
+trainings).
 
 A stop is simulated without timing: ``StopFlag.poll`` is called exactly once per training step,
 and a patched ``poll`` asks for the stop at a chosen step (once by sending the process a real
@@ -27,16 +28,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-import stad.students as students_mod
-import stad.teacher as teacher_mod
+import stad.training.students as students_mod
+import stad.training.teacher as teacher_mod
 from stad.artifacts import load_artifact
-from stad.checkpoint import (
-    Checkpoint,
-    StopFlag,
-    checkpoint_path,
-    identity_differences,
-    stop_on_signals,
-)
 from stad.cli import app
 from stad.commands.train import fit_students as fit
 from stad.commands.train import pretrain_teacher
@@ -44,6 +38,13 @@ from stad.config import Settings, resolve_settings
 from stad.console import Reporter
 from stad.datasets.synthetic import generate
 from stad.errors import EXIT_INTERRUPTED, ArtifactError, Interrupted, TrainingError, UsageError
+from stad.training.checkpoint import (
+    Checkpoint,
+    StopFlag,
+    checkpoint_path,
+    identity_differences,
+    stop_on_signals,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -29,7 +29,7 @@ from stad.distillation import (
 )
 from stad.errors import ArtifactError, UsageError
 from stad.images import DEFAULT_MEAN, DEFAULT_STD
-from stad.teacher import pretrain_teachers
+from stad.training.teacher import pretrain_teachers
 
 # (in, out, expanded, kernel, stride) of a tiny Lite-shaped network: a stage of one block
 # without expansion, a strided stage of two, a strided stage of one with a 5×5 kernel.

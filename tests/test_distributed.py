@@ -16,13 +16,13 @@ import pytest
 from safetensors.torch import load_file
 
 from stad.artifacts import load_artifact
-from stad.checkpoint import StopFlag, checkpoint_path, tensors_sha256
 from stad.commands.train import fit_students as fit
 from stad.commands.train import pretrain_teacher
 from stad.config import resolve_settings
 from stad.datasets.synthetic import generate
 from stad.distributed import World, init_world
 from stad.errors import Interrupted, UsageError
+from stad.training.checkpoint import StopFlag, checkpoint_path, tensors_sha256
 
 
 @pytest.mark.parametrize("size", [1, 2, 3, 5])
@@ -226,7 +226,7 @@ def test_pretrain_teacher_on_two_processes_writes_one_agreed_teacher(tmp_path: P
 def test_more_processes_than_training_images_is_a_data_error(tmp_path: Path) -> None:
     from stad.datasets.base import Sample
     from stad.errors import DataError
-    from stad.students import fit_students
+    from stad.training.students import fit_students
 
     settings = resolve_settings({"students": {"patch_sizes": [17], "image_size": 24}},
                                 environ={})

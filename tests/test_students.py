@@ -10,7 +10,7 @@ import torch
 from stad.config import resolve_settings
 from stad.datasets.base import Sample
 from stad.networks import build_network
-from stad.students import split_train_val, teacher_targets, train_scale
+from stad.training.students import split_train_val, teacher_targets, train_scale
 
 
 def _settings(**students):
@@ -131,7 +131,7 @@ def test_auto_precision_is_bf16_only_where_the_device_computes_it(monkeypatch):
     # Emulated bf16 autocast measured 20× slower than fp32 on an AVX2 CPU: the fast preset's
     # "auto" must not pick it there, and must where oneDNN has a bf16 path.
     import stad.devices as devices
-    import stad.students as students
+    import stad.training.students as students
 
     cpu = torch.device("cpu")
     assert devices.resolve_precision("fp32", cpu) == "fp32"

@@ -1,4 +1,4 @@
-"""Tests of stad.teacher: teacher pretraining (METHOD.md §3) on tiny data, CPU only.
+"""Tests of stad.training.teacher: teacher pretraining (METHOD.md §3) on tiny data, CPU only.
 
 Images are smooth random fields (8×8 noise upsampled bicubically to 48×48) written by each test,
 so that a patch shifted by two pixels still looks like itself. The ResNet-18 "backbone" is a
@@ -23,13 +23,14 @@ from support import smooth_noise_samples
 from torch import nn
 
 import stad.imagebuffer as imagebuffer
-import stad.teacher as teacher_mod
+import stad.training.targets
+import stad.training.teacher as teacher_mod
 from stad.config import resolve_settings
 from stad.console import Reporter
 from stad.errors import ArtifactError, DataError, StadError, TrainingError, UsageError
 from stad.handcrafted import HandcraftedBank
 from stad.model import load_teachers, teacher_tensors
-from stad.teacher import (
+from stad.training.teacher import (
     NO_BACKBONE_NOTE,
     compactness_loss,
     pretrain_teachers,
@@ -393,7 +394,7 @@ def test_whitened_handcrafted_target(tmp_path: Path, monkeypatch: pytest.MonkeyP
             built.append(components)
             super().__init__(patch_size, components)
 
-    monkeypatch.setattr(teacher_mod, "HandcraftedBank", Recording)
+    monkeypatch.setattr(stad.training.targets, "HandcraftedBank", Recording)
     _, info = pretrain_teachers(_settings(iterations=2, target="handcrafted", target_whiten=16),
                                 _samples(tmp_path))
     assert built == [16]  # the bank that was distilled is the whitened one
@@ -466,14 +467,14 @@ def test_collapsed_teacher_is_warned_about_at_the_end_of_pretraining(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:
     # Pretraining that ends in a constant teacher (its last conv zeroed) must be flagged.
-    real = teacher_mod._pretrain_scale
+    real = teacher_mod._ScaleRun.run
 
     def collapsing(*args: Any, **kwargs: Any) -> Any:
         net, info = real(*args, **kwargs)
         net.convs[-1].weight.zero_()
         return net, info
 
-    monkeypatch.setattr(teacher_mod, "_pretrain_scale", collapsing)
+    monkeypatch.setattr(teacher_mod._ScaleRun, "run", collapsing)
     _, info = pretrain_teachers(_settings(iterations=1, diagnostic_patches=16),
                                 _samples(tmp_path))
     assert len(info["diagnostics"]["p17"]["warnings"]) == 4

@@ -1,5 +1,6 @@
 """``pretrain-teacher``, ``inspect-teacher`` and ``fit-students``: checkpointed training runs
-(:mod:`stad.checkpoint`) around :mod:`stad.teacher` and :mod:`stad.students`."""
+(:mod:`stad.training.checkpoint`) around :mod:`stad.training.teacher` and
+:mod:`stad.training.students`."""
 
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 from stad.artifacts import Artifact, file_sha256, save_artifact
-from stad.checkpoint import images_identity, open_checkpoint, stop_on_signals, tensors_sha256
 from stad.commands.common import data_info, resume_command, save_model
 from stad.config import Settings
 from stad.console import NULL_REPORTER, Reporter
@@ -22,8 +22,14 @@ from stad.fsutil import check_output_file, output_lock
 from stad.imagebuffer import ImageSource
 from stad.images import DEFAULT_MEAN, DEFAULT_STD
 from stad.model import BUILTIN_TEACHER, RANDOM_TEACHER, resolve_teachers, teacher_tensors
-from stad.students import fit_students as train_students
-from stad.students import split_train_val
+from stad.training.checkpoint import (
+    images_identity,
+    open_checkpoint,
+    stop_on_signals,
+    tensors_sha256,
+)
+from stad.training.students import fit_students as train_students
+from stad.training.students import split_train_val
 
 
 def _backbone_identity(settings: Settings) -> str | None:
@@ -31,7 +37,7 @@ def _backbone_identity(settings: Settings) -> str | None:
     # missing or unreadable file itself.
     from stad.distillation import BACKBONES, backbone_path
     from stad.errors import UsageError
-    from stad.teacher import resolve_target
+    from stad.training.teacher import resolve_target
 
     path = settings.teacher.backbone_weights
     target = resolve_target(settings.teacher)
@@ -50,11 +56,11 @@ def pretrain_teacher(settings: Settings, *, out: Path, resume: bool = False,
                      reporter: Reporter = NULL_REPORTER) -> dict[str, Any]:
     """``stad pretrain-teacher``: train teachers on the training images of any adapter.
 
-    The run is checkpointed beside ``out`` (:mod:`stad.checkpoint`); SIGINT/SIGTERM save and
-    raise :class:`~stad.errors.Interrupted`; ``resume`` continues a checkpoint made with the
-    same settings and data. The checkpoint is deleted once ``out`` is written.
+    The run is checkpointed beside ``out`` (:mod:`stad.training.checkpoint`); SIGINT/SIGTERM
+    save and raise :class:`~stad.errors.Interrupted`; ``resume`` continues a checkpoint made
+    with the same settings and data. The checkpoint is deleted once ``out`` is written.
     """
-    from stad.teacher import pretrain_teachers
+    from stad.training.teacher import pretrain_teachers
 
     check_output_file(out)
     selection = select_data(settings)

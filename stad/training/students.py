@@ -10,8 +10,8 @@ With ``crop_size`` (the fast preset) a step trains on random crops of the target
 student then sees the crop with its full context (the padded image around it, ``dense_valid``),
 so each output pixel regresses exactly the target the teacher produced for the full image.
 
-With a :class:`~stad.checkpoint.Checkpoint` the state is saved every ``checkpoint_every`` epochs,
-after every scale but the last, and when a stop is requested (then
+With a :class:`~stad.training.checkpoint.Checkpoint` the state is saved every
+``checkpoint_every`` epochs, after every scale but the last, and when a stop is requested (then
 :class:`~stad.errors.Interrupted` is raised). A resumed run continues to the same weights, bit
 for bit on the same machine: the students and Adam's state are restored, and the sampling, whose
 generator is seeded per (seed, scale, epoch), is replayed up to the step the checkpoint was at.
@@ -31,13 +31,6 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from stad.artifacts import prefixed, with_prefix
-from stad.checkpoint import (
-    Checkpoint,
-    last_good,
-    load_optimizer,
-    optimizer_tensors,
-    tensors_sha256,
-)
 from stad.config import Settings
 from stad.console import NULL_REPORTER, Reporter
 from stad.datasets.base import Sample
@@ -47,6 +40,13 @@ from stad.errors import DataError, TrainingError
 from stad.images import DEFAULT_MEAN, DEFAULT_STD, load_image, to_tensor
 from stad.model import PADDING, Networks, Scale
 from stad.networks import PatchNetwork, build_network
+from stad.training.checkpoint import (
+    Checkpoint,
+    last_good,
+    load_optimizer,
+    optimizer_tensors,
+    tensors_sha256,
+)
 
 
 @dataclass

@@ -33,7 +33,7 @@ import hashlib
 import os
 import signal
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -45,7 +45,8 @@ from stad import console
 from stad.artifacts import Artifact, load_artifact, prefixed, save_artifact
 from stad.config import Settings
 from stad.console import NULL_REPORTER, Reporter
-from stad.errors import ArtifactError, DataError, Interrupted, UsageError
+from stad.distributed import World
+from stad.errors import ArtifactError, DataError, Interrupted, TrainingError, UsageError
 
 SUFFIX = ".ckpt.safetensors"
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -57,7 +58,7 @@ MAY_DIFFER = frozenset({"root", "device", "teacher.checkpoint_every", "students.
                         "students.preset", "teacher.backbone_weights",
                         # a pretraining run may be extended (or ended early) on resume: with a
                         # constant learning rate, N then M more iterations are N + M in one
-                        # go; stad.teacher refuses what cannot be honoured
+                        # go; stad.training.teacher refuses what cannot be honoured
                         "teacher.iterations"})
 
 
@@ -162,9 +163,10 @@ def stop_on_signals(flag: StopFlag | None = None) -> Iterator[StopFlag]:
 class Checkpoint:
     """Where and how often a training loop saves, what it resumes from, and its stop flag.
 
-    The loops in :mod:`stad.teacher` and :mod:`stad.students` call :meth:`save` with the state
-    of the scale in progress; :meth:`finish` adds a finished scale, which every later save
-    carries along. ``resumed`` is the validated checkpoint to continue, if any.
+    The loops in :mod:`stad.training.teacher` and :mod:`stad.training.students` call
+    :meth:`save` with the state of the scale in progress; :meth:`finish` adds a finished
+    scale, which every later save carries along. ``resumed`` is the validated checkpoint to
+    continue, if any.
     """
 
     path: Path
@@ -222,6 +224,32 @@ def last_good(checkpoint: Checkpoint | None) -> str:
     if checkpoint is None or checkpoint.last is None:
         return "no checkpoint has been saved yet"
     return f"the last good checkpoint is {checkpoint.path} ({checkpoint.last})"
+
+
+def stop_requested(checkpoint: Checkpoint | None, world: World, device: torch.device) -> bool:
+    """Whether a stop was asked for in any process (a collective: every rank calls it at the
+    same step); False without a checkpoint."""
+    return checkpoint is not None and world.any(checkpoint.stop.poll(), device)
+
+
+def save_or_stop(checkpoint: Checkpoint | None, *, stop: bool, last: bool, due: bool,
+                 save: Callable[[], str]) -> None:
+    """The end of a training step of either loop: unless it was the last, ``save()`` (which
+    checkpoints and returns where, in words) when a save is ``due`` or a ``stop`` was asked
+    for, and after a stop raise :class:`~stad.errors.Interrupted`."""
+    if checkpoint is None or last or not (stop or due):
+        return
+    where = save()
+    if stop:
+        raise checkpoint.interrupted(where)
+
+
+def check_finite(ok: bool, world: World, device: torch.device, checkpoint: Checkpoint | None,
+                 message: str) -> None:
+    """Raise :class:`~stad.errors.TrainingError` (``message`` and the last good checkpoint)
+    when the loss is not finite in any process."""
+    if world.any(not ok, device):
+        raise TrainingError(f"{message}; {last_good(checkpoint)}")
 
 
 def open_checkpoint(
