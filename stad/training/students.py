@@ -42,9 +42,11 @@ from stad.model import PADDING, Networks, Scale
 from stad.networks import PatchNetwork, build_network
 from stad.training.checkpoint import (
     Checkpoint,
-    last_good,
+    check_finite,
     load_optimizer,
     optimizer_tensors,
+    save_or_stop,
+    stop_requested,
     tensors_sha256,
 )
 
@@ -154,127 +156,164 @@ def train_scale(
     Raises:
         TrainingError: a non-finite loss, naming the step and the last good checkpoint.
     """
-    cfg = settings.students
-    p = teacher.patch_size
-    teacher = teacher.to(device).eval().requires_grad_(False)
-    targets, mean, std = teacher_targets(teacher, images.to(device), world=world)
-    padded = teacher.pad(images, padding_mode=PADDING).to(device)  # crops cut with context
-    size = images.shape[-1]
-    crop = cfg.crop_size if cfg.crop_size is not None and cfg.crop_size < size else None
-    span = crop if crop is not None else size
-    students = []
-    for m in range(cfg.n_students):
-        gen = torch.Generator().manual_seed(_seed(settings.seed, p, m))
-        students.append(build_network(p, teacher.out_dim, generator=gen).to(device).train())
-    ensemble: nn.Module = _Ensemble(students)
-    if world.size > 1:
-        ensemble = DistributedDataParallel(
-            ensemble, device_ids=[device.index] if device.type == "cuda" else None)
-    params = [q for s in students for q in s.parameters()]
-    opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    n = len(images)
-    total = int(world.sum(torch.tensor([n], device=device)).item())
-    per_rank = math.ceil(total / world.size)  # = n in a plain run
-    steps_per_epoch = math.ceil(per_rank / cfg.batch_size)
-    # min_steps (the fast preset): a small set gets more epochs, so that every scale trains
-    # for at least that many optimizer steps whatever the number of images.
-    epochs = max(cfg.epochs, math.ceil(cfg.min_steps / steps_per_epoch))
+    run = _ScaleFit(teacher, images, settings, device=device, checkpoint=checkpoint,
+                    world=world)
+    run.resume(reporter)
+    return run.run(reporter)
 
-    # Where to start: the beginning, or the checkpoint's epoch and step within it.
-    first_epoch, first_step, epoch_loss, seconds = 0, 0, 0.0, 0.0
-    history: list[float] = []
-    resume = checkpoint.progress if checkpoint is not None else None
-    if resume is not None and resume.get("scale") == p:
-        assert checkpoint is not None and checkpoint.resumed is not None
-        tensors = checkpoint.resumed.tensors
-        for m, s in enumerate(students):
-            s.load_state_dict(prefixed(tensors, f"student.p{p}.{m}"))
-        load_optimizer(opt, tensors, f"adam.p{p}")
-        first_epoch, first_step = resume["epoch"], resume["step"]
-        epoch_loss, seconds = resume["epoch_loss"], resume["seconds"]
-        history = list(resume["history"])
+
+class _ScaleFit:
+    """The M students of one scale and their optimizer, trained epoch by epoch
+    (:func:`train_scale`)."""
+
+    def __init__(self, teacher: PatchNetwork, images: torch.Tensor, settings: Settings, *,
+                 device: torch.device, checkpoint: Checkpoint | None, world: World) -> None:
+        cfg = self.cfg = settings.students
+        self.seed, self.device, self.checkpoint, self.world = settings.seed, device, \
+            checkpoint, world
+        self.p = p = teacher.patch_size
+        self.teacher = teacher.to(device).eval().requires_grad_(False)
+        self.targets, self.mean, self.std = teacher_targets(self.teacher, images.to(device),
+                                                            world=world)
+        # crops are cut with their context
+        self.padded = self.teacher.pad(images, padding_mode=PADDING).to(device)
+        self.size = size = images.shape[-1]
+        self.crop = cfg.crop_size if cfg.crop_size is not None and cfg.crop_size < size else None
+        self.students = []
+        for m in range(cfg.n_students):
+            gen = torch.Generator().manual_seed(_seed(settings.seed, p, m))
+            self.students.append(build_network(p, teacher.out_dim, generator=gen).to(device)
+                                 .train())
+        self.ensemble: nn.Module = _Ensemble(self.students)
+        if world.size > 1:
+            self.ensemble = DistributedDataParallel(
+                self.ensemble, device_ids=[device.index] if device.type == "cuda" else None)
+        self.opt = torch.optim.Adam([q for s in self.students for q in s.parameters()],
+                                    lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.n = len(images)
+        total = int(world.sum(torch.tensor([self.n], device=device)).item())
+        self.per_rank = math.ceil(total / world.size)  # = n in a plain run
+        self.steps_per_epoch = math.ceil(self.per_rank / cfg.batch_size)
+        # min_steps (the fast preset): a small set gets more epochs, so that every scale trains
+        # for at least that many optimizer steps whatever the number of images.
+        self.epochs = max(cfg.epochs, math.ceil(cfg.min_steps / self.steps_per_epoch))
+        # Where to start: the beginning, or the checkpoint's epoch and step within it.
+        self.first_epoch, self.first_step, self.epoch_loss, self.seconds = 0, 0, 0.0, 0.0
+        self.history: list[float] = []
+        self.start = time.perf_counter()
+
+    def resume(self, reporter: Reporter) -> None:
+        resume = self.checkpoint.progress if self.checkpoint is not None else None
+        if resume is None or resume.get("scale") != self.p:
+            return
+        assert self.checkpoint is not None and self.checkpoint.resumed is not None
+        tensors = self.checkpoint.resumed.tensors
+        for m, s in enumerate(self.students):
+            s.load_state_dict(prefixed(tensors, f"student.p{self.p}.{m}"))
+        load_optimizer(self.opt, tensors, f"adam.p{self.p}")
+        self.first_epoch, self.first_step = resume["epoch"], resume["step"]
+        self.epoch_loss, self.seconds = resume["epoch_loss"], resume["seconds"]
+        self.history = list(resume["history"])
         saved_ranks = resume.get("ranks", 1)
-        if saved_ranks != world.size and first_step:
+        if saved_ranks != self.world.size and self.first_step:
             # Another number of processes splits an epoch into other steps: continue at the
             # same share of the epoch (the rest of it is sampled anew, so not bit-identical).
-            first_step = min(steps_per_epoch,
-                             round(first_step * steps_per_epoch / resume["steps_per_epoch"]))
-            reporter.note(f"p={p}: the checkpoint was made on {saved_ranks} process(es), this "
-                          f"run has {world.size}; continuing at step {first_step} of "
-                          f"{steps_per_epoch} of epoch {first_epoch + 1}")
+            self.first_step = min(self.steps_per_epoch, round(
+                self.first_step * self.steps_per_epoch / resume["steps_per_epoch"]))
+            reporter.note(f"p={self.p}: the checkpoint was made on {saved_ranks} process(es), "
+                          f"this run has {self.world.size}; continuing at step "
+                          f"{self.first_step} of {self.steps_per_epoch} of epoch "
+                          f"{self.first_epoch + 1}")
 
-    def where(epoch: int, step: int) -> str:
+    def where(self, epoch: int, step: int) -> str:
         if step == 0:
-            return f"p={p} after epoch {epoch} of {epochs}"
-        return f"p={p}, epoch {epoch + 1} of {epochs} after step {step} of {steps_per_epoch}"
+            return f"p={self.p} after epoch {epoch} of {self.epochs}"
+        return (f"p={self.p}, epoch {epoch + 1} of {self.epochs} after step {step} of "
+                f"{self.steps_per_epoch}")
 
-    def save(epoch: int, step: int) -> None:
-        # epoch, step: the epoch in progress (0-based) and the steps of it already done.
-        assert checkpoint is not None
-        tensors = optimizer_tensors(opt, f"adam.p{p}")
-        for m, s in enumerate(students):
+    def save(self, epoch: int, step: int) -> str:
+        """Checkpoint at ``step`` steps into (0-based) ``epoch``; returns where, in words."""
+        assert self.checkpoint is not None
+        p = self.p
+        tensors = optimizer_tensors(self.opt, f"adam.p{p}")
+        for m, s in enumerate(self.students):
             tensors.update(with_prefix(s.state_dict(), f"student.p{p}.{m}"))
-        progress = {"scale": p, "epoch": epoch, "step": step, "epoch_loss": epoch_loss,
-                    "history": history, "seconds": seconds + time.perf_counter() - start,
-                    "ranks": world.size, "steps_per_epoch": steps_per_epoch}
-        checkpoint.save(tensors, progress, where=where(epoch, step))
+        progress = {"scale": p, "epoch": epoch, "step": step, "epoch_loss": self.epoch_loss,
+                    "history": self.history,
+                    "seconds": self.seconds + time.perf_counter() - self.start,
+                    "ranks": self.world.size, "steps_per_epoch": self.steps_per_epoch}
+        where = self.where(epoch, step)
+        self.checkpoint.save(tensors, progress, where=where)
+        return where
 
-    task = reporter.task(f"students p={p}", epochs * steps_per_epoch)
-    task.advance(first_epoch * steps_per_epoch + first_step)
-    start = time.perf_counter()
-    for epoch in range(first_epoch, epochs):
+    def step(self, idx: list[int], corners: list[tuple[int, int]], epoch: int, step: int
+             ) -> float:
+        """One optimizer step on the crops at ``corners`` of images ``idx``; the mean loss of
+        a student."""
+        span = self.crop if self.crop is not None else self.size
+        rf = self.teacher.receptive_field
+        x = torch.stack([self.padded[i, :, r:r + span + rf - 1, c:c + span + rf - 1]
+                         for i, (r, c) in zip(idx, corners, strict=True)])
+        t = torch.stack([self.targets[i, :, r:r + span, c:c + span]
+                         for i, (r, c) in zip(idx, corners, strict=True)]).float()
+        with _autocast(self.device, self.cfg.precision):
+            outs = self.ensemble(x)
+        loss = torch.stack([(o.float() - t).pow(2).sum(1).mean() for o in outs]).sum()
+        check_finite(bool(torch.isfinite(loss)), self.world, self.device, self.checkpoint,
+                     f"non-finite student loss at p={self.p}, epoch {epoch + 1} of "
+                     f"{self.epochs}, step {step + 1} of {self.steps_per_epoch}; lower "
+                     "students.lr and start again (without --resume)")
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        return loss.item() / len(self.students)
+
+    def epoch(self, epoch: int, task: Any) -> bool:
+        """The steps of one epoch (those after the checkpoint's, on resume); whether a stop
+        was asked for at its last step."""
+        cfg, world = self.cfg, self.world
         # One stream per (seed, scale, epoch), and per rank beyond the first.
         gen = torch.Generator().manual_seed(
-            _seed(settings.seed, p, 1000 + epoch, *([world.rank] if world.rank else [])))
-        order = torch.randperm(n, generator=gen).tolist()
-        order = (order * math.ceil(per_rank / n))[:per_rank]
-        skip = first_step if epoch == first_epoch else 0
+            _seed(self.seed, self.p, 1000 + epoch, *([world.rank] if world.rank else [])))
+        order = torch.randperm(self.n, generator=gen).tolist()
+        order = (order * math.ceil(self.per_rank / self.n))[:self.per_rank]
+        skip = self.first_step if epoch == self.first_epoch else 0
         if skip == 0:
-            epoch_loss = 0.0
+            self.epoch_loss = 0.0
         stop = False
-        for step in range(steps_per_epoch):
-            b = step * cfg.batch_size
-            idx = order[b:b + cfg.batch_size]
-            corners = _crops(len(idx), size, crop, gen)
+        for step in range(self.steps_per_epoch):
+            idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
+            corners = _crops(len(idx), self.size, self.crop, gen)
             if step < skip:
                 continue  # done before the checkpoint: only its draws are replayed
-            rf = teacher.receptive_field
-            x = torch.stack([padded[i, :, r:r + span + rf - 1, c:c + span + rf - 1]
-                             for i, (r, c) in zip(idx, corners, strict=True)])
-            t = torch.stack([targets[i, :, r:r + span, c:c + span]
-                             for i, (r, c) in zip(idx, corners, strict=True)]).float()
-            with _autocast(device, cfg.precision):
-                outs = ensemble(x)
-            losses = [(o.float() - t).pow(2).sum(1).mean() for o in outs]
-            loss = torch.stack(losses).sum()
-            if world.any(not bool(torch.isfinite(loss)), device):
-                raise TrainingError(
-                    f"non-finite student loss at p={p}, epoch {epoch + 1} of {epochs}, "
-                    f"step {step + 1} of {steps_per_epoch}; lower students.lr and start again "
-                    f"(without --resume); {last_good(checkpoint)}")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            epoch_loss += loss.item() / len(students) * len(idx)
-            task.advance(1, epoch=epoch + 1, loss=loss.item() / len(students))
-            stop = checkpoint is not None and world.any(checkpoint.stop.poll(), device)
-            if stop and checkpoint is not None and step + 1 < steps_per_epoch:
-                save(epoch, step + 1)
-                raise checkpoint.interrupted(where(epoch, step + 1))
-        history.append(float(world.sum(torch.tensor([epoch_loss], dtype=torch.float64,
-                                                     device=device)).item())
-                       / (per_rank * world.size))
-        if checkpoint is not None and epoch + 1 < epochs and (
-                stop or (epoch + 1) % checkpoint.every == 0):
-            save(epoch + 1, 0)
-            if stop:
-                raise checkpoint.interrupted(where(epoch + 1, 0))
-    task.done()
-    for s in students:
-        s.eval().requires_grad_(False)
-    scale = Scale(p, teacher, students, mean.to(device), std.to(device))
-    return scale, {"loss_per_epoch": history, "epochs": epochs,
-                   "seconds": round(seconds + time.perf_counter() - start, 2)}
+            loss = self.step(idx, corners, epoch, step)
+            self.epoch_loss += loss * len(idx)
+            task.advance(1, epoch=epoch + 1, loss=loss)
+            stop = stop_requested(self.checkpoint, world, self.device)
+            save_or_stop(self.checkpoint, stop=stop, last=step + 1 == self.steps_per_epoch,
+                         due=False, save=lambda s=step + 1: self.save(epoch, s))
+        return stop
+
+    def run(self, reporter: Reporter) -> tuple[Scale, dict[str, Any]]:
+        task = reporter.task(f"students p={self.p}", self.epochs * self.steps_per_epoch)
+        task.advance(self.first_epoch * self.steps_per_epoch + self.first_step)
+        self.start = time.perf_counter()
+        for epoch in range(self.first_epoch, self.epochs):
+            stop = self.epoch(epoch, task)
+            self.history.append(float(self.world.sum(torch.tensor(
+                [self.epoch_loss], dtype=torch.float64, device=self.device)).item())
+                / (self.per_rank * self.world.size))
+            save_or_stop(self.checkpoint, stop=stop, last=epoch + 1 == self.epochs,
+                         due=self.checkpoint is not None
+                         and (epoch + 1) % self.checkpoint.every == 0,
+                         save=lambda e=epoch + 1: self.save(e, 0))
+        task.done()
+        for s in self.students:
+            s.eval().requires_grad_(False)
+        scale = Scale(self.p, self.teacher, self.students, self.mean.to(self.device),
+                      self.std.to(self.device))
+        return scale, {"loss_per_epoch": self.history, "epochs": self.epochs,
+                       "seconds": round(self.seconds + time.perf_counter() - self.start, 2)}
 
 
 class _Ensemble(nn.Module):
