@@ -406,6 +406,73 @@ def _pretrain_scales(
     return teachers, losses, diagnostics
 
 
+def _backbone(cfg: TeacherSettings, target: str, device: torch.device, reporter: Reporter
+              ) -> tuple[nn.Module | None, dict[str, str] | None]:
+    """The frozen network distillation reads (ResNet-18 or EfficientNet-Lite) and its
+    provenance, refusing settings that cannot be honoured before any training."""
+    if cfg.target_whiten and target != "handcrafted":
+        raise UsageError(f"teacher.target_whiten (--target-whiten) applies to the handcrafted "
+                         f"target, not {target}: drop it or choose --target handcrafted")
+    if target == "resnet18" and cfg.backbone_weights is None:
+        raise UsageError("teacher target resnet18 distils a ResNet-18 read from a local file: "
+                         "pass --backbone-weights FILE, or choose --target handcrafted (no "
+                         "download) or none")
+    if target == "resnet18" and cfg.lambda_kd > 0:
+        assert cfg.backbone_weights is not None
+        net, sha256 = resnet18_features(cfg.backbone_weights)
+        return net.to(device), {"path": str(cfg.backbone_weights), "sha256": sha256}
+    if target in BACKBONES and cfg.lambda_kd > 0:
+        lite, info = load_backbone(target, cfg.backbone_weights)
+        lite = lite.to(device)
+        for p in cfg.patch_sizes:
+            blocks_for(p, lite, cfg.target_blocks)  # refused before any training
+        return lite, info
+    if target not in ("resnet18", *BACKBONES) and cfg.backbone_weights is not None:
+        reporter.note(f"teacher target is {target}: the backbone weights are not used")
+    return None, None
+
+
+def _note_distillation(target: str, distillation: bool, lambdas: dict[str, float],
+                       reporter: Reporter) -> None:
+    """Say when distillation is off, and refuse a loss that is all zero."""
+    if not distillation:
+        if target != "none":
+            reporter.note(f"distillation is off: teacher.lambda_kd = 0, so the {target} target "
+                          "is not used")
+        elif lambdas["metric"] > 0:
+            reporter.note(NO_BACKBONE_NOTE)
+        else:
+            reporter.note("distillation is off (--target none) and lambda_metric = 0: "
+                          "training on compactness only")
+    if not any(v > 0 for v in lambdas.values()):
+        raise UsageError(f"every teacher loss weight is zero ({lambdas}); set lambda_kd with "
+                         "backbone weights, lambda_metric or lambda_compact above zero")
+
+
+def _check_counts(lambdas: dict[str, float], count: int, world: World) -> None:
+    if lambdas["metric"] > 0 and count < 2 * world.size:
+        raise DataError("metric learning draws its negative patches from another image, but "
+                        f"there is only one image{' per process' if world.size > 1 else ''}; "
+                        "add images or set teacher.lambda_metric = 0")
+    if count < world.size:
+        raise DataError(f"{count} images cannot be shared by {world.size} processes: "
+                        "run on fewer")
+
+
+def _same_teachers(teachers: dict[int, PatchNetwork], world: World) -> dict[str, Any] | None:
+    """In a distributed run, check that every rank ended with the same weights."""
+    if world.size == 1:
+        return None
+    digest = tensors_sha256({f"p{p}.{k}": v for p, net in teachers.items()
+                             for k, v in net.state_dict().items()})
+    digests = world.gather(digest)
+    if len(set(digests)) != 1:
+        raise TrainingError(f"the {world.size} processes ended with different teachers "
+                            f"({', '.join(d[:12] for d in digests)}); this is a bug, "
+                            "please report it with the command line")
+    return {"ranks": world.size, "backend": world.backend, "weights_sha256": digest}
+
+
 def pretrain_teachers(
     settings: Settings,
     samples: Sequence[Sample] | ImageSource,
@@ -460,50 +527,12 @@ def pretrain_teachers(
     source = samples if isinstance(samples, ImageSource) else ImageSource.of(samples)
     if not source.count:
         raise DataError("no images to pretrain the teacher on")
-
     target = resolve_target(cfg)
-    if cfg.target_whiten and target != "handcrafted":
-        raise UsageError(f"teacher.target_whiten (--target-whiten) applies to the handcrafted "
-                         f"target, not {target}: drop it or choose --target handcrafted")
-    if target == "resnet18" and cfg.backbone_weights is None:
-        raise UsageError("teacher target resnet18 distils a ResNet-18 read from a local file: "
-                         "pass --backbone-weights FILE, or choose --target handcrafted (no "
-                         "download) or none")
-    backbone_info: dict[str, str] | None = None
-    backbone: nn.Module | None = None
-    if target == "resnet18" and cfg.lambda_kd > 0:
-        assert cfg.backbone_weights is not None
-        backbone, sha256 = resnet18_features(cfg.backbone_weights)
-        backbone = backbone.to(device)
-        backbone_info = {"path": str(cfg.backbone_weights), "sha256": sha256}
-    elif target in BACKBONES and cfg.lambda_kd > 0:
-        backbone, backbone_info = load_backbone(target, cfg.backbone_weights)
-        backbone = backbone.to(device)
-        for p in cfg.patch_sizes:
-            blocks_for(p, backbone, cfg.target_blocks)  # refused before any training
-    elif target not in ("resnet18", *BACKBONES) and cfg.backbone_weights is not None:
-        reporter.note(f"teacher target is {target}: the backbone weights are not used")
+    backbone, backbone_info = _backbone(cfg, target, device, reporter)
     distillation = target != "none" and cfg.lambda_kd > 0
     lambdas = _lambdas(cfg, distillation)
-    if not distillation:
-        if target != "none":
-            reporter.note(f"distillation is off: teacher.lambda_kd = 0, so the {target} target "
-                          "is not used")
-        elif lambdas["metric"] > 0:
-            reporter.note(NO_BACKBONE_NOTE)
-        else:
-            reporter.note("distillation is off (--target none) and lambda_metric = 0: "
-                          "training on compactness only")
-    if not any(v > 0 for v in lambdas.values()):
-        raise UsageError(f"every teacher loss weight is zero ({lambdas}); set lambda_kd with "
-                         "backbone weights, lambda_metric or lambda_compact above zero")
-    if lambdas["metric"] > 0 and source.count < 2 * world.size:
-        raise DataError("metric learning draws its negative patches from another image, but "
-                        f"there is only one image{' per process' if world.size > 1 else ''}; "
-                        "add images or set teacher.lambda_metric = 0")
-    if source.count < world.size:
-        raise DataError(f"{source.count} images cannot be shared by {world.size} processes: "
-                        "run on fewer")
+    _note_distillation(target, distillation, lambdas, reporter)
+    _check_counts(lambdas, source.count, world)
 
     start = time.perf_counter()
     buffer = ImageBuffer(source, size=cfg.image_size, capacity=cfg.buffer_images,
@@ -513,16 +542,7 @@ def pretrain_teachers(
         teachers, losses, diagnostics = _pretrain_scales(
             settings, buffer, lambdas, target, backbone, reporter=reporter, device=device,
             checkpoint=checkpoint, world=world)
-    distributed = None
-    if world.size > 1:
-        digest = tensors_sha256({f"p{p}.{k}": v for p, net in teachers.items()
-                                 for k, v in net.state_dict().items()})
-        digests = world.gather(digest)
-        if len(set(digests)) != 1:
-            raise TrainingError(f"the {world.size} processes ended with different teachers "
-                                f"({', '.join(d[:12] for d in digests)}); this is a bug, "
-                                "please report it with the command line")
-        distributed = {"ranks": world.size, "backend": world.backend, "weights_sha256": digest}
+    distributed = _same_teachers(teachers, world)
     return teachers, {
         "losses": losses,
         "distributed": distributed,
