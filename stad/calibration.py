@@ -55,8 +55,39 @@ def calibrate_model(model: Networks, paths: Sequence[Path], rule: ScoreSettings,
         raise UsageError(f"calibrate.normalize must be global or position, not {normalize!r}")
     if not paths:
         raise DataError("no anomaly-free images to calibrate on: the validation split is empty")
-    at: dict[int, torch.Tensor] = {}  # per position: Σe, Σe², Σv, Σv² over the images
-    kept: list[tuple[dict[int, tuple[torch.Tensor, torch.Tensor]], tuple[int, int]]] = []
+    at, kept = _accumulate(model, paths, device, batch_size, reporter)
+    stats = {}
+    for p in model.patch_sizes:
+        stats[p] = _global_statistics(at[p], len(kept), p)
+        model.scales[p].calib = stats[p].to(device)
+        model.scales[p].calib_map = (_position_statistics(at[p], len(kept), stats[p], p)
+                                     .to(device) if normalize == "position" else None)
+    leave_out = normalize == "position" and len(kept) > 1
+    scores = []
+    for ev_one, shape in kept:
+        per_scale = {}
+        for p, (e, v) in ev_one.items():
+            if leave_out:
+                own = _moments(e, v)[0].cpu()
+                others = _position_statistics(at[p] - own, len(kept) - 1, stats[p], p)
+                per_scale[p] = standardized(e, v, others.to(device))
+            else:
+                per_scale[p] = model.scales[p].standardize(e, v)
+        fused = model.fuse(per_scale, shape)["fused"]
+        scores.append(image_score(fused[0].float().cpu().numpy(), rule))
+    return stats, scores
+
+
+Kept = list[tuple[dict[int, tuple[torch.Tensor, torch.Tensor]], tuple[int, int]]]
+
+
+def _accumulate(model: Networks, paths: Sequence[Any], device: torch.device,
+                batch_size: int | None, reporter: Reporter
+                ) -> tuple[dict[int, torch.Tensor], Kept]:
+    """One pass over the images: per scale the per-position sums Σe, Σe², Σv, Σv² (4, S, S),
+    and each image's e and v with its own size (for its score)."""
+    at: dict[int, torch.Tensor] = {}
+    kept: Kept = []
     task = reporter.task("calibrating", len(paths))
     for batch in prepared_batches(model, paths, batch_size or model.inference.batch_size):
         prepared = []
@@ -74,36 +105,23 @@ def calibrate_model(model: Networks, paths: Sequence[Path], rule: ScoreSettings,
                          image.shape[:2]))
         task.advance(len(prepared))
     task.done()
-    stats = {}
-    for p in model.patch_sizes:
-        se, se2, sv, sv2 = at[p].sum((1, 2))
-        count = len(kept) * at[p][0].numel()  # pixels summed
-        e_mean, v_mean = se / count, sv / count
-        e_std = (se2 / count - e_mean**2).clamp_min(0).sqrt()
-        v_std = (sv2 / count - v_mean**2).clamp_min(0).sqrt()
-        if e_std < 1e-12 or v_std < 1e-12:
-            warn(f"p={p}: regression error or variance is constant on the calibration images; "
-                 "its standardization uses a spread of 1")
-        e_std = e_std if e_std >= 1e-12 else torch.tensor(1.0, dtype=torch.float64)
-        v_std = v_std if v_std >= 1e-12 else torch.tensor(1.0, dtype=torch.float64)
-        stats[p] = torch.stack([e_mean, e_std, v_mean, v_std]).float()
-        model.scales[p].calib = stats[p].to(device)
-        model.scales[p].calib_map = (_position_statistics(at[p], len(kept), stats[p], p)
-                                     .to(device) if normalize == "position" else None)
-    scores = []
-    leave_out = normalize == "position" and len(kept) > 1
-    for ev_one, shape in kept:
-        per_scale = {}
-        for p, (e, v) in ev_one.items():
-            if leave_out:
-                own = _moments(e, v)[0].cpu()
-                others = _position_statistics(at[p] - own, len(kept) - 1, stats[p], p)
-                per_scale[p] = standardized(e, v, others.to(device))
-            else:
-                per_scale[p] = model.scales[p].standardize(e, v)
-        fused = model.fuse(per_scale, shape)["fused"]
-        scores.append(image_score(fused[0].float().cpu().numpy(), rule))
-    return stats, scores
+    return at, kept
+
+
+def _global_statistics(sums: torch.Tensor, n_images: int, p: int) -> torch.Tensor:
+    """(e_mean, e_std, v_mean, v_std) over every pixel of the images, float32 (4,); a zero
+    spread is replaced by 1, with a warning."""
+    se, se2, sv, sv2 = sums.sum((1, 2))
+    count = n_images * sums[0].numel()  # pixels summed
+    e_mean, v_mean = se / count, sv / count
+    e_std = (se2 / count - e_mean**2).clamp_min(0).sqrt()
+    v_std = (sv2 / count - v_mean**2).clamp_min(0).sqrt()
+    if e_std < 1e-12 or v_std < 1e-12:
+        warn(f"p={p}: regression error or variance is constant on the calibration images; "
+             "its standardization uses a spread of 1")
+    e_std = e_std if e_std >= 1e-12 else torch.tensor(1.0, dtype=torch.float64)
+    v_std = v_std if v_std >= 1e-12 else torch.tensor(1.0, dtype=torch.float64)
+    return torch.stack([e_mean, e_std, v_mean, v_std]).float()
 
 
 def _moments(e: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

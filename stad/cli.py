@@ -1,5 +1,8 @@
 """The ``stad`` command: a thin Typer shell over the library.
 
+(Its length is the options of nine commands with their help texts; each command's body is a
+parse-and-delegate of a few lines, so it stays one file: the whole command line in one place.)
+
 Each command parses its options, resolves :class:`~stad.config.Settings`, calls one library
 function and prints the result. Errors are mapped to exit codes in one place, the root
 group's ``invoke`` (table in docs/exit-codes.md).

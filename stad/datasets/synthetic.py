@@ -1,5 +1,8 @@
 """The embedded ``synthetic`` dataset: procedural textures with realistic defects, no downloads.
 
+(One file although long: the textures, the defects and the writer share the seeded drawing
+helpers, and :data:`GENERATOR_VERSION` versions all of them together.)
+
 Everything is generated from a seed by numpy + scipy.ndimage and written as PNG by Pillow, in
 the MVTec AD layout plus a ``val/good`` split for calibration (docs/datasets-synthetic.md)::
 

@@ -1,5 +1,8 @@
 """``stad fit-students``: train M students per scale to regress the teacher (METHOD.md §4).
 
+(Somewhat over 400 lines: the data split, the targets, one scale's fit and the run over the
+scales share the checkpoint format described below.)
+
 Per scale: the frozen teacher's dense descriptors of every training image are computed once
 (not once per student and epoch), their per-channel mean and std give the normalization, and
 the normalized targets are kept in memory in float16. The M students of a scale are trained

@@ -1,5 +1,9 @@
 """``stad pretrain-teacher``: pretrain one teacher per patch size on random patches (METHOD.md §3).
 
+(Long because one scale's loop, :class:`_ScaleRun`, and the run over the scales share the
+checkpoint format documented here; the losses and targets live in
+:mod:`stad.training.losses` and :mod:`stad.training.targets`.)
+
 Per scale p the teacher T (a :class:`~stad.networks.PatchNetwork`) is trained on random p×p
 patches of generic images with the loss of Bergmann et al. (CVPR 2020, eq. 1-3)
 
