@@ -29,6 +29,8 @@ else:  # pragma: no cover
 ENV_PREFIX = "STAD_"
 # STAD_* variables that are not settings: the config file, tracebacks, the data cache.
 ENV_OPTIONS = frozenset({"STAD_CONFIG", "STAD_DEBUG", "STAD_CACHE"})
+# The patch sizes the networks are built for: stad.networks.PATCH_SIZES, repeated here because
+# settings are read without torch (tests/test_config.py checks that the two agree).
 PATCH_SIZES = (17, 33, 65)
 
 
@@ -240,11 +242,6 @@ class Settings(_Section):
     calibrate: CalibrateSettings = CalibrateSettings()
     score: ScoreSettings = ScoreSettings()
     evaluate: EvaluateSettings = EvaluateSettings()
-
-    def to_json(self) -> str:
-        """The resolved settings as JSON (recorded in every artifact)."""
-        return self.model_dump_json()
-
 
 SECTIONS = ("teacher", "students", "calibrate", "score", "evaluate")
 

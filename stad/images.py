@@ -36,6 +36,12 @@ DEFAULT_MEAN = (0.485, 0.456, 0.406)
 DEFAULT_STD = (0.229, 0.224, 0.225)
 
 
+def preprocessing(size: int) -> dict[str, Any]:
+    """How images become network input, as every artifact records it: resized to ``size``²,
+    standardized with :data:`DEFAULT_MEAN` and :data:`DEFAULT_STD`."""
+    return {"image_size": size, "mean": list(DEFAULT_MEAN), "std": list(DEFAULT_STD)}
+
+
 def is_image_file(path: Path) -> bool:
     """Whether ``path`` has an image suffix stad reads (folders are filtered with this)."""
     return path.suffix.lower() in IMAGE_SUFFIXES

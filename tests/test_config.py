@@ -9,6 +9,7 @@ for "paper"; "fast" is stad's own CPU preset).
 from __future__ import annotations
 
 import itertools
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -118,7 +119,14 @@ def test_process_environment_is_the_default(monkeypatch: pytest.MonkeyPatch) -> 
 def test_settings_json_round_trip(tmp_path: Path) -> None:
     # The resolved settings are recorded in artifacts as JSON; they must read back equal.
     settings = resolve_settings({"root": tmp_path, "students": {"preset": "fast"}}, environ={})
-    assert Settings.model_validate_json(settings.to_json()) == settings
+    assert Settings.model_validate(json.loads(json.dumps(settings.model_dump(mode="json")))
+                                   ) == settings
+
+
+def test_settings_know_the_networks_patch_sizes() -> None:
+    from stad import config, networks
+
+    assert config.PATCH_SIZES == networks.PATCH_SIZES
 
 
 # ---- STAD_CONFIG -------------------------------------------------------------------------------

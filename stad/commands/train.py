@@ -20,7 +20,7 @@ from stad.distributed import joined
 from stad.errors import DataError, UsageError
 from stad.fsutil import check_output_file, output_lock
 from stad.imagebuffer import ImageSource
-from stad.images import DEFAULT_MEAN, DEFAULT_STD
+from stad.images import preprocessing as image_preprocessing
 from stad.model import BUILTIN_TEACHER, RANDOM_TEACHER, resolve_teachers, teacher_tensors
 from stad.training.checkpoint import (
     images_identity,
@@ -78,8 +78,7 @@ def pretrain_teacher(settings: Settings, *, out: Path, resume: bool = False,
         images = {"count": listing.count, "listing_sha256": listing.sha256}
         source = ImageSource(open=lambda: selection.iter_samples("train"), count=listing.count,
                              name=selection.describe())
-    preprocessing = {"image_size": settings.teacher.image_size, "mean": list(DEFAULT_MEAN),
-                     "std": list(DEFAULT_STD)}
+    preprocessing = image_preprocessing(settings.teacher.image_size)
     # Under torchrun, one of N processes; only rank 0 locks and writes (as in `fit`).
     with joined(resolve_device(settings.device)) as (world, device), \
             output_lock(out) if world.main else contextlib.nullcontext():
@@ -193,8 +192,7 @@ def fit_students(settings: Settings, *, teacher: str | Path | None, out: Path, r
                     "teacher": tensors_sha256(teacher_tensors(teachers))}
         checkpoint = open_checkpoint(
             out, command="fit-students", settings=settings, identity=identity,
-            preprocessing={"image_size": cfg.image_size, "mean": list(DEFAULT_MEAN),
-                           "std": list(DEFAULT_STD)},
+            preprocessing=image_preprocessing(cfg.image_size),
             resume=resume, resume_command=resume_command("fit-students"), reporter=reporter)
         checkpoint.writer = world.main
         with stop_on_signals(checkpoint.stop):

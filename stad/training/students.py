@@ -41,6 +41,7 @@ from stad.devices import resolve_precision
 from stad.distributed import SINGLE, World
 from stad.errors import DataError, TrainingError
 from stad.images import DEFAULT_MEAN, DEFAULT_STD, load_image, to_tensor
+from stad.images import preprocessing as image_preprocessing
 from stad.model import PADDING, Networks, Scale
 from stad.networks import PatchNetwork, build_network
 from stad.training.checkpoint import (
@@ -409,7 +410,7 @@ def fit_students(
                                 "please report it with the command line")
         info["distributed"] = {"ranks": world.size, "backend": world.backend,
                                "weights_sha256": digest}
-    preprocessing = {"image_size": size, "mean": list(DEFAULT_MEAN), "std": list(DEFAULT_STD)}
+    preprocessing = image_preprocessing(size)
     return FitResult(Networks(scales=scales, preprocessing=preprocessing), info)
 
 

@@ -65,7 +65,7 @@ from stad.errors import DataError, TrainingError, UsageError
 from stad.handcrafted import BLOCKS
 from stad.handcrafted import DIM as HANDCRAFTED_DIM
 from stad.imagebuffer import ImageBuffer, ImageSource, load_images
-from stad.images import DEFAULT_MEAN, DEFAULT_STD
+from stad.images import preprocessing as image_preprocessing
 from stad.model import load_teachers
 from stad.networks import Decoder, PatchNetwork, build_network
 from stad.training.checkpoint import (
@@ -563,9 +563,8 @@ def pretrain_teachers(
                          "target_dim": cfg.target_whiten or HANDCRAFTED_DIM}
                         if distillation and target == "handcrafted" else None),
         "diagnostics": diagnostics,
-        "data": {"n_images": source.count, "image_size": cfg.image_size,
-                 "streamed": buffer.streaming,
-                 "mean": list(DEFAULT_MEAN), "std": list(DEFAULT_STD)},
+        "data": {"n_images": source.count, "streamed": buffer.streaming,
+                 **image_preprocessing(cfg.image_size)},
         "iterations": cfg.iterations,
         "batch_size": cfg.batch_size,
         "seconds": round(time.perf_counter() - start, 3),
