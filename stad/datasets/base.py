@@ -11,10 +11,12 @@ Bump :data:`API_VERSION` only for an incompatible change; stad refuses adapters 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Literal, Protocol, runtime_checkable
+
+from stad.errors import DataError
 
 API_VERSION = 1
 """The adapter API version this stad speaks."""
@@ -81,3 +83,22 @@ class DatasetAdapter(Protocol):
     def samples(self, root: Path, category: str, split: Split) -> Iterator[Sample]:
         """The samples of one category and split, in a stable order."""
         ...
+
+
+SHOWN = 5  # files named in an error about unpaired files; the rest are counted
+
+
+def check_pairs(base: Path, problems: Mapping[str, Sequence[Path]]) -> None:
+    """Raise one :class:`~stad.errors.DataError` for the files of a test split that did not
+    pair: ``problems`` maps what is wrong ("defect images without a mask") to the files, and
+    every non-empty entry is named, as ``"{base}: WHAT: N file(s): a, b and 3 more; ..."``.
+    The built-in adapters and the BTAD plugin report through it; does nothing when all lists
+    are empty."""
+    parts = []
+    for what, paths in problems.items():
+        if paths:
+            shown = ", ".join(str(p) for p in paths[:SHOWN])
+            more = f" and {len(paths) - SHOWN} more" if len(paths) > SHOWN else ""
+            parts.append(f"{what}: {len(paths)} file(s): {shown}{more}")
+    if parts:
+        raise DataError(f"{base}: " + "; ".join(parts))

@@ -20,8 +20,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import ClassVar
 
-from stad.datasets.base import API_VERSION, Sample, Split
-from stad.datasets.mvtec import _list_more, image_files, visible_dirs
+from stad.datasets.base import API_VERSION, Sample, Split, check_pairs
+from stad.datasets.mvtec import image_files, visible_dirs
 from stad.errors import DataError
 
 ANOMALOUS = "anomalous"
@@ -74,15 +74,9 @@ def _anomalous(base: Path) -> Iterator[Sample]:
         for folder in visible_dirs(base / "masks"):
             if folder.name not in defects:
                 extra.extend(image_files(folder))
-    problems = []
-    if missing:
-        problems.append(f"anomalous images without a mask in masks/: {_list_more(missing)}")
-    if ambiguous:
-        problems.append(f"several masks for one image: {_list_more(ambiguous)}")
-    if extra:
-        problems.append(f"masks without an image: {_list_more(extra)}")
-    if problems:
-        raise DataError(f"{base}: " + "; ".join(problems))
+    check_pairs(base, {"anomalous images without a mask in masks/": missing,
+                       "several masks for one image": ambiguous,
+                       "masks without an image": extra})
     yield from out
 
 

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import ClassVar
 
-from stad.datasets.base import API_VERSION, Sample, Split
+from stad.datasets.base import API_VERSION, Sample, Split, check_pairs
 from stad.errors import DataError
 from stad.images import is_image_file
 
@@ -51,11 +51,6 @@ def mvtec_categories(root: Path) -> list[str]:
     if not root.is_dir():
         raise DataError(f"dataset root {root} does not exist or is not a folder")
     return sorted(p.name for p in visible_dirs(root) if (p / "train" / GOOD).is_dir())
-
-
-def _list_more(paths: list[Path], limit: int = 5) -> str:
-    shown = ", ".join(str(p) for p in paths[:limit])
-    return shown + (f" and {len(paths) - limit} more" if len(paths) > limit else "")
 
 
 def mvtec_samples(root: Path, category: str, split: Split) -> Iterator[Sample]:
@@ -95,14 +90,9 @@ def mvtec_samples(root: Path, category: str, split: Split) -> Iterator[Sample]:
         for folder in visible_dirs(gt_dir):
             if folder.name not in defects:
                 unpaired_masks.extend(image_files(folder))
-    problems = []
-    if unpaired_images:
-        problems.append(f"defect images without a mask (expected ground_truth/DEFECT/"
-                        f"NAME_mask.png): {_list_more(unpaired_images)}")
-    if unpaired_masks:
-        problems.append(f"masks without an image: {_list_more(unpaired_masks)}")
-    if problems:
-        raise DataError(f"{base}: " + "; ".join(problems))
+    check_pairs(base, {"defect images without a mask (expected ground_truth/DEFECT/"
+                       "NAME_mask.png)": unpaired_images,
+                       "masks without an image": unpaired_masks})
     yield from out
 
 

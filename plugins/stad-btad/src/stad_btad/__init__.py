@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import ClassVar
 
-from stad.datasets import API_VERSION, Sample, Split
+from stad.datasets import API_VERSION, Sample, Split, check_pairs
 from stad.errors import DataError
 
 __all__ = ["BTADAdapter"]
@@ -32,7 +32,6 @@ __version__ = "0.1.0"
 # Our own list: stad's image helpers are not part of the adapter contract.
 IMAGE_SUFFIXES = frozenset({".png", ".bmp", ".jpg", ".jpeg", ".tif", ".tiff"})
 NORMAL, ANOMALOUS = "ok", "ko"  # BTAD's folder names
-SHOWN = 5  # files named in an error message before "and N more"
 
 
 def _images(folder: Path) -> list[Path]:
@@ -42,13 +41,6 @@ def _images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir()
                   if p.is_file() and not p.name.startswith(".")
                   and p.suffix.lower() in IMAGE_SUFFIXES)
-
-
-def _some(paths: list[Path]) -> str:
-    """``"3 files: a, b, c"``, naming the first few and counting the rest."""
-    shown = ", ".join(str(p) for p in paths[:SHOWN])
-    more = f" and {len(paths) - SHOWN} more" if len(paths) > SHOWN else ""
-    return f"{len(paths)} file(s): {shown}{more}"
 
 
 class BTADAdapter:
@@ -109,17 +101,11 @@ def _test_samples(base: Path) -> list[Sample]:
                        if len(images[stem]) + len(masks[stem]) > 2
                        for p in images[stem] + masks[stem])  # 0000.png beside 0000.bmp
 
-    problems = []
-    if no_mask:
-        problems.append(f"anomalous images without a mask (expected in ground_truth/ko/ under "
-                        f"the same name): {_some(no_mask)}")
-    if no_image:
-        problems.append(f"masks without an image in test/ko/: {_some(no_image)}")
-    if ambiguous:
-        problems.append(f"names with more than one image or mask (keep one of each): "
-                        f"{_some(ambiguous)}")
-    if problems:
-        raise DataError(f"{base}: " + "; ".join(problems))
+    check_pairs(base, {
+        "anomalous images without a mask (expected in ground_truth/ko/ under the same name)":
+            no_mask,
+        "masks without an image in test/ko/": no_image,
+        "names with more than one image or mask (keep one of each)": ambiguous})
     # ``images`` was filled from a sorted listing, so this keeps the order of file names.
     anomalous = [Sample(image=images[stem][0], mask=masks[stem][0], label="anomalous",
                         split="test", defect=ANOMALOUS) for stem in images]
