@@ -40,6 +40,7 @@ from stad.devices import resolve_device
 from stad.errors import UsageError
 from stad.fsutil import output_lock
 from stad.model import Networks, model_from_tensors
+from stad.regions import Region, find_regions
 from stad.scoring import ImageMaps, configure, image_score, is_path, iter_maps
 
 ImageInput = Any
@@ -61,6 +62,11 @@ class Result:
         scales: the image score of each scale's map (``{"p17": ..., "p33": ...}``).
         maps: each scale's map, (H, W) like ``map``.
         path: the file the image was read from; None for an image given in memory.
+        pixel_threshold: the calibrated pixel threshold (None for a model calibrated before
+            stad recorded one).
+        regions: the defect regions, the 8-connected components of ``map > pixel_threshold``
+            of at least ``min_region_area`` pixels, highest peak first
+            (:class:`stad.regions.Region`).
     """
 
     map: np.ndarray
@@ -70,23 +76,38 @@ class Result:
     scales: dict[str, float] = field(default_factory=dict)
     maps: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
     path: str | None = None
+    pixel_threshold: float | None = None
+    regions: list[Region] = field(default_factory=list)
 
     @classmethod
-    def of(cls, maps: ImageMaps, rule: ScoreSettings, threshold: float | None) -> Result:
-        """The result of one image's maps, scored by ``rule``, judged against ``threshold``."""
-        score = image_score(maps.maps["fused"], rule)
-        return cls(map=maps.maps["fused"], score=score, threshold=threshold,
+    def of(cls, maps: ImageMaps, rule: ScoreSettings, threshold: float | None,
+           pixel_threshold: float | None = None) -> Result:
+        """The result of one image's maps, scored by ``rule``, judged against ``threshold``,
+        its regions above ``pixel_threshold`` (of ``rule.min_region_area`` pixels or more)."""
+        fused = maps.maps["fused"]
+        score = image_score(fused, rule)
+        regions = ([] if pixel_threshold is None else
+                   find_regions(fused, pixel_threshold, min_area=rule.min_region_area))
+        return cls(map=fused, score=score, threshold=threshold,
                    anomalous=None if threshold is None else bool(score > threshold),
                    scales={k: image_score(v, rule) for k, v in maps.maps.items()
                            if k != "fused"},
                    maps={k: v for k, v in maps.maps.items() if k != "fused"},
-                   path=None if maps.path is None else str(maps.path))
+                   path=None if maps.path is None else str(maps.path),
+                   pixel_threshold=pixel_threshold, regions=regions)
+
+    @property
+    def mask(self) -> np.ndarray | None:
+        """``map > pixel_threshold`` (bool, (H, W)); None without a pixel threshold."""
+        return None if self.pixel_threshold is None else self.map > self.pixel_threshold
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON record of ``stad score --json``: path, score, threshold, anomalous,
-        scales (no maps)."""
+        scales, pixel_threshold and regions (no maps)."""
         return {"path": self.path, "score": self.score, "threshold": self.threshold,
-                "anomalous": self.anomalous, "scales": dict(self.scales)}
+                "anomalous": self.anomalous, "scales": dict(self.scales),
+                "pixel_threshold": self.pixel_threshold,
+                "regions": [r.to_dict() for r in self.regions]}
 
 
 class Model:
@@ -162,8 +183,9 @@ class Model:
         calibration, rule = self.score_rule()
         if threshold is None:
             threshold = calibration["threshold"]
+        pixel = calibration.get("pixel_threshold")
         for maps in iter_maps(self.networks, list(images), device=self.device):
-            yield Result.of(maps, rule, threshold)
+            yield Result.of(maps, rule, threshold, pixel)
 
     def score(self, images: ImageInput | Sequence[ImageInput], *,
               threshold: float | None = None) -> Result | list[Result]:
@@ -181,6 +203,7 @@ class Model:
                   method: Literal["fpr", "f1", "manual"] = "fpr", target_fpr: float = 0.01,
                   threshold: float | None = None,
                   normalize: Literal["global", "position"] = "position",
+                  target_pixel_fpr: float = 0.001,
                   test_images: Sequence[ImageInput] | None = None,
                   test_labels: Sequence[bool] | None = None, source: str = "given images",
                   reporter: Reporter = NULL_REPORTER) -> dict[str, Any]:
@@ -190,19 +213,21 @@ class Model:
         map position with ``normalize="position"``). The threshold: ``"fpr"`` lets at most
         ``target_fpr`` of those images score above it; ``"f1"`` maximizes F1 on
         ``test_images`` with ``test_labels`` (True: anomalous); ``"manual"`` takes
-        ``threshold``. Returns what is recorded as ``info["calibration"]``.
+        ``threshold``. The pixel threshold (defect regions, masks) lets at most
+        ``target_pixel_fpr`` of the normal images' pixels above it. Returns what is recorded
+        as ``info["calibration"]``.
         """
         cfg = _settings(None, {"calibrate": {
             "threshold_method": method, "target_fpr": target_fpr, "threshold": threshold,
-            "normalize": normalize}}).calibrate
+            "normalize": normalize, "target_pixel_fpr": target_pixel_fpr}}).calibrate
         check_threshold_method(method, cfg.threshold)
         if method == "f1" and (test_images is None or test_labels is None
                                or len(test_images) != len(test_labels)):
             raise UsageError("threshold method 'f1' needs test_images and as many test_labels")
         self.info.pop("calibration", None)
-        stats, normal_scores = calibrate_model(
+        stats, normal_scores, pixel_threshold = calibrate_model(
             self.networks, list(normal_images), self._score, device=self.device,
-            normalize=cfg.normalize, reporter=reporter)
+            normalize=cfg.normalize, pixel_fpr=cfg.target_pixel_fpr, reporter=reporter)
         if method == "manual":
             assert cfg.threshold is not None
             chosen = cfg.threshold
@@ -223,6 +248,7 @@ class Model:
                                              s.tolist(), strict=True))
                            for p, s in stats.items()},
             "normal_scores": {"min": min(normal_scores), "max": max(normal_scores)},
+            "pixel_threshold": pixel_threshold, "target_pixel_fpr": cfg.target_pixel_fpr,
         }
         self.config = {**self.config, "calibrate": cfg.model_dump(mode="json"),
                        "score": self._score.model_dump(mode="json")}

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -22,15 +22,25 @@ from stad.datasets.base import Sample
 from stad.errors import DataError, UsageError
 from stad.handcrafted import gaussian_kernel, smooth
 from stad.model import Networks, standardized
+from stad.regions import TopValues
 from stad.scoring import image_score, prepared_batches
+
+
+class Calibrated(NamedTuple):
+    """What :func:`calibrate_model` found: the statistics per patch size, the normal images'
+    scores, and the pixel threshold (None unless asked for)."""
+
+    stats: dict[int, torch.Tensor]
+    scores: list[float]
+    pixel_threshold: float | None
 
 
 @torch.inference_mode()
 def calibrate_model(model: Networks, paths: Sequence[Path], rule: ScoreSettings, *,
                     device: torch.device, batch_size: int | None = None,
                     normalize: Literal["global", "position"] = "global",
-                    reporter: Reporter = NULL_REPORTER) -> tuple[dict[int, torch.Tensor],
-                                                                 list[float]]:
+                    pixel_fpr: float | None = None,
+                    reporter: Reporter = NULL_REPORTER) -> Calibrated:
     """Calibrate ``model`` in place on anomaly-free images, in one pass over them.
 
     Per scale, (e_mean, e_std, v_mean, v_std) over all pixels of the images become the
@@ -48,8 +58,12 @@ def calibrate_model(model: Networks, paths: Sequence[Path], rule: ScoreSettings,
     images (leave one out; with one image, its own): a position's statistics fitted on an image
     would standardize that image's own peaks away and set an ``fpr`` threshold too low.
 
+    With ``pixel_fpr``, also the pixel threshold that at most that share of the normal
+    images' pixels exceed (on the same maps as the scores; :class:`stad.regions.TopValues`).
+
     Returns:
-        the statistics per patch size, and the image scores of the normal images.
+        the statistics per patch size, the image scores of the normal images, and the pixel
+        threshold (None without ``pixel_fpr``).
     """
     if normalize not in ("global", "position"):
         raise UsageError(f"calibrate.normalize must be global or position, not {normalize!r}")
@@ -64,6 +78,8 @@ def calibrate_model(model: Networks, paths: Sequence[Path], rule: ScoreSettings,
                                      .to(device) if normalize == "position" else None)
     leave_out = normalize == "position" and len(kept) > 1
     scores = []
+    pixels = (TopValues(pixel_fpr, sum(h * w for _, (h, w) in kept))
+              if pixel_fpr is not None else None)
     for ev_one, shape in kept:
         per_scale = {}
         for p, (e, v) in ev_one.items():
@@ -73,9 +89,11 @@ def calibrate_model(model: Networks, paths: Sequence[Path], rule: ScoreSettings,
                 per_scale[p] = standardized(e, v, others.to(device))
             else:
                 per_scale[p] = model.scales[p].standardize(e, v)
-        fused = model.fuse(per_scale, shape)["fused"]
-        scores.append(image_score(fused[0].float().cpu().numpy(), rule))
-    return stats, scores
+        fused = model.fuse(per_scale, shape)["fused"][0].float().cpu().numpy()
+        scores.append(image_score(fused, rule))
+        if pixels is not None:
+            pixels.add(fused)
+    return Calibrated(stats, scores, None if pixels is None else pixels.threshold())
 
 
 Kept = list[tuple[dict[int, tuple[torch.Tensor, torch.Tensor]], tuple[int, int]]]

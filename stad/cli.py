@@ -333,6 +333,9 @@ def calibrate_cmd(
         "--normalize", help="position (statistics per pixel position: aligned objects gain "
         "most) or global (one mean and spread per scale, the paper's). [default: position]")
     ] = None,
+    target_pixel_fpr: Annotated[float | None, typer.Option(
+        "--target-pixel-fpr", help="The pixel threshold (defect regions, masks) lets at most "
+        "this share of the normal images' pixels above it. [default: 0.001]")] = None,
     batch_size: BatchSizeOpt = None,
     tile_size: TileSizeOpt = None,
     precision: PrecisionOpt = None,
@@ -343,7 +346,8 @@ def calibrate_cmd(
 
     settings = _settings(config, dataset=dataset, root=root, category=category, device=device,
                          calibrate={"threshold_method": method, "target_fpr": target_fpr,
-                                    "threshold": threshold, "normalize": normalize},
+                                    "threshold": threshold, "normalize": normalize,
+                                    "target_pixel_fpr": target_pixel_fpr},
                          score={"image_score": image_score,
                                 **_maps_flags(batch_size, tile_size, precision)})
     with console.reporter() as rep:
@@ -361,7 +365,11 @@ def score_cmd(
     config: ConfigOpt = None,
     device: DeviceOpt = None,
     maps: Annotated[Path | None, typer.Option(
-        "--maps", help="Write heat maps, overlays and raw float maps here.")] = None,
+        "--maps", help="Write heat maps, overlays, raw float maps and defect masks here.")
+    ] = None,
+    min_region_area: Annotated[int | None, typer.Option(
+        "--min-region-area", help="Leave defect regions smaller than this many pixels out "
+        "of the records. [default: 1]")] = None,
     threshold: Annotated[float | None, typer.Option(
         "--threshold", help="Override the calibrated threshold.")] = None,
     fail_on_anomaly: Annotated[bool, typer.Option(
@@ -391,7 +399,8 @@ def score_cmd(
     if on_error not in ("fail", "skip"):
         raise UsageError(f"--on-error must be fail or skip, got {on_error!r}")
     settings = _settings(config, device=device,
-                         score=_maps_flags(batch_size, tile_size, precision))
+                         score={"min_region_area": min_region_area,
+                                **_maps_flags(batch_size, tile_size, precision)})
     anomalous = skipped = 0
     with console.reporter() as rep:
         for record in score(settings, model_path=model, inputs=inputs, maps_dir=maps,

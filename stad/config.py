@@ -197,6 +197,9 @@ class CalibrateSettings(_Section):
     normalize: Literal["global", "position"] = Field(
         default="position", description="standardize e and v per pixel position (default) "
         "or with one mean and spread per scale (global, the paper's); docs/model.md")
+    target_pixel_fpr: float = Field(
+        default=0.001, gt=0, lt=1, description="the pixel threshold (defect regions and "
+        "masks) lets at most this share of the normal images' pixels above it")
 
 
 class ScoreSettings(_Section):
@@ -205,6 +208,9 @@ class ScoreSettings(_Section):
 
     image_score: Literal["max", "topk_mean"] = "max"
     topk_fraction: float = Field(default=0.01, gt=0, le=1)
+    min_region_area: int = Field(
+        default=1, ge=1, description="defect regions smaller than this many pixels (of the "
+        "image) are left out of records")
     batch_size: int = Field(default=4, ge=1, description="images per network pass")
     tile_size: int | None = Field(
         default=512, ge=64,

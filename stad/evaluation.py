@@ -50,7 +50,8 @@ def collect(model: Networks, samples: Sequence[Sample], settings: Settings, *,
     return out
 
 
-def _metrics(items: Sequence[Evaluated], key: str, fpr_limit: float) -> dict[str, Any]:
+def _metrics(items: Sequence[Evaluated], key: str, fpr_limit: float,
+             pixel_threshold: float | None = None) -> dict[str, Any]:
     labels = [e.sample.label == "anomalous" for e in items]
     scores = [e.scores[key] for e in items]
     out: dict[str, Any] = {"n_images": len(items), "n_anomalous": int(sum(labels))}
@@ -67,11 +68,30 @@ def _metrics(items: Sequence[Evaluated], key: str, fpr_limit: float) -> dict[str
         pro = metrics.au_pro(maps, masks, fpr_limit=fpr_limit)
         out["au_pro"] = pro.au_pro
         out["n_regions"] = pro.n_regions
+        if pixel_threshold is not None:
+            out.update(segmentation(maps, masks, pixel_threshold))
     return out
 
 
-def compute_metrics(items: Sequence[Evaluated], fpr_limit: float) -> dict[str, Any]:
-    """Per map (each scale and ``fused``): overall and per defect type (with the good images)."""
+def segmentation(maps: Sequence[np.ndarray], masks: Sequence[np.ndarray], threshold: float
+                 ) -> dict[str, float]:
+    """Pixel F1 and IoU of ``map > threshold`` against the masks, over all their pixels:
+    F1 = 2TP / (2TP + FP + FN), IoU = TP / (TP + FP + FN) (1 when both are empty)."""
+    tp = fp = fn = 0
+    for amap, mask in zip(maps, masks, strict=True):
+        pred = amap > threshold
+        tp += int(np.count_nonzero(pred & mask))
+        fp += int(np.count_nonzero(pred & ~mask))
+        fn += int(np.count_nonzero(~pred & mask))
+    if tp + fp + fn == 0:
+        return {"pixel_f1": 1.0, "pixel_iou": 1.0}
+    return {"pixel_f1": 2 * tp / (2 * tp + fp + fn), "pixel_iou": tp / (tp + fp + fn)}
+
+
+def compute_metrics(items: Sequence[Evaluated], fpr_limit: float,
+                    pixel_threshold: float | None = None) -> dict[str, Any]:
+    """Per map (each scale and ``fused``): overall and per defect type (with the good images);
+    with ``pixel_threshold``, the fused map's pixel F1 and IoU at it (:func:`segmentation`)."""
     if not items:
         raise DataError("the test split is empty: nothing to evaluate")
     keys = list(items[0].maps)
@@ -79,17 +99,19 @@ def compute_metrics(items: Sequence[Evaluated], fpr_limit: float) -> dict[str, A
     normal = [e for e in items if e.sample.label == "normal"]
     result: dict[str, Any] = {"fpr_limit": fpr_limit, "maps": {}}
     for key in keys:
-        entry = _metrics(items, key, fpr_limit)
+        pixel = pixel_threshold if key == "fused" else None
+        entry = _metrics(items, key, fpr_limit, pixel)
         entry["defects"] = {d: _metrics(normal + [e for e in items if e.sample.defect == d
                                                   and e.sample.label == "anomalous"],
-                                        key, fpr_limit) for d in defects}
+                                        key, fpr_limit, pixel) for d in defects}
         result["maps"][key] = entry
     return result
 
 
 # ---- the report folder ----------------------------------------------------------------------
 
-_COLUMNS = ("au_pro", "pixel_auroc", "image_auroc", "image_ap", "pixel_ap")
+_COLUMNS = ("au_pro", "pixel_auroc", "image_auroc", "image_ap", "pixel_ap", "pixel_f1",
+            "pixel_iou")
 
 
 def markdown(result: dict[str, Any], title: str) -> str:
@@ -97,7 +119,8 @@ def markdown(result: dict[str, Any], title: str) -> str:
         return f"{v:.3f}" if isinstance(v, float) else "–"
 
     lim = result["fpr_limit"]
-    head = ["map", f"AU-PRO@{lim:g}", "pixel AUROC", "image AUROC", "image AP", "pixel AP"]
+    head = ["map", f"AU-PRO@{lim:g}", "pixel AUROC", "image AUROC", "image AP", "pixel AP",
+            "pixel F1", "pixel IoU"]
     lines = [f"# {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for key, entry in result["maps"].items():
         lines.append(f"| {key} | " + " | ".join(fmt(entry.get(c)) for c in _COLUMNS) + " |")

@@ -39,9 +39,11 @@ def _map_name(path: Path) -> str:
     return "__".join(parts[-3:])
 
 
-def write_maps(folder: Path, path: Path, amap: Any, image: Any, threshold: float | None
-               ) -> str:
-    """Heat map, overlay (PNG) and the raw float map (32-bit TIFF) of one image, atomically."""
+def write_maps(folder: Path, path: Path, amap: Any, image: Any, threshold: float | None,
+               mask: Any = None) -> str:
+    """Heat map, overlay (PNG) and the raw float map (32-bit TIFF) of one image, and with
+    ``mask`` (bool (H, W): the map above the pixel threshold) a binary mask PNG (0 and 255);
+    each written atomically."""
     import io
 
     from PIL import Image
@@ -51,11 +53,12 @@ def write_maps(folder: Path, path: Path, amap: Any, image: Any, threshold: float
 
     lo, hi = display_range(threshold, amap)
     base = folder / _map_name(path)
-    for suffix, array, mode in (
-        ("_heat.png", heat(amap, lo, hi), "RGB"),
-        ("_overlay.png", overlay(image, amap, lo, hi), "RGB"),
-        ("_map.tiff", amap.astype("float32"), "F"),
-    ):
+    outputs = [("_heat.png", heat(amap, lo, hi), "RGB"),
+               ("_overlay.png", overlay(image, amap, lo, hi), "RGB"),
+               ("_map.tiff", amap.astype("float32"), "F")]
+    if mask is not None:
+        outputs.append(("_mask.png", mask.astype("uint8") * 255, "L"))
+    for suffix, array, mode in outputs:
         buf = io.BytesIO()
         Image.fromarray(array, mode=mode if mode == "F" else None).save(
             buf, format="TIFF" if mode == "F" else "PNG")

@@ -64,6 +64,34 @@ def test_score_a_file_as_the_cli_does(world: Path) -> None:
     assert record == result.to_dict()
 
 
+def test_regions_masks_and_the_pixel_threshold(world: Path, tmp_path: Path) -> None:
+    model = stad.load_model(world / "model.safetensors", device="cpu")
+    pixel = model.calibration["pixel_threshold"]
+    assert model.calibration["target_pixel_fpr"] == 0.001 and pixel is not None
+    normal = [r.map for r in model.score(sorted((world / "good").glob("*.png")))]
+    values = np.concatenate([m.ravel() for m in normal])
+    assert np.count_nonzero(values > pixel) <= 0.001 * values.size  # set on these images
+    low = model.score(world / "part.png")
+    assert low.pixel_threshold == pixel
+    assert sum(r.area for r in low.regions) == int(low.mask.sum())
+    peaks = [r.peak for r in low.regions]
+    assert peaks == sorted(peaks, reverse=True)
+    if low.regions:
+        assert low.regions[0].peak == pytest.approx(float(low.map.max()))
+    # The CLI: regions in the records, a mask PNG beside the maps, small regions left out.
+    args = ["score", "--model", str(world / "model.safetensors"), str(world / "part.png"),
+            "--json", "--device", "cpu", "--maps", str(tmp_path / "maps")]
+    out = CliRunner().invoke(app, args)
+    record = json.loads(out.stdout.splitlines()[0])
+    assert record["regions"] == [r.to_dict() for r in low.regions]
+    mask = np.asarray(Image.open(next((tmp_path / "maps").glob("*_mask.png"))))
+    assert mask.dtype == np.uint8 and set(np.unique(mask)) <= {0, 255}
+    assert np.array_equal(mask > 0, low.mask)
+    big = max([r.area for r in low.regions], default=0) + 1
+    out = CliRunner().invoke(app, [*args[:-2], "--min-region-area", str(big)])
+    assert json.loads(out.stdout.splitlines()[0])["regions"] == []
+
+
 def test_images_in_memory_score_as_their_files(world: Path) -> None:
     model = stad.load_model(world / "model.safetensors", device="cpu")
     rgb = np.asarray(Image.open(world / "part.png").convert("RGB"))
@@ -141,7 +169,10 @@ def test_uncalibrated_models_and_bad_settings_are_usage_errors(world: Path) -> N
 
 def test_evaluate_with_keywords(world: Path, tmp_path: Path) -> None:
     metrics = stad.evaluate(world / "model.safetensors", report=tmp_path / "report")
-    assert 0.0 <= metrics["maps"]["fused"]["image_auroc"] <= 1.0
+    fused = metrics["maps"]["fused"]
+    assert 0.0 <= fused["image_auroc"] <= 1.0
+    assert 0.0 <= fused["pixel_iou"] <= fused["pixel_f1"] <= 1.0  # IoU ≤ F1 always
+    assert "pixel_f1" not in metrics["maps"]["p17"]  # the pixel threshold is the fused map's
     assert (tmp_path / "report" / "metrics.json").is_file()
 
 

@@ -65,7 +65,7 @@ def test_calibration_standardizes_and_matches_scoring(tmp_path: Path):
     model = _model(sizes=(17, 33))
     paths = _images(tmp_path, 3, seed=2)
     rule = ScoreSettings()
-    stats, scores = calibrate_model(model, paths, rule, device=torch.device("cpu"),
+    stats, scores, _ = calibrate_model(model, paths, rule, device=torch.device("cpu"),
                                     batch_size=2)
     # After calibration, ẽ and ṽ over the calibration pixels have mean 0 and std 1 each.
     x = torch.stack([__import__("stad.scoring", fromlist=["prepare"]).prepare(p, model)[0]
@@ -97,7 +97,7 @@ def test_constant_error_does_not_divide_by_zero(tmp_path: Path, capsys):
     scale = model.scales[17]
     for s in scale.students:  # students identical to the teacher: e = v = 0 everywhere
         s.load_state_dict(scale.teacher.state_dict())
-    stats, scores = calibrate_model(model, _images(tmp_path, 2, seed=5), ScoreSettings(),
+    stats, scores, _ = calibrate_model(model, _images(tmp_path, 2, seed=5), ScoreSettings(),
                                     device=torch.device("cpu"))
     assert stats[17][1] == 1.0 and stats[17][3] == 1.0
     assert all(np.isfinite(scores))
@@ -144,7 +144,7 @@ def test_per_position_calibration_standardizes_each_position(tmp_path: Path, mon
     model = _model(sizes=(17, 33))
     paths = _images(tmp_path, 4, seed=12)
     rule = ScoreSettings()
-    stats, scores = calibrate_model(model, paths, rule, device=torch.device("cpu"),
+    stats, scores, _ = calibrate_model(model, paths, rule, device=torch.device("cpu"),
                                     normalize="position")
     for p, scale in model.scales.items():
         assert scale.calib_map is not None and tuple(scale.calib_map.shape) == (4, 24, 24)
@@ -207,7 +207,7 @@ def test_normal_scores_leave_their_own_image_out(tmp_path: Path, monkeypatch):
     paths = _images(tmp_path, 4, seed=16)
     rule = ScoreSettings()
     model = _model(sizes=(17, 33))
-    _, scores = calibrate_model(model, paths, rule, device=torch.device("cpu"),
+    _, scores, _ = calibrate_model(model, paths, rule, device=torch.device("cpu"),
                                 normalize="position")
     for i in (0, 3):
         others = _model(sizes=(17, 33))

@@ -33,7 +33,8 @@ def evaluate(settings: Settings, *, model_path: Path, report: Path | None = None
         raise DataError(f"no test images in {selection.describe()}")
     items = collect(model.networks, test, settings, device=model.device, reporter=reporter)
     try:
-        result = compute_metrics(items, settings.evaluate.fpr_limit)
+        result = compute_metrics(items, settings.evaluate.fpr_limit,
+                                 calibration.get("pixel_threshold"))
     except ValueError as exc:
         raise DataError(f"cannot evaluate {selection.describe()}: {exc}") from None
     result = {"model": str(model_path), **data_info(selection), **result}

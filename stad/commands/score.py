@@ -53,6 +53,7 @@ def _score(settings: Settings, model_path: Path, inputs: Sequence[Path],
            reporter: Reporter) -> Iterator[dict[str, Any]]:
     model = Model.load(model_path, device=settings.device, score=settings.score)
     calibration, rule = model.score_rule()
+    pixel = calibration.get("pixel_threshold")
     if threshold is None:
         threshold = calibration["threshold"]
     paths = expand_inputs(inputs)
@@ -65,13 +66,16 @@ def _score(settings: Settings, model_path: Path, inputs: Sequence[Path],
     # Opened only now: a run that fails to start leaves an earlier output as it was.
     with open(output, "a" if skip_existing else "w", encoding="utf-8") if output is not None \
             else contextlib.nullcontext() as log:
-        yield from _records(model, paths, rule, threshold, on_error, maps_dir, log, task)
+        yield from _records(model, paths, rule, (threshold, pixel), on_error, maps_dir, log,
+                            task)
     task.done()
 
 
 def _records(model: Model, paths: Sequence[Path], rule: ScoreSettings,
-             threshold: float | None, on_error: str, maps_dir: Path | None,
-             log: TextIO | None, task: Any) -> Iterator[dict[str, Any]]:
+             thresholds: tuple[float | None, float | None], on_error: str,
+             maps_dir: Path | None, log: TextIO | None, task: Any
+             ) -> Iterator[dict[str, Any]]:
+    threshold, pixel = thresholds
     # Batches of the score settings' batch_size images; the next batch is read while one runs.
     for maps in iter_results(model.networks, paths, device=model.device):
         if isinstance(maps, ImageError):
@@ -79,10 +83,11 @@ def _records(model: Model, paths: Sequence[Path], rule: ScoreSettings,
                 raise maps.error
             record = {"path": str(maps.path), "error": str(maps.error)}
         else:
-            record = Result.of(maps, rule, threshold).to_dict()
+            result = Result.of(maps, rule, threshold, pixel)
+            record = result.to_dict()
             if maps_dir is not None and maps.path is not None:
-                record["map"] = write_maps(maps_dir, maps.path, maps.maps["fused"], maps.image,
-                                           threshold)
+                record["map"] = write_maps(maps_dir, maps.path, result.map, maps.image,
+                                           threshold, result.mask)
         if log is not None:
             log.write(json_line(record) + "\n")
             log.flush()
