@@ -199,9 +199,11 @@ def main(argv: list[str] | None = None) -> None:
                 prefix = f"teacher.{name}."
                 tensors.update({k: v.float() for k, v in old.tensors.items()
                                 if k.startswith(prefix)})
-                scales[name] = {**summary, "reused_from": {
+                # A scale reused before keeps the build it came from.
+                scales[name] = {"reused_from": {
                     "command": old.info.get("command"), "target": old.info.get("target"),
-                    "data": old.info.get("data"), "stad_version": old.info.get("stad_version")}}
+                    "data": old.info.get("data"), "stad_version": old.info.get("stad_version")},
+                    **summary}
     info = {
         "built_by": "benchmarks/default_teacher.py",
         "command": " ".join(["python", "benchmarks/default_teacher.py", *(argv or sys.argv[1:])]),
