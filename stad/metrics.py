@@ -67,6 +67,58 @@ class ProResult:
 # --------------------------------------------------------------------------------------
 
 
+def _region_steps(mask_list: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray, int]:
+    """Per pixel of all masks (flattened in order), how much PRO rises when the threshold
+    passes its score, and whether it is normal; and the number of regions. A region of size
+    s gives 1/s to each of its pixels, so a fully detected region contributes 1; the division
+    by the number of regions comes after labelling all images."""
+    n_pixels = sum(m.size for m in mask_list)
+    pro_step = np.zeros(n_pixels, dtype=np.float64)
+    is_normal = np.empty(n_pixels, dtype=bool)
+    n_regions = 0
+    start = 0
+    for mask in mask_list:
+        labels, n = ndimage.label(mask, structure=_EIGHT_CONNECTED)
+        labels = labels.ravel()
+        stop = start + labels.size
+        if n:
+            sizes = np.bincount(labels)  # sizes[0] counts the normal pixels, unused
+            inside = labels > 0
+            pro_step[start:stop][inside] = 1.0 / sizes[labels[inside]]
+        is_normal[start:stop] = labels == 0
+        n_regions += n
+        start = stop
+    return pro_step, is_normal, n_regions
+
+
+def _pro_curve(scores: np.ndarray, pro_step: np.ndarray, is_normal: np.ndarray,
+               n_regions: int, n_normal: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The PRO curve: (fpr, pro, thresholds), read-only, from (0, 0) at +inf to (1, 1)."""
+    # Decreasing order of score: walking it lowers the threshold one pixel at a time.
+    order = np.argsort(scores)[::-1]
+    scores = scores[order]
+    region_sum = np.cumsum(pro_step[order])  # sum over regions of the fraction found
+    false_positives = np.cumsum(is_normal[order], dtype=np.int64)
+
+    # Ties: a threshold t admits every pixel scoring >= t at once, so only the last
+    # position of each run of equal scores is a point of the curve.
+    last_of_run = np.append(scores[1:] != scores[:-1], True)
+    pro = region_sum[last_of_run] / n_regions
+    fpr = false_positives[last_of_run] / n_normal
+    thresholds = scores[last_of_run]
+
+    # The lowest threshold admits every pixel: (1, 1) exactly, whatever the rounding of
+    # the cumulative sums; clip keeps rounding from overshooting elsewhere.
+    pro[-1] = 1.0
+    np.clip(pro, 0.0, 1.0, out=pro)
+    fpr = np.concatenate(([0.0], fpr))
+    pro = np.concatenate(([0.0], pro))
+    thresholds = np.concatenate(([np.inf], thresholds.astype(np.float64)))
+    for array in (fpr, pro, thresholds):
+        array.flags.writeable = False
+    return fpr, pro, thresholds
+
+
 def au_pro(
     maps: Sequence[ArrayLike] | np.ndarray,
     masks: Sequence[ArrayLike] | np.ndarray,
@@ -112,26 +164,7 @@ def au_pro(
         raise ValueError(f"fpr_limit must be in (0, 1], got {fpr_limit}")
     map_list, mask_list = _check_pairs(maps, masks)
 
-    # Per pixel, how much PRO rises when the threshold passes its score. A region of size
-    # s gives 1/s to each of its pixels, so a fully detected region contributes 1; the
-    # division by the number of regions comes after labelling all images.
-    n_pixels = sum(m.size for m in map_list)
-    pro_step = np.zeros(n_pixels, dtype=np.float64)
-    is_normal = np.empty(n_pixels, dtype=bool)
-    n_regions = 0
-    start = 0
-    for mask in mask_list:
-        labels, n = ndimage.label(mask, structure=_EIGHT_CONNECTED)
-        labels = labels.ravel()
-        stop = start + labels.size
-        if n:
-            sizes = np.bincount(labels)  # sizes[0] counts the normal pixels, unused
-            inside = labels > 0
-            pro_step[start:stop][inside] = 1.0 / sizes[labels[inside]]
-        is_normal[start:stop] = labels == 0
-        n_regions += n
-        start = stop
-
+    pro_step, is_normal, n_regions = _region_steps(mask_list)
     n_normal = int(is_normal.sum())
     if n_regions == 0:
         raise ValueError(
@@ -143,31 +176,8 @@ def au_pro(
             "AU-PRO needs anomaly-free pixels to measure false positives, but every pixel "
             "of every mask is anomalous"
         )
-
-    scores = np.concatenate([m.ravel() for m in map_list])
-    # Decreasing order of score: walking it lowers the threshold one pixel at a time.
-    order = np.argsort(scores)[::-1]
-    scores = scores[order]
-    region_sum = np.cumsum(pro_step[order])  # sum over regions of the fraction found
-    false_positives = np.cumsum(is_normal[order], dtype=np.int64)
-
-    # Ties: a threshold t admits every pixel scoring >= t at once, so only the last
-    # position of each run of equal scores is a point of the curve.
-    last_of_run = np.append(scores[1:] != scores[:-1], True)
-    pro = region_sum[last_of_run] / n_regions
-    fpr = false_positives[last_of_run] / n_normal
-    thresholds = scores[last_of_run]
-
-    # The lowest threshold admits every pixel: (1, 1) exactly, whatever the rounding of
-    # the cumulative sums; clip keeps rounding from overshooting elsewhere.
-    pro[-1] = 1.0
-    np.clip(pro, 0.0, 1.0, out=pro)
-    fpr = np.concatenate(([0.0], fpr))
-    pro = np.concatenate(([0.0], pro))
-    thresholds = np.concatenate(([np.inf], thresholds.astype(np.float64)))
-    for array in (fpr, pro, thresholds):
-        array.flags.writeable = False
-
+    fpr, pro, thresholds = _pro_curve(np.concatenate([m.ravel() for m in map_list]),
+                                      pro_step, is_normal, n_regions, n_normal)
     area = _area_up_to(fpr, pro, fpr_limit)
     return ProResult(
         au_pro=float(area / fpr_limit),
