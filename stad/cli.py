@@ -442,7 +442,7 @@ def evaluate_cmd(
 ) -> None:
     """Evaluate on the labelled test split: AU-PRO, pixel and image AUROC, AP."""
     from stad.commands.evaluate import evaluate
-    from stad.evaluation import markdown
+    from stad.report import markdown
 
     settings = _settings(config, dataset=dataset, root=root, category=category, device=device,
                          evaluate={"fpr_limit": fpr_limit},

@@ -1,4 +1,5 @@
-"""``stad evaluate``: metrics of a model on a labelled test split, and the report folder.
+"""``stad evaluate``: metrics of a model on a labelled test split (the report folder:
+:mod:`stad.report`).
 
 Maps are compared with the ground truth at the ground truth's resolution (METHOD.md §6): each
 map is computed at the model's image size and resized bilinearly to its image's own size, which
@@ -7,11 +8,8 @@ is the mask's size (a mask of another size is a data error).
 
 from __future__ import annotations
 
-import io
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,8 +20,7 @@ from stad.config import Settings
 from stad.console import NULL_REPORTER, Reporter
 from stad.datasets.base import Sample
 from stad.errors import DataError
-from stad.fsutil import atomic_write_bytes, atomic_write_text
-from stad.images import load_image, load_mask
+from stad.images import load_mask
 from stad.model import Networks
 from stad.scoring import image_score, iter_maps
 
@@ -106,124 +103,3 @@ def compute_metrics(items: Sequence[Evaluated], fpr_limit: float,
                                         key, fpr_limit, pixel) for d in defects}
         result["maps"][key] = entry
     return result
-
-
-# ---- the report folder ----------------------------------------------------------------------
-
-_COLUMNS = ("au_pro", "pixel_auroc", "image_auroc", "image_ap", "pixel_ap", "pixel_f1",
-            "pixel_iou")
-
-
-def markdown(result: dict[str, Any], title: str) -> str:
-    def fmt(v: Any) -> str:
-        return f"{v:.3f}" if isinstance(v, float) else "–"
-
-    lim = result["fpr_limit"]
-    head = ["map", f"AU-PRO@{lim:g}", "pixel AUROC", "image AUROC", "image AP", "pixel AP",
-            "pixel F1", "pixel IoU"]
-    lines = [f"# {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for key, entry in result["maps"].items():
-        lines.append(f"| {key} | " + " | ".join(fmt(entry.get(c)) for c in _COLUMNS) + " |")
-    lines += ["", "## Per defect type (fused map, with all good images)", "",
-              "| defect | images | " + " | ".join(head[1:]) + " |",
-              "|" + "---|" * (len(head) + 1)]
-    for d, entry in result["maps"]["fused"]["defects"].items():
-        lines.append(f"| {d} | {entry['n_anomalous']} | "
-                     + " | ".join(fmt(entry.get(c)) for c in _COLUMNS) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def _png(array: np.ndarray) -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def grid(items: Sequence[Evaluated], threshold: float | None, k: int = 4) -> np.ndarray:
-    """Rows of image | overlay | ground truth for the best and worst cases.
-
-    Order: the k highest-scoring anomalous images (found), the k lowest-scoring anomalous
-    images (missed), the k highest-scoring normal images (false alarms).
-    """
-    from PIL import Image
-
-    from stad.visualize import display_range, overlay
-
-    anomalous = sorted((e for e in items if e.sample.label == "anomalous"),
-                       key=lambda e: -e.scores["fused"])
-    normal = sorted((e for e in items if e.sample.label == "normal"),
-                    key=lambda e: -e.scores["fused"])
-    chosen = anomalous[:k] + anomalous[::-1][:k] + normal[:k]
-    side = 160
-    rows = []
-    for e in chosen:
-        image = load_image(e.sample.image)
-        lo, hi = display_range(threshold, e.maps["fused"])
-        tiles = [(image * 255).astype(np.uint8), overlay(image, e.maps["fused"], lo, hi),
-                 np.repeat((e.mask * 255).astype(np.uint8)[..., None], 3, axis=2)]
-        row = [np.asarray(Image.fromarray(t).resize((side, side))) for t in tiles]
-        rows.append(np.concatenate(row, axis=1))
-    if not rows:
-        return np.zeros((side, 3 * side, 3), np.uint8)
-    return np.concatenate(rows, axis=0)
-
-
-def write_report(folder: Path, result: dict[str, Any], items: Sequence[Evaluated],
-                 *, title: str, threshold: float | None) -> list[str]:
-    """metrics.json, report.md, examples.png and (with matplotlib) roc.png and pro.png."""
-    folder.mkdir(parents=True, exist_ok=True)
-    written = []
-    atomic_write_text(folder / "metrics.json", json.dumps(result, indent=2) + "\n")
-    text = markdown(result, title)
-    plots = _plots(folder, items, result["fpr_limit"])
-    text += ("\n![ROC](roc.png) ![PRO](pro.png)\n" if plots else
-             "\n(ROC and PRO plots skipped: install matplotlib, `pip install stad[plots]`)\n")
-    text += ("\n## Examples\n\nRows: best-detected anomalies, missed anomalies, highest-scoring "
-             "normal images. Columns: image, fused map over the image, ground truth.\n\n"
-             "![examples](examples.png)\n")
-    atomic_write_text(folder / "report.md", text)
-    atomic_write_bytes(folder / "examples.png", _png(grid(items, threshold)))
-    written += ["metrics.json", "report.md", "examples.png", *plots]
-    return [str(folder / w) for w in written]
-
-
-def _plots(folder: Path, items: Sequence[Evaluated], fpr_limit: float) -> list[str]:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return []
-    labels = [e.sample.label == "anomalous" for e in items]
-    keys = list(items[0].maps)
-    fig, ax = plt.subplots(figsize=(5, 4))
-    if 0 < sum(labels) < len(labels):
-        for key in keys:
-            fpr, tpr = metrics.roc_curve([e.scores[key] for e in items], labels)
-            ax.plot(fpr, tpr, label=key)
-    ax.set(xlabel="false positive rate", ylabel="true positive rate", title="image ROC")
-    ax.legend()
-    _save_fig(fig, folder / "roc.png")
-    fig, ax = plt.subplots(figsize=(5, 4))
-    pix = [e for e in items if e.sample.label == "normal" or e.sample.mask is not None]
-    if any(e.mask.any() for e in pix):
-        for key in keys:
-            pro = metrics.au_pro([e.maps[key] for e in pix], [e.mask for e in pix],
-                                 fpr_limit=fpr_limit)
-            ax.plot(pro.fpr, pro.pro, label=f"{key} ({pro.au_pro:.3f})")
-    ax.axvline(fpr_limit, color="grey", linestyle=":")
-    ax.set(xlim=(0, min(1.0, 2 * fpr_limit)), xlabel="false positive rate (pixels)",
-           ylabel="per-region overlap", title="PRO curve")
-    ax.legend()
-    _save_fig(fig, folder / "pro.png")
-    plt.close("all")
-    return ["roc.png", "pro.png"]
-
-
-def _save_fig(fig: Any, path: Path) -> None:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
-    atomic_write_bytes(path, buf.getvalue())

@@ -149,8 +149,10 @@ def test_evaluate_report(model: Path, tmp_path: Path):
         assert 0.0 <= fused[key] <= 1.0
     assert set(result["maps"]) == {"p17", "fused"}
     assert set(fused["defects"]) == {"hole", "paste", "scratch", "stain"}
-    for name in ("metrics.json", "report.md", "examples.png"):
+    for name in ("metrics.json", "report.html", "report.md", "examples.png"):
         assert (report / name).is_file()
+    page = (report / "report.html").read_text()
+    assert "<h2>Training</h2>" in page and "students: loss per epoch" in page  # from the model
     assert json.loads((report / "metrics.json").read_text())["maps"]["fused"]["au_pro"] == \
         pytest.approx(fused["au_pro"])
     text = run(["evaluate", "--model", str(model)])

@@ -20,7 +20,8 @@ def evaluate(settings: Settings, *, model_path: Path, report: Path | None = None
 
     The data selection defaults to what the model was fitted on.
     """
-    from stad.evaluation import collect, compute_metrics, write_report
+    from stad.evaluation import collect, compute_metrics
+    from stad.report import write_report
 
     if report is not None:
         check_output_dir(report)
@@ -39,6 +40,8 @@ def evaluate(settings: Settings, *, model_path: Path, report: Path | None = None
         raise DataError(f"cannot evaluate {selection.describe()}: {exc}") from None
     result = {"model": str(model_path), **data_info(selection), **result}
     if report is not None:
-        result["report"] = write_report(report, result, items, threshold=calibration["threshold"],
-                                        title=f"stad evaluation: {selection.describe()}")
+        result["report"] = write_report(
+            report, result, items, threshold=calibration["threshold"],
+            pixel_threshold=calibration.get("pixel_threshold"), info=model.info,
+            title=f"stad evaluation: {selection.describe()}")
     return result

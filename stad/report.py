@@ -1,0 +1,341 @@
+"""The report folder of ``stad evaluate --report DIR``.
+
+- ``metrics.json``: every figure;
+- ``report.html``: one self-contained page (no network: images inline, curves as SVG, no
+  script): the metrics per scale and per defect type, the image ROC and PRO curves, the
+  training losses recorded in the model, and cards of test images (image, heat-map overlay,
+  predicted mask, ground truth, score and verdict) for the best hits, the worst misses and the
+  worst false alarms;
+- ``report.md`` and ``examples.png``: the same metrics and examples for a Markdown viewer,
+  and with matplotlib ``roc.png`` and ``pro.png``.
+
+Every name in the page (file names, defect types, the title) is escaped: test data are
+untrusted.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from stad import metrics
+from stad.evaluation import Evaluated
+from stad.fsutil import atomic_write_bytes, atomic_write_text
+from stad.images import load_image
+from stad.visualize import display_range, overlay
+
+_COLUMNS = ("au_pro", "pixel_auroc", "image_auroc", "image_ap", "pixel_ap", "pixel_f1",
+            "pixel_iou")
+CARDS = 6  # test images per group of the HTML report
+SIDE = 192  # pixels of a picture in the HTML report
+MAX_POINTS = 400  # points per curve in the SVGs
+
+
+def _headers(fpr_limit: float) -> list[str]:
+    return [f"AU-PRO@{fpr_limit:g}", "pixel AUROC", "image AUROC", "image AP", "pixel AP",
+            "pixel F1", "pixel IoU"]
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.3f}" if isinstance(v, float) else "–"
+
+
+def markdown(result: dict[str, Any], title: str) -> str:
+    """The metrics as Markdown tables: per map, then per defect type of the fused map."""
+    head = ["map", *_headers(result["fpr_limit"])]
+    lines = [f"# {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for key, entry in result["maps"].items():
+        lines.append(f"| {key} | " + " | ".join(_fmt(entry.get(c)) for c in _COLUMNS) + " |")
+    lines += ["", "## Per defect type (fused map, with all good images)", "",
+              "| defect | images | " + " | ".join(head[1:]) + " |",
+              "|" + "---|" * (len(head) + 1)]
+    for d, entry in result["maps"]["fused"]["defects"].items():
+        lines.append(f"| {d} | {entry['n_anomalous']} | "
+                     + " | ".join(_fmt(entry.get(c)) for c in _COLUMNS) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _png(array: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _examples(items: Sequence[Evaluated], k: int) -> dict[str, list[Evaluated]]:
+    """The best hits (highest-scoring anomalous images), the worst misses (lowest-scoring
+    anomalous) and the worst false alarms (highest-scoring normal), k of each."""
+    anomalous = sorted((e for e in items if e.sample.label == "anomalous"),
+                       key=lambda e: -e.scores["fused"])
+    normal = sorted((e for e in items if e.sample.label == "normal"),
+                    key=lambda e: -e.scores["fused"])
+    return {"best hits": anomalous[:k], "worst misses": anomalous[::-1][:k],
+            "worst false alarms": normal[:k]}
+
+
+def _tiles(e: Evaluated, threshold: float | None, pixel_threshold: float | None,
+           side: int) -> dict[str, np.ndarray]:
+    """image, overlay, predicted mask (with a pixel threshold) and ground truth, side × side."""
+    from PIL import Image
+
+    image = load_image(e.sample.image)
+    lo, hi = display_range(threshold, e.maps["fused"])
+    gray = (e.mask * 255).astype(np.uint8)
+    tiles = {"image": (image * 255).astype(np.uint8),
+             "overlay": overlay(image, e.maps["fused"], lo, hi)}
+    if pixel_threshold is not None:
+        tiles["predicted"] = np.repeat(((e.maps["fused"] > pixel_threshold) * 255)
+                                       .astype(np.uint8)[..., None], 3, axis=2)
+    tiles["ground truth"] = np.repeat(gray[..., None], 3, axis=2)
+    return {k: np.asarray(Image.fromarray(t).resize((side, side))) for k, t in tiles.items()}
+
+
+def grid(items: Sequence[Evaluated], threshold: float | None, k: int = 4) -> np.ndarray:
+    """examples.png: rows of image | overlay | ground truth for the best hits, the worst
+    misses and the worst false alarms (k of each)."""
+    side = 160
+    rows = [np.concatenate([t[c] for c in ("image", "overlay", "ground truth")], axis=1)
+            for group in _examples(items, k).values()
+            for t in (_tiles(e, threshold, None, side) for e in group)]
+    if not rows:
+        return np.zeros((side, 3 * side, 3), np.uint8)
+    return np.concatenate(rows, axis=0)
+
+
+# ---- report.html ------------------------------------------------------------------------------
+
+_STYLE = """
+body{font-family:system-ui,sans-serif;margin:2em;color:#222;max-width:1300px}
+table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;
+text-align:right}th:first-child,td:first-child{text-align:left}
+.cards{display:flex;flex-wrap:wrap;gap:12px}.card{border:1px solid #ccc;padding:6px}
+.card img{width:SIDEpx;height:SIDEpx;image-rendering:pixelated;margin-right:2px}
+.card p{margin:4px 0;font-size:13px;word-break:break-all;max-width:ROWpx}
+.bad{color:#b00}.good{color:#070}svg{background:#fafafa;border:1px solid #ccc;margin:4px}
+.legend{font-size:12px}
+""".replace("SIDE", str(SIDE)).replace("ROW", str(4 * SIDE + 8))
+
+_COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b")
+
+
+def _svg(title: str, curves: Mapping[str, tuple[np.ndarray, np.ndarray]], *, xlabel: str,
+         ylabel: str, xmax: float = 1.0, ymax: float | None = None,
+         vline: float | None = None) -> str:
+    """A line chart as inline SVG: each curve (x, y) thinned to MAX_POINTS points."""
+    w, h, m = 420, 300, 40
+    top = ymax if ymax is not None else max(
+        [float(np.max(y)) for _, y in curves.values() if len(y)] + [1e-9])
+    bottom = 0.0 if ymax is not None else min(
+        [float(np.min(y)) for _, y in curves.values() if len(y)] + [0.0])
+    span = top - bottom if top > bottom else 1.0
+
+    def px(x: float, y: float) -> str:
+        return f"{m + (w - 2 * m) * min(x, xmax) / xmax:.1f}," \
+               f"{h - m - (h - 2 * m) * (y - bottom) / span:.1f}"
+
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" '
+             f'role="img" aria-label="{html.escape(title)}">',
+             f'<text x="{w / 2}" y="18" text-anchor="middle">{html.escape(title)}</text>',
+             f'<line x1="{m}" y1="{h - m}" x2="{w - m}" y2="{h - m}" stroke="#444"/>',
+             f'<line x1="{m}" y1="{m}" x2="{m}" y2="{h - m}" stroke="#444"/>',
+             f'<text x="{w / 2}" y="{h - 8}" text-anchor="middle" font-size="12">'
+             f'{html.escape(xlabel)} (0–{xmax:g})</text>',
+             f'<text x="12" y="{h / 2}" font-size="12" transform="rotate(-90 12 {h / 2})" '
+             f'text-anchor="middle">{html.escape(ylabel)} ({bottom:.3g}–{top:.3g})</text>']
+    if vline is not None:
+        a, b = px(vline, bottom), px(vline, top)
+        parts.append(f'<line x1="{a.split(",")[0]}" y1="{a.split(",")[1]}" '
+                     f'x2="{b.split(",")[0]}" y2="{b.split(",")[1]}" stroke="#999" '
+                     'stroke-dasharray="4 3"/>')
+    for i, (name, (x, y)) in enumerate(curves.items()):
+        keep = np.unique(np.linspace(0, len(x) - 1, min(len(x), MAX_POINTS)).astype(int))
+        points = " ".join(px(float(x[j]), float(y[j])) for j in keep if x[j] <= xmax) \
+            if len(x) else ""
+        colour = _COLOURS[i % len(_COLOURS)]
+        parts.append(f'<polyline fill="none" stroke="{colour}" stroke-width="1.5" '
+                     f'points="{points}"/>')
+        parts.append(f'<text class="legend" x="{w - m - 150}" y="{m + 14 * i}" '
+                     f'fill="{colour}">{html.escape(name)}</text>')
+    return "".join(parts) + "</svg>"
+
+
+def _curves(items: Sequence[Evaluated], fpr_limit: float) -> list[str]:
+    labels = [e.sample.label == "anomalous" for e in items]
+    keys = list(items[0].maps)
+    out = []
+    if 0 < sum(labels) < len(labels):
+        roc = {k: metrics.roc_curve([e.scores[k] for e in items], labels) for k in keys}
+        out.append(_svg("image ROC", roc, xlabel="false positive rate",
+                        ylabel="true positive rate", ymax=1.0))
+    pix = [e for e in items if e.sample.label == "normal" or e.sample.mask is not None]
+    if any(e.mask.any() for e in pix):
+        pro = {}
+        for k in keys:
+            r = metrics.au_pro([e.maps[k] for e in pix], [e.mask for e in pix],
+                               fpr_limit=fpr_limit)
+            pro[f"{k} ({r.au_pro:.3f})"] = (r.fpr, r.pro)
+        out.append(_svg("PRO curve", pro, xlabel="false positive rate (pixels)",
+                        ylabel="per-region overlap", xmax=min(1.0, 2 * fpr_limit), ymax=1.0,
+                        vline=fpr_limit))
+    return out
+
+
+def training_curves(info: Mapping[str, Any]) -> list[str]:
+    """SVGs of the losses a model artifact recorded: the students' loss per epoch per scale,
+    and the teacher's pretraining curve per scale (mean loss of each twentieth of the run)."""
+    out = []
+    students = info.get("students", {}).get("scales", {})
+    per_epoch = {k: (np.arange(1, len(v["loss_per_epoch"]) + 1, dtype=float),
+                     np.asarray(v["loss_per_epoch"], dtype=float))
+                 for k, v in students.items() if v.get("loss_per_epoch")}
+    if per_epoch:
+        longest = max(len(x) for x, _ in per_epoch.values())
+        out.append(_svg("students: loss per epoch", per_epoch, xlabel="epoch",
+                        ylabel="loss", xmax=float(longest)))
+    teacher = info.get("teacher", {}).get("info", {})
+    losses = teacher.get("losses") or {k: v.get("losses") for k, v in
+                                       teacher.get("scales", {}).items() if v.get("losses")}
+    curves = {k: (np.linspace(0.05, 1.0, len(v["curve"])), np.asarray(v["curve"], float))
+              for k, v in (losses or {}).items() if isinstance(v, Mapping) and v.get("curve")}
+    if curves:
+        out.append(_svg("teacher pretraining: loss", curves, xlabel="share of the run",
+                        ylabel="loss"))
+    return out
+
+
+def _img(array: np.ndarray, alt: str) -> str:
+    data = base64.b64encode(_png(array)).decode("ascii")
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+
+
+def _cards(items: Sequence[Evaluated], threshold: float | None,
+           pixel_threshold: float | None) -> str:
+    out = []
+    for group, chosen in _examples(items, CARDS).items():
+        out.append(f"<h3>{html.escape(group.capitalize())}</h3><div class=\"cards\">")
+        for e in chosen:
+            tiles = _tiles(e, threshold, pixel_threshold, SIDE)
+            score = e.scores["fused"]
+            flagged = threshold is not None and score > threshold
+            right = flagged == (e.sample.label == "anomalous")
+            verdict = "anomalous" if flagged else "ok"
+            what = e.sample.defect or e.sample.label
+            out.append(
+                '<div class="card">' + "".join(_img(t, k) for k, t in tiles.items())
+                + f"<p>{html.escape(str(e.sample.image))}</p><p>{html.escape(str(what))}: "
+                f"score {score:.3f}, <span class=\"{'good' if right else 'bad'}\">{verdict}"
+                "</span></p></div>")
+        out.append("</div>")
+    return "".join(out)
+
+
+def _table(result: dict[str, Any]) -> str:
+    head = _headers(result["fpr_limit"])
+    rows = ["<table><tr><th>map</th>" + "".join(f"<th>{h}</th>" for h in head) + "</tr>"]
+    for key, entry in result["maps"].items():
+        rows.append(f"<tr><td>{html.escape(key)}</td>"
+                    + "".join(f"<td>{_fmt(entry.get(c))}</td>" for c in _COLUMNS) + "</tr>")
+    rows.append("</table><h3>Per defect type (fused map, with all good images)</h3>"
+                "<table><tr><th>defect</th><th>images</th>"
+                + "".join(f"<th>{h}</th>" for h in head) + "</tr>")
+    for d, entry in result["maps"]["fused"]["defects"].items():
+        rows.append(f"<tr><td>{html.escape(str(d))}</td><td>{entry['n_anomalous']}</td>"
+                    + "".join(f"<td>{_fmt(entry.get(c))}</td>" for c in _COLUMNS) + "</tr>")
+    return "".join(rows) + "</table>"
+
+
+def page(result: dict[str, Any], items: Sequence[Evaluated], *, title: str,
+         threshold: float | None, pixel_threshold: float | None,
+         info: Mapping[str, Any]) -> str:
+    """report.html: one self-contained page."""
+    n_anomalous = sum(e.sample.label == "anomalous" for e in items)
+    facts = (f"{len(items)} test images ({n_anomalous} anomalous); image threshold "
+             f"{_fmt(threshold)}; pixel threshold {_fmt(pixel_threshold)}")
+    curves = _curves(items, result["fpr_limit"])
+    training = training_curves(info)
+    body = [f"<h1>{html.escape(title)}</h1><p>{html.escape(facts)}</p>",
+            "<h2>Metrics</h2>", _table(result),
+            "<h2>Curves</h2>", "".join(curves) or "<p>(no curves: the test split lacks "
+            "normal or anomalous images)</p>"]
+    if training:
+        body += ["<h2>Training</h2>", "".join(training)]
+    body += ["<h2>Examples</h2><p>Each card: the image, the fused map over it"
+             + (", the predicted mask (map above the pixel threshold)"
+                if pixel_threshold is not None else "")
+             + ", the ground truth; the file, the defect type, the score and the verdict "
+             "(green: right, red: wrong).</p>", _cards(items, threshold, pixel_threshold)]
+    return ("<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">"
+            f"<title>{html.escape(title)}</title><style>{_STYLE}</style></head><body>"
+            + "".join(body) + "</body></html>\n")
+
+
+def write_report(folder: Path, result: dict[str, Any], items: Sequence[Evaluated],
+                 *, title: str, threshold: float | None, pixel_threshold: float | None = None,
+                 info: Mapping[str, Any] | None = None) -> list[str]:
+    """metrics.json, report.html, report.md, examples.png and (with matplotlib) roc.png and
+    pro.png, each written atomically; returns their paths."""
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(folder / "metrics.json", json.dumps(result, indent=2) + "\n")
+    atomic_write_text(folder / "report.html",
+                      page(result, items, title=title, threshold=threshold,
+                           pixel_threshold=pixel_threshold, info=info or {}))
+    text = markdown(result, title)
+    plots = _plots(folder, items, result["fpr_limit"])
+    text += ("\n![ROC](roc.png) ![PRO](pro.png)\n" if plots else
+             "\n(ROC and PRO plots skipped: install matplotlib, `pip install stad[plots]`; "
+             "report.html has them without it)\n")
+    text += ("\n## Examples\n\nRows: best-detected anomalies, missed anomalies, highest-scoring "
+             "normal images. Columns: image, fused map over the image, ground truth.\n\n"
+             "![examples](examples.png)\n")
+    atomic_write_text(folder / "report.md", text)
+    atomic_write_bytes(folder / "examples.png", _png(grid(items, threshold)))
+    written = ["metrics.json", "report.html", "report.md", "examples.png", *plots]
+    return [str(folder / w) for w in written]
+
+
+def _plots(folder: Path, items: Sequence[Evaluated], fpr_limit: float) -> list[str]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    labels = [e.sample.label == "anomalous" for e in items]
+    keys = list(items[0].maps)
+    fig, ax = plt.subplots(figsize=(5, 4))
+    if 0 < sum(labels) < len(labels):
+        for key in keys:
+            fpr, tpr = metrics.roc_curve([e.scores[key] for e in items], labels)
+            ax.plot(fpr, tpr, label=key)
+    ax.set(xlabel="false positive rate", ylabel="true positive rate", title="image ROC")
+    ax.legend()
+    _save_fig(fig, folder / "roc.png")
+    fig, ax = plt.subplots(figsize=(5, 4))
+    pix = [e for e in items if e.sample.label == "normal" or e.sample.mask is not None]
+    if any(e.mask.any() for e in pix):
+        for key in keys:
+            pro = metrics.au_pro([e.maps[key] for e in pix], [e.mask for e in pix],
+                                 fpr_limit=fpr_limit)
+            ax.plot(pro.fpr, pro.pro, label=f"{key} ({pro.au_pro:.3f})")
+    ax.axvline(fpr_limit, color="grey", linestyle=":")
+    ax.set(xlim=(0, min(1.0, 2 * fpr_limit)), xlabel="false positive rate (pixels)",
+           ylabel="per-region overlap", title="PRO curve")
+    ax.legend()
+    _save_fig(fig, folder / "pro.png")
+    plt.close("all")
+    return ["roc.png", "pro.png"]
+
+
+def _save_fig(fig: Any, path: Path) -> None:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    atomic_write_bytes(path, buf.getvalue())

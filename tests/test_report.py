@@ -1,0 +1,138 @@
+"""report.html of `stad evaluate --report`: self-contained, escaped, and loaded in a browser.
+
+The browser test runs Debian's headless Chromium (`make test` installs it where it can; the
+test says why it skips where it cannot): the page loads from file:// with no network, with no
+console error, and every image decodes; a screenshot is kept under tests/artifacts/.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from stad.datasets.base import Sample
+from stad.evaluation import Evaluated, compute_metrics
+from stad.report import page, training_curves, write_report
+
+REPO = Path(__file__).resolve().parents[1]
+ARTIFACTS = REPO / "tests" / "artifacts"
+
+
+def _items(tmp_path: Path) -> list[Evaluated]:
+    """Four test images (two normal, two anomalous), one with a hostile file name."""
+    rng = np.random.default_rng(0)
+    items = []
+    names = ["good_0.png", "good_1.png", "crack_<img src=x onerror=alert(1)>.png", "crack_1.png"]
+    for i, name in enumerate(names):
+        path = tmp_path / name
+        Image.fromarray(rng.integers(0, 256, (24, 32, 3), dtype=np.uint8)).save(path)
+        anomalous = i >= 2
+        mask = np.zeros((24, 32), bool)
+        if anomalous:
+            mask[5:12, 8:20] = True
+        amap = rng.standard_normal((24, 32)).astype(np.float32) + 3 * mask
+        sample = Sample(image=path, mask=path if anomalous else None,
+                        label="anomalous" if anomalous else "normal", split="test",
+                        defect="cr<ack>" if anomalous else None)
+        items.append(Evaluated(sample, {"p17": amap, "fused": amap}, mask,
+                               {"p17": float(amap.max()), "fused": float(amap.max())}))
+    return items
+
+
+INFO = {"students": {"scales": {"p17": {"loss_per_epoch": [9.0, 5.0, 4.0]}}},
+        "teacher": {"info": {"losses": {"p17": {"curve": [3.0, 2.0, 1.5]}}}}}
+
+
+def test_the_page_is_self_contained_and_escapes_names(tmp_path: Path) -> None:
+    items = _items(tmp_path)
+    result = compute_metrics(items, 0.3, pixel_threshold=2.0)
+    text = page(result, items, title="stad <evaluation>", threshold=2.5, pixel_threshold=2.0,
+                info=INFO)
+    assert "<script" not in text and "<link" not in text
+    assert not re.search(r'(src|href)="(?!data:)', text)  # nothing fetched from anywhere
+    assert "crack_&lt;img src=x onerror=alert(1)&gt;.png" in text and "cr&lt;ack&gt;" in text
+    assert "<img src=x" not in text
+    assert "<title>stad &lt;evaluation&gt;</title>" in text
+    images = re.findall(r'src="data:image/png;base64,([^"]+)"', text)
+    # 4 images per card (image, overlay, predicted mask, ground truth): 2 hits, 2 misses,
+    # 2 false alarms, each group as long as it has images.
+    assert len(images) == 4 * 6
+    for data in images:
+        with Image.open(io.BytesIO(base64.b64decode(data))) as picture:
+            assert picture.size == (192, 192)
+    assert text.count("<svg") == 4  # ROC, PRO, students' and teacher's losses
+    assert "pixel F1" in text and "students: loss per epoch" in text
+
+
+def test_training_curves_need_recorded_losses() -> None:
+    assert training_curves({}) == []
+    assert len(training_curves(INFO)) == 2
+
+
+def test_write_report_writes_the_folder(tmp_path: Path) -> None:
+    items = _items(tmp_path)
+    result = compute_metrics(items, 0.3)
+    written = write_report(tmp_path / "report", result, items, title="t", threshold=None)
+    names = {Path(w).name for w in written}
+    assert {"metrics.json", "report.html", "report.md", "examples.png"} <= names
+    assert (tmp_path / "report" / "report.html").stat().st_size > 1000
+
+
+def _chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+CHECK = """<script>
+addEventListener("load", () => {
+  const bad = [...document.images].filter(i => !i.complete || i.naturalWidth === 0).length;
+  const out = document.createElement("pre");
+  out.id = "stad-check";
+  out.textContent = `images ${document.images.length} broken ${bad}`;
+  document.body.append(out);
+});
+</script>"""
+
+
+@pytest.mark.skipif(_chromium() is None, reason="Debian's chromium is not installed "
+                    "(make test installs it with apt-get where it runs as root)")
+def test_report_loads_in_headless_chromium(tmp_path: Path) -> None:
+    items = _items(tmp_path)
+    result = compute_metrics(items, 0.3, pixel_threshold=2.0)
+    folder = tmp_path / "report"
+    write_report(folder, result, items, title="browser check", threshold=2.5,
+                 pixel_threshold=2.0, info=INFO)
+    # The test's copy gets a script that counts the images that failed to decode; the
+    # report itself has none.
+    checked = folder / "checked.html"
+    checked.write_text((folder / "report.html").read_text().replace("</body>",
+                                                                     CHECK + "</body>"))
+    chromium = _chromium()
+    assert chromium is not None
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={tmp_path / 'profile'}", "--enable-logging=stderr", "--v=0",
+             "--virtual-time-budget=5000"]
+    env = {**os.environ, "HOME": str(tmp_path)}
+    dom = subprocess.run([chromium, *flags, "--dump-dom", checked.as_uri()], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    assert "images 24 broken 0" in dom.stdout, dom.stdout[-2000:]
+    console = [ln for ln in dom.stderr.splitlines() if "CONSOLE" in ln]
+    assert not console, console
+    ARTIFACTS.mkdir(exist_ok=True)
+    shot = ARTIFACTS / "report.png"
+    run = subprocess.run([chromium, *flags, "--window-size=1300,2400",
+                          f"--screenshot={shot}", (folder / "report.html").as_uri()],
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and shot.is_file(), run.stderr[-2000:]
+    with Image.open(shot) as picture:
+        assert picture.size == (1300, 2400)
