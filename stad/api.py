@@ -139,6 +139,17 @@ class Model:
         precision) and, until calibrated, how an image score is taken. ``calibration=False``
         leaves out the stored calibration (which :meth:`calibrate` replaces)."""
         path = Path(path)
+        if path.suffix.lower() == ".onnx":  # from `stad export`: scored with onnxruntime
+            from stad.export import load_onnx
+
+            if not calibration:
+                raise UsageError(f"{path} is an exported ONNX model and cannot be calibrated: "
+                                 "calibrate the .safetensors model and export again")
+            onnx_networks, info = load_onnx(path)
+            return cls(onnx_networks, Artifact(  # type: ignore[arg-type]
+                kind="model", tensors={}, config={}, preprocessing=onnx_networks.preprocessing,
+                seed=0, info=info), path=path, device=torch.device("cpu"),
+                score=score or ScoreSettings())
         artifact = load_artifact(path, kind="model")
         networks = model_from_tensors(artifact.tensors, artifact.preprocessing,
                                       calibration=calibration)
@@ -217,6 +228,7 @@ class Model:
         ``target_pixel_fpr`` of the normal images' pixels above it. Returns what is recorded
         as ``info["calibration"]``.
         """
+        self._refuse_onnx("calibrated")
         cfg = _settings(None, {"calibrate": {
             "threshold_method": method, "target_fpr": target_fpr, "threshold": threshold,
             "normalize": normalize, "target_pixel_fpr": target_pixel_fpr}}).calibrate
@@ -257,12 +269,33 @@ class Model:
     def save(self, path: str | os.PathLike[str] | None = None) -> Path:
         """Write the model artifact (atomically, locked against a second writer) to ``path``,
         by default the file it was loaded from. Returns where it was written."""
+        self._refuse_onnx("saved")
         target = Path(path) if path is not None else self.path
         if target is None:
             raise UsageError("Model.save needs a path: this model was not loaded from a file")
         with output_lock(target):
             save_model(target, self.networks, Settings.model_validate(self.config), self.info)
         return target
+
+    @property
+    def onnx(self) -> bool:
+        """Whether this is an exported ONNX model (scored with onnxruntime)."""
+        return "onnx" in self.info
+
+    def _refuse_onnx(self, what: str) -> None:
+        if self.onnx:
+            raise UsageError(f"{self.path} is an exported ONNX model and cannot be {what}: "
+                             "do it with the .safetensors model and export again")
+
+    def export(self, out: str | os.PathLike[str], *, format: str = "onnx") -> dict[str, Any]:
+        """Write the model as one ONNX graph (``stad export``; :mod:`stad.export`)."""
+        from stad.export import export_onnx
+
+        self._refuse_onnx("exported")
+        if format != "onnx":
+            raise UsageError(f"--format must be onnx, not {format!r} (TorchScript is "
+                             "deprecated in PyTorch; docs/usage.md, \"Export\")")
+        return export_onnx(self, Path(out))
 
     def __repr__(self) -> str:
         state = "calibrated" if self.calibration else "not calibrated"

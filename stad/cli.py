@@ -145,7 +145,9 @@ ResumeOpt = Annotated[bool, typer.Option(
     "--resume", help="Continue the checkpoint an interrupted run left beside --out "
     "(OUT.ckpt.safetensors for OUT.safetensors); refused if settings or data differ; without "
     "one, start afresh.")]
-ModelOpt = Annotated[Path, typer.Option("--model", help="Model artifact from fit-students.")]
+ModelOpt = Annotated[Path, typer.Option(
+    "--model", help="Model artifact from fit-students (score and evaluate also take the .onnx "
+    "file of stad export).")]
 # How maps are computed (calibrate, score, evaluate); docs/usage.md, "Speed and memory".
 BatchSizeOpt = Annotated[int | None, typer.Option(
     "--batch-size", help="Images per network pass. [default: 4]")]
@@ -432,7 +434,8 @@ def evaluate_cmd(
     config: ConfigOpt = None,
     device: DeviceOpt = None,
     report: Annotated[Path | None, typer.Option(
-        "--report", help="Write metrics.json, report.md and pictures to this folder.")] = None,
+        "--report", help="Write report.html, metrics.json, report.md and pictures to this "
+        "folder.")] = None,
     fpr_limit: Annotated[float | None, typer.Option(
         "--fpr-limit", help="Integrate PRO up to this FPR. [default: 0.3]")] = None,
     batch_size: BatchSizeOpt = None,
@@ -453,6 +456,24 @@ def evaluate_cmd(
     if report is not None:
         lines.append(f"report written to {report}")
     _print_result(result, json_out, lines)
+
+
+@app.command("export")
+def export_cmd(
+    model: ModelOpt = Path("model.safetensors"),
+    out: Annotated[Path, typer.Option("--out", help="The ONNX file to write.")] = Path(
+        "model.onnx"),
+    format: Annotated[str, typer.Option(
+        "--format", help="onnx (TorchScript is deprecated in PyTorch).")] = "onnx",
+    json_out: JsonOpt = False,
+) -> None:
+    """Export a calibrated model as one ONNX graph (stad score --model model.onnx uses it)."""
+    from stad.api import Model
+
+    result = Model.load(model, device="cpu").export(out, format=format)
+    _print_result(result, json_out, [f"exported {model} to {result['artifact']} "
+                                     f"({result['bytes']} bytes, opset {result['opset']}); "
+                                     f"score with: stad score --model {result['artifact']}"])
 
 
 @app.command("demo")

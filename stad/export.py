@@ -1,0 +1,167 @@
+"""``stad export``: a calibrated model as one ONNX graph, and scoring with onnxruntime.
+
+The graph maps a batch of preprocessed images, (N, 3, S, S) float32 (each image resized to the
+model's S × S, bilinear with antialiasing, and standardized with the recorded mean and std:
+``metadata["preprocessing"]``), to
+
+- ``fused``: (N, S, S), the fused anomaly map at the model's resolution, and
+- ``scales``: (N, K, S, S), each scale's map (patch sizes in ``metadata["patch_sizes"]``),
+
+with the teachers, the students, the descriptor normalization, the calibration statistics
+(global or per position) and the fusion inside: exactly :meth:`stad.model.Networks.maps` in
+fp32. The batch dimension is dynamic. The metadata (``onnx.ModelProto.metadata_props``) also
+holds the image and pixel thresholds, the image-score rule and the stad version.
+
+Images of another size get their map resized back to their own size, and their score taken
+on it, outside the graph: :class:`OnnxNetworks` does that exactly as the PyTorch path does, so
+``stad score --model model.onnx`` and ``stad.load_model("model.onnx")`` give the same records.
+Needs the ``onnx`` extra (``pip install 'stad[onnx]'``: onnx and onnxruntime).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from stad._version import __version__
+from stad.errors import ArtifactError, UsageError
+from stad.fsutil import atomic_write_bytes, check_output_file
+from stad.model import Inference, Networks
+
+OPSET = 17
+EXTRA = "pip install 'stad[onnx]'"
+
+
+def _require(module: str) -> Any:
+    try:
+        return __import__(module)
+    except ImportError:
+        raise UsageError(f"ONNX export and scoring need {module}: {EXTRA}") from None
+
+
+class _Graph(nn.Module):
+    """What is exported: standardized images → (fused map, per-scale maps)."""
+
+    def __init__(self, networks: Networks) -> None:
+        super().__init__()
+        self.networks = networks
+        # Registered so that export sees them as the graph's weights.
+        self.modules_ = nn.ModuleList(
+            [m for s in networks.scales.values() for m in (s.teacher, *s.students)])
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        maps = self.networks.maps(x)
+        return maps["fused"], torch.stack([maps[f"p{p}"] for p in self.networks.patch_sizes], 1)
+
+
+def export_onnx(model: Any, out: Path) -> dict[str, Any]:
+    """Write ``model`` (a calibrated :class:`stad.api.Model`) to ``out`` as ONNX, atomically.
+
+    Returns what ``stad export`` prints: the file, its size, the patch sizes and the metadata.
+    """
+    onnx = _require("onnx")
+    check_output_file(out)
+    calibration, _ = model.score_rule()
+    networks: Networks = model.networks
+    saved = networks.inference
+    networks.inference = Inference(batch_size=1)  # exact fp32, untiled, unfused
+    size = int(networks.preprocessing["image_size"])
+    graph = _Graph(networks.to("cpu").eval()).eval()
+    buf = io.BytesIO()
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            # The TorchScript exporter warns that it is deprecated, and tracing warns about
+            # shape checks that are constant for a fixed input size.
+            warnings.simplefilter("ignore")
+            torch.onnx.export(graph, (torch.zeros(1, 3, size, size),), buf, dynamo=False,
+                              input_names=["images"], output_names=["fused", "scales"],
+                              dynamic_axes={"images": {0: "n"}, "fused": {0: "n"},
+                                            "scales": {0: "n"}},
+                              opset_version=OPSET)
+    finally:
+        networks.inference = saved
+        networks.to(model.device)
+    proto = onnx.load_from_string(buf.getvalue())
+    metadata = {
+        "stad_version": __version__,
+        "preprocessing": json.dumps(networks.preprocessing),
+        "patch_sizes": json.dumps(networks.patch_sizes),
+        "calibration": json.dumps({k: calibration.get(k) for k in (
+            "threshold", "pixel_threshold", "image_score", "topk_fraction", "normalize",
+            "method", "target_fpr", "target_pixel_fpr")}),
+        "data": json.dumps({k: v for k, v in model.info.get("data", {}).items()
+                            if k in ("dataset", "root", "category")}),
+        "input": "images: (N, 3, S, S) float32, resized to S x S and standardized as "
+                 "preprocessing says",
+        "outputs": "fused: (N, S, S) fused anomaly map; scales: (N, K, S, S) per patch size",
+    }
+    for key, value in metadata.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = f"stad.{key}", value
+    proto.producer_name = "stad"
+    data = proto.SerializeToString()
+    atomic_write_bytes(out, data)
+    return {"artifact": str(out), "format": "onnx", "bytes": len(data), "opset": OPSET,
+            "patch_sizes": networks.patch_sizes, "image_size": size,
+            "threshold": calibration["threshold"],
+            "pixel_threshold": calibration.get("pixel_threshold")}
+
+
+@dataclass
+class OnnxNetworks:
+    """An exported graph in onnxruntime, in the place of :class:`stad.model.Networks` for the
+    scoring code (:func:`stad.scoring.iter_results` needs ``preprocessing``, ``inference``,
+    ``patch_sizes`` and ``maps``)."""
+
+    session: Any
+    preprocessing: dict[str, Any]
+    patch_sizes: list[int]
+    inference: Inference = field(default_factory=Inference)
+
+    def maps(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        fused, scales = self.session.run(None, {"images": x.detach().cpu().numpy()})
+        out = {f"p{p}": torch.from_numpy(scales[:, k]) for k, p in enumerate(self.patch_sizes)}
+        out["fused"] = torch.from_numpy(fused)
+        return out
+
+    def to(self, device: Any) -> OnnxNetworks:
+        return self
+
+    def eval(self) -> OnnxNetworks:
+        return self
+
+
+def load_onnx(path: Path, *, threads: int | None = None) -> tuple[OnnxNetworks, dict[str, Any]]:
+    """An exported model: the networks for scoring, and the info its metadata holds
+    (``calibration``, ``data``)."""
+    ort = _require("onnxruntime")
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise UsageError(f"model {path} does not exist") from None
+    except OSError as exc:
+        raise ArtifactError(f"model {path} cannot be read: {exc.strerror}") from None
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        options.intra_op_num_threads = threads
+    try:
+        session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+        meta = session.get_modelmeta().custom_metadata_map
+        networks = OnnxNetworks(session, json.loads(meta["stad.preprocessing"]),
+                                json.loads(meta["stad.patch_sizes"]))
+        info = {"calibration": json.loads(meta["stad.calibration"]),
+                "data": json.loads(meta.get("stad.data", "{}")), "onnx": str(path)}
+    except (KeyError, ValueError) as exc:
+        raise ArtifactError(f"{path} is not an ONNX model exported by stad ({exc})") from None
+    except Exception as exc:  # onnxruntime raises its own exception types on a bad file
+        raise ArtifactError(f"{path} is not a readable ONNX model: "
+                            f"{str(exc).splitlines()[0][:200]}") from None
+    return networks, info

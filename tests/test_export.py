@@ -1,0 +1,152 @@
+"""`stad export --format onnx` and scoring the exported graph with onnxruntime: parity with
+PyTorch fp32 (maps to 1e-4 of their spread, identical verdicts and regions) on the synthetic
+set and on real photos, the metadata, and the one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+import stad
+from stad.cli import app
+from stad.datasets.synthetic import generate
+from stad.errors import EXIT_ARTIFACT, EXIT_USAGE, ArtifactError, UsageError
+
+onnx = pytest.importorskip("onnx", reason="the onnx extra is part of the test extra")
+ort = pytest.importorskip("onnxruntime", reason="the onnx extra is part of the test extra")
+
+STUDENTS = {"patch_sizes": [17, 33], "epochs": 1, "image_size": 48, "n_students": 2}
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    """Synthetic data, a calibrated two-scale model (per-position statistics), its export."""
+    tmp = tmp_path_factory.mktemp("export")
+    generate(tmp / "data", categories=["grain"], image_size=48, n_train=6, n_val=2,
+             n_test_good=2, n_test_per_defect=1, seed=2)
+    model = tmp / "model.safetensors"
+    stad.fit_students(model, teacher="random", dataset="synthetic", category="grain",
+                      root=tmp / "data", students=STUDENTS)
+    stad.calibrate(model)
+    old = os.umask(0o022)
+    try:
+        out = CliRunner().invoke(app, ["export", "--model", str(model), "--out",
+                                       str(tmp / "model.onnx"), "--json"])
+    finally:
+        os.umask(old)
+    assert out.exit_code == 0, out.output
+    assert json.loads(out.stdout.splitlines()[0])["format"] == "onnx"
+    return tmp / "data", model, tmp / "model.onnx"
+
+
+def _real_photos(folder: Path) -> list[Path]:
+    from skimage import data
+
+    folder.mkdir(exist_ok=True)
+    paths = []
+    for name in ("brick", "coffee", "gravel"):
+        image = getattr(data, name)()
+        path = folder / f"{name}.png"
+        Image.fromarray(image).save(path)
+        paths.append(path)
+    return paths
+
+
+def test_the_graph_and_its_metadata(exported: tuple[Path, Path, Path]) -> None:
+    _, model_path, onnx_path = exported
+    assert onnx_path.stat().st_mode & 0o777 == 0o644
+    proto = onnx.load(str(onnx_path))
+    onnx.checker.check_model(proto)
+    meta = {p.key: p.value for p in proto.metadata_props}
+    model = stad.load_model(model_path, device="cpu")
+    assert json.loads(meta["stad.patch_sizes"]) == [17, 33]
+    assert json.loads(meta["stad.preprocessing"])["image_size"] == 48
+    calibration = json.loads(meta["stad.calibration"])
+    assert calibration["threshold"] == model.threshold
+    assert calibration["pixel_threshold"] == model.calibration["pixel_threshold"]
+    assert meta["stad.stad_version"] == stad.__version__
+    # The batch is dynamic: 3 images in one run.
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    fused, scales = session.run(None, {"images": np.zeros((3, 3, 48, 48), np.float32)})
+    assert fused.shape == (3, 48, 48) and scales.shape == (3, 2, 48, 48)
+
+
+def _parity(torch_model: stad.Model, onnx_model: stad.Model, paths: list[Path]) -> None:
+    for a, b in zip(torch_model.score(paths), onnx_model.score(paths), strict=True):
+        spread = float(a.map.max() - a.map.min())
+        assert np.abs(a.map - b.map).max() <= 1e-4 * spread
+        assert a.anomalous == b.anomalous and abs(a.score - b.score) <= 1e-4 * spread
+        assert [r.bbox for r in a.regions] == [r.bbox for r in b.regions]
+        for k in a.maps:
+            assert np.abs(a.maps[k] - b.maps[k]).max() <= 1e-4 * spread
+
+
+def test_onnxruntime_matches_pytorch_on_synthetic_and_real_images(
+        exported: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    data, model_path, onnx_path = exported
+    torch_model = stad.load_model(model_path, device="cpu")
+    onnx_model = stad.load_model(onnx_path)
+    assert onnx_model.onnx and onnx_model.threshold == torch_model.threshold
+    synthetic = sorted((data / "grain" / "test").rglob("*.png"))
+    assert len(synthetic) >= 6
+    _parity(torch_model, onnx_model, synthetic)
+    _parity(torch_model, onnx_model, _real_photos(tmp_path))  # 512² and 400×600 photos
+
+
+def test_score_and_evaluate_take_the_onnx_file(exported: tuple[Path, Path, Path]) -> None:
+    data, model_path, onnx_path = exported
+    image = str(next((data / "grain" / "test").glob("*/000.png")))
+    records = []
+    for path in (model_path, onnx_path):
+        out = CliRunner().invoke(app, ["score", "--model", str(path), image, "--json",
+                                       "--device", "cpu"])
+        assert out.exit_code == 0, out.output
+        records.append(json.loads(out.stdout.splitlines()[0]))
+    assert records[0]["anomalous"] == records[1]["anomalous"]
+    assert records[0]["score"] == pytest.approx(records[1]["score"], rel=1e-4, abs=1e-4)
+    out = CliRunner().invoke(app, ["evaluate", "--model", str(onnx_path), "--json"])
+    assert out.exit_code == 0, out.output
+    assert 0 <= json.loads(out.stdout.splitlines()[0])["maps"]["fused"]["au_pro"] <= 1
+
+
+def test_bad_exports_and_bad_onnx_files(exported: tuple[Path, Path, Path],
+                                        tmp_path: Path) -> None:
+    data, model_path, onnx_path = exported
+    run = CliRunner().invoke
+    # a teacher artifact where a model is expected
+    teacher = stad.model.builtin_teacher_path()
+    out = run(app, ["export", "--model", str(teacher), "--out", str(tmp_path / "t.onnx")])
+    assert out.exit_code == EXIT_ARTIFACT and "teacher" in out.output
+    out = run(app, ["export", "--model", str(model_path), "--format", "torchscript",
+                    "--out", str(tmp_path / "m.pt")])
+    assert out.exit_code == EXIT_USAGE and "deprecated" in out.output
+    (tmp_path / "a-file").write_text("")
+    out = run(app, ["export", "--model", str(model_path), "--out",
+                    str(tmp_path / "a-file" / "m.onnx")])  # under a file: cannot be written
+    assert out.exit_code == EXIT_USAGE and "a-file" in out.output
+    out = run(app, ["export", "--model", str(model_path), "--out", str(tmp_path)])
+    assert out.exit_code == EXIT_USAGE and "is a folder" in out.output
+    # an uncalibrated model
+    raw = tmp_path / "raw.safetensors"
+    stad.fit_students(raw, teacher="random", dataset="synthetic", category="grain", root=data,
+                      students={**STUDENTS, "patch_sizes": [17]})
+    with pytest.raises(UsageError, match="not calibrated"):
+        stad.load_model(raw, device="cpu").export(tmp_path / "raw.onnx")
+    # a truncated ONNX file, and an exported one asked to calibrate
+    cut = tmp_path / "cut.onnx"
+    cut.write_bytes(onnx_path.read_bytes()[:1000])
+    with pytest.raises(ArtifactError, match="cut.onnx"):
+        stad.load_model(cut)
+    with pytest.raises(UsageError, match="cannot be calibrated"):
+        stad.load_model(onnx_path).calibrate([])
+    copy = tmp_path / "model.onnx"
+    shutil.copy(onnx_path, copy)
+    out = run(app, ["calibrate", "--model", str(copy)])
+    assert out.exit_code == EXIT_USAGE and "ONNX" in out.output
