@@ -150,3 +150,20 @@ def test_bad_exports_and_bad_onnx_files(exported: tuple[Path, Path, Path],
     shutil.copy(onnx_path, copy)
     out = run(app, ["calibrate", "--model", str(copy)])
     assert out.exit_code == EXIT_USAGE and "ONNX" in out.output
+
+
+def test_the_onnx_speed_benchmark_runs(exported: tuple[Path, Path, Path]) -> None:
+    import subprocess
+    import sys
+
+    data, model_path, _ = exported
+    repo = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, str(repo / "benchmarks" / "onnx_speed.py"),
+                             "--model", str(model_path), "--images",
+                             str(data / "grain" / "test" / "good"), "--rounds", "1",
+                             "--threads", "1"],
+                            capture_output=True, text=True, timeout=600, check=True, cwd=repo)
+    figures = json.loads(result.stdout)
+    assert figures["images"] == 2 and figures["verdicts_identical"] is True
+    assert figures["torch_fp32_images_per_s"] > 0 and figures["onnx_images_per_s"] > 0
+    assert figures["max_map_difference_of_spread"] < 1e-4

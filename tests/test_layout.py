@@ -4,7 +4,8 @@ API; these keep the layout honest):
 - the networks import nothing of stad; the metrics need no torch (not even through stad);
 - no library module imports the CLI;
 - plugins import only the public adapter API (``stad.datasets``, ``stad.errors``);
-- only ``stad/artifacts.py`` opens weight files (safetensors, ``torch.load``/``torch.save``).
+- only ``stad/artifacts.py`` opens weight files (safetensors, ``torch.load``/``torch.save``),
+  and only ``stad/export.py`` ONNX ones.
 """
 
 from __future__ import annotations
@@ -99,3 +100,10 @@ def test_only_artifacts_opens_weight_files() -> None:
         if (imports(path) | calls) & WEIGHT_IO:
             openers.add(name)
     assert openers == {"stad.artifacts"}, openers
+
+
+def test_only_export_handles_onnx() -> None:
+    users = {name for name, path in MODULES.items()
+             if {m.split(".")[0] for m in imports(path)} & {"onnx", "onnxruntime"}
+             or "_require(\"onnx" in path.read_text(encoding="utf-8")}
+    assert users == {"stad.export"}, users
