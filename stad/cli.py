@@ -145,6 +145,9 @@ ResumeOpt = Annotated[bool, typer.Option(
     "--resume", help="Continue the checkpoint an interrupted run left beside --out "
     "(OUT.ckpt.safetensors for OUT.safetensors); refused if settings or data differ; without "
     "one, start afresh.")]
+LogDirOpt = Annotated[Path | None, typer.Option(
+    "--log-dir", help="Also write the losses as TensorBoard scalars to this folder (pip install "
+    "'stad\\[tensorboard]').")]
 ModelOpt = Annotated[Path, typer.Option(
     "--model", help="Model artifact from fit-students (score and evaluate also take the .onnx "
     "file of stad export).")]
@@ -211,10 +214,12 @@ def pretrain_teacher_cmd(
         "--target-whiten", metavar="K", help="Handcrafted target: distil its K leading "
         "principal components, each scaled to unit variance (0: off). [default: 0]")] = None,
     resume: ResumeOpt = False,
+    log_dir: LogDirOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Pretrain teacher patch networks on random patches of any dataset's images."""
     from stad.commands.train import pretrain_teacher
+    from stad.tracking import tensorboard_log
 
     settings = _settings(config, dataset=dataset, root=root, category=category, seed=seed,
                          device=device, teacher={"patch_sizes": patch_sizes,
@@ -224,7 +229,7 @@ def pretrain_teacher_cmd(
                                                  "distill": distill,
                                                  "lambda_compact": lambda_compact,
                                                  "target_whiten": target_whiten})
-    with console.reporter() as rep:
+    with console.reporter() as shown, tensorboard_log(shown, log_dir) as rep:
         result = pretrain_teacher(settings, out=out, resume=resume, reporter=rep)
     lines = [f"teacher written to {result['artifact']} (target {result['target']})"]
     lines += [_diagnostics_line(name, d) for name, d in result.get("diagnostics", {}).items()]
@@ -296,16 +301,18 @@ def fit_students_cmd(
     n_students: Annotated[int | None, typer.Option(
         "--students", help="Students per scale (M). [default: 3]")] = None,
     resume: ResumeOpt = False,
+    log_dir: LogDirOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Fit an ensemble of students per scale to regress the teacher on anomaly-free images."""
     from stad.commands.train import fit_students
+    from stad.tracking import tensorboard_log
 
     settings = _settings(config, dataset=dataset, root=root, category=category, seed=seed,
                          device=device, students={"preset": preset, "patch_sizes": patch_sizes,
                                                   "epochs": epochs, "image_size": image_size,
                                                   "n_students": n_students})
-    with console.reporter() as rep:
+    with console.reporter() as shown, tensorboard_log(shown, log_dir) as rep:
         result = fit_students(settings, teacher=teacher, out=out, resume=resume, reporter=rep)
     _print_result(result, json_out, [f"model written to {result['artifact']} "
                                      f"({result['n_fit']} images, {result['seconds']} s); "
