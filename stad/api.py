@@ -299,8 +299,9 @@ class Model:
 
     def __repr__(self) -> str:
         state = "calibrated" if self.calibration else "not calibrated"
+        backend = ", onnxruntime" if self.onnx else ""
         return (f"stad.Model({str(self.path)!r}, patch_sizes={self.patch_sizes}, "
-                f"image_size={self.image_size}, {state})")
+                f"image_size={self.image_size}, {state}{backend})")
 
 
 def _is_single(images: Any) -> bool:
