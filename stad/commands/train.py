@@ -120,9 +120,8 @@ def inspect_teacher(settings: Settings, *, teacher: str | Path,
     ``--dataset``/``--category`` those the artifact was trained on, else the synthetic
     ``grain`` set. Warnings name each scale that looks collapsed.
     """
-    from stad.console import warn
-    from stad.diagnostics import collapse_warnings, teacher_diagnostics
     from stad.imagebuffer import load_images
+    from stad.training.teacher import diagnose
 
     if n_patches < 2:
         raise UsageError(f"--patches must be at least 2, got {n_patches}")
@@ -152,16 +151,8 @@ def inspect_teacher(settings: Settings, *, teacher: str | Path,
         raise UsageError(f"teacher.image_size {size} is smaller than patch size {too_big[0]}; "
                          "raise it (STAD_TEACHER__IMAGE_SIZE) or choose --patch-sizes")
     images = load_images(samples, size, reporter=reporter)
-    cfg = settings.teacher
-    scales: dict[str, Any] = {}
-    for p, net in sorted(nets.items()):
-        shift = max(0, min(cfg.positive_shift, (size - p) // 2))
-        diag = teacher_diagnostics(net, images, n_patches=n_patches, shift=shift,
-                                   noise=cfg.positive_noise, seed=settings.seed)
-        diag["warnings"] = collapse_warnings(diag)
-        for line in diag["warnings"]:
-            warn(line)
-        scales[f"p{p}"] = diag
+    scales = {f"p{p}": diagnose(net, images, settings, n_patches)
+              for p, net in sorted(nets.items())}
     return {"teacher": source, "data": {**data_info(selection), "n_images": len(samples),
                                         "image_size": size},
             "diagnostics": scales, "collapsed": sorted(k for k, v in scales.items()

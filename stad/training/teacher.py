@@ -348,13 +348,16 @@ class _ScaleRun:
         return info
 
 
-def _diagnose(net: PatchNetwork, images: torch.Tensor, settings: Settings) -> dict[str, Any]:
-    """Diagnostics of a finished teacher, with a warning per sign of collapse."""
+def diagnose(net: PatchNetwork, images: torch.Tensor, settings: Settings,
+             n_patches: int | None = None) -> dict[str, Any]:
+    """Diagnostics of a teacher (``n_patches`` patches, by default
+    ``teacher.diagnostic_patches``), with a warning printed per sign of collapse: what
+    pretraining reports after each scale and ``stad inspect-teacher`` prints."""
     cfg = settings.teacher
     # The augmented copy must fit inside the image without clamping.
     shift = max(0, min(cfg.positive_shift, (images.shape[-1] - net.patch_size) // 2))
-    diag = teacher_diagnostics(net, images, n_patches=cfg.diagnostic_patches, shift=shift,
-                               noise=cfg.positive_noise, seed=settings.seed)
+    diag = teacher_diagnostics(net, images, n_patches=n_patches or cfg.diagnostic_patches,
+                               shift=shift, noise=cfg.positive_noise, seed=settings.seed)
     diag["warnings"] = collapse_warnings(diag)
     for line in diag["warnings"]:
         warn(line)
@@ -398,7 +401,7 @@ def _pretrain_scales(
         if cfg.diagnostic_patches > 1:
             # On the first images of the share, whether or not the scale was resumed.
             buffer.start()
-            diagnostics[name] = _diagnose(teachers[p], buffer.images, settings)
+            diagnostics[name] = diagnose(teachers[p], buffer.images, settings)
         if checkpoint is not None:
             checkpoint.finish(name, with_prefix(teachers[p].state_dict(), f"teacher.{name}"),
                               losses[name])
