@@ -17,8 +17,8 @@ import torch
 
 from stad.config import ScoreSettings
 from stad.console import NULL_REPORTER, Reporter, warn
-from stad.data import DataSelection, relative_names
 from stad.datasets.base import Sample
+from stad.datasets.selection import DataSelection, relative_names
 from stad.errors import DataError, UsageError
 from stad.handcrafted import gaussian_kernel, smooth
 from stad.model import Networks, standardized

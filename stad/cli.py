@@ -538,7 +538,7 @@ def datasets_show(
     json_out: JsonOpt = False,
 ) -> None:
     """Count a dataset's samples per split, defect type and mask, validating the pairing."""
-    from stad.data import select_data, summarize
+    from stad.datasets.selection import select_data, summarize
 
     settings = _settings(config, dataset=dataset, root=root, category=category)
     summary = summarize(select_data(settings))

@@ -362,8 +362,9 @@ def test_teacher_run_extended_on_resume_equals_the_longer_run(tmp_path: Path) ->
 ])
 def test_streamed_teacher_resumes_to_the_same_weights(tmp_path: Path, patch_sizes: list[int],
                                                       stop: int, where: str) -> None:
-    # 4 training images through a buffer of 2: every iteration replaces one (stad.imagebuffer),
-    # and the checkpoint must bring back the buffer's images and its place in the stream.
+    # 4 training images through a buffer of 2: every iteration replaces one
+    # (stad.training.imagebuffer), and the checkpoint must bring back the buffer's images and
+    # its place in the stream.
     root = _data(tmp_path / "data")
     settings = _teacher(root, iterations=6, checkpoint_every=10, buffer_images=2,
                         patch_sizes=patch_sizes, image_size=36, diagnostic_patches=16)

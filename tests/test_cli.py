@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner, Result
 
-import stad.data
 import stad.datasets.registry
+import stad.datasets.selection
 from stad import console
 from stad._version import __version__
 from stad.cli import app
@@ -195,7 +195,7 @@ def test_each_error_class_maps_to_its_code(tmp_path: Path, monkeypatch: pytest.M
     def fail(selection: Any) -> dict[str, Any]:
         raise error
 
-    monkeypatch.setattr(stad.data, "summarize", fail)
+    monkeypatch.setattr(stad.datasets.selection, "summarize", fail)
     result = _run(*_show_args(tmp_path))
     assert result.exit_code == code
     assert _one_error_line(result) == f"stad: error: {error}"
@@ -210,7 +210,7 @@ def _boom(*args: Any, **kwargs: Any) -> Any:
 
 def test_unexpected_error_exits_1_without_traceback(tmp_path: Path,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(stad.data, "summarize", _boom)
+    monkeypatch.setattr(stad.datasets.selection, "summarize", _boom)
     result = _run(*_show_args(tmp_path))
     assert result.exit_code == EXIT_UNEXPECTED
     line = _one_error_line(result)
@@ -226,7 +226,7 @@ def test_unexpected_error_in_datasets_list(monkeypatch: pytest.MonkeyPatch) -> N
 
 
 def test_unexpected_error_with_debug(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(stad.data, "summarize", _boom)
+    monkeypatch.setattr(stad.datasets.selection, "summarize", _boom)
     result = _run("--debug", *_show_args(tmp_path))
     assert result.exit_code == EXIT_UNEXPECTED
     assert "Traceback (most recent call last)" in result.stderr
@@ -238,7 +238,7 @@ def test_ctrl_c_exits_130(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     def interrupt(selection: Any) -> dict[str, Any]:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(stad.data, "summarize", interrupt)
+    monkeypatch.setattr(stad.datasets.selection, "summarize", interrupt)
     result = _run(*_show_args(tmp_path))
     assert result.exit_code == EXIT_INTERRUPTED
     assert _one_error_line(result) == "stad: interrupted"
@@ -255,7 +255,7 @@ def _chatty_summary(selection: Any) -> dict[str, Any]:
 @pytest.mark.parametrize("flag", ["-q", "--quiet"])
 def test_quiet_silences_notes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                               flag: str) -> None:
-    monkeypatch.setattr(stad.data, "summarize", _chatty_summary)
+    monkeypatch.setattr(stad.datasets.selection, "summarize", _chatty_summary)
     loud = _run(*_show_args(tmp_path), "--json")
     assert loud.exit_code == 0 and "a note for the user" in loud.stderr
     quiet = _run(flag, *_show_args(tmp_path), "--json")

@@ -1,5 +1,6 @@
 """Large collections for pretraining: the streaming ``collection`` adapter, the one-pass scan,
-and the refreshed image buffer (stad.datasets.collection, stad.data, stad.imagebuffer)."""
+and the refreshed image buffer (stad.datasets.collection, stad.datasets.selection,
+stad.training.imagebuffer)."""
 
 from __future__ import annotations
 
@@ -13,15 +14,15 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-import stad.imagebuffer as imagebuffer
+import stad.training.imagebuffer as imagebuffer
 from stad.cli import app
 from stad.config import resolve_settings
-from stad.data import select_data
 from stad.datasets.collection import CollectionAdapter
+from stad.datasets.selection import select_data
 from stad.distributed import World
 from stad.errors import DataError
-from stad.imagebuffer import ImageBuffer, ImageSource
 from stad.images import load_image, to_tensor
+from stad.training.imagebuffer import ImageBuffer, ImageSource
 
 SIZE = 8
 

@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 from support import smooth_noise_samples
 from torch import nn
 
-import stad.imagebuffer as imagebuffer
+import stad.training.imagebuffer as imagebuffer
 import stad.training.targets
 import stad.training.teacher as teacher_mod
 from stad.config import resolve_settings

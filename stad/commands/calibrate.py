@@ -10,7 +10,7 @@ from stad.calibration import check_threshold_method, validation_samples
 from stad.commands.common import with_model_data
 from stad.config import Settings
 from stad.console import NULL_REPORTER, Reporter
-from stad.data import select_data
+from stad.datasets.selection import select_data
 from stad.fsutil import check_output_file
 
 

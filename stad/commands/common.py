@@ -11,7 +11,7 @@ from typing import Any
 
 from stad.artifacts import Artifact, save_artifact
 from stad.config import Settings
-from stad.data import DataSelection
+from stad.datasets.selection import DataSelection
 from stad.model import Networks, model_tensors
 
 

@@ -9,7 +9,7 @@ from stad.api import Model
 from stad.commands.common import data_info, with_model_data
 from stad.config import Settings
 from stad.console import NULL_REPORTER, Reporter
-from stad.data import select_data
+from stad.datasets.selection import select_data
 from stad.errors import DataError
 from stad.fsutil import check_output_dir
 

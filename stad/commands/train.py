@@ -14,12 +14,11 @@ from stad.artifacts import Artifact, file_sha256, save_artifact
 from stad.commands.common import data_info, resume_command, save_model
 from stad.config import Settings
 from stad.console import NULL_REPORTER, Reporter
-from stad.data import relative_names, select_data
+from stad.datasets.selection import relative_names, select_data
 from stad.devices import resolve_device
 from stad.distributed import joined
 from stad.errors import DataError, UsageError
 from stad.fsutil import check_output_file, output_lock
-from stad.imagebuffer import ImageSource
 from stad.images import preprocessing as image_preprocessing
 from stad.model import BUILTIN_TEACHER, RANDOM_TEACHER, resolve_teachers, teacher_tensors
 from stad.training.checkpoint import (
@@ -28,6 +27,7 @@ from stad.training.checkpoint import (
     stop_on_signals,
     tensors_sha256,
 )
+from stad.training.imagebuffer import ImageSource
 from stad.training.students import fit_students as train_students
 from stad.training.students import split_train_val
 
@@ -120,7 +120,7 @@ def inspect_teacher(settings: Settings, *, teacher: str | Path,
     ``--dataset``/``--category`` those the artifact was trained on, else the synthetic
     ``grain`` set. Warnings name each scale that looks collapsed.
     """
-    from stad.imagebuffer import load_images
+    from stad.training.imagebuffer import load_images
     from stad.training.teacher import diagnose
 
     if n_patches < 2:

@@ -64,7 +64,6 @@ from stad.distributed import SINGLE, World
 from stad.errors import DataError, TrainingError, UsageError
 from stad.handcrafted import BLOCKS
 from stad.handcrafted import DIM as HANDCRAFTED_DIM
-from stad.imagebuffer import ImageBuffer, ImageSource, load_images
 from stad.images import preprocessing as image_preprocessing
 from stad.model import load_teachers
 from stad.networks import Decoder, PatchNetwork, build_network
@@ -77,6 +76,7 @@ from stad.training.checkpoint import (
     stop_requested,
     tensors_sha256,
 )
+from stad.training.imagebuffer import ImageBuffer, ImageSource, load_images
 from stad.training.losses import compactness_loss, triplet_loss, variance_loss
 from stad.training.targets import Distillation, crop, resnet18_features, resolve_target
 
@@ -491,11 +491,11 @@ def pretrain_teachers(
 ) -> tuple[dict[int, PatchNetwork], dict[str, Any]]:
     """Pretrain one teacher per ``settings.teacher.patch_sizes`` on patches of ``samples``.
 
-    ``samples`` may be an :class:`~stad.imagebuffer.ImageSource` that lists them again on
+    ``samples`` may be an :class:`~stad.training.imagebuffer.ImageSource` that lists them again on
     demand (a large collection): when more than ``teacher.buffer_images`` images fall to a
     process, patches come from a buffer of that many decoded images, ``teacher.buffer_refresh``
     of which are replaced by the next images of the stream at every iteration
-    (:mod:`stad.imagebuffer`). In a distributed run (``world``) every rank reads only its
+    (:mod:`stad.training.imagebuffer`). In a distributed run (``world``) every rank reads only its
     shard (every N-th image), and at the end the ranks compare a digest of their teachers.
 
     Distillation is on when ``lambda_kd`` > 0 and the target (:func:`resolve_target`) is

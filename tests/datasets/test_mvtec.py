@@ -17,9 +17,9 @@ from typer.testing import CliRunner, Result
 
 from stad.cli import app
 from stad.config import resolve_settings
-from stad.data import select_data, summarize
 from stad.datasets.base import Sample
 from stad.datasets.mvtec import MVTecAdapter
+from stad.datasets.selection import select_data, summarize
 from stad.errors import DataError, UsageError
 
 
