@@ -25,8 +25,9 @@ Sets (docs/quality.md):
 Defects (:data:`DEFECTS`), chosen to differ in kind from the ``synthetic`` adapter's
 (scratch, stain, hole, paste: added marks and material): ``crack`` (a thin dark branching
 fracture), ``blur`` (texture lost: a smoothed region), ``warp`` (a local twist or dent: same
-colours, bent structure) and ``foreign`` (a piece of a different photo with an irregular
-outline). A defect is drawn on the noise-free view; the same sensor noise is then added to the
+colours, bent structure), ``foreign`` (a piece of a different photo with an irregular
+outline) and ``speck`` (the same, small: 0.1–0.5 % of the image). A defect is drawn on the
+noise-free view; the same sensor noise is then added to the
 clean and the defective image. The mask is where the written pixels really differ, by more
 than :data:`TOLERANCE` grey levels in some channel, closed by 2 px inside the defect's footprint
 (so a blurred flat spot inside a blurred region is not a hole): every pixel outside the mask
@@ -58,7 +59,7 @@ from scipy import ndimage
 
 from stad.fsutil import atomic_write_bytes
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # 2: the small ``speck`` defect
 """Bumped whenever the same seed and parameters would produce different files."""
 
 MARKER = ".stad-realsets.json"
@@ -72,6 +73,8 @@ TOLERANCE = 6
 """Grey levels (of 255) a pixel may change by and still count as unchanged."""
 MIN_AREA = 0.003
 """Smallest mask, as a share of the image: smaller defects are redrawn."""
+MIN_AREA_OF = {"speck": 0.0008}
+"""... except for the small defects, which are small on purpose."""
 MIN_CONTRAST = 20
 """Smallest mean change (grey levels, largest channel) over a mask: fainter ones are redrawn."""
 MIN_IMAGE_SIZE = 32
@@ -93,7 +96,7 @@ SETS: dict[str, SetSpec] = {
     "coffee": SetSpec("coffee.png", "object"),
     "coins": SetSpec("coins.png", "object"),
 }
-DEFECTS: tuple[str, ...] = ("crack", "blur", "warp", "foreign")
+DEFECTS: tuple[str, ...] = ("crack", "blur", "warp", "foreign", "speck")
 DONORS: tuple[str, ...] = ("chelsea.png", "astronaut.png", "rocket.jpg", "ihc.png",
                            "motorcycle_left.png")
 """Photos the ``foreign`` pieces are cut from (never a set's own source)."""
@@ -336,6 +339,19 @@ def _warp(rng: np.random.Generator, img: Array, donors: Sequence[str]) -> tuple[
 def _foreign(rng: np.random.Generator, img: Array, donors: Sequence[str]) -> tuple[Array, Array]:
     """A piece of another photo with a ragged outline (debris, a flake, a stuck fragment); its
     colours are pulled halfway to the host's, grey on grey hosts."""
+    return _piece(rng, img, donors, rng.uniform(0.07, 0.13), 0.25)
+
+
+def _speck(rng: np.random.Generator, img: Array, donors: Sequence[str]) -> tuple[Array, Array]:
+    """A small foreign piece: a radius of 1.8–4 % of the side, so 0.1–0.5 % of the image, as
+    the smallest defects on real inspection photos (a 20 px hole in a 900 px photo becomes
+    3–4 px at 128²)."""
+    return _piece(rng, img, donors, rng.uniform(0.018, 0.04), 0.15)
+
+
+def _piece(rng: np.random.Generator, img: Array, donors: Sequence[str], radius: float,
+           wobble: float) -> tuple[Array, Array]:
+    """A piece of a donor photo in a blob of ``radius`` (a share of the side)."""
     n = img.shape[0]
     s = n / 128
     photo = _photo(donors[int(rng.integers(len(donors)))])
@@ -347,7 +363,7 @@ def _foreign(rng: np.random.Generator, img: Array, donors: Sequence[str]) -> tup
         piece = piece @ np.array([[0.299], [0.587], [0.114]])
     elif img.shape[-1] == 3 and piece.shape[-1] == 1:
         piece = np.repeat(piece, 3, axis=-1)
-    dist = _blob(rng, n, _centre(rng, img, False), rng.uniform(0.07, 0.13) * n, 0.25)
+    dist = _blob(rng, n, _centre(rng, img, False), radius * n, wobble)
     inside = dist < 0
     piece = piece + 0.5 * (img[inside].mean(axis=0) - piece[inside].mean(axis=0))
     return np.clip(piece, 0.0, 1.0), np.clip(0.5 - dist / (1.5 * s), 0.0, 1.0)
@@ -355,7 +371,7 @@ def _foreign(rng: np.random.Generator, img: Array, donors: Sequence[str]) -> tup
 
 _DEFECT_FNS: dict[str, Callable[[np.random.Generator, Array, Sequence[str]],
                                 tuple[Array, Array]]] = {
-    "crack": _crack, "blur": _blur, "warp": _warp, "foreign": _foreign}
+    "crack": _crack, "blur": _blur, "warp": _warp, "foreign": _foreign, "speck": _speck}
 
 
 # --------------------------------------------------------------------------- samples
@@ -415,7 +431,8 @@ def render_sample(name: str, *, seed: int = 0, split: str = "train", defect: str
         closed = ndimage.binary_fill_holes(ndimage.binary_closing(
             diff > TOLERANCE, np.ones((3, 3), bool), iterations=2))
         mask = (diff > TOLERANCE) | (closed & footprint)
-        contrast = float(diff[mask].mean()) if mask.sum() >= MIN_AREA * n * n else 0.0
+        min_area = MIN_AREA_OF.get(defect, MIN_AREA)
+        contrast = float(diff[mask].mean()) if mask.sum() >= min_area * n * n else 0.0
         if best is None or contrast > best[0]:
             best = (contrast, image_u8, mask, footprint)
         if contrast >= MIN_CONTRAST:

@@ -51,8 +51,8 @@ def test_generation_is_byte_identical_per_seed(tmp_path: Path) -> None:
             realsets.generate_set(tmp_path / run, name, seed=3, params=TINY)
     realsets.generate_set(tmp_path / "c", "gravel", seed=4, params=TINY)
     a, b = _files(tmp_path / "a"), _files(tmp_path / "b")
-    # 3 train + 1 val + 1 good + 4 defects with 4 masks, plus the marker, per set.
-    assert len(a) == 2 * 14 and a == b
+    # 3 train + 1 val + 1 good + 5 defects with 5 masks, plus the marker, per set.
+    assert len(a) == 2 * (5 + 2 * len(realsets.DEFECTS) + 1) == 2 * 16 and a == b
     c = _files(tmp_path / "c")
     assert c["gravel/train/good/000.png"] != a["gravel/train/good/000.png"]  # the seed matters
     # The files are what render_sample says they are.
@@ -83,8 +83,15 @@ def test_masks_are_exact_and_defects_visible(name: str, defect: str) -> None:
         # The mask only adds unchanged pixels inside the footprint (closing small gaps).
         assert not (mask & ~s["footprint"] & (diff <= realsets.TOLERANCE)).any()
         # Non-trivial size and a visible change over the mask.
-        assert mask.sum() >= realsets.MIN_AREA * mask.size
+        assert mask.sum() >= realsets.MIN_AREA_OF.get(defect, realsets.MIN_AREA) * mask.size
         assert diff[mask].mean() >= realsets.MIN_CONTRAST
+
+
+def test_specks_are_small() -> None:
+    shares = [(realsets.render_sample(name, seed=0, split="test", defect="speck", index=i,
+                                      image_size=128)["mask"] > 0).mean()
+              for name in ("brick", "coffee") for i in range(4)]
+    assert all(0.0008 <= share <= 0.008 for share in shares), shares
 
 
 def test_good_images_have_no_change() -> None:
