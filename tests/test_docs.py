@@ -101,7 +101,7 @@ def test_every_documented_command_runs(tmp_path: Path, monkeypatch: pytest.Monke
             ran.append(args[0])
     assert {"pretrain-teacher", "fit-students", "calibrate", "score", "evaluate",
             "datasets"} <= set(ran)
-    assert (tmp_path / "bottle-report" / "report.md").is_file()
+    assert (tmp_path / "bottle-report" / "report.html").is_file()
 
 
 def test_usage_toml_example_validates(tmp_path: Path):

@@ -67,5 +67,5 @@ def demo(*, out: Path, seed: int = 0, device: str = "auto",
         "seconds": timings,
         "total_seconds": round(time.perf_counter() - start, 1),
         "model": str(model_path),
-        "report": str(out / "report" / "report.md"),
+        "report": str(out / "report" / "report.html"),
     }
