@@ -17,6 +17,7 @@ and ``$STAD_CONFIG`` are not read::
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -34,7 +35,7 @@ from stad.calibration import (
     fpr_threshold,
 )
 from stad.commands.common import save_model
-from stad.config import ScoreSettings, Settings, resolve_settings
+from stad.config import STUDENT_PRESETS, ScoreSettings, Settings, merge, settings_from
 from stad.console import NULL_REPORTER, Reporter
 from stad.devices import resolve_device
 from stad.errors import UsageError
@@ -192,6 +193,8 @@ class Model:
                    ) -> Iterator[Result]:
         """:meth:`score` of each image, yielded as each batch finishes (for long lists)."""
         calibration, rule = self.score_rule()
+        if threshold is not None and not math.isfinite(threshold):
+            raise UsageError(f"threshold must be a finite number, got {threshold}")
         if threshold is None:
             threshold = calibration["threshold"]
         pixel = calibration.get("pixel_threshold")
@@ -236,21 +239,18 @@ class Model:
         if method == "f1" and (test_images is None or test_labels is None
                                or len(test_images) != len(test_labels)):
             raise UsageError("threshold method 'f1' needs test_images and as many test_labels")
-        self.info.pop("calibration", None)
-        stats, normal_scores, pixel_threshold = calibrate_model(
-            self.networks, list(normal_images), self._score, device=self.device,
-            normalize=cfg.normalize, pixel_fpr=cfg.target_pixel_fpr, reporter=reporter)
-        if method == "manual":
-            assert cfg.threshold is not None
-            chosen = cfg.threshold
-        elif method == "fpr":
-            chosen = fpr_threshold(normal_scores, cfg.target_fpr)
-        else:
-            assert test_images is not None and test_labels is not None
-            scores = [image_score(m.maps["fused"], self._score)
-                      for m in iter_maps(self.networks, list(test_images), device=self.device,
-                                         reporter=reporter, what="test scores")]
-            chosen = f1_threshold(scores, [bool(t) for t in test_labels])
+        # Calibrated in place: a failure (an f1 split of one class, say) puts back what was.
+        saved = {p: (sc.calib, sc.calib_map) for p, sc in self.networks.scales.items()}
+        try:
+            stats, normal_scores, pixel_threshold = calibrate_model(
+                self.networks, list(normal_images), self._score, device=self.device,
+                normalize=cfg.normalize, pixel_fpr=cfg.target_pixel_fpr, reporter=reporter)
+            chosen = self._threshold(cfg, normal_scores, test_images, test_labels, reporter)
+        except BaseException:
+            for p, (calib, calib_map) in saved.items():
+                self.networks.scales[p].calib, self.networks.scales[p].calib_map = calib, \
+                    calib_map
+            raise
         self.info["calibration"] = {
             "method": method, "threshold": chosen,
             "target_fpr": cfg.target_fpr if method == "fpr" else None,
@@ -265,6 +265,20 @@ class Model:
         self.config = {**self.config, "calibrate": cfg.model_dump(mode="json"),
                        "score": self._score.model_dump(mode="json")}
         return self.info["calibration"]
+
+    def _threshold(self, cfg: Any, normal_scores: list[float],
+                   test_images: Sequence[ImageInput] | None,
+                   test_labels: Sequence[bool] | None, reporter: Reporter) -> float:
+        if cfg.threshold_method == "manual":
+            assert cfg.threshold is not None
+            return float(cfg.threshold)
+        if cfg.threshold_method == "fpr":
+            return fpr_threshold(normal_scores, cfg.target_fpr)
+        assert test_images is not None and test_labels is not None
+        scores = [image_score(m.maps["fused"], self._score)
+                  for m in iter_maps(self.networks, list(test_images), device=self.device,
+                                     reporter=reporter, what="test scores")]
+        return f1_threshold(scores, [bool(t) for t in test_labels])
 
     def save(self, path: str | os.PathLike[str] | None = None) -> Path:
         """Write the model artifact (atomically, locked against a second writer) to ``path``,
@@ -289,12 +303,10 @@ class Model:
 
     def export(self, out: str | os.PathLike[str], *, format: str = "onnx") -> dict[str, Any]:
         """Write the model as one ONNX graph (``stad export``; :mod:`stad.export`)."""
-        from stad.export import export_onnx
+        from stad.export import check_format, export_onnx
 
         self._refuse_onnx("exported")
-        if format != "onnx":
-            raise UsageError(f"--format must be onnx, not {format!r} (TorchScript is "
-                             "deprecated in PyTorch; docs/usage.md, \"Export\")")
+        check_format(format)
         return export_onnx(self, Path(out))
 
     def __repr__(self) -> str:
@@ -327,14 +339,17 @@ def load_model(path: str | os.PathLike[str], *, device: str = "auto", **score: A
 
 
 def _settings(settings: Settings | None, keywords: Mapping[str, Any]) -> Settings:
-    """``settings`` (or the defaults) with ``keywords`` on top, validated; no environment."""
+    """``settings`` (or the defaults) with ``keywords`` on top, merged at every depth and
+    validated; no environment or file. A value given as None stays None (``tile_size=None``:
+    never tiled). The students' preset fills in what was not given, for the preset in force
+    after the merge (values a preset wrote into ``settings`` are not taken as given)."""
     base = settings.model_dump(mode="json", exclude_unset=True) if settings is not None else {}
-    for key, value in keywords.items():
-        if isinstance(value, Mapping) and isinstance(base.get(key), Mapping):
-            base[key] = {**base[key], **value}
-        else:
-            base[key] = value
-    return resolve_settings(base, environ={})
+    students = base.get("students")
+    if isinstance(students, dict) and isinstance(students.get("preset"), str):
+        preset = STUDENT_PRESETS.get(students["preset"], {})
+        base["students"] = {k: v for k, v in students.items()
+                            if k == "preset" or preset.get(k, object()) != v}
+    return settings_from(merge(base, keywords))
 
 
 def pretrain_teacher(out: str | os.PathLike[str], *, settings: Settings | None = None,

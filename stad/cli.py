@@ -476,7 +476,10 @@ def export_cmd(
 ) -> None:
     """Export a calibrated model as one ONNX graph (stad score --model model.onnx uses it)."""
     from stad.api import Model
+    from stad.export import check_export_path, check_format
 
+    check_format(format)
+    check_export_path(out, model)  # before the model is read
     result = Model.load(model, device="cpu").export(out, format=format)
     _print_result(result, json_out, [f"exported {model} to {result['artifact']} "
                                      f"({result['bytes']} bytes, opset {result['opset']}); "

@@ -338,6 +338,21 @@ def resolve_settings(
         raise UsageError(_describe(exc, layers)) from None
 
 
+def settings_from(values: Mapping[str, Any], source: str = "arguments") -> Settings:
+    """Settings from nested values taken as given (None included: ``tile_size=None`` means
+    never tiled), validated like :func:`resolve_settings`, without environment or file."""
+    layer = (source, values)
+    try:
+        return Settings.model_validate(_merge({}, values))
+    except ValidationError as exc:
+        raise UsageError(_describe(exc, [layer])) from None
+
+
+def merge(base: Mapping[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
+    """``top`` over ``base``, merging nested tables at every depth."""
+    return _merge(dict(base), top)
+
+
 def _drop_none(values: Mapping[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in values.items():

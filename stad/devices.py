@@ -11,9 +11,12 @@ def resolve_device(name: str) -> torch.device:
     """``auto`` picks CUDA when available; ``cuda`` without a GPU is a usage error."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda was asked for, but torch sees no CUDA device")
-    return torch.device(name)
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {name} was asked for, but torch sees no CUDA device")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device must be auto, cpu, cuda or cuda:N, not {name!r}") from None
 
 
 def native_bf16(device: torch.device) -> bool:

@@ -20,6 +20,7 @@ Needs the ``onnx`` extra (``pip install 'stad[onnx]'``: onnx and onnxruntime).
 
 from __future__ import annotations
 
+import inspect
 import io
 import json
 import warnings
@@ -67,7 +68,7 @@ def export_onnx(model: Any, out: Path) -> dict[str, Any]:
     Returns what ``stad export`` prints: the file, its size, the patch sizes and the metadata.
     """
     onnx = _require("onnx")
-    check_output_file(out)
+    check_export_path(out, model.path)
     calibration, _ = model.score_rule()
     networks: Networks = model.networks
     saved = networks.inference
@@ -80,7 +81,11 @@ def export_onnx(model: Any, out: Path) -> dict[str, Any]:
             # The TorchScript exporter warns that it is deprecated, and tracing warns about
             # shape checks that are constant for a fixed input size.
             warnings.simplefilter("ignore")
-            torch.onnx.export(graph, (torch.zeros(1, 3, size, size),), buf, dynamo=False,
+            # The TorchScript-based exporter (``dynamo=False`` where torch has the choice):
+            # the dynamo one needs onnxscript.
+            extra = ({"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export)
+                     .parameters else {})
+            torch.onnx.export(graph, (torch.zeros(1, 3, size, size),), buf, **extra,
                               input_names=["images"], output_names=["fused", "scales"],
                               dynamic_axes={"images": {0: "n"}, "fused": {0: "n"},
                                             "scales": {0: "n"}},
@@ -112,6 +117,23 @@ def export_onnx(model: Any, out: Path) -> dict[str, Any]:
             "patch_sizes": networks.patch_sizes, "image_size": size,
             "threshold": calibration["threshold"],
             "pixel_threshold": calibration.get("pixel_threshold")}
+
+
+def check_format(format: str) -> None:
+    if format != "onnx":
+        raise UsageError(f"--format must be onnx, not {format!r} (TorchScript is deprecated in "
+                         "PyTorch; docs/usage.md, \"Export\")")
+
+
+def check_export_path(out: Path, model_path: Path | None) -> None:
+    """``--out`` must be a new ``.onnx`` file (scoring tells models apart by the suffix), not
+    the model itself; its folder is created."""
+    if out.suffix.lower() != ".onnx":
+        raise UsageError(f"--out {out} must end in .onnx (stad score and load_model read "
+                         "exported models by that suffix)")
+    if model_path is not None and out.resolve() == Path(model_path).resolve():
+        raise UsageError(f"--out {out} is the model itself; give another file")
+    check_output_file(out)
 
 
 @dataclass

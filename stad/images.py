@@ -103,7 +103,10 @@ def as_rgb(image: Any, what: str = "image") -> np.ndarray:
     in [0, 1]. Anything else raises :class:`~stad.errors.DataError` naming ``what``.
     """
     if isinstance(image, Image.Image):
-        return _pil_to_rgb(image, what)
+        try:
+            return _pil_to_rgb(image, what)
+        except (OSError, ValueError, SyntaxError, EOFError, struct.error) as exc:
+            raise DataError(f"{what} cannot be decoded ({exc}); is it truncated?") from None
     if not isinstance(image, np.ndarray):
         raise DataError(f"{what} is a {type(image).__name__}, not an image: pass a file path, "
                         "a PIL image or a NumPy array (H, W[, C])")
@@ -113,13 +116,14 @@ def as_rgb(image: Any, what: str = "image") -> np.ndarray:
     if not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] == 3)) or min(arr.shape[:2]) < 1:
         raise DataError(f"{what} is an array of shape {image.shape}; images are (H, W), "
                         "(H, W, 1), (H, W, 3) or (H, W, 4) arrays")
-    if arr.dtype == np.uint8:
+    kind, size = arr.dtype.kind, arr.dtype.itemsize  # any byte order
+    if kind == "u" and size == 1:
         out = arr.astype(np.float32) / 255.0
-    elif arr.dtype == np.uint16:
+    elif kind == "u" and size == 2:
         out = arr.astype(np.float32) / 65535.0
-    elif arr.dtype == np.bool_:
+    elif kind == "b":
         out = arr.astype(np.float32)
-    elif np.issubdtype(arr.dtype, np.floating):
+    elif kind == "f":
         out = arr.astype(np.float32)
         if not bool(np.isfinite(out).all()) or out.min() < 0.0 or out.max() > 1.0:
             raise DataError(f"{what} is a float array with values outside [0, 1] (or not "

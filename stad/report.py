@@ -131,10 +131,11 @@ def _svg(title: str, curves: Mapping[str, tuple[np.ndarray, np.ndarray]], *, xla
          vline: float | None = None) -> str:
     """A line chart as inline SVG: each curve (x, y) thinned to MAX_POINTS points."""
     w, h, m = 420, 300, 40
-    top = ymax if ymax is not None else max(
-        [float(np.max(y)) for _, y in curves.values() if len(y)] + [1e-9])
-    bottom = 0.0 if ymax is not None else min(
-        [float(np.min(y)) for _, y in curves.values() if len(y)] + [0.0])
+    finite = [v[np.isfinite(v)] for v in (np.asarray(y, dtype=float)
+                                          for _, y in curves.values())]
+    top = ymax if ymax is not None else max([float(v.max()) for v in finite if v.size] + [1e-9])
+    bottom = 0.0 if ymax is not None else min([float(v.min()) for v in finite if v.size]
+                                              + [0.0])
     span = top - bottom if top > bottom else 1.0
 
     def px(x: float, y: float) -> str:
@@ -156,12 +157,19 @@ def _svg(title: str, curves: Mapping[str, tuple[np.ndarray, np.ndarray]], *, xla
                      f'x2="{b.split(",")[0]}" y2="{b.split(",")[1]}" stroke="#999" '
                      'stroke-dasharray="4 3"/>')
     for i, (name, (x, y)) in enumerate(curves.items()):
-        keep = np.unique(np.linspace(0, len(x) - 1, min(len(x), MAX_POINTS)).astype(int))
-        points = " ".join(px(float(x[j]), float(y[j])) for j in keep if x[j] <= xmax) \
-            if len(x) else ""
         colour = _COLOURS[i % len(_COLOURS)]
-        parts.append(f'<polyline fill="none" stroke="{colour}" stroke-width="1.5" '
-                     f'points="{points}"/>')
+        x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+        shown = np.isfinite(x) & np.isfinite(y) & (x <= xmax)  # thinned within the axes
+        x, y = x[shown], y[shown]
+        keep = np.unique(np.linspace(0, len(x) - 1, min(len(x), MAX_POINTS)).astype(int)) \
+            if len(x) else np.array([], int)
+        points = [px(float(x[j]), float(y[j])) for j in keep]
+        if len(points) == 1:  # one point: a dot, a line needs two
+            cx, cy = points[0].split(",")
+            parts.append(f'<circle cx="{cx}" cy="{cy}" r="3" fill="{colour}"/>')
+        else:
+            parts.append(f'<polyline fill="none" stroke="{colour}" stroke-width="1.5" '
+                         f'points="{" ".join(points)}"/>')
         parts.append(f'<text class="legend" x="{w - m - 150}" y="{m + 14 * i}" '
                      f'fill="{colour}">{html.escape(name)}</text>')
     return "".join(parts) + "</svg>"

@@ -202,3 +202,31 @@ def test_documented_python_runs(doc: Path, world: Path, tmp_path: Path, monkeypa
     namespace: dict = {"root": here / "root"}
     for block in python_blocks(doc):
         exec(compile(block, f"{doc.name} example", "exec"), namespace)
+
+
+def test_keyword_settings_keep_none_and_a_failed_calibration_changes_nothing(
+        world: Path) -> None:
+    model = stad.load_model(world / "model.safetensors", device="cpu", tile_size=None)
+    assert model.networks.inference.tile_size is None  # None: never tiled, not the default
+    with pytest.raises(UsageError, match="finite"):
+        model.score(world / "part.png", threshold=float("nan"))
+    before = model.score(world / "part.png")
+    normal = sorted((world / "good").glob("*.png"))
+    with pytest.raises(DataError, match="both normal and anomalous"):
+        model.calibrate(normal, method="f1", test_images=normal, test_labels=[False, False])
+    after = model.score(world / "part.png")  # the old calibration, statistics included
+    assert after.score == before.score and after.threshold == before.threshold
+
+
+def test_arrays_of_any_byte_order_and_truncated_pil_images(world: Path, tmp_path: Path
+                                                           ) -> None:
+    model = stad.load_model(world / "model.safetensors", device="cpu")
+    rgb = np.asarray(Image.open(world / "part.png").convert("RGB"))
+    wide = (rgb.astype(np.uint16) * 257).astype(">u2")  # big-endian 16-bit
+    assert model.score(wide).score == pytest.approx(model.score(rgb).score, rel=1e-5)
+    data = (world / "part.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
+    lazy = Image.open(tmp_path / "cut.png")  # opened, not decoded
+    with pytest.raises(DataError, match="cannot be decoded"):
+        model.score(lazy)
+    lazy.close()

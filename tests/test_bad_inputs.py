@@ -444,7 +444,8 @@ def test_device_cuda_without_a_gpu(fitted: Fitted, tmp_path: Path,
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     args = [a.format(model=fitted.model, image=fitted.image, data=fitted.data, tmp=tmp_path)
             for a in DEVICE_ARGS[command]]
-    for how in ({"args": ["--device", "cuda"]}, {"env": {"STAD_DEVICE": "cuda"}}):
+    for how in ({"args": ["--device", "cuda"]}, {"env": {"STAD_DEVICE": "cuda"}},
+                {"args": ["--device", "cuda:1"]}):
         result = _expect(_run(*args, *how.get("args", []), env=how.get("env")), EXIT_USAGE)
         assert "cuda" in result.stderr
     assert not (tmp_path / "out.safetensors").exists()

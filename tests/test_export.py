@@ -167,3 +167,14 @@ def test_the_onnx_speed_benchmark_runs(exported: tuple[Path, Path, Path]) -> Non
     assert figures["images"] == 2 and figures["verdicts_identical"] is True
     assert figures["torch_fp32_images_per_s"] > 0 and figures["onnx_images_per_s"] > 0
     assert figures["max_map_difference_of_spread"] < 1e-4
+
+
+def test_export_checks_its_output_before_reading_the_model(
+        exported: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    _, model_path, _ = exported
+    run = CliRunner().invoke
+    out = run(app, ["export", "--model", str(model_path), "--out", str(tmp_path / "m.bin")])
+    assert out.exit_code == EXIT_USAGE and ".onnx" in out.output
+    same = tmp_path / "same.onnx"
+    out = run(app, ["export", "--model", str(same), "--out", str(same)])
+    assert out.exit_code == EXIT_USAGE and "the model itself" in out.output

@@ -136,3 +136,15 @@ def test_report_loads_in_headless_chromium(tmp_path: Path) -> None:
     assert run.returncode == 0 and shot.is_file(), run.stderr[-2000:]
     with Image.open(shot) as picture:
         assert picture.size == (1300, 2400)
+
+
+def test_curves_with_one_point_or_non_finite_values_still_draw() -> None:
+    from stad.report import _svg
+
+    one = _svg("one", {"a": (np.array([1.0]), np.array([2.0]))}, xlabel="x", ylabel="y")
+    assert "<circle" in one and "nan" not in one
+    bad = _svg("bad", {"a": (np.array([0.0, 0.5, 1.0]), np.array([1.0, np.nan, np.inf]))},
+               xlabel="x", ylabel="y")
+    assert "nan" not in bad and "inf" not in bad and "<circle" in bad
+    empty = _svg("empty", {"a": (np.array([]), np.array([]))}, xlabel="x", ylabel="y")
+    assert 'points=""' in empty
