@@ -131,7 +131,8 @@ def test_bad_exports_and_bad_onnx_files(exported: tuple[Path, Path, Path],
     out = run(app, ["export", "--model", str(model_path), "--out",
                     str(tmp_path / "a-file" / "m.onnx")])  # under a file: cannot be written
     assert out.exit_code == EXIT_USAGE and "a-file" in out.output
-    out = run(app, ["export", "--model", str(model_path), "--out", str(tmp_path)])
+    (tmp_path / "folder.onnx").mkdir()
+    out = run(app, ["export", "--model", str(model_path), "--out", str(tmp_path / "folder.onnx")])
     assert out.exit_code == EXIT_USAGE and "is a folder" in out.output
     # an uncalibrated model
     raw = tmp_path / "raw.safetensors"
