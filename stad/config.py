@@ -329,6 +329,12 @@ def resolve_settings(
         layers.append((f"config file {config_file}", read_config_file(config_file)))
     layers.append(("environment", env_settings(environ)))
     layers.append(("command line", _drop_none(flags or {})))
+    return _validated(layers)
+
+
+def _validated(layers: list[tuple[str, Mapping[str, Any]]]) -> Settings:
+    """The layers merged in order (later ones win) and validated; a bad value is a usage
+    error naming the layer it came from."""
     merged: dict[str, Any] = {}
     for _, layer in layers:
         merged = _merge(merged, layer)
@@ -341,11 +347,7 @@ def resolve_settings(
 def settings_from(values: Mapping[str, Any], source: str = "arguments") -> Settings:
     """Settings from nested values taken as given (None included: ``tile_size=None`` means
     never tiled), validated like :func:`resolve_settings`, without environment or file."""
-    layer = (source, values)
-    try:
-        return Settings.model_validate(_merge({}, values))
-    except ValidationError as exc:
-        raise UsageError(_describe(exc, [layer])) from None
+    return _validated([(source, values)])
 
 
 def merge(base: Mapping[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:

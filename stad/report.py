@@ -175,24 +175,34 @@ def _svg(title: str, curves: Mapping[str, tuple[np.ndarray, np.ndarray]], *, xla
     return "".join(parts) + "</svg>"
 
 
-def _curves(items: Sequence[Evaluated], fpr_limit: float) -> list[str]:
+Curves = tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict[str, metrics.ProResult]]
+
+
+def curves(items: Sequence[Evaluated], fpr_limit: float) -> Curves:
+    """Per map, the image ROC (fpr, tpr) and the PRO curve, each computed once for the page
+    and the plots; empty where the test split lacks what they need."""
     labels = [e.sample.label == "anomalous" for e in items]
     keys = list(items[0].maps)
+    roc = ({k: metrics.roc_curve([e.scores[k] for e in items], labels) for k in keys}
+           if 0 < sum(labels) < len(labels) else {})
+    pix = [e for e in items if e.sample.label == "normal" or e.sample.mask is not None]
+    pro = ({k: metrics.au_pro([e.maps[k] for e in pix], [e.mask for e in pix],
+                              fpr_limit=fpr_limit) for k in keys}
+           if any(e.mask.any() for e in pix) else {})
+    return roc, pro
+
+
+def _curve_svgs(found: Curves, fpr_limit: float) -> list[str]:
+    roc, pro = found
     out = []
-    if 0 < sum(labels) < len(labels):
-        roc = {k: metrics.roc_curve([e.scores[k] for e in items], labels) for k in keys}
+    if roc:
         out.append(_svg("image ROC", roc, xlabel="false positive rate",
                         ylabel="true positive rate", ymax=1.0))
-    pix = [e for e in items if e.sample.label == "normal" or e.sample.mask is not None]
-    if any(e.mask.any() for e in pix):
-        pro = {}
-        for k in keys:
-            r = metrics.au_pro([e.maps[k] for e in pix], [e.mask for e in pix],
-                               fpr_limit=fpr_limit)
-            pro[f"{k} ({r.au_pro:.3f})"] = (r.fpr, r.pro)
-        out.append(_svg("PRO curve", pro, xlabel="false positive rate (pixels)",
-                        ylabel="per-region overlap", xmax=min(1.0, 2 * fpr_limit), ymax=1.0,
-                        vline=fpr_limit))
+    if pro:
+        out.append(_svg("PRO curve", {f"{k} ({r.au_pro:.3f})": (r.fpr, r.pro)
+                                      for k, r in pro.items()},
+                        xlabel="false positive rate (pixels)", ylabel="per-region overlap",
+                        xmax=min(1.0, 2 * fpr_limit), ymax=1.0, vline=fpr_limit))
     return out
 
 
@@ -262,16 +272,17 @@ def _table(result: dict[str, Any]) -> str:
 
 def page(result: dict[str, Any], items: Sequence[Evaluated], *, title: str,
          threshold: float | None, pixel_threshold: float | None,
-         info: Mapping[str, Any]) -> str:
-    """report.html: one self-contained page."""
+         info: Mapping[str, Any], found: Curves | None = None) -> str:
+    """report.html: one self-contained page (``found``: :func:`curves`, computed if None)."""
     n_anomalous = sum(e.sample.label == "anomalous" for e in items)
     facts = (f"{len(items)} test images ({n_anomalous} anomalous); image threshold "
              f"{_fmt(threshold)}; pixel threshold {_fmt(pixel_threshold)}")
-    curves = _curves(items, result["fpr_limit"])
+    svgs = _curve_svgs(found if found is not None else curves(items, result["fpr_limit"]),
+                       result["fpr_limit"])
     training = training_curves(info)
     body = [f"<h1>{html.escape(title)}</h1><p>{html.escape(facts)}</p>",
             "<h2>Metrics</h2>", _table(result),
-            "<h2>Curves</h2>", "".join(curves) or "<p>(no curves: the test split lacks "
+            "<h2>Curves</h2>", "".join(svgs) or "<p>(no curves: the test split lacks "
             "normal or anomalous images)</p>"]
     if training:
         body += ["<h2>Training</h2>", "".join(training)]
@@ -292,11 +303,12 @@ def write_report(folder: Path, result: dict[str, Any], items: Sequence[Evaluated
     pro.png, each written atomically; returns their paths."""
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write_text(folder / "metrics.json", json.dumps(result, indent=2) + "\n")
+    found = curves(items, result["fpr_limit"])
     atomic_write_text(folder / "report.html",
                       page(result, items, title=title, threshold=threshold,
-                           pixel_threshold=pixel_threshold, info=info or {}))
+                           pixel_threshold=pixel_threshold, info=info or {}, found=found))
     text = markdown(result, title)
-    plots = _plots(folder, items, result["fpr_limit"])
+    plots = _plots(folder, found, result["fpr_limit"])
     text += ("\n![ROC](roc.png) ![PRO](pro.png)\n" if plots else
              "\n(ROC and PRO plots skipped: install matplotlib, `pip install stad[plots]`; "
              "report.html has them without it)\n")
@@ -309,7 +321,7 @@ def write_report(folder: Path, result: dict[str, Any], items: Sequence[Evaluated
     return [str(folder / w) for w in written]
 
 
-def _plots(folder: Path, items: Sequence[Evaluated], fpr_limit: float) -> list[str]:
+def _plots(folder: Path, found: Curves, fpr_limit: float) -> list[str]:
     try:
         import matplotlib
 
@@ -317,23 +329,16 @@ def _plots(folder: Path, items: Sequence[Evaluated], fpr_limit: float) -> list[s
         import matplotlib.pyplot as plt
     except ImportError:
         return []
-    labels = [e.sample.label == "anomalous" for e in items]
-    keys = list(items[0].maps)
+    roc, pro = found
     fig, ax = plt.subplots(figsize=(5, 4))
-    if 0 < sum(labels) < len(labels):
-        for key in keys:
-            fpr, tpr = metrics.roc_curve([e.scores[key] for e in items], labels)
-            ax.plot(fpr, tpr, label=key)
+    for key, (fpr, tpr) in roc.items():
+        ax.plot(fpr, tpr, label=key)
     ax.set(xlabel="false positive rate", ylabel="true positive rate", title="image ROC")
     ax.legend()
     _save_fig(fig, folder / "roc.png")
     fig, ax = plt.subplots(figsize=(5, 4))
-    pix = [e for e in items if e.sample.label == "normal" or e.sample.mask is not None]
-    if any(e.mask.any() for e in pix):
-        for key in keys:
-            pro = metrics.au_pro([e.maps[key] for e in pix], [e.mask for e in pix],
-                                 fpr_limit=fpr_limit)
-            ax.plot(pro.fpr, pro.pro, label=f"{key} ({pro.au_pro:.3f})")
+    for key, r in pro.items():
+        ax.plot(r.fpr, r.pro, label=f"{key} ({r.au_pro:.3f})")
     ax.axvline(fpr_limit, color="grey", linestyle=":")
     ax.set(xlim=(0, min(1.0, 2 * fpr_limit)), xlabel="false positive rate (pixels)",
            ylabel="per-region overlap", title="PRO curve")
