@@ -301,13 +301,19 @@ class Model:
             raise UsageError(f"{self.path} is an exported ONNX model and cannot be {what}: "
                              "do it with the .safetensors model and export again")
 
-    def export(self, out: str | os.PathLike[str], *, format: str = "onnx") -> dict[str, Any]:
-        """Write the model as one ONNX graph (``stad export``; :mod:`stad.export`)."""
+    def export(self, out: str | os.PathLike[str], *, format: str = "onnx",
+               quantize: Literal["int8"] | None = None,
+               calibration_images: Sequence[ImageInput] = ()) -> dict[str, Any]:
+        """Write the model as one ONNX graph (``stad export``; :mod:`stad.export`).
+
+        ``quantize="int8"``: the convolutions in int8, their activation ranges measured on
+        ``calibration_images`` (anomaly-free; ``stad export`` uses the held-back ones)."""
         from stad.export import check_format, export_onnx
 
         self._refuse_onnx("exported")
         check_format(format)
-        return export_onnx(self, Path(out))
+        return export_onnx(self, Path(out), quantize=quantize,
+                           calibration_images=list(calibration_images))
 
     def __repr__(self) -> str:
         state = "calibrated" if self.calibration else "not calibrated"

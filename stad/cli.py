@@ -472,18 +472,25 @@ def export_cmd(
         "model.onnx"),
     format: Annotated[str, typer.Option(
         "--format", help="onnx (TorchScript is deprecated in PyTorch).")] = "onnx",
+    quantize: Annotated[str | None, typer.Option(
+        "--quantize", help="int8: convolutions in int8, their ranges set on the held-back "
+        "anomaly-free images the model records (faster on CPUs with VNNI; docs/benchmarks.md)."
+        )] = None,
+    dataset: DatasetOpt = None,
+    root: RootOpt = None,
+    category: CategoryOpt = None,
+    config: ConfigOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Export a calibrated model as one ONNX graph (stad score --model model.onnx uses it)."""
-    from stad.api import Model
-    from stad.export import check_export_path, check_format
+    from stad.commands.export import export
 
-    check_format(format)
-    check_export_path(out, model)  # before the model is read
-    result = Model.load(model, device="cpu").export(out, format=format)
+    settings = _settings(config, dataset=dataset, root=root, category=category)
+    result = export(settings, model_path=model, out=out, format=format, quantize=quantize)
     _print_result(result, json_out, [f"exported {model} to {result['artifact']} "
-                                     f"({result['bytes']} bytes, opset {result['opset']}); "
-                                     f"score with: stad score --model {result['artifact']}"])
+                                     f"({result['bytes']} bytes, opset {result['opset']}"
+                                     + (", int8" if result["quantization"] else "")
+                                     + f"); score with: stad score --model {result['artifact']}"])
 
 
 @app.command("demo")

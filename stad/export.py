@@ -16,6 +16,14 @@ Images of another size get their map resized back to their own size, and their s
 on it, outside the graph: :class:`OnnxNetworks` does that exactly as the PyTorch path does, so
 ``stad score --model model.onnx`` and ``stad.load_model("model.onnx")`` give the same records.
 Needs the ``onnx`` extra (``pip install 'stad[onnx]'``: onnx and onnxruntime).
+
+``quantize="int8"`` (``stad export --quantize int8``) stores every convolution of the teachers
+and students as int8 (weights per output channel, activations per tensor, their ranges set on
+anomaly-free calibration images by onnxruntime's static quantization; QDQ format); the
+normalization, the error and variance, the calibration statistics and the fusion stay fp32.
+onnxruntime runs such convolutions with integer dot-product instructions where the CPU has
+them (AVX-512 VNNI, AVX-VNNI). What it costs in accuracy and gains in speed is measured in
+docs/benchmarks.md ("ONNX export").
 """
 
 from __future__ import annotations
@@ -23,7 +31,10 @@ from __future__ import annotations
 import inspect
 import io
 import json
+import logging
+import tempfile
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +49,7 @@ from stad.model import Inference, Networks
 
 OPSET = 17
 EXTRA = "pip install 'stad[onnx]'"
+QUANTIZATIONS = ("int8",)
 
 
 def _require(module: str) -> Any:
@@ -62,13 +74,20 @@ class _Graph(nn.Module):
         return maps["fused"], torch.stack([maps[f"p{p}"] for p in self.networks.patch_sizes], 1)
 
 
-def export_onnx(model: Any, out: Path) -> dict[str, Any]:
-    """Write ``model`` (a calibrated :class:`stad.api.Model`) to ``out`` as ONNX, atomically.
+def export_onnx(model: Any, out: Path, *, quantize: str | None = None,
+                calibration_images: Sequence[Any] = ()) -> dict[str, Any]:
+    """Write ``model`` (a calibrated :class:`stad.api.Model`) to ``out`` as ONNX, atomically;
+    with ``quantize="int8"`` its convolutions in int8, their activation ranges measured on
+    ``calibration_images`` (anomaly-free images: paths, arrays or PIL images).
 
     Returns what ``stad export`` prints: the file, its size, the patch sizes and the metadata.
     """
     onnx = _require("onnx")
     check_export_path(out, model.path)
+    check_quantize(quantize)
+    if quantize is not None and not calibration_images:
+        raise UsageError("int8 quantization needs anomaly-free calibration images to set the "
+                         "activation ranges; none were given")
     calibration, _ = model.score_rule()
     networks: Networks = model.networks
     saved = networks.inference
@@ -94,6 +113,9 @@ def export_onnx(model: Any, out: Path) -> dict[str, Any]:
         networks.inference = saved
         networks.to(model.device)
     proto = onnx.load_from_string(buf.getvalue())
+    quantization = None
+    if quantize is not None:
+        proto, quantization = _quantize_int8(proto, networks, calibration_images)
     metadata = {
         "stad_version": __version__,
         "preprocessing": json.dumps(networks.preprocessing),
@@ -106,6 +128,7 @@ def export_onnx(model: Any, out: Path) -> dict[str, Any]:
         "input": "images: (N, 3, S, S) float32, resized to S x S and standardized as "
                  "preprocessing says",
         "outputs": "fused: (N, S, S) fused anomaly map; scales: (N, K, S, S) per patch size",
+        "quantization": json.dumps(quantization),
     }
     for key, value in metadata.items():
         entry = proto.metadata_props.add()
@@ -116,7 +139,59 @@ def export_onnx(model: Any, out: Path) -> dict[str, Any]:
     return {"artifact": str(out), "format": "onnx", "bytes": len(data), "opset": OPSET,
             "patch_sizes": networks.patch_sizes, "image_size": size,
             "threshold": calibration["threshold"],
-            "pixel_threshold": calibration.get("pixel_threshold")}
+            "pixel_threshold": calibration.get("pixel_threshold"), "quantization": quantization}
+
+
+def _quantize_int8(proto: Any, networks: Networks, images: Sequence[Any]
+                   ) -> tuple[Any, dict[str, Any]]:
+    """``proto`` with its convolutions quantized to int8 (QDQ), the activation ranges taken
+    (min to max) over ``images``; and what the metadata records of it."""
+    onnx = _require("onnx")
+    _require("onnxruntime")
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+
+    from stad.scoring import prepare
+
+    inputs = [prepare(image, networks, f"calibration image {i}")[0][None].numpy()
+              for i, image in enumerate(images)]
+
+    class Reader(CalibrationDataReader):  # type: ignore[misc]
+        def __init__(self) -> None:
+            self.items = iter(inputs)
+
+        def get_next(self) -> dict[str, Any] | None:
+            x = next(self.items, None)
+            return None if x is None else {"images": x}
+
+    with tempfile.TemporaryDirectory(prefix="stad-quantize-") as tmp:
+        src, dst = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
+        onnx.save(proto, str(src))
+        # onnxruntime's quantizer logs advice to the root logger; not for stad's users.
+        disabled = logging.root.manager.disable
+        logging.disable(logging.WARNING)
+        try:
+            quantize_static(str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ,
+                            op_types_to_quantize=["Conv"], per_channel=True,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                            calibrate_method=CalibrationMethod.MinMax)
+        finally:
+            logging.disable(disabled)
+        quantized = onnx.load(str(dst))
+    del quantized.metadata_props[:]  # the float graph's own entries are added again
+    return quantized, {"type": "int8", "format": "QDQ", "weights": "int8 per output channel",
+                       "activations": "uint8 per tensor, min-max", "ops": ["Conv"],
+                       "calibration_images": len(inputs)}
+
+
+def check_quantize(quantize: str | None) -> None:
+    if quantize is not None and quantize not in QUANTIZATIONS:
+        raise UsageError(f"--quantize must be {' or '.join(QUANTIZATIONS)}, not {quantize!r}")
 
 
 def check_format(format: str) -> None:

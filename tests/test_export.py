@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 import stad
 from stad.cli import app
 from stad.datasets.synthetic import generate
-from stad.errors import EXIT_ARTIFACT, EXIT_USAGE, ArtifactError, UsageError
+from stad.errors import EXIT_ARTIFACT, EXIT_DATA, EXIT_USAGE, ArtifactError, UsageError
 
 onnx = pytest.importorskip("onnx", reason="the onnx extra is part of the test extra")
 ort = pytest.importorskip("onnxruntime", reason="the onnx extra is part of the test extra")
@@ -162,12 +162,17 @@ def test_the_onnx_speed_benchmark_runs(exported: tuple[Path, Path, Path]) -> Non
     result = subprocess.run([sys.executable, str(repo / "benchmarks" / "onnx_speed.py"),
                              "--model", str(model_path), "--images",
                              str(data / "grain" / "test" / "good"), "--rounds", "1",
-                             "--threads", "1"],
+                             "--threads", "1", "--backends", "torch-fp32,onnx-fp32,onnx-int8"],
                             capture_output=True, text=True, timeout=600, check=True, cwd=repo)
     figures = json.loads(result.stdout)
-    assert figures["images"] == 2 and figures["verdicts_identical"] is True
-    assert figures["torch_fp32_images_per_s"] > 0 and figures["onnx_images_per_s"] > 0
-    assert figures["max_map_difference_of_spread"] < 1e-4
+    backends = figures["backends"]
+    assert figures["images"] == 2 and set(backends) == {"torch-fp32", "onnx-fp32", "onnx-int8"}
+    assert all(b["images_per_s"] > 0 for b in backends.values())
+    assert backends["torch-fp32"]["max_map_difference_of_spread"] == 0
+    assert backends["onnx-fp32"]["verdicts_identical"] is True
+    assert backends["onnx-fp32"]["max_map_difference_of_spread"] < 1e-4
+    assert 0 < backends["onnx-int8"]["max_map_difference_of_spread"] < 1
+    assert backends["onnx-int8"]["bytes"] < backends["onnx-fp32"]["bytes"] / 2
 
 
 def test_export_checks_its_output_before_reading_the_model(
@@ -179,3 +184,52 @@ def test_export_checks_its_output_before_reading_the_model(
     same = tmp_path / "same.onnx"
     out = run(app, ["export", "--model", str(same), "--out", str(same)])
     assert out.exit_code == EXIT_USAGE and "the model itself" in out.output
+
+
+def test_int8_export_is_calibrated_on_the_held_back_images(
+        exported: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    data, model_path, _ = exported
+    out = CliRunner().invoke(app, ["export", "--model", str(model_path), "--out",
+                                   str(tmp_path / "m8.onnx"), "--quantize", "int8", "--json"])
+    assert out.exit_code == 0, out.output
+    record = json.loads(out.stdout.splitlines()[0])
+    quantization = record["quantization"]
+    assert quantization["type"] == "int8" and quantization["calibration_images"] == 2  # n_val
+    proto = onnx.load(str(tmp_path / "m8.onnx"))
+    onnx.checker.check_model(proto)
+    meta = {p.key: p.value for p in proto.metadata_props}
+    assert json.loads(meta["stad.quantization"]) == quantization
+    assert json.loads(meta["stad.patch_sizes"]) == [17, 33]
+    # every convolution reads int8 weights
+    producer = {o: n for n in proto.graph.node for o in n.output}
+    convs = [n for n in proto.graph.node if n.op_type == "Conv"]
+    assert convs and all(producer[n.input[1]].op_type == "DequantizeLinear" for n in convs)
+    weights = {i.name: i for i in proto.graph.initializer}
+    assert all(weights[producer[n.input[1]].input[0]].data_type == onnx.TensorProto.INT8
+               for n in convs)
+    # The int8 maps stay near the fp32 ones (figures on real photos: docs/benchmarks.md).
+    paths = sorted((data / "grain" / "test").rglob("*.png"))
+    fp32 = stad.load_model(model_path, device="cpu").score(paths)
+    int8 = stad.load_model(tmp_path / "m8.onnx").score(paths)
+    for a, b in zip(fp32, int8, strict=True):
+        spread = float(a.map.max() - a.map.min())
+        assert 0 < np.abs(a.map - b.map).mean() <= 0.05 * spread
+    a_scores = np.array([r.score for r in fp32])
+    b_scores = np.array([r.score for r in int8])
+    assert np.corrcoef(a_scores, b_scores)[0, 1] > 0.9
+
+
+def test_int8_export_refuses_bad_requests(exported: tuple[Path, Path, Path],
+                                          tmp_path: Path) -> None:
+    _, model_path, _ = exported
+    out = CliRunner().invoke(app, ["export", "--model", str(model_path), "--out",
+                                   str(tmp_path / "m.onnx"), "--quantize", "int4"])
+    assert out.exit_code == EXIT_USAGE and "--quantize must be int8" in out.output
+    assert not (tmp_path / "m.onnx").exists()
+    with pytest.raises(UsageError, match="calibration images"):
+        stad.load_model(model_path, device="cpu").export(tmp_path / "m.onnx", quantize="int8")
+    out = CliRunner().invoke(app, ["export", "--model", str(model_path), "--out",
+                                   str(tmp_path / "m.onnx"), "--quantize", "int8",
+                                   "--dataset", "mvtec", "--root", str(tmp_path / "nowhere")])
+    assert out.exit_code == EXIT_DATA and "nowhere" in out.output, out.output
+    assert not (tmp_path / "m.onnx").exists()
