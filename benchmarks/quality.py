@@ -262,7 +262,8 @@ def run_stad(dataset: str, root: Path, category: str, teacher: str, args: argpar
             "students": {"preset": args.preset, "patch_sizes": args.patch_sizes,
                          "image_size": args.image_size, "epochs": epochs,
                          "crop_size": (args.image_size if args.crop == 0 else args.crop),
-                         "n_students": args.students},
+                         "n_students": args.students, "lr_schedule": args.lr_schedule,
+                         "min_steps": args.min_steps},
             "calibrate": {"normalize": normalize},
             "score": {"precision": args.precision}}, environ={})
 
@@ -363,6 +364,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--crop", type=int, default=None,
                         help="training crop size (0: whole images); default: the preset's")
     parser.add_argument("--students", type=int, default=None, help="students per scale")
+    parser.add_argument("--lr-schedule", default=None, choices=["constant", "cosine"],
+                        help="default: the preset's")
+    parser.add_argument("--min-steps", type=int, default=None, help="default: the preset's")
     parser.add_argument("--normalize", default="position",
                         help="calibrate.normalize: position (default), global, or both "
                              "comma-separated (one fit, calibrated and evaluated per value)")
@@ -442,7 +446,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "settings": {"preset": args.preset, "patch_sizes": args.patch_sizes,
                      "image_size": args.image_size, "epochs": args.epoch_list, "crop": args.crop,
                      "precision": args.precision, "normalize": args.normalize_list, "knn": args.knn,
-                     "students": args.students, "seed": args.seed, "device": args.device,
+                     "students": args.students, "lr_schedule": args.lr_schedule,
+                     "min_steps": args.min_steps, "seed": args.seed, "device": args.device,
                      "data": asdict(params), "teachers": args.teacher_list},
         "data_root": str(base),
         "generate_seconds": generation,

@@ -162,6 +162,9 @@ class StudentSettings(_Section):
         default=0, ge=0, description="more epochs when an epoch has few steps: every scale "
         "trains at least this many optimizer steps")
     lr: float = Field(default=1e-4, gt=0)
+    lr_schedule: Literal["constant", "cosine"] = Field(
+        default="constant", description="constant (the paper's), or cosine: a linear warm-up "
+        "over the first 5 % of the steps, then a cosine decay to zero at the last step")
     weight_decay: float = Field(default=1e-5, ge=0)
     crop_size: int | None = Field(default=None, ge=1)
     batch_size: int = Field(default=1, ge=1)

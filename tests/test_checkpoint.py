@@ -75,9 +75,11 @@ def _data(root: Path, seed: int = 1) -> Path:
 
 def _students(root: Path, **students: Any) -> Settings:
     # 4 fit images (the adapter's val split holds the fifth), batch 2: 2 steps per epoch. The
-    # crops make every step draw from the epoch's generator, which a resume must replay.
+    # crops make every step draw from the epoch's generator, which a resume must replay; the
+    # cosine schedule's rate depends on the step, which a resume must continue.
     values = {"patch_sizes": [17], "n_students": 2, "image_size": 24, "epochs": 2,
-              "batch_size": 2, "crop_size": 12, "lr": 1e-3, "checkpoint_every": 1, **students}
+              "batch_size": 2, "crop_size": 12, "lr": 1e-3, "lr_schedule": "cosine",
+              "checkpoint_every": 1, **students}
     return resolve_settings({"dataset": "synthetic", "root": root, "category": "grain",
                              "device": "cpu", "students": values}, environ={})
 
@@ -430,7 +432,7 @@ def test_fit_students_process_interrupted_by_sigint_then_resumed(tmp_path: Path)
     # Batch 1: 4 steps per epoch. The first checkpoint comes after one epoch and the signal a
     # few milliseconds later, three epochs (seconds) before the end.
     students = {"epochs": 4, "batch_size": 1, "crop_size": 12, "lr": 1e-3,
-                "checkpoint_every": 1}
+                "lr_schedule": "cosine", "checkpoint_every": 1}
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            **{f"STAD_STUDENTS__{k.upper()}": str(v) for k, v in students.items()}}
     args = [sys.executable, "-m", "stad", "fit-students", "--dataset", "synthetic", "--root",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -62,6 +63,30 @@ def test_min_steps_adds_epochs_to_a_small_set():
     assert info["epochs"] == 3 and len(info["loss_per_epoch"]) == 3
     _, info = train_scale(teacher, _images(4, 24, 2), _settings(epochs=2, min_steps=1))
     assert info["epochs"] == 2  # epochs stays the floor
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_learning_rate_schedule(monkeypatch, schedule):
+    rates: list[float] = []
+    original = torch.optim.Adam.step
+
+    def spy(self, *args, **kwargs):
+        rates.append(self.param_groups[0]["lr"])
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", spy)
+    teacher = build_network(17, generator=torch.Generator().manual_seed(0))
+    # 4 images at batch 2 for 20 epochs: 40 steps, a warm-up of 2 (5 %).
+    train_scale(teacher, _images(4, 17, 2), _settings(epochs=20, image_size=17,
+                                                      lr_schedule=schedule))
+    assert len(rates) == 40
+    if schedule == "constant":
+        assert rates == [1e-3] * 40
+        return
+    assert rates[:2] == pytest.approx([5e-4, 1e-3])  # linear warm-up to the peak
+    assert all(a >= b for a, b in zip(rates[1:], rates[2:], strict=False))  # then only down
+    assert rates[20] == pytest.approx(0.5e-3 * (1 + math.cos(math.pi * 18 / 38)))
+    assert rates[-1] < 0.01e-3
 
 
 def test_crops_see_the_same_targets_as_whole_images():

@@ -269,8 +269,22 @@ class _ScaleFit:
                      "students.lr and start again (without --resume)")
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
+        for group in self.opt.param_groups:
+            group["lr"] = self.lr_at(epoch * self.steps_per_epoch + step)
         self.opt.step()
         return loss.item() / len(self.students)
+
+    def lr_at(self, k: int) -> float:
+        """The learning rate of (0-based) optimizer step ``k`` of the scale's run: a function
+        of ``k`` alone, so a resumed run continues the schedule exactly."""
+        cfg = self.cfg
+        if cfg.lr_schedule == "constant":
+            return cfg.lr
+        total = self.epochs * self.steps_per_epoch
+        warm = max(1, round(0.05 * total))
+        if k < warm:
+            return cfg.lr * (k + 1) / warm
+        return cfg.lr * 0.5 * (1 + math.cos(math.pi * (k - warm) / max(1, total - warm)))
 
     def epoch(self, epoch: int, task: Any) -> bool:
         """The steps of one epoch (those after the checkpoint's, on resume); whether a stop
