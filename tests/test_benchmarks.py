@@ -122,3 +122,16 @@ def test_default_teacher_script_builds_an_imagenet_teacher_and_reuses_scales(tmp
     tensors = load_artifact(out, kind="teacher").tensors
     assert all(torch.equal(tensors[k], v) for k, v in first_tensors.items()
                if k.startswith("teacher.p33."))
+
+
+def test_student_proxy_reports_training_and_held_out_loss(tmp_path: Path):
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "student_proxy.py"),
+                             "--set", "gravel", "--steps", "5", "--image-size", "32",
+                             "--crop", "16", "--batch", "2", "--n-fit", "3", "--n-val", "1",
+                             "--data", str(tmp_path)],
+                            capture_output=True, text=True, timeout=600, check=True)
+    out = json.loads(result.stdout)
+    assert out["steps"] == 5 and [c["step"] for c in out["curve"]] == [1, 2, 3, 4, 5]
+    assert out["held_out"] > 0 and out["train_last20"] > 0
+    # the held-out loss is measured on the student as trained: it moves during the run
+    assert out["curve"][0]["held_out"] != out["curve"][-1]["held_out"]

@@ -277,14 +277,8 @@ class _ScaleFit:
     def lr_at(self, k: int) -> float:
         """The learning rate of (0-based) optimizer step ``k`` of the scale's run: a function
         of ``k`` alone, so a resumed run continues the schedule exactly."""
-        cfg = self.cfg
-        if cfg.lr_schedule == "constant":
-            return cfg.lr
-        total = self.epochs * self.steps_per_epoch
-        warm = max(1, round(0.05 * total))
-        if k < warm:
-            return cfg.lr * (k + 1) / warm
-        return cfg.lr * 0.5 * (1 + math.cos(math.pi * (k - warm) / max(1, total - warm)))
+        return scheduled_lr(k, self.epochs * self.steps_per_epoch, self.cfg.lr,
+                            self.cfg.lr_schedule)
 
     def epoch(self, epoch: int, task: Any) -> bool:
         """The steps of one epoch (those after the checkpoint's, on resume); whether a stop
@@ -343,6 +337,18 @@ class _Ensemble(nn.Module):
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         return [s.dense_valid(x) for s in self.students]
+
+
+def scheduled_lr(k: int, total: int, lr: float, schedule: str) -> float:
+    """``students.lr_schedule`` at (0-based) step ``k`` of ``total``: ``constant`` is ``lr``;
+    ``cosine`` rises linearly over the first 5 % of the steps (at least one) to ``lr``, then
+    falls along a half cosine to zero at step ``total``."""
+    if schedule == "constant":
+        return lr
+    warm = max(1, round(0.05 * total))
+    if k < warm:
+        return lr * (k + 1) / warm
+    return lr * 0.5 * (1 + math.cos(math.pi * (k - warm) / max(1, total - warm)))
 
 
 def _autocast(device: torch.device, precision: str) -> torch.autocast:
