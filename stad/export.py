@@ -158,16 +158,19 @@ def _quantize_int8(proto: Any, networks: Networks, images: Sequence[Any]
 
     from stad.scoring import prepare
 
-    inputs = [prepare(image, networks, f"calibration image {i}")[0][None].numpy()
-              for i, image in enumerate(images)]
-
     class Reader(CalibrationDataReader):  # type: ignore[misc]
+        """One image at a time, read when asked for."""
+
         def __init__(self) -> None:
-            self.items = iter(inputs)
+            self.items = iter(enumerate(images))
 
         def get_next(self) -> dict[str, Any] | None:
-            x = next(self.items, None)
-            return None if x is None else {"images": x}
+            item = next(self.items, None)
+            if item is None:
+                return None
+            i, image = item
+            return {"images": prepare(image, networks, f"calibration image {i}")[0][None]
+                    .numpy()}
 
     with tempfile.TemporaryDirectory(prefix="stad-quantize-") as tmp:
         src, dst = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
@@ -179,6 +182,8 @@ def _quantize_int8(proto: Any, networks: Networks, images: Sequence[Any]
             quantize_static(str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ,
                             op_types_to_quantize=["Conv"], per_channel=True,
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                            # (min-max calibration keeps only each tensor's min and max
+                            # per image, not the activations)
                             calibrate_method=CalibrationMethod.MinMax)
         finally:
             logging.disable(disabled)
@@ -186,7 +191,7 @@ def _quantize_int8(proto: Any, networks: Networks, images: Sequence[Any]
     del quantized.metadata_props[:]  # the float graph's own entries are added again
     return quantized, {"type": "int8", "format": "QDQ", "weights": "int8 per output channel",
                        "activations": "uint8 per tensor, min-max", "ops": ["Conv"],
-                       "calibration_images": len(inputs)}
+                       "calibration_images": len(images)}
 
 
 def check_quantize(quantize: str | None) -> None:
