@@ -139,14 +139,15 @@ class TeacherSettings(_Section):
 # Presets fill the student settings a user did not set (by flag, environment or file).
 STUDENT_PRESETS: dict[str, dict[str, Any]] = {
     # METHOD.md §4: 256×256, 100 epochs, Adam 1e-4, wd 1e-5, batch of one whole image.
-    "paper": {"image_size": 256, "epochs": 100, "lr": 1e-4, "crop_size": None, "batch_size": 1,
-              "precision": "fp32", "min_steps": 0},
+    "paper": {"image_size": 256, "epochs": 100, "lr": 1e-4, "lr_schedule": "constant",
+              "crop_size": None, "batch_size": 1, "precision": "fp32", "min_steps": 0},
     # CPU-friendly: smaller images, random crops (same per-pixel loss), few epochs at a higher
-    # learning rate but at least 150 steps a scale (what 3 epochs of 200 images give), bf16
-    # autocast, and no p=65, whose students learn nothing in such a budget (docs/usage.md,
-    # "Presets"; docs/benchmarks.md; docs/quality.md, "Training budget").
-    "fast": {"image_size": 128, "epochs": 3, "min_steps": 150, "lr": 1e-3, "crop_size": 64,
-             "batch_size": 4, "precision": "auto", "patch_sizes": [17, 33]},
+    # learning rate with a cosine decay, but at least 450 steps a scale, bf16 autocast where
+    # native, and no p=65, whose students learned nothing in the old 150-step budget
+    # (docs/usage.md, "Presets"; docs/quality.md, "The students' schedule and budget").
+    "fast": {"image_size": 128, "epochs": 3, "min_steps": 450, "lr": 1e-3,
+             "lr_schedule": "cosine", "crop_size": 64, "batch_size": 4, "precision": "auto",
+             "patch_sizes": [17, 33]},
 }
 
 
