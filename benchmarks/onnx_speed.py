@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> dict:
                     k: v for k, v in load.items() if k == "precision"})
                 fused = metrics["maps"]["fused"]
                 figures.update(au_pro=fused["au_pro"], image_auroc=fused["image_auroc"],
-                               test_images=metrics.get("n_images"))
+                               test_images=fused.get("n_images"))
             out["backends"][backend] = figures
             print(f"{backend}: {figures['images_per_s']:.2f} images/s, max map difference "
                   f"{figures['max_map_difference_of_spread']:.2e} of the spread, verdicts "
