@@ -45,18 +45,20 @@ def _timed(model: stad.Model, paths: list[Path], rounds: int) -> tuple[float, li
     return len(paths) / best, results
 
 
-def _model_file(backend: str, model: Path, tmp: Path) -> tuple[Path, dict[str, Any]]:
-    """The file to load for ``backend`` (exported into ``tmp`` for the ONNX ones), and the
-    score settings to load it with."""
+def _model_file(backend: str, model: Path, tmp: Path
+                ) -> tuple[Path, dict[str, Any], dict[str, Any]]:
+    """The file to load for ``backend`` (exported into ``tmp`` for the ONNX ones), the score
+    settings to load it with, and the export's figures."""
     if backend.startswith("torch"):
-        return model, {"device": "cpu", "precision": backend.split("-")[1]}
+        return model, {"device": "cpu", "precision": backend.split("-")[1]}, {}
     from stad.commands.export import export
 
     out = tmp / f"{backend}.onnx"
     quantize = "int8" if backend == "onnx-int8" else None
     start = time.perf_counter()
     export(resolve_settings({}, environ={}), model_path=model, out=out, quantize=quantize)
-    return out, {"export_seconds": round(time.perf_counter() - start, 1)}
+    return out, {}, {"export_seconds": round(time.perf_counter() - start, 1),
+                     "bytes": out.stat().st_size}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -88,10 +90,7 @@ def main(argv: list[str] | None = None) -> dict:
     reference: list = []
     with tempfile.TemporaryDirectory() as tmp:
         for backend in sorted(backends, key=BACKENDS.index):  # torch-fp32 first
-            path, load = _model_file(backend, args.model, Path(tmp))
-            figures: dict[str, Any] = {k: load.pop(k) for k in ("export_seconds",) if k in load}
-            if path.suffix == ".onnx":
-                figures["bytes"] = path.stat().st_size
+            path, load, figures = _model_file(backend, args.model, Path(tmp))
             model = stad.load_model(path, batch_size=args.batch_size, **load)
             figures["images_per_s"], results = _timed(model, paths, args.rounds)
             if backend == "torch-fp32":
@@ -103,7 +102,7 @@ def main(argv: list[str] | None = None) -> dict:
                                                 for a, b in zip(reference, results, strict=True))
             if args.evaluate:
                 metrics = stad.evaluate(path, device="cpu", score={
-                    k: v for k, v in load.items() if k == "precision"})
+                    "precision": load["precision"]} if "precision" in load else {})
                 fused = metrics["maps"]["fused"]
                 figures.update(au_pro=fused["au_pro"], image_auroc=fused["image_auroc"],
                                test_images=fused.get("n_images"))
