@@ -161,6 +161,8 @@ def main(argv: list[str] | None = None) -> None:
                         "whitened (stad pretrain-teacher --target-whiten)")
     parser.add_argument("--compactness", default="signed", choices=["signed", "squared"],
                         help="teacher.compactness (signed: the paper's)")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"],
+                        help="teacher.precision: bf16 autocast (about 2× faster with bf16 units)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--figures", type=Path, help="JSON to record as benchmark figures")
     args = parser.parse_args(argv)
@@ -170,7 +172,7 @@ def main(argv: list[str] | None = None) -> None:
     scales: dict[str, Any] = {}
     recipe: dict[str, Any] = {"target": args.target, "target_whiten": args.target_whiten,
                               "compactness": args.compactness, "lr": args.lr,
-                              "lambda_compact": args.lambda_compact}
+                              "lambda_compact": args.lambda_compact, "precision": args.precision}
     if args.target == "efficientnet-lite0":
         recipe.update(distill=args.distill, buffer_images=1000)
     with tempfile.TemporaryDirectory() as tmp:

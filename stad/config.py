@@ -101,6 +101,9 @@ class TeacherSettings(_Section):
         "components, each scaled to unit variance; 0: the standardized bank as is"
     )
     image_size: int = Field(default=256, ge=17, description="images are resized to this first")
+    precision: Literal["fp32", "bf16", "auto"] = Field(
+        default="fp32", description="the teacher and decoder under bf16 autocast (losses in fp32);"
+        " auto: bf16 where the device computes it natively, else fp32")
     checkpoint_every: int = Field(default=500, ge=1, description="iterations between checkpoints")
     kd_input_size: int = Field(
         default=64, ge=32, description="patches are resized to this for ResNet-18 (unstated)"

@@ -42,3 +42,11 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     if precision == "auto":
         return "bf16" if native_bf16(device) else "fp32"
     return precision
+
+
+def autocast(device: torch.device, precision: str) -> torch.autocast:
+    """bf16 autocast for the networks (callers keep their losses in fp32), or a disabled
+    context; ``auto`` is bf16 only where the device computes it natively
+    (:func:`resolve_precision`)."""
+    bf16 = resolve_precision(precision, device) == "bf16"
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)

@@ -156,7 +156,6 @@ def test_auto_precision_is_bf16_only_where_the_device_computes_it(monkeypatch):
     # Emulated bf16 autocast measured 20× slower than fp32 on an AVX2 CPU: the fast preset's
     # "auto" must not pick it there, and must where oneDNN has a bf16 path.
     import stad.devices as devices
-    import stad.training.students as students
 
     cpu = torch.device("cpu")
     assert devices.resolve_precision("fp32", cpu) == "fp32"
@@ -164,7 +163,7 @@ def test_auto_precision_is_bf16_only_where_the_device_computes_it(monkeypatch):
     for native in (False, True):
         monkeypatch.setattr(devices, "native_bf16", lambda device, n=native: n)
         assert devices.resolve_precision("auto", cpu) == ("bf16" if native else "fp32")
-        with students._autocast(cpu, "auto"):
+        with devices.autocast(cpu, "auto"):
             assert torch.is_autocast_enabled("cpu") == native
     monkeypatch.undo()
     # The real check answers from the hardware, and agrees with oneDNN's own.

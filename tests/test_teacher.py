@@ -142,6 +142,38 @@ def test_loss_falls(tmp_path: Path) -> None:
     assert last < 0.5 * first and last < 0.5 * losses[0], losses
 
 
+def test_bf16_precision_runs_the_networks_under_autocast(tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    # teacher.precision = "bf16": the teacher and decoder forward under bf16 autocast (what
+    # makes a distilled p = 65 affordable on a CPU with bf16 units), the losses and the weights
+    # stay fp32, the loss still falls, and info says which precision ran.
+    path = tmp_path / "resnet18.safetensors"
+    save_file(_resnet18_state(), path)
+    seen: list[tuple[bool, torch.dtype]] = []
+    real = teacher_mod._Pretrainee.forward
+
+    def spy(self, patches, batch):
+        out = real(self, patches, batch)
+        seen.append((torch.is_autocast_enabled("cpu"), out[0].dtype))
+        return out
+
+    monkeypatch.setattr(teacher_mod._Pretrainee, "forward", spy)
+    rec = Recorder()
+    settings = _settings(iterations=12, lr=1e-3, lambda_compact=0.0, backbone_weights=str(path),
+                         target="auto", precision="bf16")
+    teachers, info = pretrain_teachers(settings, _samples(tmp_path), reporter=rec)
+    assert seen and all(enabled and dtype == torch.bfloat16 for enabled, dtype in seen)
+    assert info["precision"] == "bf16"
+    assert all(v.dtype == torch.float32 for v in teachers[17].state_dict().values())
+    losses = rec.tasks["teacher p=17"].losses
+    assert all(math.isfinite(v) for v in losses)
+    assert np.mean(losses[-4:]) < 0.5 * losses[0], losses
+    # fp32, the default, runs without autocast.
+    seen.clear()
+    _, info = pretrain_teachers(_settings(), _samples(tmp_path))
+    assert info["precision"] == "fp32" and seen and not any(enabled for enabled, _ in seen)
+
+
 def test_same_seed_same_weights_other_seed_different(tmp_path: Path) -> None:
     samples = _samples(tmp_path)
     a, info_a = pretrain_teachers(_settings(seed=3), samples)

@@ -37,7 +37,7 @@ from stad.artifacts import prefixed, with_prefix
 from stad.config import Settings
 from stad.console import NULL_REPORTER, Reporter
 from stad.datasets.base import Sample
-from stad.devices import resolve_precision
+from stad.devices import autocast, resolve_precision
 from stad.distributed import SINGLE, World
 from stad.errors import DataError, TrainingError
 from stad.images import DEFAULT_MEAN, DEFAULT_STD, load_image, to_tensor
@@ -260,7 +260,7 @@ class _ScaleFit:
                          for i, (r, c) in zip(idx, corners, strict=True)])
         t = torch.stack([self.targets[i, :, r:r + span, c:c + span]
                          for i, (r, c) in zip(idx, corners, strict=True)]).float()
-        with _autocast(self.device, self.cfg.precision):
+        with autocast(self.device, self.cfg.precision):
             outs = self.ensemble(x)
         loss = torch.stack([(o.float() - t).pow(2).sum(1).mean() for o in outs]).sum()
         check_finite(bool(torch.isfinite(loss)), self.world, self.device, self.checkpoint,
@@ -349,13 +349,6 @@ def scheduled_lr(k: int, total: int, lr: float, schedule: str) -> float:
     if k < warm:
         return lr * (k + 1) / warm
     return lr * 0.5 * (1 + math.cos(math.pi * (k - warm) / max(1, total - warm)))
-
-
-def _autocast(device: torch.device, precision: str) -> torch.autocast:
-    """bf16 autocast for the networks (losses stay in fp32), or a disabled context; ``auto``
-    is bf16 only where the device computes it natively (:func:`stad.devices.resolve_precision`)."""
-    bf16 = resolve_precision(precision, device) == "bf16"
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
 
 def _seed(seed: int, *parts: int) -> int:

@@ -58,6 +58,7 @@ from stad.backbones import EfficientNetLite
 from stad.config import Settings, TeacherSettings
 from stad.console import NULL_REPORTER, Reporter, warn
 from stad.datasets.base import Sample
+from stad.devices import autocast, resolve_precision
 from stad.diagnostics import collapse_warnings, teacher_diagnostics
 from stad.distillation import BACKBONES, blocks_for, describe, load_backbone
 from stad.distributed import SINGLE, World
@@ -266,7 +267,10 @@ class _ScaleRun:
         cfg, dev, batch = self.cfg, self.device, self.cfg.batch_size
         # One forward for anchors, positives and negatives: (len(parts)·B, d), and the
         # anchors decoded for distillation.
-        flat, decoded = self.step(torch.cat(parts), batch)
+        with autocast(dev, cfg.precision):  # the networks in bf16 if asked; losses in fp32
+            flat, decoded = self.step(torch.cat(parts), batch)
+        flat = flat.float()
+        decoded = decoded.float() if decoded is not None else None
         desc = flat.split(batch)
         zero = desc[0].new_zeros(())
         kd = self.kd.loss(decoded, parts[0], idx.to(dev), rows.to(dev), cols.to(dev))
@@ -570,5 +574,6 @@ def pretrain_teachers(
                  **image_preprocessing(cfg.image_size)},
         "iterations": cfg.iterations,
         "batch_size": cfg.batch_size,
+        "precision": resolve_precision(cfg.precision, device),
         "seconds": round(time.perf_counter() - start, 3),
     }
