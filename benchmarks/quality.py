@@ -233,6 +233,68 @@ def descriptor_knn(dataset: str, root: Path, category: str, teacher: str,
     return result
 
 
+BACKBONE_BANK = 40_000
+"""Training feature vectors kept by :func:`backbone_knn` (the issue's reference: 40 000)."""
+
+
+def _gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
+    """(N, H, W) maps smoothed by a separable Gaussian (reflect-padded, 4σ wide)."""
+    half = max(1, int(2 * sigma))
+    taps = torch.arange(-half, half + 1, dtype=maps.dtype)
+    kernel = torch.exp(-taps**2 / (2 * sigma**2))
+    kernel = kernel / kernel.sum()
+    x = torch.nn.functional.pad(maps[:, None], (half,) * 4, mode="reflect")
+    x = torch.nn.functional.conv2d(x, kernel.view(1, 1, 1, -1))
+    return torch.nn.functional.conv2d(x, kernel.view(1, 1, -1, 1))[:, 0]
+
+
+@torch.inference_mode()
+def backbone_knn(dataset: str, root: Path, category: str, args: argparse.Namespace
+                 ) -> dict[str, Any]:
+    """The no-training ImageNet reference of issue 16: EfficientNet-Lite0 features after
+    blocks 4 and 10 (the second upsampled bilinearly to the first's stride-8 grid), 3×3
+    average pooled, of images at ``args.reference_size``²; a test pixel's score is its
+    feature's distance to the nearest of :data:`BACKBONE_BANK` training features (sampled,
+    seeded), upsampled to the image size and smoothed by a Gaussian of σ = 4 px at that size.
+    No students and no teacher: what the backbone's features alone separate. Needs
+    ``stad[imagenet]``."""
+    from stad.distillation import load_backbone, to_backbone_input
+    from stad.images import to_tensor
+    from stad.training.students import load_batch
+
+    start = time.perf_counter()
+    size, blocks = args.reference_size, (4, 10)
+    net, _ = load_backbone("efficientnet-lite0")
+    net = net.eval()
+
+    def features(x: torch.Tensor) -> torch.Tensor:
+        maps = net.features(to_backbone_input(x), blocks)
+        grid = maps[0].shape[-2:]
+        maps = [m if m.shape[-2:] == grid else torch.nn.functional.interpolate(
+            m, size=grid, mode="bilinear", align_corners=False) for m in maps]
+        return torch.nn.functional.avg_pool2d(torch.cat(maps, 1), 3, 1, 1)
+
+    adapter = get_adapter(dataset)
+    train = features(load_batch(adapter.list_samples(root, category, "train"), size))
+    bank = train.permute(0, 2, 3, 1).reshape(-1, train.shape[1])
+    generator = torch.Generator().manual_seed(args.seed)
+    bank = bank[torch.randperm(len(bank), generator=generator)[:BACKBONE_BANK]]
+    tests = adapter.list_samples(root, category, "test")
+    items = []
+    for sample in tests:
+        image = load_image(sample.image)
+        f = features(to_tensor(image, size=size)[None])
+        q = f.permute(0, 2, 3, 1).reshape(-1, f.shape[1])
+        d = nearest_distance(q, bank).view(1, 1, *f.shape[-2:])
+        d = torch.nn.functional.interpolate(d, size=(size, size), mode="bilinear",
+                                            align_corners=False)[:, 0]
+        amap = _gaussian_blur(d.double(), 4.0)[0].float().numpy()
+        items.append(_evaluated(sample, {"fused": _map_to(amap, image.shape)}))
+    result = _summary(compute_metrics(items, fpr_limit=0.3))
+    result["seconds"] = {"evaluate": round(time.perf_counter() - start, 2)}
+    return result
+
+
 # --------------------------------------------------------------------------- stad pipeline
 
 
@@ -352,6 +414,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                              "nearest training descriptor, without students")
     parser.add_argument("--knn-only", action="store_true",
                         help="the Gaussian baseline and --knn, no student fits")
+    parser.add_argument("--reference", action="store_true",
+                        help="also the no-training EfficientNet-Lite0 nearest-neighbour "
+                        "reference (backbone_knn; needs stad[imagenet])")
+    parser.add_argument("--reference-size", type=int, default=256,
+                        help="image size of --reference (default 256, the issue's)")
     parser.add_argument("--data", type=Path, default=None,
                         help="where generated sets are kept (default $STAD_CACHE/realsets)")
     parser.add_argument("--preset", default="fast")
@@ -426,6 +493,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             generation[name] = round(time.perf_counter() - start, 1)
             results[name] = {"gaussian": baseline(dataset, root, name, args.image_size)}
             _progress(name, "gaussian", results[name]["gaussian"])
+            if args.reference:
+                key = f"efficientnet-lite0 kNN @ {args.reference_size}px"
+                results[name][key] = backbone_knn(dataset, root, name, args)
+                _progress(name, key, results[name][key])
             for teacher in args.teacher_list:
                 if args.knn:
                     key = f"{teacher} (descriptor kNN)"
@@ -446,6 +517,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "settings": {"preset": args.preset, "patch_sizes": args.patch_sizes,
                      "image_size": args.image_size, "epochs": args.epoch_list, "crop": args.crop,
                      "precision": args.precision, "normalize": args.normalize_list, "knn": args.knn,
+                     "reference": args.reference and args.reference_size,
                      "students": args.students, "lr_schedule": args.lr_schedule,
                      "min_steps": args.min_steps, "seed": args.seed, "device": args.device,
                      "data": asdict(params), "teachers": args.teacher_list},

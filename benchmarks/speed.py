@@ -8,9 +8,9 @@ Prints a table on stderr and one JSON object on stdout. Run from the repository 
     python benchmarks/speed.py --device cuda   # on a GPU
     python benchmarks/speed.py --parts fused,score --threads 1   # some parts, one thread
 
-Parts: peak, dense, fused, patchwise, train, score, tiled (see ``--help``). ``tiled`` runs the
-full ensemble on one ``--tiled-size``² image in a fresh process and reports its peak resident
-memory; at 2048² that is tens of minutes on 2 CPU cores, so it is not in the default parts.
+Parts: peak, dense, fused, patchwise, train, teacher, score, tiled (see ``--help``). ``tiled``
+runs the full ensemble on one ``--tiled-size``² image in a fresh process and reports its peak
+resident memory; at 2048² that is tens of minutes on 2 CPU cores, so it is not in the default parts.
 
 Throughput is counted from the architecture (``stad.networks.count_macs``; 1 MAC = 2 FLOP), so
 "share of peak" compares the networks with the best large GEMM / 5×5 convolution measured on the
@@ -39,7 +39,7 @@ from stad.model import Inference, Networks, Scale
 from stad.networks import PATCH_SIZES, FusedNetworks, build_network, count_macs
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-PARTS = ("peak", "dense", "fused", "patchwise", "train", "score", "tiled")
+PARTS = ("peak", "dense", "fused", "patchwise", "train", "teacher", "score", "tiled")
 DEFAULT_PARTS = ("peak", "dense", "fused", "patchwise", "train", "score")
 N_STUDENTS = 3
 
@@ -117,6 +117,27 @@ def training(p: int, crop: int, device: torch.device, precision: str, repeats: i
     # forward + backward ≈ 3 forwards; MACs of the valid region (the halo is extra work).
     flops = 3 * 3 * 2 * count_macs(p, crop, crop) * 4
     return {"seconds": seconds, "pixels_per_s": pixels / seconds, "gflops": flops / seconds / 1e9}
+
+
+def teacher_step(p: int, batch: int, device: torch.device, precision: str, repeats: int
+                 ) -> dict[str, float]:
+    """One teacher pretraining step (dense distillation's shape: the strided network on a
+    batch of p×p patches, a 1×1 decoder to a 152-d target, backward, Adam)."""
+    net = build_network(p).to(device).train()
+    decoder = torch.nn.Linear(128, 152).to(device)
+    x = torch.randn(batch, 3, p, p, device=device)
+    target = torch.randn(batch, 152, device=device)
+    opt = torch.optim.Adam([*net.parameters(), *decoder.parameters()], lr=2e-4)
+
+    def step() -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            out = decoder(net(x))
+        loss = (out.float() - target).pow(2).sum(1).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return {"seconds": timed(step, device, repeats)}
 
 
 def ensemble_separate_vs_fused(size: int, device: torch.device, precision: str, repeats: int
@@ -256,9 +277,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch.set_num_threads (default: torch's own choice)")
     parser.add_argument("--precisions", default="auto",
-                        help="for the dense, fused, train and score parts: comma-separated "
-                        "fp32,bf16; auto (default): fp32, and bf16 where the device computes it "
-                        "natively (emulated bf16 is ~20x slower: docs/benchmarks.md)")
+                        help="for the dense, fused, train, teacher and score parts: comma-"
+                        "separated fp32,bf16; auto (default): fp32, and bf16 where the device "
+                        "computes it natively (emulated bf16 is ~20x slower: docs/benchmarks.md)")
     parser.add_argument("--score-images", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=4, help="of the score part")
     parser.add_argument("--tiled-size", type=int, default=2048)
@@ -333,6 +354,12 @@ def main() -> None:
             result[f"train_p17_{precision}"] = r
             row(f"train 3 students p=17 {precision}", r["pixels_per_s"], r["gflops"],
                 precision)
+    if "teacher" in parts:
+        for precision in precisions:
+            for p in PATCH_SIZES:
+                r = teacher_step(p, 16 if args.quick else 64, device, precision, repeats)
+                result[f"teacher_step_p{p}_{precision}"] = r
+                row(f"teacher steps p={p} {precision}", 1 / r["seconds"], None, precision)
     if "score" in parts:
         for precision in precisions:
             r = score_end_to_end(size, n_score, args.batch_size, device, precision,

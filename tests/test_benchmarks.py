@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 def test_speed_benchmark_quick_run():
     result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "speed.py"), "--quick",
-                             "--parts", "peak,dense,fused,patchwise,train,score,tiled"],
+                             "--parts", "peak,dense,fused,patchwise,train,teacher,score,tiled"],
                             capture_output=True, text=True, timeout=900, check=True, cwd=REPO)
     data = json.loads(result.stdout)
     # bf16 is measured only where it is native: emulated, it is ~20× slower than fp32.
@@ -27,8 +27,9 @@ def test_speed_benchmark_quick_run():
     assert ("ensemble_bf16" in data) == native_bf16(torch.device("cpu"))
     for key in ("peak", "ensemble_fp32", "dense_vs_patchwise_speedup",
                 "train_p17_fp32", "peak_memory_mib", "ensemble_separate_vs_fused_fp32",
-                "score_end_to_end_fp32", "tiled_memory"):
+                "score_end_to_end_fp32", "tiled_memory", "teacher_step_p65_fp32"):
         assert key in data
+    assert all(data[f"teacher_step_p{p}_fp32"]["seconds"] > 0 for p in (17, 33, 65))
     assert data["peak"]["fp32"]["peak_gflops"] > 0
     assert all(v > 1 for v in data["dense_vs_patchwise_speedup"].values())
     assert "ensemble (3×4 nets) fp32" in result.stderr
@@ -65,7 +66,8 @@ def test_default_teacher_script_passes_the_teacher_recipe_on(tmp_path: Path):
     out = tmp_path / "teacher.safetensors"
     result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "default_teacher.py"),
                              "--out", str(out), "--iterations", "17=2",
-                             "--compactness", "squared", "--target-whiten", "8"],
+                             "--compactness", "squared", "--target-whiten", "8",
+                             "--precision", "bf16"],
                             capture_output=True, text=True, timeout=600, check=True, cwd=REPO)
     assert json.loads(result.stdout.splitlines()[-1])["scales"] == [17]
     from stad.artifacts import load_artifact
@@ -75,6 +77,7 @@ def test_default_teacher_script_passes_the_teacher_recipe_on(tmp_path: Path):
     assert info["compactness"] == "squared" and info["target_whiten"] == 8
     settings = info["scales"]["p17"]["settings"]
     assert settings["compactness"] == "squared" and settings["target_whiten"] == 8
+    assert settings["precision"] == "bf16"
     assert info["scales"]["p17"]["iterations"] == 2
     assert all(t.dtype == torch.float16 for t in artifact.tensors.values())
 

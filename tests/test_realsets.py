@@ -13,6 +13,7 @@ from types import ModuleType
 
 import numpy as np
 import pytest
+import torch
 
 from stad.datasets.registry import get_adapter
 from stad.images import load_image, load_mask
@@ -248,6 +249,29 @@ def test_quality_knn_only_scores_descriptors_without_fitting(
     assert 0.0 <= run["au_pro"]["fused"] <= 1.0 and 0.0 <= run["image_auroc"]["fused"] <= 1.0
     assert set(run["defects_au_pro"]) == set(realsets.DEFECTS)
     assert "coins | random (descriptor kNN)" in captured.err
+
+
+def test_quality_backbone_reference_runs_beside_the_baseline(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # The no-training EfficientNet-Lite0 nearest neighbour, with no teacher at all.
+    assert quality.main(["--quick", "--baseline-only", "--reference", "--reference-size", "64",
+                         "--sets", "coins", "--data", str(tmp_path)]) == 0
+    captured = capsys.readouterr()
+    data = json.loads(captured.out)
+    assert data["settings"]["reference"] == 64
+    run = data["results"]["coins"]["efficientnet-lite0 kNN @ 64px"]
+    assert 0.0 <= run["au_pro"]["fused"] <= 1.0 and 0.0 <= run["image_auroc"]["fused"] <= 1.0
+    assert set(run["defects_au_pro"]) == set(realsets.DEFECTS)
+    assert "coins | efficientnet-lite0 kNN @ 64px" in captured.err
+
+
+def test_gaussian_blur_keeps_the_mass_and_spreads_a_peak() -> None:
+    maps = torch.zeros(1, 33, 33, dtype=torch.float64)
+    maps[0, 16, 16] = 1.0
+    out = quality._gaussian_blur(maps, 4.0)
+    assert out.shape == maps.shape and abs(float(out.sum()) - 1.0) < 1e-9
+    assert out[0, 16, 16] == out.max() and float(out[0, 16, 16]) < 0.02
+    assert torch.allclose(out[0], out[0].T) and torch.allclose(out[0], out[0].flip(0))
 
 
 @pytest.mark.slow
