@@ -146,7 +146,9 @@ class Model:
             if not calibration:
                 raise UsageError(f"{path} is an exported ONNX model and cannot be calibrated: "
                                  "calibrate the .safetensors model and export again")
-            onnx_networks, info = load_onnx(path)
+            # onnxruntime with as many threads as torch would use (OMP_NUM_THREADS,
+            # torch.set_num_threads, else the cores), not its own default.
+            onnx_networks, info = load_onnx(path, threads=torch.get_num_threads())
             return cls(onnx_networks, Artifact(  # type: ignore[arg-type]
                 kind="model", tensors={}, config={}, preprocessing=onnx_networks.preprocessing,
                 seed=0, info=info), path=path, device=torch.device("cpu"),

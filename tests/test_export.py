@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -114,6 +115,20 @@ def test_score_and_evaluate_take_the_onnx_file(exported: tuple[Path, Path, Path]
     out = CliRunner().invoke(app, ["evaluate", "--model", str(onnx_path), "--json"])
     assert out.exit_code == 0, out.output
     assert 0 <= json.loads(out.stdout.splitlines()[0])["maps"]["fused"]["au_pro"] <= 1
+
+
+def test_onnxruntime_uses_as_many_threads_as_torch(exported: tuple[Path, Path, Path]) -> None:
+    # onnxruntime's own default is every core; stad gives it torch's count (OMP_NUM_THREADS,
+    # torch.set_num_threads), so that one setting bounds both backends.
+    _, _, onnx_path = exported
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            session = stad.load_model(onnx_path).networks.session
+            assert session.get_session_options().intra_op_num_threads == threads
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_bad_exports_and_bad_onnx_files(exported: tuple[Path, Path, Path],
