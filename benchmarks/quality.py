@@ -237,17 +237,6 @@ BACKBONE_BANK = 40_000
 """Training feature vectors kept by :func:`backbone_knn` (the issue's reference: 40 000)."""
 
 
-def _gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
-    """(N, H, W) maps smoothed by a separable Gaussian (reflect-padded, 4σ wide)."""
-    half = max(1, int(2 * sigma))
-    taps = torch.arange(-half, half + 1, dtype=maps.dtype)
-    kernel = torch.exp(-taps**2 / (2 * sigma**2))
-    kernel = kernel / kernel.sum()
-    x = torch.nn.functional.pad(maps[:, None], (half,) * 4, mode="reflect")
-    x = torch.nn.functional.conv2d(x, kernel.view(1, 1, 1, -1))
-    return torch.nn.functional.conv2d(x, kernel.view(1, 1, -1, 1))[:, 0]
-
-
 @torch.inference_mode()
 def backbone_knn(dataset: str, root: Path, category: str, args: argparse.Namespace
                  ) -> dict[str, Any]:
@@ -258,6 +247,7 @@ def backbone_knn(dataset: str, root: Path, category: str, args: argparse.Namespa
     seeded), upsampled to the image size and smoothed by a Gaussian of σ = 4 px at that size.
     No students and no teacher: what the backbone's features alone separate. Needs
     ``stad[imagenet]``."""
+    from stad.calibration import gaussian_blur
     from stad.distillation import load_backbone, to_backbone_input
     from stad.images import to_tensor
     from stad.training.students import load_batch
@@ -288,7 +278,7 @@ def backbone_knn(dataset: str, root: Path, category: str, args: argparse.Namespa
         d = nearest_distance(q, bank).view(1, 1, *f.shape[-2:])
         d = torch.nn.functional.interpolate(d, size=(size, size), mode="bilinear",
                                             align_corners=False)[:, 0]
-        amap = _gaussian_blur(d.double(), 4.0)[0].float().numpy()
+        amap = gaussian_blur(d.double(), 4.0)[0].float().numpy()
         items.append(_evaluated(sample, {"fused": _map_to(amap, image.shape)}))
     result = _summary(compute_metrics(items, fpr_limit=0.3))
     result["seconds"] = {"evaluate": round(time.perf_counter() - start, 2)}

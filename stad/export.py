@@ -115,7 +115,7 @@ def export_onnx(model: Any, out: Path, *, quantize: str | None = None,
     proto = onnx.load_from_string(buf.getvalue())
     quantization = None
     if quantize is not None:
-        proto, quantization = _quantize_int8(proto, networks, calibration_images)
+        proto, quantization = _quantize_int8(proto, graph, calibration_images)
     metadata = {
         "stad_version": __version__,
         "preprocessing": json.dumps(networks.preprocessing),
@@ -142,10 +142,11 @@ def export_onnx(model: Any, out: Path, *, quantize: str | None = None,
             "pixel_threshold": calibration.get("pixel_threshold"), "quantization": quantization}
 
 
-def _quantize_int8(proto: Any, networks: Networks, images: Sequence[Any]
+def _quantize_int8(proto: Any, graph: _Graph, images: Sequence[Any]
                    ) -> tuple[Any, dict[str, Any]]:
     """``proto`` with its convolutions quantized to int8 (QDQ), the activation ranges taken
     (min to max) over ``images``; and what the metadata records of it."""
+    networks = graph.networks
     onnx = _require("onnx")
     _require("onnxruntime")
     from onnxruntime.quantization import (
@@ -176,7 +177,7 @@ def _quantize_int8(proto: Any, networks: Networks, images: Sequence[Any]
     # compare) stays fp32; it is a sixth to a third of a network's work. Its weight is named
     # after the module that _Graph registers: modules_.<network>.convs.<layer>.weight.
     last = {f"modules_.{i}.convs.{len(net.convs) - 1}.weight"
-            for i, net in enumerate(_Graph(networks).modules_)}
+            for i, net in enumerate(graph.modules_)}
     keep = [n.name for n in proto.graph.node if n.op_type == "Conv" and n.input[1] in last]
     if len(keep) != len(last):  # an exporter that names weights otherwise: say so, not guess
         raise StadError(f"int8 export found {len(keep)} of the {len(last)} descriptor "

@@ -266,9 +266,12 @@ def test_quality_backbone_reference_runs_beside_the_baseline(
 
 
 def test_gaussian_blur_keeps_the_mass_and_spreads_a_peak() -> None:
+    # backbone_knn's smoothing: stad's own (stad.calibration.gaussian_blur).
+    from stad.calibration import gaussian_blur
+
     maps = torch.zeros(1, 33, 33, dtype=torch.float64)
     maps[0, 16, 16] = 1.0
-    out = quality._gaussian_blur(maps, 4.0)
+    out = gaussian_blur(maps, 4.0)
     assert out.shape == maps.shape and abs(float(out.sum()) - 1.0) < 1e-9
     assert out[0, 16, 16] == out.max() and float(out[0, 16, 16]) < 0.02
     assert torch.allclose(out[0], out[0].T) and torch.allclose(out[0], out[0].flip(0))
