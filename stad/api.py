@@ -33,9 +33,17 @@ from stad.calibration import (
     check_threshold_method,
     f1_threshold,
     fpr_threshold,
+    stored_smooth_sigma,
 )
 from stad.commands.common import save_model
-from stad.config import STUDENT_PRESETS, ScoreSettings, Settings, merge, settings_from
+from stad.config import (
+    SMOOTH_SIGMA,
+    STUDENT_PRESETS,
+    ScoreSettings,
+    Settings,
+    merge,
+    settings_from,
+)
 from stad.console import NULL_REPORTER, Reporter
 from stad.devices import resolve_device
 from stad.errors import UsageError
@@ -158,6 +166,8 @@ class Model:
                                       calibration=calibration)
         if not calibration:
             artifact.info.pop("calibration", None)
+        elif artifact.info.get("calibration") is not None:
+            networks.smooth_sigma = stored_smooth_sigma(artifact.info["calibration"], path)
         return cls(networks, artifact, path=path, device=resolve_device(device),
                    score=score or ScoreSettings())
 
@@ -219,7 +229,7 @@ class Model:
                   method: Literal["fpr", "f1", "manual"] = "fpr", target_fpr: float = 0.01,
                   threshold: float | None = None,
                   normalize: Literal["global", "position"] = "position",
-                  target_pixel_fpr: float = 0.001,
+                  target_pixel_fpr: float = 0.001, smooth_sigma: float = SMOOTH_SIGMA,
                   test_images: Sequence[ImageInput] | None = None,
                   test_labels: Sequence[bool] | None = None, source: str = "given images",
                   reporter: Reporter = NULL_REPORTER) -> dict[str, Any]:
@@ -230,34 +240,41 @@ class Model:
         ``target_fpr`` of those images score above it; ``"f1"`` maximizes F1 on
         ``test_images`` with ``test_labels`` (True: anomalous); ``"manual"`` takes
         ``threshold``. The pixel threshold (defect regions, masks) lets at most
-        ``target_pixel_fpr`` of the normal images' pixels above it. Returns what is recorded
-        as ``info["calibration"]``.
+        ``target_pixel_fpr`` of the normal images' pixels above it. Each scale's map is
+        smoothed with a Gaussian of ``smooth_sigma`` pixels (of the model's image size) before
+        the fusion, here and in every map scored with this calibration. Returns what is
+        recorded as ``info["calibration"]``.
         """
         self._refuse_onnx("calibrated")
         cfg = _settings(None, {"calibrate": {
             "threshold_method": method, "target_fpr": target_fpr, "threshold": threshold,
-            "normalize": normalize, "target_pixel_fpr": target_pixel_fpr}}).calibrate
+            "normalize": normalize, "target_pixel_fpr": target_pixel_fpr,
+            "smooth_sigma": smooth_sigma}}).calibrate
         check_threshold_method(method, cfg.threshold)
         if method == "f1" and (test_images is None or test_labels is None
                                or len(test_images) != len(test_labels)):
             raise UsageError("threshold method 'f1' needs test_images and as many test_labels")
         # Calibrated in place: a failure (an f1 split of one class, say) puts back what was.
         saved = {p: (sc.calib, sc.calib_map) for p, sc in self.networks.scales.items()}
+        saved_sigma = self.networks.smooth_sigma
         try:
             stats, normal_scores, pixel_threshold = calibrate_model(
                 self.networks, list(normal_images), self._score, device=self.device,
-                normalize=cfg.normalize, pixel_fpr=cfg.target_pixel_fpr, reporter=reporter)
+                normalize=cfg.normalize, pixel_fpr=cfg.target_pixel_fpr,
+                smooth_sigma=cfg.smooth_sigma, reporter=reporter)
             chosen = self._threshold(cfg, normal_scores, test_images, test_labels, reporter)
         except BaseException:
             for p, (calib, calib_map) in saved.items():
                 self.networks.scales[p].calib, self.networks.scales[p].calib_map = calib, \
                     calib_map
+            self.networks.smooth_sigma = saved_sigma
             raise
         self.info["calibration"] = {
             "method": method, "threshold": chosen,
             "target_fpr": cfg.target_fpr if method == "fpr" else None,
             "image_score": self._score.image_score, "topk_fraction": self._score.topk_fraction,
-            "normalize": cfg.normalize, "n_images": len(normal_scores), "images_source": source,
+            "normalize": cfg.normalize, "smooth_sigma": cfg.smooth_sigma,
+            "n_images": len(normal_scores), "images_source": source,
             "statistics": {f"p{p}": dict(zip(("e_mean", "e_std", "v_mean", "v_std"),
                                              s.tolist(), strict=True))
                            for p, s in stats.items()},

@@ -8,6 +8,7 @@ threshold; :func:`validation_samples` finds the images ``fit-students`` held bac
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
@@ -19,8 +20,8 @@ from stad.config import ScoreSettings
 from stad.console import NULL_REPORTER, Reporter, warn
 from stad.datasets.base import Sample
 from stad.datasets.selection import DataSelection, relative_names
-from stad.errors import DataError, UsageError
-from stad.handcrafted import gaussian_kernel, smooth
+from stad.errors import ArtifactError, DataError, UsageError
+from stad.handcrafted import gaussian_blur
 from stad.model import Networks, standardized
 from stad.regions import TopValues
 from stad.scoring import image_score, prepared_batches
@@ -39,7 +40,7 @@ class Calibrated(NamedTuple):
 def calibrate_model(model: Networks, paths: Sequence[Path], rule: ScoreSettings, *,
                     device: torch.device, batch_size: int | None = None,
                     normalize: Literal["global", "position"] = "global",
-                    pixel_fpr: float | None = None,
+                    pixel_fpr: float | None = None, smooth_sigma: float = 0.0,
                     reporter: Reporter = NULL_REPORTER) -> Calibrated:
     """Calibrate ``model`` in place on anomaly-free images, in one pass over them.
 
@@ -58,6 +59,10 @@ def calibrate_model(model: Networks, paths: Sequence[Path], rule: ScoreSettings,
     images (leave one out; with one image, its own): a position's statistics fitted on an image
     would standardize that image's own peaks away and set an ``fpr`` threshold too low.
 
+    ``smooth_sigma`` becomes the model's :attr:`~stad.model.Networks.smooth_sigma`: each
+    scale's standardized map is smoothed with it before the fusion, in the scores and pixel
+    threshold found here as in every map scored later.
+
     With ``pixel_fpr``, also the pixel threshold that at most that share of the normal
     images' pixels exceed (on the same maps as the scores; :class:`stad.regions.TopValues`).
 
@@ -70,6 +75,7 @@ def calibrate_model(model: Networks, paths: Sequence[Path], rule: ScoreSettings,
     if not paths:
         raise DataError("no anomaly-free images to calibrate on: the validation split is empty")
     at, kept = _accumulate(model, paths, device, batch_size, reporter)
+    model.smooth_sigma = float(smooth_sigma)
     stats = {}
     for p in model.patch_sizes:
         stats[p] = _global_statistics(at[p], len(kept), p)
@@ -194,12 +200,15 @@ def position_statistics(sums: torch.Tensor, n_images: int, global_stats: torch.T
     return torch.stack(out).float()
 
 
-def gaussian_blur(t: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian smoothing of the last two dimensions (edges replicated)."""
-    if sigma <= 0:
-        return t
-    kernel = gaussian_kernel(sigma, t.dtype).to(t.device)
-    return smooth(t.reshape(-1, 1, *t.shape[-2:]), kernel).reshape(t.shape)
+def stored_smooth_sigma(calibration: dict[str, Any], path: Any) -> float:
+    """The smoothing σ a stored calibration was made with (0 for calibrations older than the
+    setting), checked: a finite number in [0, 64], else an :class:`ArtifactError`."""
+    sigma = calibration.get("smooth_sigma", 0.0)
+    if (isinstance(sigma, bool) or not isinstance(sigma, (int, float))
+            or not math.isfinite(sigma) or not 0 <= sigma <= 64):
+        raise ArtifactError(f"{path}: the calibration's smooth_sigma {sigma!r} is not a number "
+                            "in [0, 64]; recalibrate the model (stad calibrate)")
+    return float(sigma)
 
 
 def check_threshold_method(method: str, threshold: float | None) -> None:

@@ -349,6 +349,10 @@ def calibrate_cmd(
     target_pixel_fpr: Annotated[float | None, typer.Option(
         "--target-pixel-fpr", help="The pixel threshold (defect regions, masks) lets at most "
         "this share of the normal images' pixels above it. [default: 0.001]")] = None,
+    smooth_sigma: Annotated[float | None, typer.Option(
+        "--smooth-sigma", help="Smooth each scale's map with a Gaussian of this σ (pixels of "
+        "the model's image size) before the fusion; 0: none (the paper's). [default: 2]")
+    ] = None,
     batch_size: BatchSizeOpt = None,
     tile_size: TileSizeOpt = None,
     precision: PrecisionOpt = None,
@@ -360,7 +364,8 @@ def calibrate_cmd(
     settings = _settings(config, dataset=dataset, root=root, category=category, device=device,
                          calibrate={"threshold_method": method, "target_fpr": target_fpr,
                                     "threshold": threshold, "normalize": normalize,
-                                    "target_pixel_fpr": target_pixel_fpr},
+                                    "target_pixel_fpr": target_pixel_fpr,
+                                    "smooth_sigma": smooth_sigma},
                          score={"image_score": image_score,
                                 **_maps_flags(batch_size, tile_size, precision)})
     with console.reporter() as rep:

@@ -195,6 +195,11 @@ class StudentSettings(_Section):
         return {**values, **data}
 
 
+SMOOTH_SIGMA = 2.0
+"""Default ``calibrate.smooth_sigma``: measured on the real-photo sets (docs/quality.md,
+"Smoothing the maps")."""
+
+
 class CalibrateSettings(_Section):
     """``stad calibrate`` (METHOD.md §5)."""
 
@@ -207,6 +212,10 @@ class CalibrateSettings(_Section):
     target_pixel_fpr: float = Field(
         default=0.001, gt=0, lt=1, description="the pixel threshold (defect regions and "
         "masks) lets at most this share of the normal images' pixels above it")
+    smooth_sigma: float = Field(
+        default=SMOOTH_SIGMA, ge=0, le=64, allow_inf_nan=False,
+        description="σ in pixels of the model's image size of the Gaussian that smooths each "
+        "scale's map before the fusion (0: none, the paper's); docs/model.md")
 
 
 class ScoreSettings(_Section):

@@ -97,6 +97,29 @@ def smooth(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
     return F.conv2d(F.pad(x, (0, 0, r, r), mode="replicate"), kernel.view(1, 1, -1, 1))
 
 
+def gaussian_blur(t: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian smoothing (:func:`gaussian_kernel`) of the last two dimensions, edges
+    replicated; the identity for ``sigma <= 0``.
+
+    Written as a weighted sum of shifted copies, not a convolution, so that each map's result
+    is the same bit for bit whatever else is in the batch (a threshold set on maps smoothed one
+    at a time must hold for maps smoothed in batches)."""
+    if sigma <= 0:
+        return t
+    weights = gaussian_kernel(sigma, torch.float64).tolist()
+    r = len(weights) // 2
+    for dim in (-1, -2):
+        n = t.shape[dim]
+        base = torch.arange(n, device=t.device)
+        out = None
+        for i, w in enumerate(weights):
+            term = t.index_select(dim, (base + (i - r)).clamp(0, n - 1)) * w
+            out = term if out is None else out + term
+        assert out is not None
+        t = out
+    return t
+
+
 def _log_kernel(sigma: float) -> torch.Tensor:
     # σ²·∇²G, zero-sum so that a constant patch responds with 0 (scale-normalized LoG).
     radius = max(1, math.ceil(3 * sigma))

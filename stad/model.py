@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from stad.artifacts import load_artifact, prefixed, with_prefix
 from stad.errors import ArtifactError
+from stad.handcrafted import gaussian_blur
 from stad.networks import PATCH_SIZES, FusedNetworks, PatchNetwork, build_network
 
 PADDING = "reflect"
@@ -175,6 +176,9 @@ class Networks:
     scales: dict[int, Scale]
     preprocessing: dict[str, Any]
     inference: Inference = field(default_factory=Inference)
+    smooth_sigma: float = 0.0
+    """σ (pixels of the S × S maps) of the Gaussian that smooths each scale's map before the
+    fusion; part of the calibration (``calibrate.smooth_sigma``), 0 for none."""
 
     @property
     def patch_sizes(self) -> list[int]:
@@ -220,12 +224,12 @@ class Networks:
                                                      precision=run.precision, fused=run.fused)
                 for p in self.patch_sizes}
 
-    @staticmethod
-    def fuse(per_scale: dict[int, torch.Tensor], size: tuple[int, int] | None = None
+    def fuse(self, per_scale: dict[int, torch.Tensor], size: tuple[int, int] | None = None
              ) -> dict[str, torch.Tensor]:
-        """Per-scale maps (keyed by patch size) → ``{"p17": ..., "fused": ...}``, resized to
-        ``size`` (bilinear) if given. The fused map is their unweighted mean (METHOD.md §5)."""
-        out = {f"p{p}": m for p, m in sorted(per_scale.items())}
+        """Per-scale maps (keyed by patch size) → ``{"p17": ..., "fused": ...}``, each smoothed
+        with ``smooth_sigma`` at the model's resolution, then resized to ``size`` (bilinear)
+        if given. The fused map is their unweighted mean (METHOD.md §5)."""
+        out = {f"p{p}": gaussian_blur(m, self.smooth_sigma) for p, m in sorted(per_scale.items())}
         out["fused"] = torch.stack(list(out.values())).mean(0)
         if size is not None and tuple(out["fused"].shape[-2:]) != tuple(size):
             out = {k: F.interpolate(v[:, None], size=size, mode="bilinear",

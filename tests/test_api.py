@@ -7,18 +7,22 @@ import json
 import os
 import re
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from typer.testing import CliRunner
 
 import stad
 import stad.api
+from stad.artifacts import load_artifact, save_artifact
 from stad.cli import app
 from stad.datasets.synthetic import generate
-from stad.errors import DataError, UsageError
+from stad.errors import ArtifactError, DataError, UsageError
+from stad.handcrafted import gaussian_blur
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
@@ -154,6 +158,57 @@ def test_calibrate_in_python_save_and_reload(world: Path, tmp_path: Path) -> Non
         model.calibrate(normal, method="fpr", threshold=1.0)
     with pytest.raises(UsageError, match="needs test_images"):
         model.calibrate(normal, method="f1")
+
+
+def test_the_calibrated_smoothing_applies_to_every_map(world: Path, tmp_path: Path) -> None:
+    model = stad.load_model(world / "model.safetensors", device="cpu")
+    normal = sorted((world / "good").glob("*.png"))
+    part = world / "part.png"
+    model.calibrate(normal, normalize="global", smooth_sigma=0)
+    raw = model.score(part)
+    calibration = model.calibrate(normal, normalize="global", smooth_sigma=1.5)
+    smoothed = model.score(part)
+    assert calibration["smooth_sigma"] == 1.5 == model.networks.smooth_sigma
+    # The statistics do not depend on σ, so each smoothed map is the raw one blurred (the
+    # part is at the model's size: no resizing between).
+    for key in ("fused", *(f"p{p}" for p in model.patch_sizes)):
+        want = gaussian_blur(torch.from_numpy(raw.maps[key] if key != "fused" else raw.map), 1.5)
+        got = smoothed.maps[key] if key != "fused" else smoothed.map
+        np.testing.assert_allclose(got, want.numpy(), rtol=1e-5, atol=1e-5)
+    assert smoothed.score < raw.score  # the peak is spread
+    # Every normal image keeps the score calibration gave it: the threshold holds.
+    assert max(r.score for r in model.score(normal)) == pytest.approx(
+        calibration["normal_scores"]["max"], abs=0)
+    again = stad.load_model(model.save(tmp_path / "smoothed.safetensors"), device="cpu")
+    assert again.networks.smooth_sigma == 1.5
+    assert again.score(part).score == smoothed.score
+    with pytest.raises(UsageError, match="smooth_sigma"):
+        model.calibrate(normal, smooth_sigma=-1)
+    assert model.networks.smooth_sigma == 1.5  # a refused calibration changes nothing
+
+
+@pytest.mark.parametrize("stored, expected", [(None, 0.0), (3, 3.0)])
+def test_older_calibrations_have_no_smoothing(world: Path, tmp_path: Path, stored, expected
+                                              ) -> None:
+    artifact = load_artifact(world / "model.safetensors", kind="model")
+    calibration = dict(artifact.info["calibration"])
+    calibration.pop("smooth_sigma", None)
+    if stored is not None:
+        calibration["smooth_sigma"] = stored
+    path = tmp_path / "old.safetensors"
+    save_artifact(path, replace(artifact, info={**artifact.info, "calibration": calibration}))
+    assert stad.load_model(path, device="cpu").networks.smooth_sigma == expected
+
+
+@pytest.mark.parametrize("bad", [-1, "2", float("nan"), 1e9, True])
+def test_a_damaged_smoothing_sigma_is_an_artifact_error(world: Path, tmp_path: Path, bad
+                                                         ) -> None:
+    artifact = load_artifact(world / "model.safetensors", kind="model")
+    path = tmp_path / "bad.safetensors"
+    calibration = {**artifact.info["calibration"], "smooth_sigma": bad}
+    save_artifact(path, replace(artifact, info={**artifact.info, "calibration": calibration}))
+    with pytest.raises(ArtifactError, match="smooth_sigma .*recalibrate"):
+        stad.load_model(path, device="cpu")
 
 
 def test_uncalibrated_models_and_bad_settings_are_usage_errors(world: Path) -> None:

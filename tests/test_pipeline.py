@@ -165,8 +165,8 @@ def test_calibrate_per_position_and_back(model: Path, tiny_data: Path, tmp_path:
         assert json.loads(f.metadata()["stad.info"])["calibration"]["normalize"] == "position"
     plain = tmp_path / "global.safetensors"
     result = jsonl(run(["calibrate", "--model", str(model), "--normalize", "global",
-                        "--out", str(plain), "--json"]))[0]
-    assert result["normalize"] == "global"
+                        "--smooth-sigma", "0", "--out", str(plain), "--json"]))[0]
+    assert result["normalize"] == "global" and result["smooth_sigma"] == 0
     with safe_open(str(plain), framework="pt") as f:
         assert "calib_map.p17" not in f.keys() and "calib.p17" in f.keys()
     with safe_open(str(model), framework="pt") as f:
@@ -180,8 +180,10 @@ def test_calibrate_per_position_and_back(model: Path, tiny_data: Path, tmp_path:
     by_position, by_scale = scores(model), scores(plain)
     assert by_position.keys() == by_scale.keys()
     assert any(abs(by_position[k] - by_scale[k]) > 1e-3 for k in by_scale)
-    # Calibrating the global one per position again gives the default model's maps.
-    text = run(["calibrate", "--model", str(plain), "--normalize", "position"])
+    # Calibrating the global one per position (and smoothed) again gives the default model's
+    # maps.
+    text = run(["calibrate", "--model", str(plain), "--normalize", "position",
+                "--smooth-sigma", "2"])
     assert "(position normalization)" in text
     with safe_open(str(plain), framework="pt") as f:
         assert "calib_map.p17" in f.keys()
@@ -202,10 +204,14 @@ def test_calibrate_replaces_damaged_statistics(model: Path, tmp_path: Path):
          str(model.parent / "data" / "grain" / "test" / "good" / "000.png")])
 
 
-def test_bad_normalize_is_a_usage_error(model: Path, tmp_path: Path):
-    result = runner.invoke(app, ["calibrate", "--model", str(model), "--normalize", "pixel",
+@pytest.mark.parametrize("option, value", [("--normalize", "pixel"),
+                                           ("--smooth-sigma", "-1"), ("--smooth-sigma", "nan")])
+def test_bad_calibrate_options_are_usage_errors(model: Path, tmp_path: Path, option: str,
+                                                value: str):
+    result = runner.invoke(app, ["calibrate", "--model", str(model), option, value,
                                  "--out", str(tmp_path / "m.safetensors")])
-    assert result.exit_code == EXIT_USAGE and "normalize" in result.stderr
+    assert result.exit_code == EXIT_USAGE and option.lstrip("-").replace("-", "_") in \
+        result.stderr
     assert not (tmp_path / "m.safetensors").exists()
 
 

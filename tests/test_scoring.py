@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from stad import calibration, scoring
@@ -20,6 +21,7 @@ from stad.calibration import (
 )
 from stad.config import ScoreSettings
 from stad.errors import DataError, UsageError
+from stad.handcrafted import gaussian_kernel
 from stad.model import Inference, Networks, Scale
 from stad.networks import build_network
 from stad.scoring import ImageError, ImageMaps, image_score, iter_maps, iter_results
@@ -134,6 +136,21 @@ def test_gaussian_blur_keeps_constants_and_smooths():
     assert float(out.sum()) == pytest.approx(1.0, abs=1e-6)  # far from the edges: mass kept
     assert out[0, 7, 7] < 0.2 and out[0, 7, 8] == pytest.approx(out[0, 8, 7])
     assert gaussian_blur(spike, 0) is spike
+
+
+def test_gaussian_blur_of_a_batch_is_each_map_blurred_alone():
+    # Calibration smooths maps one at a time, scoring in batches: the threshold set on the
+    # first must hold for the second bit for bit.
+    maps = torch.randn(5, 23, 19, generator=torch.Generator().manual_seed(0))
+    batch = gaussian_blur(maps, 2.0)
+    for i in range(len(maps)):
+        assert torch.equal(batch[i:i + 1], gaussian_blur(maps[i:i + 1], 2.0))
+    # The separable sum is the 2-D Gaussian with replicated edges.
+    k = gaussian_kernel(2.0, torch.float64)
+    r = len(k) // 2
+    padded = F.pad(maps[:1, None].double(), (r, r, r, r), mode="replicate")
+    want = F.conv2d(padded, (k[:, None] * k[None, :])[None, None])[:, 0]
+    torch.testing.assert_close(batch[:1].double(), want, rtol=1e-5, atol=1e-5)
 
 
 def test_per_position_calibration_standardizes_each_position(tmp_path: Path, monkeypatch):

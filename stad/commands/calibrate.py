@@ -33,7 +33,8 @@ def calibrate(settings: Settings, *, model_path: Path, out: Path | None = None,
     calibration = model.calibrate(
         [s.image for s in val], method=cfg.threshold_method, target_fpr=cfg.target_fpr,
         threshold=cfg.threshold, normalize=cfg.normalize,
-        target_pixel_fpr=cfg.target_pixel_fpr, test_images=[s.image for s in test],
+        target_pixel_fpr=cfg.target_pixel_fpr, smooth_sigma=cfg.smooth_sigma,
+        test_images=[s.image for s in test],
         test_labels=[s.label == "anomalous" for s in test],
         source=model.info["data"]["validation"]["source"], reporter=reporter)
     target = model.save(out or model_path)
