@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # realsets.py lives be
 
 import realsets  # noqa: E402
 
-from stad.config import resolve_settings  # noqa: E402
+from stad.config import SMOOTH_SIGMA, resolve_settings  # noqa: E402
 from stad.datasets import synthetic  # noqa: E402
 from stad.datasets.registry import get_adapter  # noqa: E402
 from stad.evaluation import Evaluated, compute_metrics  # noqa: E402
@@ -247,8 +247,8 @@ def backbone_knn(dataset: str, root: Path, category: str, args: argparse.Namespa
     seeded), upsampled to the image size and smoothed by a Gaussian of σ = 4 px at that size.
     No students and no teacher: what the backbone's features alone separate. Needs
     ``stad[imagenet]``."""
-    from stad.calibration import gaussian_blur
     from stad.distillation import load_backbone, to_backbone_input
+    from stad.handcrafted import gaussian_blur
     from stad.images import to_tensor
     from stad.training.students import load_batch
 
@@ -300,14 +300,15 @@ def _summary(metrics: dict[str, Any]) -> dict[str, Any]:
 
 def run_stad(dataset: str, root: Path, category: str, teacher: str, args: argparse.Namespace,
              work: Path, epochs: int | None = None) -> dict[str, dict[str, Any]]:
-    """fit once, then calibrate and evaluate once per ``args.normalize_list`` entry, through
-    :mod:`stad.commands`, timing each step; results keyed by the normalization. The model is
-    deleted afterwards unless ``args.keep_models`` names a folder to keep it in."""
+    """fit once, then calibrate and evaluate once per ``args.normalize_list`` entry and
+    ``args.smooth_list`` σ, through :mod:`stad.commands`, timing each step; results keyed by
+    the label of each (normalization, σ). The model is deleted afterwards unless
+    ``args.keep_models`` names a folder to keep it in."""
     from stad.commands.calibrate import calibrate
     from stad.commands.evaluate import evaluate
     from stad.commands.train import fit_students as fit
 
-    def settings_for(normalize: str) -> Any:
+    def settings_for(normalize: str, sigma: float | None = None) -> Any:
         return resolve_settings({
             "dataset": dataset, "root": root, "category": category, "seed": args.seed,
             "device": args.device,
@@ -316,7 +317,7 @@ def run_stad(dataset: str, root: Path, category: str, teacher: str, args: argpar
                          "crop_size": (args.image_size if args.crop == 0 else args.crop),
                          "n_students": args.students, "lr_schedule": args.lr_schedule,
                          "min_steps": args.min_steps},
-            "calibrate": {"normalize": normalize},
+            "calibrate": {"normalize": normalize, "smooth_sigma": sigma},
             "score": {"precision": args.precision}}, environ={})
 
     folder = args.keep_models or work
@@ -328,8 +329,8 @@ def run_stad(dataset: str, root: Path, category: str, teacher: str, args: argpar
     fit(settings_for(args.normalize_list[0]), teacher=teacher, out=model)
     fit_seconds = round(time.perf_counter() - start, 1)
     out = {}
-    for normalize in args.normalize_list:
-        settings = settings_for(normalize)
+    for normalize, sigma in ((n, s) for n in args.normalize_list for s in args.smooth_list):
+        settings = settings_for(normalize, sigma)
         seconds = {"fit": fit_seconds}
         start = time.perf_counter()
         calibrate(settings, model_path=model)
@@ -337,7 +338,9 @@ def run_stad(dataset: str, root: Path, category: str, teacher: str, args: argpar
         start = time.perf_counter()
         result = evaluate(settings, model_path=model)
         seconds["evaluate"] = round(time.perf_counter() - start, 1)
-        out[normalize] = {**_summary(result), "seconds": seconds}
+        label = ", ".join([f"{normalize} normalization"] * (len(args.normalize_list) > 1)
+                          + [f"smooth σ {sigma:g}"] * (len(args.smooth_list) > 1))
+        out[label] = {**_summary(result), "smooth_sigma": sigma, "seconds": seconds}
     if args.keep_models is None:
         model.unlink()
     else:
@@ -427,6 +430,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--normalize", default="position",
                         help="calibrate.normalize: position (default), global, or both "
                              "comma-separated (one fit, calibrated and evaluated per value)")
+    parser.add_argument("--smooth-sigma", default=None,
+                        help="calibrate.smooth_sigma, comma-separated for one calibration and "
+                             "evaluation per value (default: stad's)")
     parser.add_argument("--n-train", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
@@ -455,6 +461,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args.normalize_list = list(dict.fromkeys(v for v in args.normalize.split(",") if v))
     if not args.normalize_list or set(args.normalize_list) - {"global", "position"}:
         parser.error(f"--normalize takes global and/or position, not {args.normalize!r}")
+    try:
+        args.smooth_list = ([SMOOTH_SIGMA] if args.smooth_sigma is None
+                            else [float(v) for v in str(args.smooth_sigma).split(",") if v])
+    except ValueError:
+        parser.error(f"--smooth-sigma takes numbers separated by commas, not "
+                     f"{args.smooth_sigma!r}")
+    if not args.smooth_list or any(not 0 <= v <= 64 for v in args.smooth_list):
+        parser.error(f"--smooth-sigma takes numbers in [0, 64], not {args.smooth_sigma!r}")
     try:
         args.epoch_list = ([None] if args.epochs is None
                            else [int(v) for v in str(args.epochs).split(",") if v])
@@ -497,16 +511,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                               else f"{teacher} @ {epochs} epochs")
                     print(f"[{name}] fitting {method} ...", file=sys.stderr)
                     runs = run_stad(dataset, root, name, teacher, args, Path(tmp), epochs)
-                    for normalize, r in runs.items():
-                        key = (method if len(runs) == 1
-                               else f"{method} ({normalize} normalization)")
+                    for label, r in runs.items():
+                        key = method if len(runs) == 1 else f"{method} ({label})"
                         results[name][key] = r
                         _progress(name, key, r)
     print(table(results, scales), file=sys.stderr)
     out = {
         "settings": {"preset": args.preset, "patch_sizes": args.patch_sizes,
                      "image_size": args.image_size, "epochs": args.epoch_list, "crop": args.crop,
-                     "precision": args.precision, "normalize": args.normalize_list, "knn": args.knn,
+                     "precision": args.precision, "normalize": args.normalize_list,
+                     "smooth_sigma": args.smooth_list, "knn": args.knn,
                      "reference": args.reference and args.reference_size,
                      "students": args.students, "lr_schedule": args.lr_schedule,
                      "min_steps": args.min_steps, "seed": args.seed, "device": args.device,

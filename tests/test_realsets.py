@@ -266,8 +266,8 @@ def test_quality_backbone_reference_runs_beside_the_baseline(
 
 
 def test_gaussian_blur_keeps_the_mass_and_spreads_a_peak() -> None:
-    # backbone_knn's smoothing: stad's own (stad.calibration.gaussian_blur).
-    from stad.calibration import gaussian_blur
+    # backbone_knn's smoothing: stad's own (stad.handcrafted.gaussian_blur).
+    from stad.handcrafted import gaussian_blur
 
     maps = torch.zeros(1, 33, 33, dtype=torch.float64)
     maps[0, 16, 16] = 1.0
@@ -299,14 +299,18 @@ def test_quality_one_fit_evaluated_per_normalization_and_kept(tmp_path: Path) ->
     result = subprocess.run(
         [sys.executable, str(BENCH / "quality.py"), "--quick", "--sets", "coins",
          "--data", str(tmp_path / "data"), "--normalize", "global,position",
-         "--keep-models", str(kept)],
+         "--smooth-sigma", "0,2", "--keep-models", str(kept)],
         capture_output=True, text=True, timeout=300, check=True)
     data = json.loads(result.stdout)
     assert data["settings"]["normalize"] == ["global", "position"]
-    runs = {n: data["results"]["coins"][f"random ({n} normalization)"]
-            for n in ("global", "position")}
-    assert runs["global"]["seconds"]["fit"] == runs["position"]["seconds"]["fit"]  # one fit
+    assert data["settings"]["smooth_sigma"] == [0, 2]
+    every = {(n, s): data["results"]["coins"][f"random ({n} normalization, smooth σ {s})"]
+             for n in ("global", "position") for s in (0, 2)}
+    assert {r["seconds"]["fit"] for r in every.values()} == {every["global", 0]["seconds"]["fit"]}
+    assert all(r["smooth_sigma"] == s for (_, s), r in every.items())
+    runs = {n: every[n, 2] for n in ("global", "position")}
     assert runs["global"]["au_pro"] != runs["position"]["au_pro"]
+    assert every["position", 0]["au_pro"] != every["position", 2]["au_pro"]
     (model,) = kept.glob("*.safetensors")
     assert runs["position"]["model"] == str(model)
     from safetensors import safe_open

@@ -16,12 +16,11 @@ from stad.calibration import (
     calibrate_model,
     f1_threshold,
     fpr_threshold,
-    gaussian_blur,
     position_statistics,
 )
 from stad.config import ScoreSettings
 from stad.errors import DataError, UsageError
-from stad.handcrafted import gaussian_kernel
+from stad.handcrafted import gaussian_blur, gaussian_kernel
 from stad.model import Inference, Networks, Scale
 from stad.networks import build_network
 from stad.scoring import ImageError, ImageMaps, image_score, iter_maps, iter_results
