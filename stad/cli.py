@@ -371,7 +371,8 @@ def calibrate_cmd(
     with console.reporter() as rep:
         result = calibrate(settings, model_path=model, out=out, reporter=rep)
     _print_result(result, json_out, [f"calibrated {result['artifact']} on {result['n_images']} "
-                                     f"images ({result['normalize']} normalization): "
+                                     f"images ({result['normalize']} normalization, "
+                                     f"smoothing σ {result['smooth_sigma']:g}): "
                                      f"threshold {result['threshold']:.4g} "
                                      f"({result['method']})"])
 

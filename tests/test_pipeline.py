@@ -184,7 +184,7 @@ def test_calibrate_per_position_and_back(model: Path, tiny_data: Path, tmp_path:
     # maps.
     text = run(["calibrate", "--model", str(plain), "--normalize", "position",
                 "--smooth-sigma", "2"])
-    assert "(position normalization)" in text
+    assert "(position normalization, smoothing σ 2)" in text
     with safe_open(str(plain), framework="pt") as f:
         assert "calib_map.p17" in f.keys()
     assert scores(plain) == pytest.approx(by_position, abs=1e-5)
