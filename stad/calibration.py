@@ -9,7 +9,7 @@ threshold; :func:`validation_samples` finds the images ``fit-students`` held bac
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
@@ -209,6 +209,16 @@ def stored_smooth_sigma(calibration: dict[str, Any], path: Any) -> float:
         raise ArtifactError(f"{path}: the calibration's smooth_sigma {sigma!r} is not a number "
                             "in [0, 64]; recalibrate the model (stad calibrate)")
     return float(sigma)
+
+
+def describe_calibration(calibration: Mapping[str, Any] | None) -> str:
+    """How a stored calibration makes its maps, in words: "position normalization, smoothing
+    σ 2" ("" for none)."""
+    if not calibration:
+        return ""
+    sigma = calibration.get("smooth_sigma") or 0
+    return (f"{calibration.get('normalize', 'global')} normalization, "
+            + (f"smoothing σ {sigma:g}" if sigma else "no smoothing"))
 
 
 def check_threshold_method(method: str, threshold: float | None) -> None:

@@ -359,6 +359,7 @@ def calibrate_cmd(
     json_out: JsonOpt = False,
 ) -> None:
     """Standardize error and variance on anomaly-free validation images and set a threshold."""
+    from stad.calibration import describe_calibration
     from stad.commands.calibrate import calibrate
 
     settings = _settings(config, dataset=dataset, root=root, category=category, device=device,
@@ -371,8 +372,7 @@ def calibrate_cmd(
     with console.reporter() as rep:
         result = calibrate(settings, model_path=model, out=out, reporter=rep)
     _print_result(result, json_out, [f"calibrated {result['artifact']} on {result['n_images']} "
-                                     f"images ({result['normalize']} normalization, "
-                                     f"smoothing σ {result['smooth_sigma']:g}): "
+                                     f"images ({describe_calibration(result)}): "
                                      f"threshold {result['threshold']:.4g} "
                                      f"({result['method']})"])
 

@@ -19,6 +19,7 @@ import base64
 import html
 import io
 import json
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from stad import metrics
+from stad.calibration import describe_calibration
 from stad.evaluation import Evaluated
 from stad.fsutil import atomic_write_bytes, atomic_write_text
 from stad.images import load_image
@@ -47,17 +49,31 @@ def _fmt(v: Any) -> str:
     return f"{v:.3f}" if isinstance(v, float) else "–"
 
 
-def markdown(result: dict[str, Any], title: str) -> str:
+# Characters that would end a table cell, start emphasis, a link or a code span, or carry
+# HTML: escaped with a backslash, so a defect type or title read from a folder name stays
+# text in its cell (underscores inside words, as in MVTec's `broken_large`, are left alone).
+_MD_SPECIAL = re.compile(r"([\\`*\[\]<>|&~])")
+
+
+def _md(text: str) -> str:
+    """``text`` as literal Markdown on one line (line breaks become spaces)."""
+    return _MD_SPECIAL.sub(r"\\\1", " ".join(str(text).split()))
+
+
+def markdown(result: dict[str, Any], title: str, info: Mapping[str, Any] | None = None) -> str:
     """The metrics as Markdown tables: per map, then per defect type of the fused map."""
     head = ["map", *_headers(result["fpr_limit"])]
-    lines = [f"# {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    facts = describe_calibration((info or {}).get("calibration"))
+    lines = [f"# {_md(title)}", "", *([f"Calibration: {_md(facts)}.", ""] if facts else []),
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for key, entry in result["maps"].items():
-        lines.append(f"| {key} | " + " | ".join(_fmt(entry.get(c)) for c in _COLUMNS) + " |")
+        lines.append(f"| {_md(key)} | "
+                     + " | ".join(_fmt(entry.get(c)) for c in _COLUMNS) + " |")
     lines += ["", "## Per defect type (fused map, with all good images)", "",
               "| defect | images | " + " | ".join(head[1:]) + " |",
               "|" + "---|" * (len(head) + 1)]
     for d, entry in result["maps"]["fused"]["defects"].items():
-        lines.append(f"| {d} | {entry['n_anomalous']} | "
+        lines.append(f"| {_md(d)} | {entry['n_anomalous']} | "
                      + " | ".join(_fmt(entry.get(c)) for c in _COLUMNS) + " |")
     return "\n".join(lines) + "\n"
 
@@ -275,8 +291,10 @@ def page(result: dict[str, Any], items: Sequence[Evaluated], *, title: str,
          info: Mapping[str, Any], found: Curves | None = None) -> str:
     """report.html: one self-contained page (``found``: :func:`curves`, computed if None)."""
     n_anomalous = sum(e.sample.label == "anomalous" for e in items)
+    calibrated = describe_calibration(info.get("calibration"))
     facts = (f"{len(items)} test images ({n_anomalous} anomalous); image threshold "
-             f"{_fmt(threshold)}; pixel threshold {_fmt(pixel_threshold)}")
+             f"{_fmt(threshold)}; pixel threshold {_fmt(pixel_threshold)}"
+             + (f"; {calibrated}" if calibrated else ""))
     svgs = _curve_svgs(found if found is not None else curves(items, result["fpr_limit"]),
                        result["fpr_limit"])
     training = training_curves(info)
@@ -307,7 +325,7 @@ def write_report(folder: Path, result: dict[str, Any], items: Sequence[Evaluated
     atomic_write_text(folder / "report.html",
                       page(result, items, title=title, threshold=threshold,
                            pixel_threshold=pixel_threshold, info=info or {}, found=found))
-    text = markdown(result, title)
+    text = markdown(result, title, info)
     plots = _plots(folder, found, result["fpr_limit"])
     text += ("\n![ROC](roc.png) ![PRO](pro.png)\n" if plots else
              "\n(ROC and PRO plots skipped: install matplotlib, `pip install stad[plots]`; "

@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,7 @@ from PIL import Image
 
 from stad.datasets.base import Sample
 from stad.evaluation import Evaluated, compute_metrics
-from stad.report import page, training_curves, write_report
+from stad.report import markdown, page, training_curves, write_report
 
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "tests" / "artifacts"
@@ -71,6 +72,35 @@ def test_the_page_is_self_contained_and_escapes_names(tmp_path: Path) -> None:
             assert picture.size == (192, 192)
     assert text.count("<svg") == 4  # ROC, PRO, students' and teacher's losses
     assert "pixel F1" in text and "students: loss per epoch" in text
+
+
+def test_the_markdown_keeps_hostile_names_inside_their_cells(tmp_path: Path) -> None:
+    hostile = "a|b <img src=x> `c`\n*d* broken_large"
+    items = [replace(e, sample=replace(e.sample, defect=hostile)) if e.sample.defect else e
+             for e in _items(tmp_path)]
+    result = compute_metrics(items, 0.3)
+    text = markdown(result, "t | <b>", {"calibration": {"normalize": "position",
+                                                        "smooth_sigma": 2.0}})
+    row = next(line for line in text.splitlines() if "broken_large" in line)
+    # one cell per column, the defect's '|' escaped, no raw tag, no code span, one line
+    assert row.startswith("| a\\|b \\<img src=x\\> \\`c\\` \\*d\\* broken_large | 2 |")
+    assert row.replace("\\|", "").count("|") == 10
+    assert text.startswith("# t \\| \\<b\\>\n")
+    assert "Calibration: position normalization, smoothing σ 2." in text
+
+
+def test_the_page_says_how_the_maps_were_calibrated(tmp_path: Path) -> None:
+    items = _items(tmp_path)
+    result = compute_metrics(items, 0.3)
+    for calibration, words in [({"normalize": "global", "smooth_sigma": 0}, "global "
+                                "normalization, no smoothing"),
+                               ({"normalize": "position", "smooth_sigma": 4.0},
+                                "position normalization, smoothing σ 4")]:
+        text = page(result, items, title="t", threshold=1.0, pixel_threshold=None,
+                    info={**INFO, "calibration": calibration})
+        assert words in text
+    assert "normalization" not in page(result, items, title="t", threshold=None,
+                                       pixel_threshold=None, info=INFO)
 
 
 def test_training_curves_need_recorded_losses() -> None:
