@@ -88,6 +88,9 @@ def export_onnx(model: Any, out: Path, *, quantize: str | None = None,
     if quantize is not None and not calibration_images:
         raise UsageError("int8 quantization needs anomaly-free calibration images to set the "
                          "activation ranges; none were given")
+    if quantize is None and calibration_images:
+        raise UsageError("calibration images set the activation ranges of an int8 export; "
+                         "give quantize='int8' with them, or leave them out")
     calibration, _ = model.score_rule()
     networks: Networks = model.networks
     saved = networks.inference

@@ -250,6 +250,10 @@ def test_int8_export_refuses_bad_requests(exported: tuple[Path, Path, Path],
     assert not (tmp_path / "m.onnx").exists()
     with pytest.raises(UsageError, match="calibration images"):
         stad.load_model(model_path, device="cpu").export(tmp_path / "m.onnx", quantize="int8")
+    with pytest.raises(UsageError, match="quantize='int8'"):  # images that would be unused
+        stad.load_model(model_path, device="cpu").export(
+            tmp_path / "m.onnx", calibration_images=[np.zeros((8, 8, 3), np.uint8)])
+    assert not (tmp_path / "m.onnx").exists()
     out = CliRunner().invoke(app, ["export", "--model", str(model_path), "--out",
                                    str(tmp_path / "m.onnx"), "--quantize", "int8",
                                    "--dataset", "mvtec", "--root", str(tmp_path / "nowhere")])
