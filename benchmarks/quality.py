@@ -40,9 +40,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # realsets.py lives be
 
 import realsets  # noqa: E402
 
-from stad.config import SMOOTH_SIGMA, resolve_settings  # noqa: E402
+from stad.config import resolve_settings  # noqa: E402
 from stad.datasets import synthetic  # noqa: E402
 from stad.datasets.registry import get_adapter  # noqa: E402
+from stad.errors import UsageError  # noqa: E402
 from stad.evaluation import Evaluated, compute_metrics  # noqa: E402
 from stad.fsutil import cache_dir  # noqa: E402
 from stad.images import load_image, load_mask  # noqa: E402
@@ -308,7 +309,7 @@ def run_stad(dataset: str, root: Path, category: str, teacher: str, args: argpar
     from stad.commands.evaluate import evaluate
     from stad.commands.train import fit_students as fit
 
-    def settings_for(normalize: str, sigma: float | None = None) -> Any:
+    def settings_for(normalize: str, sigma: float | str | None = None) -> Any:
         return resolve_settings({
             "dataset": dataset, "root": root, "category": category, "seed": args.seed,
             "device": args.device,
@@ -333,14 +334,15 @@ def run_stad(dataset: str, root: Path, category: str, teacher: str, args: argpar
         settings = settings_for(normalize, sigma)
         seconds = {"fit": fit_seconds}
         start = time.perf_counter()
-        calibrate(settings, model_path=model)
+        used = calibrate(settings, model_path=model)["smooth_sigma"]
         seconds["calibrate"] = round(time.perf_counter() - start, 1)
         start = time.perf_counter()
         result = evaluate(settings, model_path=model)
         seconds["evaluate"] = round(time.perf_counter() - start, 1)
         label = ", ".join([f"{normalize} normalization"] * (len(args.normalize_list) > 1)
-                          + [f"smooth σ {sigma:g}"] * (len(args.smooth_list) > 1))
-        out[label] = {**_summary(result), "smooth_sigma": sigma, "seconds": seconds}
+                          + [f"smooth σ {sigma if sigma == 'auto' else f'{sigma:g}'}"]
+                          * (len(args.smooth_list) > 1))
+        out[label] = {**_summary(result), "smooth_sigma": used, "seconds": seconds}
     if args.keep_models is None:
         model.unlink()
     else:
@@ -431,8 +433,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="calibrate.normalize: position (default), global, or both "
                              "comma-separated (one fit, calibrated and evaluated per value)")
     parser.add_argument("--smooth-sigma", default=None,
-                        help="calibrate.smooth_sigma, comma-separated for one calibration and "
-                             "evaluation per value (default: stad's)")
+                        help="calibrate.smooth_sigma (numbers or auto), comma-separated for one "
+                             "calibration and evaluation per value (default: stad's, auto)")
     parser.add_argument("--n-train", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
@@ -461,14 +463,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args.normalize_list = list(dict.fromkeys(v for v in args.normalize.split(",") if v))
     if not args.normalize_list or set(args.normalize_list) - {"global", "position"}:
         parser.error(f"--normalize takes global and/or position, not {args.normalize!r}")
-    try:
-        args.smooth_list = ([SMOOTH_SIGMA] if args.smooth_sigma is None
-                            else [float(v) for v in str(args.smooth_sigma).split(",") if v])
-    except ValueError:
-        parser.error(f"--smooth-sigma takes numbers separated by commas, not "
-                     f"{args.smooth_sigma!r}")
-    if not args.smooth_list or any(not 0 <= v <= 64 for v in args.smooth_list):
-        parser.error(f"--smooth-sigma takes numbers in [0, 64], not {args.smooth_sigma!r}")
+    try:  # each value checked as stad checks calibrate.smooth_sigma
+        args.smooth_list = [resolve_settings({"calibrate": {"smooth_sigma": v}}, environ={})
+                            .calibrate.smooth_sigma
+                            for v in str(args.smooth_sigma or "auto").split(",") if v]
+    except UsageError as e:
+        parser.error(f"--smooth-sigma: {e}")
+    if not args.smooth_list:
+        parser.error("--smooth-sigma takes 'auto' or numbers from 0 to 64, comma-separated")
     try:
         args.epoch_list = ([None] if args.epochs is None
                            else [int(v) for v in str(args.epochs).split(",") if v])

@@ -37,7 +37,6 @@ from stad.calibration import (
 )
 from stad.commands.common import save_model
 from stad.config import (
-    SMOOTH_SIGMA,
     STUDENT_PRESETS,
     ScoreSettings,
     Settings,
@@ -229,7 +228,8 @@ class Model:
                   method: Literal["fpr", "f1", "manual"] = "fpr", target_fpr: float = 0.01,
                   threshold: float | None = None,
                   normalize: Literal["global", "position"] = "position",
-                  target_pixel_fpr: float = 0.001, smooth_sigma: float = SMOOTH_SIGMA,
+                  target_pixel_fpr: float = 0.001,
+                  smooth_sigma: float | Literal["auto"] = "auto",
                   test_images: Sequence[ImageInput] | None = None,
                   test_labels: Sequence[bool] | None = None, source: str = "given images",
                   reporter: Reporter = NULL_REPORTER) -> dict[str, Any]:
@@ -241,9 +241,10 @@ class Model:
         ``test_images`` with ``test_labels`` (True: anomalous); ``"manual"`` takes
         ``threshold``. The pixel threshold (defect regions, masks) lets at most
         ``target_pixel_fpr`` of the normal images' pixels above it. Each scale's map is
-        smoothed with a Gaussian of ``smooth_sigma`` pixels (of the model's image size) before
-        the fusion, here and in every map scored with this calibration. Returns what is
-        recorded as ``info["calibration"]``.
+        smoothed with a Gaussian of ``smooth_sigma`` pixels (of the model's image size;
+        ``"auto"``: the image size / 64) before the fusion, here and in every map scored with
+        this calibration. Returns what is recorded as ``info["calibration"]`` (with the σ
+        used, a number).
         """
         self._refuse_onnx("calibrated")
         cfg = _settings(None, {"calibrate": {
@@ -273,7 +274,7 @@ class Model:
             "method": method, "threshold": chosen,
             "target_fpr": cfg.target_fpr if method == "fpr" else None,
             "image_score": self._score.image_score, "topk_fraction": self._score.topk_fraction,
-            "normalize": cfg.normalize, "smooth_sigma": cfg.smooth_sigma,
+            "normalize": cfg.normalize, "smooth_sigma": self.networks.smooth_sigma,
             "n_images": len(normal_scores), "images_source": source,
             "statistics": {f"p{p}": dict(zip(("e_mean", "e_std", "v_mean", "v_std"),
                                              s.tolist(), strict=True))

@@ -16,7 +16,7 @@ from typing import Any, Literal, NamedTuple
 import numpy as np
 import torch
 
-from stad.config import ScoreSettings
+from stad.config import SMOOTH_SIGMA_SHARE, ScoreSettings
 from stad.console import NULL_REPORTER, Reporter, warn
 from stad.datasets.base import Sample
 from stad.datasets.selection import DataSelection, relative_names
@@ -40,7 +40,8 @@ class Calibrated(NamedTuple):
 def calibrate_model(model: Networks, paths: Sequence[Path], rule: ScoreSettings, *,
                     device: torch.device, batch_size: int | None = None,
                     normalize: Literal["global", "position"] = "global",
-                    pixel_fpr: float | None = None, smooth_sigma: float = 0.0,
+                    pixel_fpr: float | None = None,
+                    smooth_sigma: float | Literal["auto"] = 0.0,
                     reporter: Reporter = NULL_REPORTER) -> Calibrated:
     """Calibrate ``model`` in place on anomaly-free images, in one pass over them.
 
@@ -59,9 +60,10 @@ def calibrate_model(model: Networks, paths: Sequence[Path], rule: ScoreSettings,
     images (leave one out; with one image, its own): a position's statistics fitted on an image
     would standardize that image's own peaks away and set an ``fpr`` threshold too low.
 
-    ``smooth_sigma`` becomes the model's :attr:`~stad.model.Networks.smooth_sigma`: each
-    scale's standardized map is smoothed with it before the fusion, in the scores and pixel
-    threshold found here as in every map scored later.
+    ``smooth_sigma`` (``"auto"``: :func:`resolve_smooth_sigma`) becomes the model's
+    :attr:`~stad.model.Networks.smooth_sigma`: each scale's standardized map is smoothed with
+    it before the fusion, in the scores and pixel threshold found here as in every map scored
+    later.
 
     With ``pixel_fpr``, also the pixel threshold that at most that share of the normal
     images' pixels exceed (on the same maps as the scores; :class:`stad.regions.TopValues`).
@@ -75,7 +77,7 @@ def calibrate_model(model: Networks, paths: Sequence[Path], rule: ScoreSettings,
     if not paths:
         raise DataError("no anomaly-free images to calibrate on: the validation split is empty")
     at, kept = _accumulate(model, paths, device, batch_size, reporter)
-    model.smooth_sigma = float(smooth_sigma)
+    model.smooth_sigma = resolve_smooth_sigma(smooth_sigma, model.preprocessing["image_size"])
     stats = {}
     for p in model.patch_sizes:
         stats[p] = _global_statistics(at[p], len(kept), p)
@@ -198,6 +200,14 @@ def position_statistics(sums: torch.Tensor, n_images: int, global_stats: torch.T
         var = (n_images * var + prior * g[j + 1].pow(2)) / (n_images + prior)
         out += [mean, var.sqrt().clamp_min(1e-12)]
     return torch.stack(out).float()
+
+
+def resolve_smooth_sigma(sigma: float | Literal["auto"], image_size: int) -> float:
+    """``calibrate.smooth_sigma`` in pixels of a model of ``image_size``: ``"auto"`` is
+    ``image_size`` × :data:`~stad.config.SMOOTH_SIGMA_SHARE` (at most 64), a number itself."""
+    if sigma == "auto":
+        return min(64.0, image_size * SMOOTH_SIGMA_SHARE)
+    return float(sigma)
 
 
 def stored_smooth_sigma(calibration: dict[str, Any], path: Any) -> float:

@@ -349,9 +349,10 @@ def calibrate_cmd(
     target_pixel_fpr: Annotated[float | None, typer.Option(
         "--target-pixel-fpr", help="The pixel threshold (defect regions, masks) lets at most "
         "this share of the normal images' pixels above it. [default: 0.001]")] = None,
-    smooth_sigma: Annotated[float | None, typer.Option(
+    smooth_sigma: Annotated[str | None, typer.Option(
         "--smooth-sigma", help="Smooth each scale's map with a Gaussian of this σ (pixels of "
-        "the model's image size) before the fusion; 0: none (the paper's). [default: 2]")
+        "the model's image size) before the fusion; 0: none (the paper's); auto: the image "
+        "size / 64 (2 at 128², 4 at 256²). [default: auto]")
     ] = None,
     batch_size: BatchSizeOpt = None,
     tile_size: TileSizeOpt = None,

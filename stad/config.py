@@ -11,6 +11,7 @@ a misspelt setting must never be silently ignored.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from collections.abc import Mapping
@@ -195,9 +196,11 @@ class StudentSettings(_Section):
         return {**values, **data}
 
 
-SMOOTH_SIGMA = 2.0
-"""Default ``calibrate.smooth_sigma``: measured on the real-photo sets (docs/quality.md,
-"Smoothing the maps")."""
+SMOOTH_SIGMA_SHARE = 1 / 64
+"""``calibrate.smooth_sigma = "auto"`` (the default) is the model's image size times this: 2
+pixels at the fast preset's 128², 4 at 256², 1 at the demo's 64², so the smoothing covers the
+same share of the image at every resolution. Measured on the real-photo sets
+(docs/quality.md, "Smoothing the maps")."""
 
 
 class CalibrateSettings(_Section):
@@ -212,10 +215,24 @@ class CalibrateSettings(_Section):
     target_pixel_fpr: float = Field(
         default=0.001, gt=0, lt=1, description="the pixel threshold (defect regions and "
         "masks) lets at most this share of the normal images' pixels above it")
-    smooth_sigma: float = Field(
-        default=SMOOTH_SIGMA, ge=0, le=64, allow_inf_nan=False,
-        description="σ in pixels of the model's image size of the Gaussian that smooths each "
-        "scale's map before the fusion (0: none, the paper's); docs/model.md")
+    smooth_sigma: float | Literal["auto"] = Field(
+        default="auto", description="σ in pixels of the model's image size of the Gaussian "
+        "that smooths each scale's map before the fusion (0: none, the paper's; auto: the "
+        "image size / 64); docs/model.md")
+
+    @field_validator("smooth_sigma", mode="before")
+    @classmethod
+    def _sigma(cls, value: Any) -> Any:
+        # One message for both kinds of value (a union would report one error per member).
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            return "auto"
+        try:
+            sigma = float(value) if not isinstance(value, bool) else math.nan
+        except (TypeError, ValueError):
+            sigma = math.nan
+        if not 0 <= sigma <= 64:  # also refuses NaN
+            raise ValueError("should be 'auto' or a σ in pixels from 0 to 64")
+        return sigma
 
 
 class ScoreSettings(_Section):
@@ -394,7 +411,8 @@ def _describe(exc: ValidationError, layers: list[tuple[str, Mapping[str, Any]]])
             parts.append(f"unknown setting '{key}' (from {source}); see `stad <command> --help`")
         else:
             value = json.dumps(err.get("input"), default=str)
-            parts.append(f"setting '{key}' = {value} (from {source}): {err['msg']}")
+            message = err["msg"].removeprefix("Value error, ")  # our validators' own words
+            parts.append(f"setting '{key}' = {value} (from {source}): {message}")
     return "; ".join(parts)
 
 

@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 import stad
 import stad.api
 from stad.artifacts import load_artifact, save_artifact
+from stad.calibration import resolve_smooth_sigma
 from stad.cli import app
 from stad.datasets.synthetic import generate
 from stad.errors import ArtifactError, DataError, UsageError
@@ -185,6 +186,18 @@ def test_the_calibrated_smoothing_applies_to_every_map(world: Path, tmp_path: Pa
     with pytest.raises(UsageError, match="smooth_sigma"):
         model.calibrate(normal, smooth_sigma=-1)
     assert model.networks.smooth_sigma == 1.5  # a refused calibration changes nothing
+    # "auto" (the default) is the model's image size / 64, recorded as the number it was.
+    size = model.image_size
+    assert model.calibrate(normal)["smooth_sigma"] == size / 64 == model.networks.smooth_sigma
+    assert stad.load_model(model.save(tmp_path / "auto.safetensors"),
+                           device="cpu").networks.smooth_sigma == size / 64
+
+
+@pytest.mark.parametrize("sigma, size, expected", [("auto", 128, 2.0), ("auto", 256, 4.0),
+                                                   ("auto", 64, 1.0), ("auto", 8192, 64.0),
+                                                   (3, 256, 3.0), (0.0, 128, 0.0)])
+def test_auto_smoothing_follows_the_image_size(sigma, size: int, expected: float) -> None:
+    assert resolve_smooth_sigma(sigma, size) == expected
 
 
 @pytest.mark.parametrize("stored, expected", [(None, 0.0), (3, 3.0)])

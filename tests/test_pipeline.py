@@ -181,10 +181,10 @@ def test_calibrate_per_position_and_back(model: Path, tiny_data: Path, tmp_path:
     assert by_position.keys() == by_scale.keys()
     assert any(abs(by_position[k] - by_scale[k]) > 1e-3 for k in by_scale)
     # Calibrating the global one per position (and smoothed) again gives the default model's
-    # maps.
+    # maps: "auto" is the image size / 64, here 32 / 64.
     text = run(["calibrate", "--model", str(plain), "--normalize", "position",
-                "--smooth-sigma", "2"])
-    assert "(position normalization, smoothing σ 2)" in text
+                "--smooth-sigma", "auto"])
+    assert "(position normalization, smoothing σ 0.5)" in text
     with safe_open(str(plain), framework="pt") as f:
         assert "calib_map.p17" in f.keys()
     assert scores(plain) == pytest.approx(by_position, abs=1e-5)
