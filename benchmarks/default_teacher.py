@@ -130,6 +130,7 @@ def pretrain_scale(root: Path, p: int, iterations: int, seed: int, work: Path,
                "losses": info["losses"][f"p{p}"],
                "diagnostics": info["diagnostics"].get(f"p{p}"),
                "backbone": info.get("backbone"), "efficientnet": info.get("efficientnet"),
+               "init": info.get("init"),
                "seconds": round(info["losses"][f"p{p}"].get("seconds",
                                                            time.perf_counter() - start), 1),
                "settings": artifact.config["teacher"]}
@@ -163,6 +164,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="teacher.compactness (signed: the paper's)")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"],
                         help="teacher.precision: bf16 autocast (about 2× faster with bf16 units)")
+    parser.add_argument("--init", default=None, metavar="TEACHER",
+                        help="start every scale from this teacher artifact's ('builtin': the "
+                        "shipped one) and train it --iterations more (teacher.init)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--figures", type=Path, help="JSON to record as benchmark figures")
     args = parser.parse_args(argv)
@@ -172,7 +176,8 @@ def main(argv: list[str] | None = None) -> None:
     scales: dict[str, Any] = {}
     recipe: dict[str, Any] = {"target": args.target, "target_whiten": args.target_whiten,
                               "compactness": args.compactness, "lr": args.lr,
-                              "lambda_compact": args.lambda_compact, "precision": args.precision}
+                              "lambda_compact": args.lambda_compact, "precision": args.precision,
+                              "init": args.init}
     if args.target == "efficientnet-lite0":
         recipe.update(distill=args.distill, buffer_images=1000)
     with tempfile.TemporaryDirectory() as tmp:

@@ -216,6 +216,10 @@ def pretrain_teacher_cmd(
     precision: Annotated[str | None, typer.Option(
         "--precision", help="fp32, bf16 (autocast: about 2× faster where the CPU or GPU has "
         "bf16 units) or auto (bf16 only there). [default: fp32]")] = None,
+    init: Annotated[str | None, typer.Option(
+        "--init", metavar="TEACHER", help="Start each scale from this teacher artifact's "
+        "teacher ('builtin': the shipped one) instead of a random initialization, to train "
+        "it further; its decoder and optimizer start afresh. [default: random]")] = None,
     resume: ResumeOpt = False,
     log_dir: LogDirOpt = None,
     json_out: JsonOpt = False,
@@ -232,7 +236,7 @@ def pretrain_teacher_cmd(
                                                  "distill": distill,
                                                  "lambda_compact": lambda_compact,
                                                  "target_whiten": target_whiten,
-                                                 "precision": precision})
+                                                 "precision": precision, "init": init})
     with console.reporter() as shown, tensorboard_log(shown, log_dir) as rep:
         result = pretrain_teacher(settings, out=out, resume=resume, reporter=rep)
     lines = [f"teacher written to {result['artifact']} (target {result['target']})"]

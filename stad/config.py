@@ -88,6 +88,10 @@ class TeacherSettings(_Section):
         default="auto", description="auto: resnet18 with backbone_weights, else handcrafted"
     )
     backbone_weights: Path | None = None
+    init: str | None = Field(
+        default=None, description="teacher artifact, or 'builtin', whose teachers the scales "
+        "start from (the decoder starts afresh); None: a seeded random initialization"
+    )
     distill: Literal["dense", "patch"] = Field(
         default="dense", description="efficientnet targets: dense (the feature maps at the patch "
         "centre, one backbone pass per image) or patch (the paper's: pooled features of the "

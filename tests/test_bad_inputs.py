@@ -342,6 +342,9 @@ ARTIFACT_ARGS = {
     "evaluate": ["evaluate", "--model", "{artifact}"],
     "fit-students": ["fit-students", *DATA, "--root", "{data}", "--teacher", "{artifact}",
                      "--out", "{tmp}/out.safetensors"],
+    "pretrain-teacher": ["pretrain-teacher", *DATA, "--root", "{data}", "--patch-sizes", "17",
+                         "--iterations", "1", "--init", "{artifact}",
+                         "--out", "{tmp}/out.safetensors"],
 }
 
 
@@ -404,10 +407,12 @@ def test_stad_variable_of_the_wrong_type(fitted: Fitted) -> None:
     (["score", "--on-error", "maybe", "{image}"], "--on-error"),
     (["fit-students", "--root", "{data}", *DATA, "--teacher", "random", "--image-size", "8",
       "--out", "{tmp}/m.safetensors"], "image_size"),
+    (["pretrain-teacher", "--root", "{data}", *DATA, "--patch-sizes", "17", "--iterations",
+      "1", "--init", "random", "--out", "{tmp}/t.safetensors"], "teacher.init"),
 ])
 def test_conflicting_or_bad_options(fitted: Fitted, tmp_path: Path, args: list[str],
                                     named: str) -> None:
-    if args[0] != "fit-students":
+    if args[0] not in ("fit-students", "pretrain-teacher"):
         args = [args[0], "--model", "{model}", *args[1:]]
     if args[0] == "calibrate":
         args = [*args, "--out", "{tmp}/calibrated.safetensors"]

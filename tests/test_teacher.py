@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from support import smooth_noise_samples
 from torch import nn
 
@@ -511,3 +511,65 @@ def test_collapsed_teacher_is_warned_about_at_the_end_of_pretraining(
                                 _samples(tmp_path))
     assert len(info["diagnostics"]["p17"]["warnings"]) == 4
     assert "warning: teacher p=17: descriptors span few directions" in capsys.readouterr().err
+
+
+# --- starting from a teacher (teacher.init) ----------------------------------------------------
+
+
+def _teacher_file(path: Path, settings: Any, teachers: Any, info: dict[str, Any]) -> Path:
+    from stad.artifacts import Artifact, save_artifact
+
+    save_artifact(path, Artifact(kind="teacher", tensors=teacher_tensors(teachers),
+                                 config=settings.model_dump(mode="json"),
+                                 preprocessing={"image_size": 48, "mean": [0.0] * 3,
+                                                "std": [1.0] * 3},
+                                 seed=settings.seed, info=info))
+    return path
+
+
+def test_init_continues_from_the_given_teacher(tmp_path: Path) -> None:
+    samples = _samples(tmp_path)
+    first = _settings(seed=3)
+    start, start_info = pretrain_teachers(first, samples)
+    path = _teacher_file(tmp_path / "start.safetensors", first, start, start_info)
+    # A negligible learning rate: one step away from where it started, not from a fresh init.
+    go_on, info = pretrain_teachers(_settings(seed=3, init=str(path), lr=1e-12,
+                                              iterations=1), samples)
+    fresh, _ = pretrain_teachers(_settings(seed=3, lr=1e-12, iterations=1), samples)
+    for k, v in start[17].state_dict().items():
+        torch.testing.assert_close(go_on[17].state_dict()[k], v, atol=1e-8, rtol=0)
+    assert not torch.allclose(fresh[17].state_dict()["convs.0.weight"],
+                              start[17].state_dict()["convs.0.weight"])
+    assert info["init"] == {"source": str(path), "sha256": _sha256(path), "target": "none",
+                            "iterations": {"p17": 3}}
+    assert pretrain_teachers(first, samples)[1]["init"] is None
+    # A chain counts every run: 3 + 1 iterations before the next.
+    again = _teacher_file(tmp_path / "again.safetensors", first, go_on, info)
+    _, info = pretrain_teachers(_settings(init=str(again), iterations=1), samples)
+    assert info["init"]["iterations"] == {"p17": 4}
+
+
+def test_init_from_the_builtin_teacher(tmp_path: Path) -> None:
+    from stad.model import builtin_teacher_path
+
+    teachers, info = pretrain_teachers(_settings(init="builtin", lr=1e-12, iterations=1),
+                                       _samples(tmp_path))
+    builtin = load_teachers(load_file(builtin_teacher_path()), patch_sizes=[17])
+    torch.testing.assert_close(teachers[17].state_dict()["convs.0.weight"],
+                               builtin[17].state_dict()["convs.0.weight"], atol=1e-8, rtol=0)
+    assert info["init"]["source"] == "builtin"
+    assert info["init"]["sha256"] == _sha256(builtin_teacher_path())
+    assert info["init"]["target"] == "efficientnet-lite0"
+    assert info["init"]["iterations"] == {"p17": 3000}  # benchmarks/default_teacher.py's build
+
+
+def test_bad_init_is_refused_before_training(tmp_path: Path) -> None:
+    samples = _samples(tmp_path)
+    first = _settings()
+    only17 = _teacher_file(tmp_path / "p17.safetensors", first, *pretrain_teachers(first, samples))
+    with pytest.raises(ArtifactError, match="not for p=\\[33\\]"):
+        pretrain_teachers(_settings(init=str(only17), patch_sizes=[17, 33]), samples)
+    with pytest.raises(ArtifactError, match="missing.safetensors"):
+        pretrain_teachers(_settings(init=str(tmp_path / "missing.safetensors")), samples)
+    with pytest.raises(UsageError, match="teacher.init"):
+        pretrain_teachers(_settings(init="random"), samples)

@@ -45,6 +45,7 @@ import hashlib
 import math
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -62,11 +63,17 @@ from stad.devices import autocast, resolve_precision
 from stad.diagnostics import collapse_warnings, teacher_diagnostics
 from stad.distillation import BACKBONES, blocks_for, describe, load_backbone
 from stad.distributed import SINGLE, World
-from stad.errors import DataError, TrainingError, UsageError
+from stad.errors import ArtifactError, DataError, TrainingError, UsageError
 from stad.handcrafted import BLOCKS
 from stad.handcrafted import DIM as HANDCRAFTED_DIM
 from stad.images import preprocessing as image_preprocessing
-from stad.model import load_teachers
+from stad.model import (
+    BUILTIN_TEACHER,
+    RANDOM_TEACHER,
+    builtin_teacher_path,
+    load_teachers,
+    resolve_teachers,
+)
 from stad.networks import Decoder, PatchNetwork, build_network
 from stad.training.checkpoint import (
     Checkpoint,
@@ -157,12 +164,17 @@ class _ScaleRun:
 
     def __init__(self, p: int, buffer: ImageBuffer, settings: Settings,
                  lambdas: dict[str, float], target: str, backbone: nn.Module | None, *,
-                 device: torch.device, checkpoint: Checkpoint | None, world: World) -> None:
+                 device: torch.device, checkpoint: Checkpoint | None, world: World,
+                 init: PatchNetwork | None = None) -> None:
         self.p, self.buffer, self.cfg, self.lambdas = p, buffer, settings.teacher, lambdas
         self.device, self.checkpoint, self.world, self.seed = device, checkpoint, world, \
             settings.seed
         self.gen = _generator(settings.seed, p)
+        # Drawn from the generator even when ``init`` replaces the weights, so that the
+        # patches drawn next are the same either way.
         self.teacher = build_network(p, generator=self.gen).to(device).train()
+        if init is not None:
+            self.teacher.load_state_dict(init.state_dict())
         buffer.start()  # the first images of the share (a resumed buffer is restored below)
         self.kd = Distillation(p, buffer.images, self.cfg, settings.seed, target, backbone,
                                lambdas["kd"], generator=self.gen, device=device, world=world)
@@ -379,6 +391,7 @@ def _pretrain_scales(
     device: torch.device,
     checkpoint: Checkpoint | None,
     world: World,
+    init: dict[int, PatchNetwork] | None = None,
 ) -> tuple[dict[int, PatchNetwork], dict[str, Any], dict[str, Any]]:
     """Every scale in turn (:func:`pretrain_teachers`): teachers, losses, diagnostics."""
     cfg = settings.teacher
@@ -401,7 +414,8 @@ def _pretrain_scales(
         else:
             teachers[p], losses[name] = _ScaleRun(
                 p, buffer, settings, lambdas, target, backbone, device=device,
-                checkpoint=checkpoint, world=world).run(reporter)
+                checkpoint=checkpoint, world=world,
+                init=init[p] if init is not None else None).run(reporter)
         if cfg.diagnostic_patches > 1:
             # On the first images of the share, whether or not the scale was resumed.
             buffer.start()
@@ -415,6 +429,46 @@ def _pretrain_scales(
                 if checkpoint.stop.requested:
                     raise checkpoint.interrupted(where)
     return teachers, losses, diagnostics
+
+
+def _initial_teachers(cfg: TeacherSettings
+                      ) -> tuple[dict[int, PatchNetwork] | None, dict[str, Any] | None]:
+    """The teachers ``teacher.init`` names (one per scale of this run) and their provenance:
+    the file, its SHA-256, and what its own info says it was trained on; (None, None)
+    without ``init``."""
+    if cfg.init is None:
+        return None, None
+    if cfg.init == RANDOM_TEACHER:
+        raise UsageError("teacher.init takes a teacher artifact or 'builtin'; leave it unset "
+                         "for a random initialization")
+    path = builtin_teacher_path() if cfg.init == BUILTIN_TEACHER else Path(cfg.init)
+    nets, source, info = resolve_teachers(cfg.init, cfg.patch_sizes, seed=0)
+    for p, net in nets.items():
+        want = {k: tuple(v.shape) for k, v in build_network(p).state_dict().items()}
+        if {k: tuple(v.shape) for k, v in net.state_dict().items()} != want:
+            raise ArtifactError(f"{path}: its p={p} teacher is not the architecture "
+                                "pretrain-teacher trains (another descriptor size?); "
+                                "start without --init")
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return nets, {"source": source["source"], "sha256": digest.hexdigest(),
+                  "target": info.get("target"),
+                  "iterations": {f"p{p}": trained_iterations(info, p) for p in nets}}
+
+
+def trained_iterations(info: dict[str, Any], p: int) -> int | None:
+    """How many iterations a teacher artifact's scale ``p`` was pretrained for, counting the
+    teachers it was started from (``init``), from its info: a ``pretrain-teacher`` artifact's,
+    or one built by benchmarks/default_teacher.py (per scale, under ``scales``). None where
+    the info does not say."""
+    record = (info.get("scales") or {}).get(f"p{p}") or info
+    own = record.get("iterations")
+    if isinstance(own, bool) or not isinstance(own, int):
+        return None
+    before = ((record.get("init") or {}).get("iterations") or {}).get(f"p{p}")
+    return own + (before if isinstance(before, int) else 0)
 
 
 def _backbone(cfg: TeacherSettings, target: str, device: torch.device, reporter: Reporter
@@ -517,16 +571,21 @@ def pretrain_teachers(
             distilled), ``distillation``, ``backbone`` ({"path", "sha256"} or None),
             ``handcrafted`` ({"dim", "blocks", "whiten", "target_dim"}: the bank's
             dimension, the whitened components (0: off), what was distilled; or None),
+            ``init`` (with ``teacher.init``: {"source", "sha256", "target", "iterations"},
+            the starting teacher's target and, per scale, the iterations it had been trained
+            for, its own starting teachers' included: :func:`trained_iterations`; else None),
             ``diagnostics`` ({"p17": figures and "warnings"}, empty when off), ``data``
             ({"n_images", "image_size"}), ``iterations``, ``batch_size``, ``seconds``.
 
     Raises:
         UsageError: patch sizes larger than ``image_size``, all loss weights zero, target
             resnet18 without a backbone file, a missing backbone file. ArtifactError: an
-            unusable backbone file. DataError: no images, unreadable images (a stream skips
-            them, counted in ``losses[pP]["skipped"]``), or one image with
-            metric learning on. TrainingError: a non-finite loss (naming the scale, the
-            iteration and the last good checkpoint).
+            unusable backbone file, or a ``teacher.init`` that is missing, not a teacher or
+            model, lacks a scale of this run or has another architecture. DataError: no
+            images, unreadable images (a stream skips them, counted in
+            ``losses[pP]["skipped"]``), or one image with metric learning on.
+            TrainingError: a non-finite loss (naming the scale, the iteration and the last
+            good checkpoint).
             Interrupted: a stop was requested (after saving the checkpoint).
     """
     cfg = settings.teacher
@@ -538,6 +597,7 @@ def pretrain_teachers(
     source = samples if isinstance(samples, ImageSource) else ImageSource.of(samples)
     if not source.count:
         raise DataError("no images to pretrain the teacher on")
+    init, init_info = _initial_teachers(cfg)
     target = resolve_target(cfg)
     backbone, backbone_info = _backbone(cfg, target, device, reporter)
     distillation = target != "none" and cfg.lambda_kd > 0
@@ -552,7 +612,7 @@ def pretrain_teachers(
     with buffer:
         teachers, losses, diagnostics = _pretrain_scales(
             settings, buffer, lambdas, target, backbone, reporter=reporter, device=device,
-            checkpoint=checkpoint, world=world)
+            checkpoint=checkpoint, world=world, init=init)
     distributed = _same_teachers(teachers, world)
     return teachers, {
         "losses": losses,
@@ -573,6 +633,7 @@ def pretrain_teachers(
         "data": {"n_images": source.count, "streamed": buffer.streaming,
                  **image_preprocessing(cfg.image_size)},
         "iterations": cfg.iterations,
+        "init": init_info,
         "batch_size": cfg.batch_size,
         "precision": resolve_precision(cfg.precision, device),
         "seconds": round(time.perf_counter() - start, 3),
