@@ -279,8 +279,12 @@ class FusedNetworks(nn.Module):
         return self.dense_valid(self.pad(images, padding_mode=padding_mode))
 
 
+DESCRIPTOR_DIM = 128
+"""The descriptor dimension d of the networks stad trains (the paper's)."""
+
+
 def build_network(
-    patch_size: int, out_dim: int = 128, *, generator: torch.Generator | None = None
+    patch_size: int, out_dim: int = DESCRIPTOR_DIM, *, generator: torch.Generator | None = None
 ) -> PatchNetwork:
     """A freshly initialized patch network for ``patch_size`` ∈ PATCH_SIZES (ValueError otherwise).
 

@@ -358,6 +358,26 @@ def test_teacher_run_extended_on_resume_equals_the_longer_run(tmp_path: Path) ->
         pretrain_teacher(longer, out=out, resume=True)
 
 
+def test_teacher_resume_compares_the_init_teachers_bytes_not_its_path(tmp_path: Path) -> None:
+    # --init: a moved copy of the same teacher resumes; a changed file is refused, since the
+    # resumed run would start its scales from two different teachers.
+    import shutil
+
+    root = _data(tmp_path / "data")
+    start = tmp_path / "start.safetensors"
+    pretrain_teacher(_teacher(root, iterations=2), out=start)
+    out = tmp_path / "teacher.safetensors"
+    with stop_at(1), pytest.raises(Interrupted):
+        pretrain_teacher(_teacher(root, init=str(start)), out=out)
+    moved = Path(shutil.move(start, tmp_path / "moved.safetensors"))
+    other = tmp_path / "other.safetensors"
+    pretrain_teacher(_teacher(root, iterations=1), out=other)
+    with pytest.raises(UsageError, match="the init weights differ"):
+        pretrain_teacher(_teacher(root, init=str(other)), out=out, resume=True)
+    result = pretrain_teacher(_teacher(root, init=str(moved)), out=out, resume=True)
+    assert result["resumed"] and result["init"]["iterations"] == {"p17": 2}
+
+
 @pytest.mark.parametrize("patch_sizes, stop, where", [
     ([17], 3, "p=17 after iteration 3 of 6"),
     ([17, 33], 9, "p=33 after iteration 3 of 6"),  # the 2nd scale, after p=17's diagnostics

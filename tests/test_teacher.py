@@ -573,3 +573,22 @@ def test_bad_init_is_refused_before_training(tmp_path: Path) -> None:
         pretrain_teachers(_settings(init=str(tmp_path / "missing.safetensors")), samples)
     with pytest.raises(UsageError, match="teacher.init"):
         pretrain_teachers(_settings(init="random"), samples)
+    # Another descriptor size: named, with the file.
+    from stad.networks import build_network
+
+    small = _teacher_file(tmp_path / "d64.safetensors", first, {17: build_network(17, 64)}, {})
+    with pytest.raises(ArtifactError, match="d64.safetensors: its p=17 teacher gives 64-d"):
+        pretrain_teachers(_settings(init=str(small)), samples)
+    # The missing scale's message names the file too.
+    with pytest.raises(ArtifactError, match="p17.safetensors"):
+        pretrain_teachers(_settings(init=str(only17), patch_sizes=[17, 33]), samples)
+
+
+def test_trained_iterations_count_a_chain_or_say_they_do_not_know() -> None:
+    from stad.training.teacher import trained_iterations
+
+    assert trained_iterations({"iterations": 5}, 17) == 5
+    assert trained_iterations({"iterations": 5, "init": {"iterations": {"p17": 7}}}, 17) == 12
+    assert trained_iterations({"iterations": 5, "init": {"iterations": {"p17": None}}}, 17) is None
+    assert trained_iterations({"scales": {"p33": {"iterations": 3000}}}, 33) == 3000
+    assert trained_iterations({}, 17) is None

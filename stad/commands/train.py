@@ -32,6 +32,16 @@ from stad.training.students import fit_students as train_students
 from stad.training.students import split_train_val
 
 
+def _init_identity(settings: Settings) -> str | None:
+    # The bytes of the teacher a run starts from (teacher.init), not its path: a resume from
+    # an overwritten file would mix two starts; pretrain_teachers reports a missing file.
+    from stad.model import BUILTIN_TEACHER, builtin_teacher_path
+
+    init = settings.teacher.init
+    path = builtin_teacher_path() if init == BUILTIN_TEACHER else Path(init) if init else None
+    return file_sha256(path) if path is not None and path.is_file() else None
+
+
 def _backbone_identity(settings: Settings) -> str | None:
     # The backbone's bytes decide the distillation targets; pretrain_teachers reports a
     # missing or unreadable file itself.
@@ -82,7 +92,8 @@ def pretrain_teacher(settings: Settings, *, out: Path, resume: bool = False,
     # Under torchrun, one of N processes; only rank 0 locks and writes (as in `fit`).
     with joined(resolve_device(settings.device)) as (world, device), \
             output_lock(out) if world.main else contextlib.nullcontext():
-        identity = {"images": images, "backbone": _backbone_identity(settings)}
+        identity = {"images": images, "backbone": _backbone_identity(settings),
+                    "init": _init_identity(settings)}
         checkpoint = open_checkpoint(
             out, command="pretrain-teacher", settings=settings, identity=identity,
             preprocessing=preprocessing, resume=resume,

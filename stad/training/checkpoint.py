@@ -55,7 +55,7 @@ SECTIONS = {"pretrain-teacher": "teacher", "fit-students": "students"}
 # Settings that may change between an interrupted run and its resumption: they do not change
 # the result (the data itself is compared by content, so a moved --root is fine).
 MAY_DIFFER = frozenset({"root", "device", "teacher.checkpoint_every", "students.checkpoint_every",
-                        "students.preset", "teacher.backbone_weights",
+                        "students.preset", "teacher.backbone_weights", "teacher.init",
                         # a pretraining run may be extended (or ended early) on resume: with a
                         # constant learning rate, N then M more iterations are N + M in one
                         # go; stad.training.teacher refuses what cannot be honoured

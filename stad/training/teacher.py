@@ -54,7 +54,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from stad.artifacts import prefixed, with_prefix
+from stad.artifacts import file_sha256, prefixed, with_prefix
 from stad.backbones import EfficientNetLite
 from stad.config import Settings, TeacherSettings
 from stad.console import NULL_REPORTER, Reporter, warn
@@ -74,7 +74,7 @@ from stad.model import (
     load_teachers,
     resolve_teachers,
 )
-from stad.networks import Decoder, PatchNetwork, build_network
+from stad.networks import DESCRIPTOR_DIM, Decoder, PatchNetwork, build_network
 from stad.training.checkpoint import (
     Checkpoint,
     check_finite,
@@ -442,18 +442,18 @@ def _initial_teachers(cfg: TeacherSettings
         raise UsageError("teacher.init takes a teacher artifact or 'builtin'; leave it unset "
                          "for a random initialization")
     path = builtin_teacher_path() if cfg.init == BUILTIN_TEACHER else Path(cfg.init)
-    nets, source, info = resolve_teachers(cfg.init, cfg.patch_sizes, seed=0)
+    try:
+        nets, source, info = resolve_teachers(cfg.init, cfg.patch_sizes, seed=0)
+    except ArtifactError as exc:
+        text = str(exc)
+        raise ArtifactError(text if str(path) in text else f"--init {path}: {text}") from None
     for p, net in nets.items():
-        want = {k: tuple(v.shape) for k, v in build_network(p).state_dict().items()}
-        if {k: tuple(v.shape) for k, v in net.state_dict().items()} != want:
-            raise ArtifactError(f"{path}: its p={p} teacher is not the architecture "
-                                "pretrain-teacher trains (another descriptor size?); "
+        # The one thing a stored teacher of the same p can differ in (stad.model._load_net).
+        if net.out_dim != DESCRIPTOR_DIM:
+            raise ArtifactError(f"--init {path}: its p={p} teacher gives {net.out_dim}-d "
+                                f"descriptors, pretrain-teacher trains {DESCRIPTOR_DIM}-d ones; "
                                 "start without --init")
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return nets, {"source": source["source"], "sha256": digest.hexdigest(),
+    return nets, {"source": source["source"], "sha256": file_sha256(path),
                   "target": info.get("target"),
                   "iterations": {f"p{p}": trained_iterations(info, p) for p in nets}}
 
@@ -467,8 +467,11 @@ def trained_iterations(info: dict[str, Any], p: int) -> int | None:
     own = record.get("iterations")
     if isinstance(own, bool) or not isinstance(own, int):
         return None
-    before = ((record.get("init") or {}).get("iterations") or {}).get(f"p{p}")
-    return own + (before if isinstance(before, int) else 0)
+    start = record.get("init")
+    if not start:
+        return own
+    before = (start.get("iterations") or {}).get(f"p{p}")
+    return own + before if isinstance(before, int) and not isinstance(before, bool) else None
 
 
 def _backbone(cfg: TeacherSettings, target: str, device: torch.device, reporter: Reporter
