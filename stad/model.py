@@ -351,6 +351,11 @@ def builtin_teacher_path() -> Path:
     return Path(__file__).resolve().parent / "assets" / "teacher.safetensors"
 
 
+def teacher_path(name: str | Path) -> Path:
+    """The file a ``--teacher`` / ``--init`` value names: ``builtin`` is the shipped teacher."""
+    return builtin_teacher_path() if str(name) == BUILTIN_TEACHER else Path(name)
+
+
 def resolve_teachers(teacher: str | Path | None, patch_sizes: Sequence[int] | None, seed: int
                      ) -> tuple[dict[int, PatchNetwork], dict[str, Any], dict[str, Any]]:
     """The teachers a command works with: ``teacher`` is a teacher or model artifact,
@@ -367,7 +372,7 @@ def resolve_teachers(teacher: str | Path | None, patch_sizes: Sequence[int] | No
         nets = {p: build_network(p, generator=torch.Generator().manual_seed(seed + p))
                 .eval().requires_grad_(False) for p in sizes}
         return nets, {"source": RANDOM_TEACHER, "seed": seed}, {}
-    path = builtin_teacher_path() if name == BUILTIN_TEACHER else Path(name)
+    path = teacher_path(name)
     if name == BUILTIN_TEACHER and not path.is_file():
         raise ArtifactError(f"the built-in teacher {path} is missing from this installation: "
                             "reinstall stad, or pass --teacher FILE (from `stad "

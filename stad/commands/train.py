@@ -35,10 +35,10 @@ from stad.training.students import split_train_val
 def _init_identity(settings: Settings) -> str | None:
     # The bytes of the teacher a run starts from (teacher.init), not its path: a resume from
     # an overwritten file would mix two starts; pretrain_teachers reports a missing file.
-    from stad.model import BUILTIN_TEACHER, builtin_teacher_path
+    from stad.model import teacher_path
 
     init = settings.teacher.init
-    path = builtin_teacher_path() if init == BUILTIN_TEACHER else Path(init) if init else None
+    path = teacher_path(init) if init else None
     return file_sha256(path) if path is not None and path.is_file() else None
 
 

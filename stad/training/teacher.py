@@ -45,7 +45,6 @@ import hashlib
 import math
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -67,13 +66,7 @@ from stad.errors import ArtifactError, DataError, TrainingError, UsageError
 from stad.handcrafted import BLOCKS
 from stad.handcrafted import DIM as HANDCRAFTED_DIM
 from stad.images import preprocessing as image_preprocessing
-from stad.model import (
-    BUILTIN_TEACHER,
-    RANDOM_TEACHER,
-    builtin_teacher_path,
-    load_teachers,
-    resolve_teachers,
-)
+from stad.model import RANDOM_TEACHER, load_teachers, resolve_teachers, teacher_path
 from stad.networks import DESCRIPTOR_DIM, Decoder, PatchNetwork, build_network
 from stad.training.checkpoint import (
     Checkpoint,
@@ -441,7 +434,7 @@ def _initial_teachers(cfg: TeacherSettings
     if cfg.init == RANDOM_TEACHER:
         raise UsageError("teacher.init takes a teacher artifact or 'builtin'; leave it unset "
                          "for a random initialization")
-    path = builtin_teacher_path() if cfg.init == BUILTIN_TEACHER else Path(cfg.init)
+    path = teacher_path(cfg.init)
     try:
         nets, source, info = resolve_teachers(cfg.init, cfg.patch_sizes, seed=0)
     except ArtifactError as exc:
