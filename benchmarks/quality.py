@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # realsets.py lives be
 
 import realsets  # noqa: E402
 
-from stad.config import resolve_settings  # noqa: E402
+from stad.config import CalibrateSettings, resolve_settings  # noqa: E402
 from stad.datasets import synthetic  # noqa: E402
 from stad.datasets.registry import get_adapter  # noqa: E402
 from stad.errors import UsageError  # noqa: E402
@@ -301,15 +301,17 @@ def _summary(metrics: dict[str, Any]) -> dict[str, Any]:
 
 def run_stad(dataset: str, root: Path, category: str, teacher: str, args: argparse.Namespace,
              work: Path, epochs: int | None = None) -> dict[str, dict[str, Any]]:
-    """fit once, then calibrate and evaluate once per ``args.normalize_list`` entry and
-    ``args.smooth_list`` σ, through :mod:`stad.commands`, timing each step; results keyed by
-    the label of each (normalization, σ). The model is deleted afterwards unless
+    """fit once, then calibrate and evaluate once per ``args.normalize_list`` entry,
+    ``args.smooth_list`` σ and ``args.weight_list`` variance weight, through
+    :mod:`stad.commands`, timing each step; results keyed by the label of each (normalization,
+    σ, weight). The model is deleted afterwards unless
     ``args.keep_models`` names a folder to keep it in."""
     from stad.commands.calibrate import calibrate
     from stad.commands.evaluate import evaluate
     from stad.commands.train import fit_students as fit
 
-    def settings_for(normalize: str, sigma: float | str | None = None) -> Any:
+    def settings_for(normalize: str, sigma: float | str | None = None,
+                     weight: float | None = None) -> Any:
         return resolve_settings({
             "dataset": dataset, "root": root, "category": category, "seed": args.seed,
             "device": args.device,
@@ -318,7 +320,8 @@ def run_stad(dataset: str, root: Path, category: str, teacher: str, args: argpar
                          "crop_size": (args.image_size if args.crop == 0 else args.crop),
                          "n_students": args.students, "lr_schedule": args.lr_schedule,
                          "min_steps": args.min_steps},
-            "calibrate": {"normalize": normalize, "smooth_sigma": sigma},
+            "calibrate": {"normalize": normalize, "smooth_sigma": sigma,
+                          "variance_weight": weight},
             "score": {"precision": args.precision}}, environ={})
 
     folder = args.keep_models or work
@@ -330,8 +333,9 @@ def run_stad(dataset: str, root: Path, category: str, teacher: str, args: argpar
     fit(settings_for(args.normalize_list[0]), teacher=teacher, out=model)
     fit_seconds = round(time.perf_counter() - start, 1)
     out = {}
-    for normalize, sigma in ((n, s) for n in args.normalize_list for s in args.smooth_list):
-        settings = settings_for(normalize, sigma)
+    for normalize, sigma, weight in ((n, s, w) for n in args.normalize_list
+                                     for s in args.smooth_list for w in args.weight_list):
+        settings = settings_for(normalize, sigma, weight)
         seconds = {"fit": fit_seconds}
         start = time.perf_counter()
         used = calibrate(settings, model_path=model)["smooth_sigma"]
@@ -341,8 +345,10 @@ def run_stad(dataset: str, root: Path, category: str, teacher: str, args: argpar
         seconds["evaluate"] = round(time.perf_counter() - start, 1)
         label = ", ".join([f"{normalize} normalization"] * (len(args.normalize_list) > 1)
                           + [f"smooth σ {sigma if sigma == 'auto' else f'{sigma:g}'}"]
-                          * (len(args.smooth_list) > 1))
-        out[label] = {**_summary(result), "smooth_sigma": used, "seconds": seconds}
+                          * (len(args.smooth_list) > 1)
+                          + [f"variance weight {weight:g}"] * (len(args.weight_list) > 1))
+        out[label] = {**_summary(result), "smooth_sigma": used,
+                      "variance_weight": settings.calibrate.variance_weight, "seconds": seconds}
     if args.keep_models is None:
         model.unlink()
     else:
@@ -435,6 +441,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--smooth-sigma", default=None,
                         help="calibrate.smooth_sigma (numbers or auto), comma-separated for one "
                              "calibration and evaluation per value (default: stad's, auto)")
+    parser.add_argument("--variance-weight", default=None,
+                        help="calibrate.variance_weight (0 to 1), comma-separated for one "
+                             "calibration and evaluation per value (default: stad's, 0)")
     parser.add_argument("--n-train", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
@@ -471,6 +480,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error(f"--smooth-sigma: {e}")
     if not args.smooth_list:
         parser.error("--smooth-sigma takes 'auto' or numbers from 0 to 64, comma-separated")
+    default_weight = CalibrateSettings().variance_weight
+    try:  # each value checked as stad checks calibrate.variance_weight
+        args.weight_list = [resolve_settings({"calibrate": {"variance_weight": v}}, environ={})
+                            .calibrate.variance_weight
+                            for v in str(args.variance_weight or default_weight).split(",") if v]
+    except UsageError as e:
+        parser.error(f"--variance-weight: {e}")
+    if not args.weight_list:
+        parser.error("--variance-weight takes numbers from 0 to 1, comma-separated")
     try:
         args.epoch_list = ([None] if args.epochs is None
                            else [int(v) for v in str(args.epochs).split(",") if v])
@@ -522,7 +540,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "settings": {"preset": args.preset, "patch_sizes": args.patch_sizes,
                      "image_size": args.image_size, "epochs": args.epoch_list, "crop": args.crop,
                      "precision": args.precision, "normalize": args.normalize_list,
-                     "smooth_sigma": args.smooth_list, "knn": args.knn,
+                     "smooth_sigma": args.smooth_list, "variance_weight": args.weight_list,
+                     "knn": args.knn,
                      "reference": args.reference and args.reference_size,
                      "students": args.students, "lr_schedule": args.lr_schedule,
                      "min_steps": args.min_steps, "seed": args.seed, "device": args.device,

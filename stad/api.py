@@ -34,6 +34,7 @@ from stad.calibration import (
     f1_threshold,
     fpr_threshold,
     stored_smooth_sigma,
+    stored_variance_weight,
 )
 from stad.commands.common import save_model
 from stad.config import (
@@ -167,6 +168,7 @@ class Model:
             artifact.info.pop("calibration", None)
         elif artifact.info.get("calibration") is not None:
             networks.smooth_sigma = stored_smooth_sigma(artifact.info["calibration"], path)
+            networks.variance_weight = stored_variance_weight(artifact.info["calibration"], path)
         return cls(networks, artifact, path=path, device=resolve_device(device),
                    score=score or ScoreSettings())
 
@@ -230,6 +232,7 @@ class Model:
                   normalize: Literal["global", "position"] = "position",
                   target_pixel_fpr: float = 0.001,
                   smooth_sigma: float | Literal["auto"] = "auto",
+                  variance_weight: float = 0.0,
                   test_images: Sequence[ImageInput] | None = None,
                   test_labels: Sequence[bool] | None = None, source: str = "given images",
                   reporter: Reporter = NULL_REPORTER) -> dict[str, Any]:
@@ -243,14 +246,16 @@ class Model:
         ``target_pixel_fpr`` of the normal images' pixels above it. Each scale's map is
         smoothed with a Gaussian of ``smooth_sigma`` pixels (of the model's image size;
         ``"auto"``: the image size / 64) before the fusion, here and in every map scored with
-        this calibration. Returns what is recorded as ``info["calibration"]`` (with the σ
-        used, a number).
+        this calibration. Each scale's score is ẽ + w·ṽ with w = ``variance_weight``: 0 (the
+        default) scores by the students' regression error alone, 1 adds their predictive
+        variance as the paper does. Returns what is recorded as ``info["calibration"]`` (with
+        the σ used, a number).
         """
         self._refuse_onnx("calibrated")
         cfg = _settings(None, {"calibrate": {
             "threshold_method": method, "target_fpr": target_fpr, "threshold": threshold,
             "normalize": normalize, "target_pixel_fpr": target_pixel_fpr,
-            "smooth_sigma": smooth_sigma}}).calibrate
+            "smooth_sigma": smooth_sigma, "variance_weight": variance_weight}}).calibrate
         check_threshold_method(method, cfg.threshold)
         if method == "f1" and (test_images is None or test_labels is None
                                or len(test_images) != len(test_labels)):
@@ -258,23 +263,27 @@ class Model:
         # Calibrated in place: a failure (an f1 split of one class, say) puts back what was.
         saved = {p: (sc.calib, sc.calib_map) for p, sc in self.networks.scales.items()}
         saved_sigma = self.networks.smooth_sigma
+        saved_weight = self.networks.variance_weight
         try:
             stats, normal_scores, pixel_threshold = calibrate_model(
                 self.networks, list(normal_images), self._score, device=self.device,
                 normalize=cfg.normalize, pixel_fpr=cfg.target_pixel_fpr,
-                smooth_sigma=cfg.smooth_sigma, reporter=reporter)
+                smooth_sigma=cfg.smooth_sigma, variance_weight=cfg.variance_weight,
+                reporter=reporter)
             chosen = self._threshold(cfg, normal_scores, test_images, test_labels, reporter)
         except BaseException:
             for p, (calib, calib_map) in saved.items():
                 self.networks.scales[p].calib, self.networks.scales[p].calib_map = calib, \
                     calib_map
             self.networks.smooth_sigma = saved_sigma
+            self.networks.variance_weight = saved_weight
             raise
         self.info["calibration"] = {
             "method": method, "threshold": chosen,
             "target_fpr": cfg.target_fpr if method == "fpr" else None,
             "image_score": self._score.image_score, "topk_fraction": self._score.topk_fraction,
             "normalize": cfg.normalize, "smooth_sigma": self.networks.smooth_sigma,
+            "variance_weight": self.networks.variance_weight,
             "n_images": len(normal_scores), "images_source": source,
             "statistics": {f"p{p}": dict(zip(("e_mean", "e_std", "v_mean", "v_std"),
                                              s.tolist(), strict=True))

@@ -42,6 +42,7 @@ def calibrate_model(model: Networks, paths: Sequence[Path], rule: ScoreSettings,
                     normalize: Literal["global", "position"] = "global",
                     pixel_fpr: float | None = None,
                     smooth_sigma: float | Literal["auto"] = 0.0,
+                    variance_weight: float = 1.0,
                     reporter: Reporter = NULL_REPORTER) -> Calibrated:
     """Calibrate ``model`` in place on anomaly-free images, in one pass over them.
 
@@ -63,7 +64,8 @@ def calibrate_model(model: Networks, paths: Sequence[Path], rule: ScoreSettings,
     ``smooth_sigma`` (``"auto"``: :func:`resolve_smooth_sigma`) becomes the model's
     :attr:`~stad.model.Networks.smooth_sigma`: each scale's standardized map is smoothed with
     it before the fusion, in the scores and pixel threshold found here as in every map scored
-    later.
+    later. ``variance_weight`` becomes the model's :attr:`~stad.model.Networks.variance_weight`,
+    w in each scale's score ẽ + w·ṽ (1: the paper's; 0: the regression error alone).
 
     With ``pixel_fpr``, also the pixel threshold that at most that share of the normal
     images' pixels exceed (on the same maps as the scores; :class:`stad.regions.TopValues`).
@@ -78,6 +80,7 @@ def calibrate_model(model: Networks, paths: Sequence[Path], rule: ScoreSettings,
         raise DataError("no anomaly-free images to calibrate on: the validation split is empty")
     at, kept = _accumulate(model, paths, device, batch_size, reporter)
     model.smooth_sigma = resolve_smooth_sigma(smooth_sigma, model.preprocessing["image_size"])
+    model.variance_weight = float(variance_weight)
     stats = {}
     for p in model.patch_sizes:
         stats[p] = _global_statistics(at[p], len(kept), p)
@@ -94,9 +97,9 @@ def calibrate_model(model: Networks, paths: Sequence[Path], rule: ScoreSettings,
             if leave_out:
                 own = _moments(e, v)[0].cpu()
                 others = _position_statistics(at[p] - own, len(kept) - 1, stats[p], p)
-                per_scale[p] = standardized(e, v, others.to(device))
+                per_scale[p] = standardized(e, v, others.to(device), model.variance_weight)
             else:
-                per_scale[p] = model.scales[p].standardize(e, v)
+                per_scale[p] = model.scales[p].standardize(e, v, model.variance_weight)
         fused = model.fuse(per_scale, shape)["fused"][0].float().cpu().numpy()
         scores.append(image_score(fused, rule))
         if pixels is not None:
@@ -221,14 +224,28 @@ def stored_smooth_sigma(calibration: dict[str, Any], path: Any) -> float:
     return float(sigma)
 
 
+def stored_variance_weight(calibration: dict[str, Any], path: Any) -> float:
+    """w of a stored calibration's scores ẽ + w·ṽ (1, the paper's, for calibrations older than
+    the setting), checked: a finite number in [0, 1], else an :class:`ArtifactError`."""
+    weight = calibration.get("variance_weight", 1.0)
+    if (isinstance(weight, bool) or not isinstance(weight, (int, float))
+            or not math.isfinite(weight) or not 0 <= weight <= 1):
+        raise ArtifactError(f"{path}: the calibration's variance_weight {weight!r} is not a "
+                            "number in [0, 1]; recalibrate the model (stad calibrate)")
+    return float(weight)
+
+
 def describe_calibration(calibration: Mapping[str, Any] | None) -> str:
     """How a stored calibration makes its maps, in words: "position normalization, smoothing
-    σ 2" ("" for none)."""
+    σ 2, error only" ("" for none)."""
     if not calibration:
         return ""
     sigma = calibration.get("smooth_sigma") or 0
+    weight = calibration.get("variance_weight", 1.0)
+    terms = ("error only" if weight == 0 else "error + variance" if weight == 1
+             else f"error + {weight:g} × variance")
     return (f"{calibration.get('normalize', 'global')} normalization, "
-            + (f"smoothing σ {sigma:g}" if sigma else "no smoothing"))
+            + (f"smoothing σ {sigma:g}" if sigma else "no smoothing") + f", {terms}")
 
 
 def check_threshold_method(method: str, threshold: float | None) -> None:

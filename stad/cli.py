@@ -358,6 +358,10 @@ def calibrate_cmd(
         "the model's image size) before the fusion; 0: none (the paper's); auto: the image "
         "size / 64 (2 at 128², 4 at 256²). [default: auto]")
     ] = None,
+    variance_weight: Annotated[float | None, typer.Option(
+        "--variance-weight", help="w in each scale's score e + w·v, from 0 to 1: 0 scores by "
+        "the students' regression error alone; 1 adds their predictive variance (the "
+        "paper's). [default: 0]")] = None,
     batch_size: BatchSizeOpt = None,
     tile_size: TileSizeOpt = None,
     precision: PrecisionOpt = None,
@@ -371,7 +375,8 @@ def calibrate_cmd(
                          calibrate={"threshold_method": method, "target_fpr": target_fpr,
                                     "threshold": threshold, "normalize": normalize,
                                     "target_pixel_fpr": target_pixel_fpr,
-                                    "smooth_sigma": smooth_sigma},
+                                    "smooth_sigma": smooth_sigma,
+                                    "variance_weight": variance_weight},
                          score={"image_score": image_score,
                                 **_maps_flags(batch_size, tile_size, precision)})
     with console.reporter() as rep:

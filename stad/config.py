@@ -223,6 +223,11 @@ class CalibrateSettings(_Section):
         default="auto", description="σ in pixels of the model's image size of the Gaussian "
         "that smooths each scale's map before the fusion (0: none, the paper's; auto: the "
         "image size / 64); docs/model.md")
+    variance_weight: float = Field(
+        default=0.0, ge=0, le=1, allow_inf_nan=False, description="w in each scale's score "
+        "ẽ + w·ṽ: 0 scores by the students' regression error alone (the default, measured "
+        "better on every real-photo set), 1 adds their predictive variance as the paper does; "
+        "docs/model.md")
 
     @field_validator("smooth_sigma", mode="before")
     @classmethod

@@ -123,9 +123,11 @@ def export_onnx(model: Any, out: Path, *, quantize: str | None = None,
         "stad_version": __version__,
         "preprocessing": json.dumps(networks.preprocessing),
         "patch_sizes": json.dumps(networks.patch_sizes),
-        "calibration": json.dumps({k: calibration.get(k) for k in (
+        "calibration": json.dumps({**{k: calibration.get(k) for k in (
             "threshold", "pixel_threshold", "image_score", "topk_fraction", "normalize",
-            "smooth_sigma", "method", "target_fpr", "target_pixel_fpr")}),
+            "smooth_sigma", "method", "target_fpr", "target_pixel_fpr")},
+            # what the graph computes (1 for calibrations made before the setting)
+            "variance_weight": networks.variance_weight}),
         "data": json.dumps({k: v for k, v in model.info.get("data", {}).items()
                             if k in ("dataset", "root", "category")}),
         "input": "images: (N, 3, S, S) float32, resized to S x S and standardized as "

@@ -140,8 +140,10 @@ class Scale:
             self._fused, self._fused_key = FusedNetworks(nets), key
         return self._fused
 
-    def standardize(self, e: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """ẽ + ṽ with the calibration statistics (METHOD.md §5); same shape as ``e``.
+    def standardize(self, e: torch.Tensor, v: torch.Tensor, variance_weight: float = 1.0
+                    ) -> torch.Tensor:
+        """ẽ + w·ṽ with the calibration statistics (METHOD.md §5; w = ``variance_weight``, 1 the
+        paper's); same shape as ``e``.
 
         With per-position statistics (``calib_map``), each pixel of the (N, S, S) maps is
         standardized with its own position's mean and spread."""
@@ -150,22 +152,27 @@ class Scale:
                 raise ValueError(f"p={self.patch_size}: maps of size {tuple(e.shape[-2:])} "
                                  f"cannot use per-position statistics of size "
                                  f"{tuple(self.calib_map.shape[-2:])}")
-            return standardized(e, v, self.calib_map)
+            return standardized(e, v, self.calib_map, variance_weight)
         if self.calib is None:
             raise ArtifactError(f"the model is not calibrated for p={self.patch_size}: "
                                 "run `stad calibrate` first")
-        return standardized(e, v, self.calib)
+        return standardized(e, v, self.calib, variance_weight)
 
-    def score(self, x: torch.Tensor) -> torch.Tensor:
-        """Per-scale anomaly score ẽ + ṽ (METHOD.md §5): (N, 3, H, W) → (N, H, W)."""
-        return self.standardize(*self.error_and_variance(x))
+    def score(self, x: torch.Tensor, variance_weight: float = 1.0) -> torch.Tensor:
+        """Per-scale anomaly score ẽ + w·ṽ (METHOD.md §5): (N, 3, H, W) → (N, H, W)."""
+        return self.standardize(*self.error_and_variance(x), variance_weight)
 
 
-def standardized(e: torch.Tensor, v: torch.Tensor, stats: torch.Tensor) -> torch.Tensor:
-    """ẽ + ṽ = (e − e_mean)/e_std + (v − v_mean)/v_std with ``stats`` (e_mean, e_std, v_mean,
-    v_std) of shape (4,) (one value each) or (4, H, W) (one per position of (N, H, W) maps)."""
+def standardized(e: torch.Tensor, v: torch.Tensor, stats: torch.Tensor,
+                 variance_weight: float = 1.0) -> torch.Tensor:
+    """ẽ + w·ṽ = (e − e_mean)/e_std + w·(v − v_mean)/v_std with ``stats`` (e_mean, e_std,
+    v_mean, v_std) of shape (4,) (one value each) or (4, H, W) (one per position of (N, H, W)
+    maps) and w = ``variance_weight`` (1: the paper's sum; 0: the error alone, v unused)."""
     e_mean, e_std, v_mean, v_std = stats.unbind(0)
-    return (e - e_mean) / e_std + (v - v_mean) / v_std
+    score = (e - e_mean) / e_std
+    if variance_weight:
+        score = score + variance_weight * ((v - v_mean) / v_std)
+    return score
 
 
 @dataclass
@@ -179,6 +186,9 @@ class Networks:
     smooth_sigma: float = 0.0
     """σ (pixels of the S × S maps) of the Gaussian that smooths each scale's map before the
     fusion; part of the calibration (``calibrate.smooth_sigma``), 0 for none."""
+    variance_weight: float = 1.0
+    """w in each scale's score ẽ + w·ṽ; part of the calibration (``calibrate.variance_weight``;
+    1, the paper's, for calibrations made before the setting)."""
 
     @property
     def patch_sizes(self) -> list[int]:
@@ -214,7 +224,8 @@ class Networks:
             dict of (N, H, W) float tensors.
         """
         ev = self.error_and_variance(x)
-        return self.fuse({p: self.scales[p].standardize(*ev[p]) for p in self.patch_sizes}, size)
+        return self.fuse({p: self.scales[p].standardize(*ev[p], self.variance_weight)
+                          for p in self.patch_sizes}, size)
 
     def error_and_variance(self, x: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
         """Per patch size, e and v of :meth:`Scale.error_and_variance` as ``self.inference``

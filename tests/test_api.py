@@ -224,6 +224,62 @@ def test_a_damaged_smoothing_sigma_is_an_artifact_error(world: Path, tmp_path: P
         stad.load_model(path, device="cpu")
 
 
+def test_the_variance_weight_scales_the_variance_term_of_every_map(world: Path,
+                                                                   tmp_path: Path) -> None:
+    model = stad.load_model(world / "model.safetensors", device="cpu")
+    normal = sorted((world / "good").glob("*.png"))
+    part = world / "part.png"
+    maps = {}
+    for w in (0.0, 0.5, 1.0):
+        calibration = model.calibrate(normal, normalize="global", smooth_sigma=0,
+                                      variance_weight=w)
+        assert calibration["variance_weight"] == w == model.networks.variance_weight
+        maps[w] = model.score(part).maps
+        # The threshold still holds every normal image's calibrated score.
+        assert max(r.score for r in model.score(normal)) == pytest.approx(
+            calibration["normal_scores"]["max"], abs=0)
+    # Each scale's map is ẽ + w·ṽ with statistics that do not depend on w: linear in w, and
+    # at w = 0 the standardized error alone.
+    for p in model.patch_sizes:
+        key = f"p{p}"
+        np.testing.assert_allclose(maps[0.5][key], (maps[0.0][key] + maps[1.0][key]) / 2,
+                                   rtol=1e-5, atol=1e-5)
+        assert np.abs(maps[1.0][key] - maps[0.0][key]).max() > 1e-3
+    stats = model.calibration["statistics"]
+    assert {f"p{p}" for p in model.patch_sizes} == set(stats)
+    again = stad.load_model(model.save(tmp_path / "w.safetensors"), device="cpu")
+    assert again.networks.variance_weight == 1.0
+    # The default scores by the error alone.
+    assert model.calibrate(normal)["variance_weight"] == 0.0 == model.networks.variance_weight
+    with pytest.raises(UsageError, match="variance_weight"):
+        model.calibrate(normal, variance_weight=1.5)
+    assert model.networks.variance_weight == 0.0  # a refused calibration changes nothing
+
+
+@pytest.mark.parametrize("stored, expected", [(None, 1.0), (0, 0.0), (0.25, 0.25)])
+def test_older_calibrations_add_the_variance(world: Path, tmp_path: Path, stored, expected
+                                             ) -> None:
+    artifact = load_artifact(world / "model.safetensors", kind="model")
+    calibration = dict(artifact.info["calibration"])
+    calibration.pop("variance_weight", None)
+    if stored is not None:
+        calibration["variance_weight"] = stored
+    path = tmp_path / "old.safetensors"
+    save_artifact(path, replace(artifact, info={**artifact.info, "calibration": calibration}))
+    assert stad.load_model(path, device="cpu").networks.variance_weight == expected
+
+
+@pytest.mark.parametrize("bad", [-0.5, "0", float("nan"), 2, True])
+def test_a_damaged_variance_weight_is_an_artifact_error(world: Path, tmp_path: Path, bad
+                                                        ) -> None:
+    artifact = load_artifact(world / "model.safetensors", kind="model")
+    path = tmp_path / "bad.safetensors"
+    calibration = {**artifact.info["calibration"], "variance_weight": bad}
+    save_artifact(path, replace(artifact, info={**artifact.info, "calibration": calibration}))
+    with pytest.raises(ArtifactError, match="variance_weight .*recalibrate"):
+        stad.load_model(path, device="cpu")
+
+
 def test_uncalibrated_models_and_bad_settings_are_usage_errors(world: Path) -> None:
     model = stad.api.Model.load(world / "model.safetensors", device="cpu", calibration=False)
     assert model.calibration is None and model.threshold is None

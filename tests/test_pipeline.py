@@ -184,7 +184,7 @@ def test_calibrate_per_position_and_back(model: Path, tiny_data: Path, tmp_path:
     # maps: "auto" is the image size / 64, here 32 / 64.
     text = run(["calibrate", "--model", str(plain), "--normalize", "position",
                 "--smooth-sigma", "auto"])
-    assert "(position normalization, smoothing σ 0.5)" in text
+    assert "(position normalization, smoothing σ 0.5, error only)" in text
     with safe_open(str(plain), framework="pt") as f:
         assert "calib_map.p17" in f.keys()
     assert scores(plain) == pytest.approx(by_position, abs=1e-5)
@@ -205,7 +205,9 @@ def test_calibrate_replaces_damaged_statistics(model: Path, tmp_path: Path):
 
 
 @pytest.mark.parametrize("option, value", [("--normalize", "pixel"),
-                                           ("--smooth-sigma", "-1"), ("--smooth-sigma", "nan")])
+                                           ("--smooth-sigma", "-1"), ("--smooth-sigma", "nan"),
+                                           ("--variance-weight", "2"),
+                                           ("--variance-weight", "-0.1")])
 def test_bad_calibrate_options_are_usage_errors(model: Path, tmp_path: Path, option: str,
                                                 value: str):
     result = runner.invoke(app, ["calibrate", "--model", str(model), option, value,

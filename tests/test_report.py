@@ -86,7 +86,7 @@ def test_the_markdown_keeps_hostile_names_inside_their_cells(tmp_path: Path) -> 
     assert row.startswith("| a\\|b \\<img src=x\\> \\`c\\` \\*d\\* broken_large | 2 |")
     assert row.replace("\\|", "").count("|") == 10
     assert text.startswith("# t \\| \\<b\\>\n")
-    assert "Calibration: position normalization, smoothing σ 2." in text
+    assert "Calibration: position normalization, smoothing σ 2, error + variance." in text
 
 
 def test_the_page_says_how_the_maps_were_calibrated(tmp_path: Path) -> None:
@@ -95,7 +95,13 @@ def test_the_page_says_how_the_maps_were_calibrated(tmp_path: Path) -> None:
     for calibration, words in [({"normalize": "global", "smooth_sigma": 0}, "global "
                                 "normalization, no smoothing"),
                                ({"normalize": "position", "smooth_sigma": 4.0},
-                                "position normalization, smoothing σ 4")]:
+                                "position normalization, smoothing σ 4, error + variance"),
+                               ({"normalize": "position", "smooth_sigma": 2.0,
+                                 "variance_weight": 0.0},
+                                "position normalization, smoothing σ 2, error only"),
+                               ({"normalize": "global", "smooth_sigma": 0,
+                                 "variance_weight": 0.5},
+                                "global normalization, no smoothing, error + 0.5 × variance")]:
         text = page(result, items, title="t", threshold=1.0, pixel_threshold=None,
                     info={**INFO, "calibration": calibration})
         assert words in text
