@@ -247,8 +247,11 @@ def test_the_variance_weight_scales_the_variance_term_of_every_map(world: Path,
         assert np.abs(maps[1.0][key] - maps[0.0][key]).max() > 1e-3
     stats = model.calibration["statistics"]
     assert {f"p{p}" for p in model.patch_sizes} == set(stats)
+    model.calibrate(normal, normalize="global", smooth_sigma=0, variance_weight=0.5)
     again = stad.load_model(model.save(tmp_path / "w.safetensors"), device="cpu")
-    assert again.networks.variance_weight == 1.0
+    assert again.networks.variance_weight == 0.5 == again.calibration["variance_weight"]
+    np.testing.assert_allclose(again.score(part).maps[f"p{model.patch_sizes[0]}"],
+                               maps[0.5][f"p{model.patch_sizes[0]}"], rtol=1e-5, atol=1e-5)
     # The default scores by the error alone.
     assert model.calibrate(normal)["variance_weight"] == 0.0 == model.networks.variance_weight
     with pytest.raises(UsageError, match="variance_weight"):

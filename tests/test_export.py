@@ -72,6 +72,7 @@ def test_the_graph_and_its_metadata(exported: tuple[Path, Path, Path]) -> None:
     calibration = json.loads(meta["stad.calibration"])
     assert calibration["threshold"] == model.threshold
     assert calibration["pixel_threshold"] == model.calibration["pixel_threshold"]
+    assert calibration["variance_weight"] == model.networks.variance_weight
     assert meta["stad.stad_version"] == stad.__version__
     # The batch is dynamic: 3 images in one run.
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
@@ -99,6 +100,25 @@ def test_onnxruntime_matches_pytorch_on_synthetic_and_real_images(
     assert len(synthetic) >= 6
     _parity(torch_model, onnx_model, synthetic)
     _parity(torch_model, onnx_model, _real_photos(tmp_path))  # 512² and 400×600 photos
+
+
+def test_the_graph_adds_the_variance_as_calibrated(exported: tuple[Path, Path, Path],
+                                                   tmp_path: Path) -> None:
+    # The fixture's model scores the error alone (the default); calibrated with half the
+    # variance, its export must compute that too.
+    data, model_path, _ = exported
+    weighed = tmp_path / "weighed.safetensors"
+    assert stad.calibrate(model_path, out=weighed,
+                          calibrate={"variance_weight": 0.5})["variance_weight"] == 0.5
+    onnx_path = tmp_path / "weighed.onnx"
+    out = CliRunner().invoke(app, ["export", "--model", str(weighed), "--out", str(onnx_path)])
+    assert out.exit_code == 0, out.output
+    onnx_model = stad.load_model(onnx_path)
+    assert onnx_model.calibration["variance_weight"] == 0.5
+    images = sorted((data / "grain" / "test").rglob("*.png"))[:3]
+    _parity(stad.load_model(weighed, device="cpu"), onnx_model, images)
+    plain = stad.load_model(model_path, device="cpu").score(images[0]).map
+    assert np.abs(onnx_model.score(images[0]).map - plain).max() > 1e-3
 
 
 def test_score_and_evaluate_take_the_onnx_file(exported: tuple[Path, Path, Path]) -> None:

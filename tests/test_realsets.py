@@ -299,12 +299,17 @@ def test_quality_one_fit_evaluated_per_normalization_and_kept(tmp_path: Path) ->
     result = subprocess.run(
         [sys.executable, str(BENCH / "quality.py"), "--quick", "--sets", "coins",
          "--data", str(tmp_path / "data"), "--normalize", "global,position",
-         "--smooth-sigma", "0,2", "--keep-models", str(kept)],
+         "--smooth-sigma", "0,2", "--variance-weight", "0,1", "--keep-models", str(kept)],
         capture_output=True, text=True, timeout=300, check=True)
     data = json.loads(result.stdout)
     assert data["settings"]["normalize"] == ["global", "position"]
     assert data["settings"]["smooth_sigma"] == [0, 2]
-    every = {(n, s): data["results"]["coins"][f"random ({n} normalization, smooth σ {s})"]
+    assert data["settings"]["variance_weight"] == [0, 1]
+    label = "random ({} normalization, smooth σ {}, variance weight {})"
+    weighed = {w: data["results"]["coins"][label.format("position", 2, w)] for w in (0, 1)}
+    assert [weighed[w]["variance_weight"] for w in (0, 1)] == [0, 1]
+    assert weighed[0]["au_pro"] != weighed[1]["au_pro"]
+    every = {(n, s): data["results"]["coins"][label.format(n, s, 1)]
              for n in ("global", "position") for s in (0, 2)}
     assert {r["seconds"]["fit"] for r in every.values()} == {every["global", 0]["seconds"]["fit"]}
     assert all(r["smooth_sigma"] == s for (_, s), r in every.items())

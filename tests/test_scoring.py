@@ -216,19 +216,21 @@ def test_per_position_statistics_round_trip_and_are_checked_on_load(tmp_path: Pa
             assert plain.scales[17].calib is None and plain.scales[17].calib_map is None
 
 
-def test_normal_scores_leave_their_own_image_out(tmp_path: Path, monkeypatch):
+@pytest.mark.parametrize("weight", [0.0, 1.0])
+def test_normal_scores_leave_their_own_image_out(tmp_path: Path, monkeypatch, weight: float):
     # Without the prior (which uses all images' global spread), image i's score must be
-    # what a model calibrated per position on the other images gives it.
+    # what a model calibrated per position on the other images gives it, with the same
+    # weight of the variance term.
     monkeypatch.setattr(calibration, "POSITION_PRIOR", 0.0)
     paths = _images(tmp_path, 4, seed=16)
     rule = ScoreSettings()
     model = _model(sizes=(17, 33))
     _, scores, _ = calibrate_model(model, paths, rule, device=torch.device("cpu"),
-                                normalize="position")
+                                normalize="position", variance_weight=weight)
     for i in (0, 3):
         others = _model(sizes=(17, 33))
         calibrate_model(others, paths[:i] + paths[i + 1:], rule, device=torch.device("cpu"),
-                        normalize="position")
+                        normalize="position", variance_weight=weight)
         (m,) = iter_maps(others, [paths[i]], device=torch.device("cpu"))
         assert scores[i] == pytest.approx(image_score(m.maps["fused"], rule), rel=1e-4)
     # In-sample scores would be lower: each image's own peaks would be standardized away.
