@@ -213,26 +213,28 @@ def resolve_smooth_sigma(sigma: float | Literal["auto"], image_size: int) -> flo
     return float(sigma)
 
 
+def _stored_number(calibration: dict[str, Any], key: str, default: float, top: float,
+                   path: Any) -> float:
+    """``calibration[key]`` (``default`` when absent: a calibration older than the setting),
+    checked: a finite number in [0, ``top``], else an :class:`ArtifactError` naming it."""
+    value = calibration.get(key, default)
+    if (isinstance(value, bool) or not isinstance(value, (int, float))
+            or not math.isfinite(value) or not 0 <= value <= top):
+        raise ArtifactError(f"{path}: the calibration's {key} {value!r} is not a number in "
+                            f"[0, {top:g}]; recalibrate the model (stad calibrate)")
+    return float(value)
+
+
 def stored_smooth_sigma(calibration: dict[str, Any], path: Any) -> float:
     """The smoothing σ a stored calibration was made with (0 for calibrations older than the
     setting), checked: a finite number in [0, 64], else an :class:`ArtifactError`."""
-    sigma = calibration.get("smooth_sigma", 0.0)
-    if (isinstance(sigma, bool) or not isinstance(sigma, (int, float))
-            or not math.isfinite(sigma) or not 0 <= sigma <= 64):
-        raise ArtifactError(f"{path}: the calibration's smooth_sigma {sigma!r} is not a number "
-                            "in [0, 64]; recalibrate the model (stad calibrate)")
-    return float(sigma)
+    return _stored_number(calibration, "smooth_sigma", 0.0, 64, path)
 
 
 def stored_variance_weight(calibration: dict[str, Any], path: Any) -> float:
     """w of a stored calibration's scores ẽ + w·ṽ (1, the paper's, for calibrations older than
     the setting), checked: a finite number in [0, 1], else an :class:`ArtifactError`."""
-    weight = calibration.get("variance_weight", 1.0)
-    if (isinstance(weight, bool) or not isinstance(weight, (int, float))
-            or not math.isfinite(weight) or not 0 <= weight <= 1):
-        raise ArtifactError(f"{path}: the calibration's variance_weight {weight!r} is not a "
-                            "number in [0, 1]; recalibrate the model (stad calibrate)")
-    return float(weight)
+    return _stored_number(calibration, "variance_weight", 1.0, 1, path)
 
 
 def describe_calibration(calibration: Mapping[str, Any] | None) -> str:
