@@ -247,15 +247,17 @@ def backbone_knn(dataset: str, root: Path, category: str, args: argparse.Namespa
     feature's distance to the nearest of :data:`BACKBONE_BANK` training features (sampled,
     seeded), upsampled to the image size and smoothed by a Gaussian of σ = 4 px at that size.
     No students and no teacher: what the backbone's features alone separate. Needs
-    ``stad[imagenet]``."""
+    ``stad[imagenet]``. ``args.reference_backbone`` and ``args.reference_blocks`` choose
+    another EfficientNet-Lite and its two blocks."""
     from stad.distillation import load_backbone, to_backbone_input
     from stad.handcrafted import gaussian_blur
     from stad.images import to_tensor
     from stad.training.students import load_batch
 
     start = time.perf_counter()
-    size, blocks = args.reference_size, (4, 10)
-    net, _ = load_backbone("efficientnet-lite0")
+    size = args.reference_size
+    blocks = tuple(int(b) for b in args.reference_blocks.split(","))
+    net, _ = load_backbone(args.reference_backbone)
     net = net.eval()
 
     def features(x: torch.Tensor) -> torch.Tensor:
@@ -402,9 +404,11 @@ def table(results: dict[str, dict[str, Any]], scales: Sequence[str]) -> str:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    default_sets = ",".join(realsets.SETS)
+    default_sets = ",".join(realsets.TUNED)
     parser.add_argument("--sets", nargs="+", default=None,
-                        help=f"sets (default {default_sets}); also synthetic categories "
+                        help=f"sets (default {default_sets}; held out: "
+                             f"{', '.join(n for n in realsets.SETS if n not in realsets.TUNED)}); "
+                             "also synthetic categories "
                              f"({', '.join(synthetic.CATEGORIES)})")
     parser.add_argument("--teachers", default="random",
                         help="comma-separated: 'random', 'builtin' and/or teacher artifact files")
@@ -420,6 +424,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         "reference (backbone_knn; needs stad[imagenet])")
     parser.add_argument("--reference-size", type=int, default=256,
                         help="image size of --reference (default 256, the issue's)")
+    parser.add_argument("--reference-backbone", default="efficientnet-lite0",
+                        choices=["efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2"],
+                        help="backbone of --reference (default the issue's Lite0)")
+    parser.add_argument("--reference-blocks", default="4,10", metavar="A,B",
+                        help="blocks of --reference, the second upsampled to the first's grid "
+                        "(default 4,10: Lite0's last of the stride-8 and stride-16 stages; "
+                        "Lite2's are 6,14)")
     parser.add_argument("--data", type=Path, default=None,
                         help="where generated sets are kept (default $STAD_CACHE/realsets)")
     parser.add_argument("--preset", default="fast")
@@ -459,7 +470,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             setattr(args, key, quick.get(key, normal))
     if args.quick:
         args.patch_sizes = QUICK["patch_sizes"]
-    sets = args.sets or quick.get("sets") or list(realsets.SETS)
+    sets = args.sets or quick.get("sets") or list(realsets.TUNED)
     args.sets = list(dict.fromkeys(v for item in sets for v in item.split(",") if v))
     known = set(realsets.SETS) | set(synthetic.CATEGORIES)
     unknown = [s for s in args.sets if s not in known]
@@ -518,7 +529,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             results[name] = {"gaussian": baseline(dataset, root, name, args.image_size)}
             _progress(name, "gaussian", results[name]["gaussian"])
             if args.reference:
-                key = f"efficientnet-lite0 kNN @ {args.reference_size}px"
+                key = f"{args.reference_backbone} kNN @ {args.reference_size}px"
                 results[name][key] = backbone_knn(dataset, root, name, args)
                 _progress(name, key, results[name][key])
             for teacher in args.teacher_list:
@@ -543,6 +554,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                      "smooth_sigma": args.smooth_list, "variance_weight": args.weight_list,
                      "knn": args.knn,
                      "reference": args.reference and args.reference_size,
+                     "reference_backbone": args.reference and args.reference_backbone,
+                     "reference_blocks": args.reference and args.reference_blocks,
                      "students": args.students, "lr_schedule": args.lr_schedule,
                      "min_steps": args.min_steps, "seed": args.seed, "device": args.device,
                      "data": asdict(params), "teachers": args.teacher_list},

@@ -228,6 +228,22 @@ def test_descriptor_bank_scores_its_own_training_pixels_zero() -> None:
     assert (sampled.distances(train) > 0.05).any()  # pixels left out of the bank
 
 
+def test_held_out_sets_are_only_scored_when_named(tmp_path: Path) -> None:
+    # A held-out set must never enter a run that chooses settings by default.
+    assert set(realsets.TUNED) == {"brick", "grass", "gravel", "coffee", "coins"}
+    assert realsets.SETS["tissue"].held_out and "tissue" not in realsets.TUNED
+    assert quality.parse_args([]).sets == list(realsets.TUNED)
+    assert quality.parse_args(["--sets", "tissue"]).sets == ["tissue"]
+    s = realsets.render_sample("tissue", split="test", defect="foreign", index=1, image_size=32)
+    assert s["image"].shape == (32, 32, 3) and s["mask"].any()  # a colour texture
+    tiny = ["--image-size", "32", "--n-train", "1", "--n-val", "0", "--n-test-good", "0",
+            "--n-test-per-defect", "0"]
+    realsets.main(["--out", str(tmp_path / "default"), *tiny])
+    assert sorted(p.name for p in (tmp_path / "default").iterdir()) == sorted(realsets.TUNED)
+    realsets.main(["--out", str(tmp_path / "named"), "--sets", "tissue", *tiny])
+    assert [p.name for p in (tmp_path / "named").iterdir()] == ["tissue"]
+
+
 def test_quality_knn_needs_a_teacher_run(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exc:
         quality.parse_args(["--knn", "--baseline-only"])
@@ -263,6 +279,14 @@ def test_quality_backbone_reference_runs_beside_the_baseline(
     assert 0.0 <= run["au_pro"]["fused"] <= 1.0 and 0.0 <= run["image_auroc"]["fused"] <= 1.0
     assert set(run["defects_au_pro"]) == set(realsets.DEFECTS)
     assert "coins | efficientnet-lite0 kNN @ 64px" in captured.err
+    # Other blocks of the backbone: recorded, and a different reference.
+    assert quality.main(["--quick", "--baseline-only", "--reference", "--reference-size", "64",
+                         "--reference-blocks", "2,7", "--sets", "coins",
+                         "--data", str(tmp_path)]) == 0
+    other = json.loads(capsys.readouterr().out)
+    assert other["settings"]["reference_blocks"] == "2,7"
+    assert other["settings"]["reference_backbone"] == "efficientnet-lite0"
+    assert other["results"]["coins"]["efficientnet-lite0 kNN @ 64px"]["au_pro"] != run["au_pro"]
 
 
 def test_gaussian_blur_keeps_the_mass_and_spreads_a_peak() -> None:
