@@ -256,7 +256,7 @@ def backbone_knn(dataset: str, root: Path, category: str, args: argparse.Namespa
 
     start = time.perf_counter()
     size = args.reference_size
-    blocks = tuple(int(b) for b in args.reference_blocks.split(","))
+    blocks = reference_blocks(args.reference_blocks)
     net, _ = load_backbone(args.reference_backbone)
     net = net.eval()
 
@@ -402,6 +402,17 @@ def table(results: dict[str, dict[str, Any]], scales: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
+def reference_blocks(value: str) -> tuple[int, ...]:
+    """``--reference-blocks`` "A,B" as block numbers; ValueError names the option."""
+    try:
+        blocks = tuple(int(b) for b in value.split(","))
+    except ValueError:
+        blocks = ()
+    if not blocks or min(blocks) < 0:
+        raise ValueError(f"--reference-blocks {value!r}: give block numbers, e.g. 4,10")
+    return blocks
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     default_sets = ",".join(realsets.TUNED)
@@ -478,6 +489,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error(f"unknown set(s) {', '.join(unknown)}; choose from {', '.join(sorted(known))}")
     args.teacher_list = [] if args.baseline_only else [t for t in args.teachers.split(",") if t]
     args.knn = args.knn or args.knn_only
+    try:
+        reference_blocks(args.reference_blocks)
+    except ValueError as exc:
+        parser.error(str(exc))
     if args.knn and args.baseline_only:
         parser.error("--knn scores teachers' descriptors; --baseline-only runs no teacher")
     args.normalize_list = list(dict.fromkeys(v for v in args.normalize.split(",") if v))

@@ -249,6 +249,10 @@ def test_quality_knn_needs_a_teacher_run(capsys: pytest.CaptureFixture[str]) -> 
         quality.parse_args(["--knn", "--baseline-only"])
     assert exc.value.code == 2
     assert "--baseline-only runs no teacher" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        quality.parse_args(["--reference", "--reference-blocks", "four,ten"])
+    assert exc.value.code == 2
+    assert "--reference-blocks 'four,ten'" in capsys.readouterr().err
 
 
 def test_quality_knn_only_scores_descriptors_without_fitting(
