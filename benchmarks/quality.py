@@ -40,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # realsets.py lives be
 
 import realsets  # noqa: E402
 
+from stad.backbones import BACKBONES  # noqa: E402
 from stad.config import CalibrateSettings, resolve_settings  # noqa: E402
 from stad.datasets import synthetic  # noqa: E402
 from stad.datasets.registry import get_adapter  # noqa: E402
@@ -247,8 +248,8 @@ def backbone_knn(dataset: str, root: Path, category: str, args: argparse.Namespa
     feature's distance to the nearest of :data:`BACKBONE_BANK` training features (sampled,
     seeded), upsampled to the image size and smoothed by a Gaussian of σ = 4 px at that size.
     No students and no teacher: what the backbone's features alone separate. Needs
-    ``stad[imagenet]``. ``args.reference_backbone`` and ``args.reference_blocks`` choose
-    another EfficientNet-Lite and its two blocks."""
+    ``stad[imagenet]``. ``args.reference_backbone`` and ``args.reference_block_list`` choose
+    another EfficientNet-Lite and its blocks."""
     from stad.distillation import load_backbone, to_backbone_input
     from stad.handcrafted import gaussian_blur
     from stad.images import to_tensor
@@ -256,7 +257,7 @@ def backbone_knn(dataset: str, root: Path, category: str, args: argparse.Namespa
 
     start = time.perf_counter()
     size = args.reference_size
-    blocks = reference_blocks(args.reference_blocks)
+    blocks = args.reference_block_list
     net, _ = load_backbone(args.reference_backbone)
     net = net.eval()
 
@@ -418,7 +419,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     default_sets = ",".join(realsets.TUNED)
     parser.add_argument("--sets", nargs="+", default=None,
                         help=f"sets (default {default_sets}; held out: "
-                             f"{', '.join(n for n in realsets.SETS if n not in realsets.TUNED)}); "
+                             f"{', '.join(realsets.HELD_OUT)}); "
                              "also synthetic categories "
                              f"({', '.join(synthetic.CATEGORIES)})")
     parser.add_argument("--teachers", default="random",
@@ -436,7 +437,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--reference-size", type=int, default=256,
                         help="image size of --reference (default 256, the issue's)")
     parser.add_argument("--reference-backbone", default="efficientnet-lite0",
-                        choices=["efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2"],
+                        choices=sorted(BACKBONES),
                         help="backbone of --reference (default the issue's Lite0)")
     parser.add_argument("--reference-blocks", default="4,10", metavar="A,B",
                         help="blocks of --reference, the second upsampled to the first's grid "
@@ -490,7 +491,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args.teacher_list = [] if args.baseline_only else [t for t in args.teachers.split(",") if t]
     args.knn = args.knn or args.knn_only
     try:
-        reference_blocks(args.reference_blocks)
+        args.reference_block_list = reference_blocks(args.reference_blocks)
     except ValueError as exc:
         parser.error(str(exc))
     if args.knn and args.baseline_only:
