@@ -209,14 +209,14 @@ def descriptor_knn(dataset: str, root: Path, category: str, teacher: str,
     device = torch.device(args.device)
     patch_sizes = sorted(int(p) for p in args.patch_sizes.split(","))
     start = time.perf_counter()
-    nets, _, _ = resolve_teachers(teacher, patch_sizes, args.seed)
+    nets, _, _ = resolve_teachers(teacher, patch_sizes, args.fit_seed)
     size = args.image_size
     train, val = (load_batch(adapter.list_samples(root, category, split), size).to(device)
                   for split in ("train", "val"))
     tests = adapter.list_samples(root, category, "test")
     images = [load_image(s.image) for s in tests]  # decoded once: tensors and map sizes
     test = torch.stack([to_tensor(image, size=size) for image in images]).to(device)
-    generator = torch.Generator().manual_seed(args.seed)
+    generator = torch.Generator().manual_seed(args.fit_seed)
     per_scale: dict[str, torch.Tensor] = {}
     for p in patch_sizes:
         bank = DescriptorBank.fit(nets[p].to(device).eval(), train, KNN_BANK, generator)
@@ -271,7 +271,7 @@ def backbone_knn(dataset: str, root: Path, category: str, args: argparse.Namespa
     adapter = get_adapter(dataset)
     train = features(load_batch(adapter.list_samples(root, category, "train"), size))
     bank = train.permute(0, 2, 3, 1).reshape(-1, train.shape[1])
-    generator = torch.Generator().manual_seed(args.seed)
+    generator = torch.Generator().manual_seed(args.fit_seed)
     bank = bank[torch.randperm(len(bank), generator=generator)[:BACKBONE_BANK]]
     tests = adapter.list_samples(root, category, "test")
     items = []
@@ -316,7 +316,7 @@ def run_stad(dataset: str, root: Path, category: str, teacher: str, args: argpar
     def settings_for(normalize: str, sigma: float | str | None = None,
                      weight: float | None = None) -> Any:
         return resolve_settings({
-            "dataset": dataset, "root": root, "category": category, "seed": args.seed,
+            "dataset": dataset, "root": root, "category": category, "seed": args.fit_seed,
             "device": args.device,
             "students": {"preset": args.preset, "patch_sizes": args.patch_sizes,
                          "image_size": args.image_size, "epochs": epochs,
@@ -468,7 +468,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="calibrate.variance_weight (0 to 1), comma-separated for one "
                              "calibration and evaluation per value (default: stad's, 0)")
     parser.add_argument("--n-train", type=int, default=None)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0,
+                        help="draws the sets and, unless --fit-seed is given, seeds the fits")
+    parser.add_argument("--fit-seed", type=int, default=None, metavar="N",
+                        help="seeds all but the data: the teachers drawn at random, the "
+                             "students' fit, the nearest-neighbour samples (default: --seed); "
+                             "refits of the same sets measure how far a fit moves the figures")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--keep-models", type=Path, default=None, metavar="DIR",
                         help="keep each fitted model in DIR (default: deleted after evaluation)")
@@ -482,6 +487,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             setattr(args, key, quick.get(key, normal))
     if args.quick:
         args.patch_sizes = QUICK["patch_sizes"]
+    if args.fit_seed is None:
+        args.fit_seed = args.seed
     sets = args.sets or quick.get("sets") or list(realsets.TUNED)
     args.sets = list(dict.fromkeys(v for item in sets for v in item.split(",") if v))
     known = set(realsets.SETS) | set(synthetic.CATEGORIES)
@@ -573,7 +580,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                      "reference_backbone": args.reference and args.reference_backbone,
                      "reference_blocks": args.reference and args.reference_blocks,
                      "students": args.students, "lr_schedule": args.lr_schedule,
-                     "min_steps": args.min_steps, "seed": args.seed, "device": args.device,
+                     "min_steps": args.min_steps, "seed": args.seed, "fit_seed": args.fit_seed,
+                     "device": args.device,
                      "data": asdict(params), "teachers": args.teacher_list},
         "data_root": str(base),
         "generate_seconds": generation,

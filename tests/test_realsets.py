@@ -327,10 +327,14 @@ def test_quality_one_fit_evaluated_per_normalization_and_kept(tmp_path: Path) ->
     result = subprocess.run(
         [sys.executable, str(BENCH / "quality.py"), "--quick", "--sets", "coins",
          "--data", str(tmp_path / "data"), "--normalize", "global,position",
-         "--smooth-sigma", "0,2", "--variance-weight", "0,1", "--keep-models", str(kept)],
+         "--smooth-sigma", "0,2", "--variance-weight", "0,1", "--keep-models", str(kept),
+         "--fit-seed", "5"],
         capture_output=True, text=True, timeout=300, check=True)
     data = json.loads(result.stdout)
     assert data["settings"]["normalize"] == ["global", "position"]
+    # --fit-seed seeds the fit, not the data: the set is still the one drawn with seed 0.
+    assert data["settings"]["seed"] == 0 and data["settings"]["fit_seed"] == 5
+    assert [p.name for p in (tmp_path / "data").iterdir()][0].split("-")[1] == "seed0"
     assert data["settings"]["smooth_sigma"] == [0, 2]
     assert data["settings"]["variance_weight"] == [0, 1]
     label = "random ({} normalization, smooth σ {}, variance weight {})"
@@ -349,3 +353,4 @@ def test_quality_one_fit_evaluated_per_normalization_and_kept(tmp_path: Path) ->
     from safetensors import safe_open
     with safe_open(str(model), framework="pt") as f:  # calibrated as the last one says
         assert "calib_map.p17" in f.keys()
+        assert f.metadata()["stad.seed"] == "5"
