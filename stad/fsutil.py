@@ -44,10 +44,19 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         os.chmod(tmp, _mode_of(target))
         os.replace(tmp, target)
         _fsync_dir(target.parent)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(OSError):
             tmp.unlink()
+        if isinstance(exc, OSError) and exc.errno in _DISK_FULL:
+            # Not a bug to report: the disk (or the user's quota) is full. Say which file,
+            # and that the one there before is intact.
+            raise UsageError(f"cannot write {target}: {exc.strerror}; free space on its disk "
+                             "or choose another output path (the file there, if any, is "
+                             "unchanged)") from None
         raise
+
+
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 def _umask() -> int:

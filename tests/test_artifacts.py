@@ -8,6 +8,7 @@ metadata keys is read from the table in the docstring of stad/artifacts.py.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import pickle
@@ -366,7 +367,7 @@ def test_crash_before_replace_leaves_old_file(tmp_path: Path,
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(fsutil.os, "replace", crash)
-    with pytest.raises(OSError, match="No space"):
+    with pytest.raises(UsageError, match="teacher.safetensors: No space"):
         save_artifact(path, _artifact(seed=2))
     monkeypatch.undo()
     assert path.read_bytes() == before
@@ -395,6 +396,22 @@ def test_crash_on_first_write_leaves_nothing(tmp_path: Path,
     with pytest.raises(OSError):
         atomic_write_bytes(tmp_path / "sub" / "new.bin", b"data")
     assert list((tmp_path / "sub").iterdir()) == []
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT])
+def test_a_full_disk_is_one_clear_error_and_keeps_the_old_file(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: int) -> None:
+    path = tmp_path / "model.safetensors"
+    atomic_write_bytes(path, b"old")
+
+    def full(tmp: Path) -> None:
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(fsutil, "_fsync_file", full)
+    with pytest.raises(UsageError, match=r"cannot write .*model\.safetensors: .*free space"):
+        atomic_write_bytes(path, b"new")
+    assert path.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]
 
 
 def test_atomic_write_replaces(tmp_path: Path) -> None:

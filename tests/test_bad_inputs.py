@@ -10,6 +10,7 @@ model fitted once for this module (32 px, p = 17, 2 students, 1 epoch, random te
 from __future__ import annotations
 
 import ast
+import errno
 import functools
 import importlib.metadata as md
 import io
@@ -32,6 +33,7 @@ from support import FAILS_HALF_WAY, FAILS_LISTING
 from typer.testing import CliRunner, Result
 
 import stad.datasets.registry as registry
+import stad.fsutil as fsutil
 from stad.artifacts import FORMAT_VERSION
 from stad.cli import app
 from stad.datasets.synthetic import generate
@@ -493,6 +495,21 @@ def test_output_path_that_is_a_folder(fitted: Fitted, tmp_path: Path) -> None:
     folder.mkdir()
     result = _expect(_run("calibrate", "--model", fitted.model, "--out", folder), EXIT_USAGE)
     assert "taken" in result.stderr and folder.is_dir()
+
+
+def test_a_full_disk_is_a_one_line_error_naming_the_output(
+        fitted: Fitted, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "calibrated.safetensors"
+    out.write_bytes(b"the earlier file")
+
+    def full(path: Path) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(fsutil, "_fsync_file", full)
+    result = _expect(_run("calibrate", "--model", fitted.model, "--out", out), EXIT_USAGE)
+    assert "calibrated.safetensors" in result.stderr and "No space left" in result.stderr
+    assert out.read_bytes() == b"the earlier file"
+    assert [p.name for p in tmp_path.iterdir()] == ["calibrated.safetensors"]
 
 
 # ---- plugins -----------------------------------------------------------------------------------
