@@ -19,6 +19,8 @@ from pathlib import Path
 
 from stad.errors import UsageError
 
+_DISK_FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))  # EDQUOT: not on every OS
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
@@ -32,7 +34,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp",
                                         dir=target.parent)
     except OSError as exc:
-        raise UsageError(f"cannot write {target}: {exc.strerror}") from None
+        raise _cannot_write(target, exc) from None
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -48,15 +50,17 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         with contextlib.suppress(OSError):
             tmp.unlink()
         if isinstance(exc, OSError) and exc.errno in _DISK_FULL:
-            # Not a bug to report: the disk (or the user's quota) is full. Say which file,
-            # and that the one there before is intact.
-            raise UsageError(f"cannot write {target}: {exc.strerror}; free space on its disk "
-                             "or choose another output path (the file there, if any, is "
-                             "unchanged)") from None
+            raise _cannot_write(target, exc) from None  # not a bug to report
         raise
 
 
-_DISK_FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))  # EDQUOT: not on every OS
+def _cannot_write(target: Path, exc: OSError) -> UsageError:
+    """The one-line error for an output that could not be written; a full disk (or quota)
+    says what to do, and that the file there before is intact."""
+    if exc.errno in _DISK_FULL:
+        return UsageError(f"cannot write {target}: {exc.strerror}; free space on its disk or "
+                          "choose another output path (the file there, if any, is unchanged)")
+    return UsageError(f"cannot write {target}: {exc.strerror}")
 
 
 def _umask() -> int:
