@@ -34,6 +34,7 @@ from stad.calibration import (
     f1_threshold,
     fpr_threshold,
     stored_smooth_sigma,
+    stored_tta,
     stored_variance_weight,
 )
 from stad.commands.common import save_model
@@ -169,6 +170,7 @@ class Model:
         elif artifact.info.get("calibration") is not None:
             networks.smooth_sigma = stored_smooth_sigma(artifact.info["calibration"], path)
             networks.variance_weight = stored_variance_weight(artifact.info["calibration"], path)
+            networks.tta = stored_tta(artifact.info["calibration"], path)
         return cls(networks, artifact, path=path, device=resolve_device(device),
                    score=score or ScoreSettings())
 
@@ -233,6 +235,7 @@ class Model:
                   target_pixel_fpr: float = 0.001,
                   smooth_sigma: float | Literal["auto"] = "auto",
                   variance_weight: float = 0.0,
+                  tta: Literal["none", "hflip", "vflip", "flips", "dihedral"] = "none",
                   test_images: Sequence[ImageInput] | None = None,
                   test_labels: Sequence[bool] | None = None, source: str = "given images",
                   reporter: Reporter = NULL_REPORTER) -> dict[str, Any]:
@@ -248,14 +251,19 @@ class Model:
         ``"auto"``: the image size / 64) before the fusion, here and in every map scored with
         this calibration. Each scale's score is ẽ + w·ṽ with w = ``variance_weight``: 0 (the
         default) scores by the students' regression error alone, 1 adds their predictive
-        variance as the paper does. Returns what is recorded as ``info["calibration"]`` (with
-        the σ used, a number).
+        variance as the paper does. ``tta`` averages each scale's error and variance over
+        views of the image (:data:`stad.model.TTA`: ``"hflip"`` adds its left-right mirror,
+        ``"vflip"`` its upside-down mirror, ``"flips"`` both and the turn by 180°,
+        ``"dihedral"`` also the turns by 90°), here and in every later map, at that many
+        times the cost; only where normal images look the same under those views (textures).
+        Returns what is recorded as ``info["calibration"]`` (with the σ used, a number).
         """
         self._refuse_onnx("calibrated")
         cfg = _settings(None, {"calibrate": {
             "threshold_method": method, "target_fpr": target_fpr, "threshold": threshold,
             "normalize": normalize, "target_pixel_fpr": target_pixel_fpr,
-            "smooth_sigma": smooth_sigma, "variance_weight": variance_weight}}).calibrate
+            "smooth_sigma": smooth_sigma, "variance_weight": variance_weight,
+            "tta": tta}}).calibrate
         check_threshold_method(method, cfg.threshold)
         if method == "f1" and (test_images is None or test_labels is None
                                or len(test_images) != len(test_labels)):
@@ -264,12 +272,13 @@ class Model:
         saved = {p: (sc.calib, sc.calib_map) for p, sc in self.networks.scales.items()}
         saved_sigma = self.networks.smooth_sigma
         saved_weight = self.networks.variance_weight
+        saved_tta = self.networks.tta
         try:
             stats, normal_scores, pixel_threshold = calibrate_model(
                 self.networks, list(normal_images), self._score, device=self.device,
                 normalize=cfg.normalize, pixel_fpr=cfg.target_pixel_fpr,
                 smooth_sigma=cfg.smooth_sigma, variance_weight=cfg.variance_weight,
-                reporter=reporter)
+                tta=cfg.tta, reporter=reporter)
             chosen = self._threshold(cfg, normal_scores, test_images, test_labels, reporter)
         except BaseException:
             for p, (calib, calib_map) in saved.items():
@@ -277,13 +286,14 @@ class Model:
                     calib_map
             self.networks.smooth_sigma = saved_sigma
             self.networks.variance_weight = saved_weight
+            self.networks.tta = saved_tta
             raise
         self.info["calibration"] = {
             "method": method, "threshold": chosen,
             "target_fpr": cfg.target_fpr if method == "fpr" else None,
             "image_score": self._score.image_score, "topk_fraction": self._score.topk_fraction,
             "normalize": cfg.normalize, "smooth_sigma": self.networks.smooth_sigma,
-            "variance_weight": self.networks.variance_weight,
+            "variance_weight": self.networks.variance_weight, "tta": self.networks.tta,
             "n_images": len(normal_scores), "images_source": source,
             "statistics": {f"p{p}": dict(zip(("e_mean", "e_std", "v_mean", "v_std"),
                                              s.tolist(), strict=True))

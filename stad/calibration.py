@@ -22,7 +22,7 @@ from stad.datasets.base import Sample
 from stad.datasets.selection import DataSelection, relative_names
 from stad.errors import ArtifactError, DataError, UsageError
 from stad.handcrafted import gaussian_blur
-from stad.model import Networks, standardized
+from stad.model import TTA, Networks, standardized
 from stad.regions import TopValues
 from stad.scoring import image_score, prepared_batches
 
@@ -42,7 +42,7 @@ def calibrate_model(model: Networks, paths: Sequence[Path], rule: ScoreSettings,
                     normalize: Literal["global", "position"] = "global",
                     pixel_fpr: float | None = None,
                     smooth_sigma: float | Literal["auto"] = 0.0,
-                    variance_weight: float = 1.0,
+                    variance_weight: float = 1.0, tta: str = "none",
                     reporter: Reporter = NULL_REPORTER) -> Calibrated:
     """Calibrate ``model`` in place on anomaly-free images, in one pass over them.
 
@@ -65,7 +65,9 @@ def calibrate_model(model: Networks, paths: Sequence[Path], rule: ScoreSettings,
     :attr:`~stad.model.Networks.smooth_sigma`: each scale's standardized map is smoothed with
     it before the fusion, in the scores and pixel threshold found here as in every map scored
     later. ``variance_weight`` becomes the model's :attr:`~stad.model.Networks.variance_weight`,
-    w in each scale's score ẽ + w·ṽ (1: the paper's; 0: the regression error alone).
+    w in each scale's score ẽ + w·ṽ (1: the paper's; 0: the regression error alone). ``tta``
+    (a key of :data:`stad.model.TTA`) becomes the model's :attr:`~stad.model.Networks.tta`:
+    the views whose e and v are averaged, before the statistics are taken.
 
     With ``pixel_fpr``, also the pixel threshold that at most that share of the normal
     images' pixels exceed (on the same maps as the scores; :class:`stad.regions.TopValues`).
@@ -78,6 +80,9 @@ def calibrate_model(model: Networks, paths: Sequence[Path], rule: ScoreSettings,
         raise UsageError(f"calibrate.normalize must be global or position, not {normalize!r}")
     if not paths:
         raise DataError("no anomaly-free images to calibrate on: the validation split is empty")
+    if tta not in TTA:
+        raise UsageError(f"calibrate.tta must be one of {', '.join(TTA)}, not {tta!r}")
+    model.tta = tta
     at, kept = _accumulate(model, paths, device, batch_size, reporter)
     model.smooth_sigma = resolve_smooth_sigma(smooth_sigma, model.preprocessing["image_size"])
     model.variance_weight = float(variance_weight)
@@ -237,6 +242,17 @@ def stored_variance_weight(calibration: dict[str, Any], path: Any) -> float:
     return _stored_number(calibration, "variance_weight", 1.0, 1, path)
 
 
+def stored_tta(calibration: dict[str, Any], path: Any) -> str:
+    """The test-time augmentation a stored calibration was made with ("none" for calibrations
+    older than the setting), checked: a key of :data:`stad.model.TTA`, else an
+    :class:`ArtifactError`."""
+    value = calibration.get("tta", "none")
+    if not isinstance(value, str) or value not in TTA:
+        raise ArtifactError(f"{path}: the calibration's tta {value!r} is not one of "
+                            f"{', '.join(TTA)}; recalibrate the model (stad calibrate)")
+    return value
+
+
 def describe_calibration(calibration: Mapping[str, Any] | None) -> str:
     """How a stored calibration makes its maps, in words: "position normalization, smoothing
     σ 2, error only" ("" for none)."""
@@ -246,8 +262,10 @@ def describe_calibration(calibration: Mapping[str, Any] | None) -> str:
     weight = calibration.get("variance_weight", 1.0)
     terms = ("error only" if weight == 0 else "error + variance" if weight == 1
              else f"error + {weight:g} × variance")
+    tta = calibration.get("tta", "none")
     return (f"{calibration.get('normalize', 'global')} normalization, "
-            + (f"smoothing σ {sigma:g}" if sigma else "no smoothing") + f", {terms}")
+            + (f"smoothing σ {sigma:g}" if sigma else "no smoothing") + f", {terms}"
+            + (f", {tta} views averaged" if tta != "none" else ""))
 
 
 def check_threshold_method(method: str, threshold: float | None) -> None:

@@ -362,6 +362,12 @@ def calibrate_cmd(
         "--variance-weight", help="w in each scale's score e + w·v, from 0 to 1: 0 scores by "
         "the students' regression error alone; 1 adds their predictive variance (the "
         "paper's). [default: 0]")] = None,
+    tta: Annotated[str | None, typer.Option(
+        "--tta", help="Average each scale's error and variance over views of the image, here "
+        "and whenever the model scores: none, hflip (and its left-right mirror), vflip (upside "
+        "down), flips (both mirrors and the turn by 180°) or dihedral (also the turns by 90°); "
+        "for textures whose normal look does not change under them; costs that many passes. "
+        "[default: none]")] = None,
     batch_size: BatchSizeOpt = None,
     tile_size: TileSizeOpt = None,
     precision: PrecisionOpt = None,
@@ -376,7 +382,7 @@ def calibrate_cmd(
                                     "threshold": threshold, "normalize": normalize,
                                     "target_pixel_fpr": target_pixel_fpr,
                                     "smooth_sigma": smooth_sigma,
-                                    "variance_weight": variance_weight},
+                                    "variance_weight": variance_weight, "tta": tta},
                          score={"image_score": image_score,
                                 **_maps_flags(batch_size, tile_size, precision)})
     with console.reporter() as rep:

@@ -228,6 +228,12 @@ class CalibrateSettings(_Section):
         "ẽ + w·ṽ: 0 scores by the students' regression error alone (the default, measured "
         "better on every real-photo set), 1 adds their predictive variance as the paper does; "
         "docs/model.md")
+    tta: Literal["none", "hflip", "vflip", "flips", "dihedral"] = Field(
+        default="none", description="test-time augmentation: average each scale's error and "
+        "variance over these views of the image (hflip: and its left-right mirror; vflip: "
+        "upside down; flips: both mirrors and the turn by 180°; dihedral: also the turns by "
+        "90°), here and in every map scored with this calibration; only for images whose "
+        "normal look does not change under them (textures); docs/model.md")
 
     @field_validator("smooth_sigma", mode="before")
     @classmethod

@@ -127,7 +127,7 @@ def export_onnx(model: Any, out: Path, *, quantize: str | None = None,
             "threshold", "pixel_threshold", "image_score", "topk_fraction", "normalize",
             "smooth_sigma", "method", "target_fpr", "target_pixel_fpr")},
             # what the graph computes (1 for calibrations made before the setting)
-            "variance_weight": networks.variance_weight}),
+            "variance_weight": networks.variance_weight, "tta": networks.tta}),
         "data": json.dumps({k: v for k, v in model.info.get("data", {}).items()
                             if k in ("dataset", "root", "category")}),
         "input": "images: (N, 3, S, S) float32, resized to S x S and standardized as "

@@ -38,6 +38,20 @@ from stad.networks import PATCH_SIZES, FusedNetworks, PatchNetwork, build_networ
 
 PADDING = "reflect"
 
+TTA: dict[str, tuple[tuple[int, bool], ...]] = {
+    "none": ((0, False),),
+    "hflip": ((0, False), (0, True)),
+    "vflip": ((0, False), (2, True)),
+    "flips": ((0, False), (0, True), (2, True), (2, False)),
+    "dihedral": tuple((k, f) for k in range(4) for f in (False, True)),
+}
+"""Test-time augmentation (``calibrate.tta``): the views of an image whose e and v are
+averaged, each a (k, mirror) pair: mirrored left to right if ``mirror``, then turned by k × 90°
+counter-clockwise. ``vflip`` is the mirror turned by 180° (upside down); ``flips`` is the
+image, its two mirrors and its turn by 180°; ``dihedral`` adds the turns by 90° (square maps
+only). Valid where the anomaly-free images look the same under those views (textures); on
+an aligned object a mirrored view is itself an anomaly."""
+
 
 @dataclass(frozen=True)
 class Inference:
@@ -189,6 +203,9 @@ class Networks:
     variance_weight: float = 1.0
     """w in each scale's score ẽ + w·ṽ; part of the calibration (``calibrate.variance_weight``;
     1, the paper's, for calibrations made before the setting)."""
+    tta: str = "none"
+    """The views (a key of :data:`TTA`) whose e and v are averaged; part of the calibration
+    (``calibrate.tta``), "none" for calibrations made before the setting."""
 
     @property
     def patch_sizes(self) -> list[int]:
@@ -229,7 +246,26 @@ class Networks:
 
     def error_and_variance(self, x: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
         """Per patch size, e and v of :meth:`Scale.error_and_variance` as ``self.inference``
-        says: (N, 3, H, W) → two (N, H, W) tensors each."""
+        says, averaged over the views of :attr:`tta`: (N, 3, H, W) → two (N, H, W) tensors
+        each."""
+        views = TTA[self.tta]
+        if len(views) == 1:
+            return self._error_and_variance(x)
+        if any(k % 2 for k, _ in views) and x.shape[-1] != x.shape[-2]:
+            raise ValueError(f"tta {self.tta!r} turns images by 90° and needs square inputs, "
+                             f"got {tuple(x.shape[-2:])}")
+        total: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        for k, mirror in views:
+            view = turned(x.flip(-1) if mirror else x, k)
+            for p, (e, v) in self._error_and_variance(view).items():
+                e, v = turned(e, -k), turned(v, -k)
+                if mirror:
+                    e, v = e.flip(-1), v.flip(-1)
+                total[p] = (total[p][0] + e, total[p][1] + v) if p in total else (e, v)
+        return {p: (e / len(views), v / len(views)) for p, (e, v) in total.items()}
+
+    def _error_and_variance(self, x: torch.Tensor
+                            ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
         run = self.inference
         return {p: self.scales[p].error_and_variance(x, tile_size=run.tile_size,
                                                      precision=run.precision, fused=run.fused)
@@ -246,6 +282,19 @@ class Networks:
             out = {k: F.interpolate(v[:, None], size=size, mode="bilinear",
                                     align_corners=False)[:, 0] for k, v in out.items()}
         return out
+
+
+def turned(x: torch.Tensor, k: int) -> torch.Tensor:
+    """``torch.rot90(x, k, (-2, -1))`` (k × 90° counter-clockwise) from flips and a transpose,
+    which ONNX export knows (it has no rot90)."""
+    k %= 4
+    if k == 1:
+        return x.flip(-1).transpose(-2, -1)
+    if k == 2:
+        return x.flip(-2).flip(-1)
+    if k == 3:
+        return x.transpose(-2, -1).flip(-1)
+    return x
 
 
 def teacher_tensors(teachers: Mapping[int, PatchNetwork]) -> dict[str, torch.Tensor]:

@@ -283,6 +283,59 @@ def test_a_damaged_variance_weight_is_an_artifact_error(world: Path, tmp_path: P
         stad.load_model(path, device="cpu")
 
 
+@pytest.mark.parametrize("tta", ["hflip", "vflip", "flips", "dihedral"])
+def test_tta_averages_the_error_over_the_views_of_every_map(world: Path, tmp_path: Path,
+                                                           tta: str) -> None:
+    model = stad.load_model(world / "model.safetensors", device="cpu")
+    normal = sorted((world / "good").glob("*.png"))
+    part = torch.from_numpy(np.asarray(Image.open(world / "part.png").convert("RGB"),
+                                       np.float32) / 255).permute(2, 0, 1)[None]
+    # By hand: e of each view, mapped back, averaged. A view is (dims flipped, then turns).
+    views = {"hflip": [((), 0), ((-1,), 0)], "vflip": [((), 0), ((-2,), 0)],
+             "flips": [((), 0), ((-1,), 0), ((-2,), 0), ((-2, -1), 0)],
+             "dihedral": [(d, k) for k in range(4) for d in ((), (-1,))]}[tta]
+
+    def view(x: torch.Tensor, dims: tuple[int, ...], k: int) -> torch.Tensor:
+        return torch.rot90(x.flip(dims) if dims else x, k, (-2, -1))
+
+    def back(x: torch.Tensor, dims: tuple[int, ...], k: int) -> torch.Tensor:
+        x = torch.rot90(x, -k, (-2, -1))
+        return x.flip(dims) if dims else x
+
+    model.networks.tta = "none"
+    p = model.patch_sizes[0]
+    want = sum(back(model.networks.error_and_variance(view(part, d, k))[p][0], d, k)
+               for d, k in views)
+    model.networks.tta = tta
+    got = model.networks.error_and_variance(part)[p][0]
+    torch.testing.assert_close(got, want / len(views), rtol=1e-5, atol=1e-5)
+    # Calibrated with it, every map uses it, the threshold still holds, and it is stored.
+    calibration = model.calibrate(normal, normalize="global", tta=tta)
+    assert calibration["tta"] == tta == model.networks.tta
+    assert max(r.score for r in model.score(normal)) == pytest.approx(
+        calibration["normal_scores"]["max"], abs=0)
+    again = stad.load_model(model.save(tmp_path / "tta.safetensors"), device="cpu")
+    assert again.networks.tta == tta
+    assert again.score(world / "part.png").score == model.score(world / "part.png").score
+    plain = stad.load_model(world / "model.safetensors", device="cpu")
+    assert plain.networks.tta == "none"
+    assert np.abs(plain.score(world / "part.png").map
+                  - again.score(world / "part.png").map).max() > 1e-3
+    with pytest.raises(UsageError, match="tta"):
+        model.calibrate(normal, tta="rot45")  # type: ignore[arg-type]
+    assert model.networks.tta == tta  # a refused calibration changes nothing
+
+
+@pytest.mark.parametrize("bad", ["rot45", 2, None])
+def test_a_damaged_tta_is_an_artifact_error(world: Path, tmp_path: Path, bad) -> None:
+    artifact = load_artifact(world / "model.safetensors", kind="model")
+    path = tmp_path / "bad.safetensors"
+    calibration = {**artifact.info["calibration"], "tta": bad}
+    save_artifact(path, replace(artifact, info={**artifact.info, "calibration": calibration}))
+    with pytest.raises(ArtifactError, match="tta .*recalibrate"):
+        stad.load_model(path, device="cpu")
+
+
 def test_uncalibrated_models_and_bad_settings_are_usage_errors(world: Path) -> None:
     model = stad.api.Model.load(world / "model.safetensors", device="cpu", calibration=False)
     assert model.calibration is None and model.threshold is None

@@ -121,6 +121,23 @@ def test_the_graph_adds_the_variance_as_calibrated(exported: tuple[Path, Path, P
     assert np.abs(onnx_model.score(images[0]).map - plain).max() > 1e-3
 
 
+def test_the_graph_averages_the_views_as_calibrated(exported: tuple[Path, Path, Path],
+                                                    tmp_path: Path) -> None:
+    data, model_path, _ = exported
+    viewed = tmp_path / "viewed.safetensors"
+    assert stad.calibrate(model_path, out=viewed, calibrate={"tta": "dihedral"})["tta"] \
+        == "dihedral"
+    onnx_path = tmp_path / "viewed.onnx"
+    out = CliRunner().invoke(app, ["export", "--model", str(viewed), "--out", str(onnx_path)])
+    assert out.exit_code == 0, out.output
+    onnx_model = stad.load_model(onnx_path)
+    assert onnx_model.calibration["tta"] == "dihedral"
+    images = sorted((data / "grain" / "test").rglob("*.png"))[:3]
+    _parity(stad.load_model(viewed, device="cpu"), onnx_model, images)
+    plain = stad.load_model(model_path, device="cpu").score(images[0]).map
+    assert np.abs(onnx_model.score(images[0]).map - plain).max() > 1e-3
+
+
 def test_score_and_evaluate_take_the_onnx_file(exported: tuple[Path, Path, Path]) -> None:
     data, model_path, onnx_path = exported
     image = str(next((data / "grain" / "test").glob("*/000.png")))

@@ -190,6 +190,18 @@ def test_calibrate_per_position_and_back(model: Path, tiny_data: Path, tmp_path:
     assert scores(plain) == pytest.approx(by_position, abs=1e-5)
 
 
+def test_calibrate_with_views_averaged(model: Path, tiny_data: Path, tmp_path: Path):
+    viewed = tmp_path / "viewed.safetensors"
+    text = run(["calibrate", "--model", str(model), "--tta", "flips", "--out", str(viewed)])
+    assert ", flips views averaged)" in text
+    image = str(tiny_data / "grain" / "test" / "good" / "000.png")
+    records = [jsonl(run(["score", "--model", str(m), "--json", image]))[0]
+               for m in (model, viewed)]
+    assert abs(records[0]["score"] - records[1]["score"]) > 1e-4
+    with safe_open(str(viewed), framework="pt") as f:
+        assert json.loads(f.metadata()["stad.info"])["calibration"]["tta"] == "flips"
+
+
 def test_calibrate_replaces_damaged_statistics(model: Path, tmp_path: Path):
     from stad.artifacts import load_artifact, save_artifact
 
@@ -207,7 +219,8 @@ def test_calibrate_replaces_damaged_statistics(model: Path, tmp_path: Path):
 @pytest.mark.parametrize("option, value", [("--normalize", "pixel"),
                                            ("--smooth-sigma", "-1"), ("--smooth-sigma", "nan"),
                                            ("--variance-weight", "2"),
-                                           ("--variance-weight", "-0.1")])
+                                           ("--variance-weight", "-0.1"),
+                                           ("--tta", "rot45")])
 def test_bad_calibrate_options_are_usage_errors(model: Path, tmp_path: Path, option: str,
                                                 value: str):
     result = runner.invoke(app, ["calibrate", "--model", str(model), option, value,

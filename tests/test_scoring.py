@@ -21,7 +21,7 @@ from stad.calibration import (
 from stad.config import ScoreSettings
 from stad.errors import DataError, UsageError
 from stad.handcrafted import gaussian_blur, gaussian_kernel
-from stad.model import Inference, Networks, Scale
+from stad.model import Inference, Networks, Scale, turned
 from stad.networks import build_network
 from stad.scoring import ImageError, ImageMaps, image_score, iter_maps, iter_results
 
@@ -341,3 +341,9 @@ def test_bf16_maps_are_close_to_fp32(tmp_path: Path):
         diff = np.abs(a - b)
         # bf16 keeps 8 bits of mantissa: the maps move, but by a fraction of their spread.
         assert 0 < diff.max() < 0.2 * (b.max() - b.min())
+
+
+@pytest.mark.parametrize("k", range(-4, 6))
+def test_turned_is_rot90(k: int) -> None:
+    x = torch.arange(2 * 3 * 5 * 5, dtype=torch.float32).view(2, 3, 5, 5)
+    assert torch.equal(turned(x, k), torch.rot90(x, k, (-2, -1)))

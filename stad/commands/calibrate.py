@@ -34,7 +34,7 @@ def calibrate(settings: Settings, *, model_path: Path, out: Path | None = None,
         [s.image for s in val], method=cfg.threshold_method, target_fpr=cfg.target_fpr,
         threshold=cfg.threshold, normalize=cfg.normalize,
         target_pixel_fpr=cfg.target_pixel_fpr, smooth_sigma=cfg.smooth_sigma,
-        variance_weight=cfg.variance_weight,
+        variance_weight=cfg.variance_weight, tta=cfg.tta,
         test_images=[s.image for s in test],
         test_labels=[s.label == "anomalous" for s in test],
         source=model.info["data"]["validation"]["source"], reporter=reporter)
