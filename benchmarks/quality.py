@@ -48,6 +48,7 @@ from stad.errors import UsageError  # noqa: E402
 from stad.evaluation import Evaluated, compute_metrics  # noqa: E402
 from stad.fsutil import cache_dir  # noqa: E402
 from stad.images import load_image, load_mask  # noqa: E402
+from stad.model import TTA  # noqa: E402
 
 QUICK = {"image_size": 32, "n_train": 6, "n_val": 2, "n_test_good": 2, "n_test_per_defect": 1,
          "epochs": 1, "patch_sizes": "17", "students": 2, "crop": 0, "sets": ["brick", "coins"]}
@@ -305,7 +306,8 @@ def _summary(metrics: dict[str, Any]) -> dict[str, Any]:
 def run_stad(dataset: str, root: Path, category: str, teacher: str, args: argparse.Namespace,
              work: Path, epochs: int | None = None) -> dict[str, dict[str, Any]]:
     """fit once, then calibrate and evaluate once per ``args.normalize_list`` entry,
-    ``args.smooth_list`` σ and ``args.weight_list`` variance weight, through
+    ``args.smooth_list`` σ, ``args.weight_list`` variance weight and ``args.tta_list``
+    views, through
     :mod:`stad.commands`, timing each step; results keyed by the label of each (normalization,
     σ, weight). The model is deleted afterwards unless
     ``args.keep_models`` names a folder to keep it in."""
@@ -314,7 +316,7 @@ def run_stad(dataset: str, root: Path, category: str, teacher: str, args: argpar
     from stad.commands.train import fit_students as fit
 
     def settings_for(normalize: str, sigma: float | str | None = None,
-                     weight: float | None = None) -> Any:
+                     weight: float | None = None, tta: str | None = None) -> Any:
         return resolve_settings({
             "dataset": dataset, "root": root, "category": category, "seed": args.fit_seed,
             "device": args.device,
@@ -324,7 +326,7 @@ def run_stad(dataset: str, root: Path, category: str, teacher: str, args: argpar
                          "n_students": args.students, "lr_schedule": args.lr_schedule,
                          "min_steps": args.min_steps},
             "calibrate": {"normalize": normalize, "smooth_sigma": sigma,
-                          "variance_weight": weight},
+                          "variance_weight": weight, "tta": tta},
             "score": {"precision": args.precision}}, environ={})
 
     folder = args.keep_models or work
@@ -336,9 +338,10 @@ def run_stad(dataset: str, root: Path, category: str, teacher: str, args: argpar
     fit(settings_for(args.normalize_list[0]), teacher=teacher, out=model)
     fit_seconds = round(time.perf_counter() - start, 1)
     out = {}
-    for normalize, sigma, weight in ((n, s, w) for n in args.normalize_list
-                                     for s in args.smooth_list for w in args.weight_list):
-        settings = settings_for(normalize, sigma, weight)
+    for normalize, sigma, weight, tta in ((n, s, w, t) for n in args.normalize_list
+                                          for s in args.smooth_list for w in args.weight_list
+                                          for t in args.tta_list):
+        settings = settings_for(normalize, sigma, weight, tta)
         seconds = {"fit": fit_seconds}
         start = time.perf_counter()
         used = calibrate(settings, model_path=model)["smooth_sigma"]
@@ -349,9 +352,11 @@ def run_stad(dataset: str, root: Path, category: str, teacher: str, args: argpar
         label = ", ".join([f"{normalize} normalization"] * (len(args.normalize_list) > 1)
                           + [f"smooth σ {sigma if sigma == 'auto' else f'{sigma:g}'}"]
                           * (len(args.smooth_list) > 1)
-                          + [f"variance weight {weight:g}"] * (len(args.weight_list) > 1))
+                          + [f"variance weight {weight:g}"] * (len(args.weight_list) > 1)
+                          + [f"tta {tta}"] * (len(args.tta_list) > 1))
         out[label] = {**_summary(result), "smooth_sigma": used,
-                      "variance_weight": settings.calibrate.variance_weight, "seconds": seconds}
+                      "variance_weight": settings.calibrate.variance_weight,
+                      "tta": settings.calibrate.tta, "seconds": seconds}
     if args.keep_models is None:
         model.unlink()
     else:
@@ -467,6 +472,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--variance-weight", default=None,
                         help="calibrate.variance_weight (0 to 1), comma-separated for one "
                              "calibration and evaluation per value (default: stad's, 0)")
+    parser.add_argument("--tta", default="none",
+                        help="calibrate.tta (none, hflip, vflip, flips, dihedral), "
+                             "comma-separated for one calibration and evaluation per value "
+                             "(default: stad's, none)")
     parser.add_argument("--n-train", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0,
                         help="draws the sets and, unless --fit-seed is given, seeds the fits")
@@ -523,6 +532,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error(f"--variance-weight: {e}")
     if not args.weight_list:
         parser.error("--variance-weight takes numbers from 0 to 1, comma-separated")
+    args.tta_list = list(dict.fromkeys(v for v in args.tta.split(",") if v))
+    if not args.tta_list or set(args.tta_list) - set(TTA):
+        parser.error(f"--tta takes {', '.join(TTA)}, comma-separated, not {args.tta!r}")
     try:
         args.epoch_list = ([None] if args.epochs is None
                            else [int(v) for v in str(args.epochs).split(",") if v])
@@ -575,7 +587,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                      "image_size": args.image_size, "epochs": args.epoch_list, "crop": args.crop,
                      "precision": args.precision, "normalize": args.normalize_list,
                      "smooth_sigma": args.smooth_list, "variance_weight": args.weight_list,
-                     "knn": args.knn,
+                     "tta": args.tta_list, "knn": args.knn,
                      "reference": args.reference and args.reference_size,
                      "reference_backbone": args.reference and args.reference_backbone,
                      "reference_blocks": args.reference and args.reference_blocks,

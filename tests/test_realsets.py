@@ -328,7 +328,7 @@ def test_quality_one_fit_evaluated_per_normalization_and_kept(tmp_path: Path) ->
         [sys.executable, str(BENCH / "quality.py"), "--quick", "--sets", "coins",
          "--data", str(tmp_path / "data"), "--normalize", "global,position",
          "--smooth-sigma", "0,2", "--variance-weight", "0,1", "--keep-models", str(kept),
-         "--fit-seed", "5"],
+         "--fit-seed", "5", "--tta", "none,hflip"],
         capture_output=True, text=True, timeout=300, check=True)
     data = json.loads(result.stdout)
     assert data["settings"]["normalize"] == ["global", "position"]
@@ -337,7 +337,13 @@ def test_quality_one_fit_evaluated_per_normalization_and_kept(tmp_path: Path) ->
     assert [p.name for p in (tmp_path / "data").iterdir()][0].split("-")[1] == "seed0"
     assert data["settings"]["smooth_sigma"] == [0, 2]
     assert data["settings"]["variance_weight"] == [0, 1]
-    label = "random ({} normalization, smooth σ {}, variance weight {})"
+    assert data["settings"]["tta"] == ["none", "hflip"]
+    label = "random ({} normalization, smooth σ {}, variance weight {}, tta {})"
+    viewed = {t: data["results"]["coins"][label.format("position", 2, 0, t)]
+              for t in ("none", "hflip")}
+    assert [viewed[t]["tta"] for t in ("none", "hflip")] == ["none", "hflip"]
+    assert viewed["none"]["au_pro"] != viewed["hflip"]["au_pro"]
+    label = label.replace("{})", "none)")
     weighed = {w: data["results"]["coins"][label.format("position", 2, w)] for w in (0, 1)}
     assert [weighed[w]["variance_weight"] for w in (0, 1)] == [0, 1]
     assert weighed[0]["au_pro"] != weighed[1]["au_pro"]
