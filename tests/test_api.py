@@ -326,6 +326,14 @@ def test_tta_averages_the_error_over_the_views_of_every_map(world: Path, tmp_pat
     assert model.networks.tta == tta  # a refused calibration changes nothing
 
 
+def test_older_calibrations_have_no_views(world: Path, tmp_path: Path) -> None:
+    artifact = load_artifact(world / "model.safetensors", kind="model")
+    calibration = {k: v for k, v in artifact.info["calibration"].items() if k != "tta"}
+    path = tmp_path / "old.safetensors"
+    save_artifact(path, replace(artifact, info={**artifact.info, "calibration": calibration}))
+    assert stad.load_model(path, device="cpu").networks.tta == "none"
+
+
 @pytest.mark.parametrize("bad", ["rot45", 2, None])
 def test_a_damaged_tta_is_an_artifact_error(world: Path, tmp_path: Path, bad) -> None:
     artifact = load_artifact(world / "model.safetensors", kind="model")
