@@ -42,6 +42,7 @@ from stad.config import (
     STUDENT_PRESETS,
     ScoreSettings,
     Settings,
+    TtaName,
     merge,
     settings_from,
 )
@@ -235,7 +236,7 @@ class Model:
                   target_pixel_fpr: float = 0.001,
                   smooth_sigma: float | Literal["auto"] = "auto",
                   variance_weight: float = 0.0,
-                  tta: Literal["none", "hflip", "vflip", "flips", "dihedral"] = "none",
+                  tta: TtaName = "none",
                   test_images: Sequence[ImageInput] | None = None,
                   test_labels: Sequence[bool] | None = None, source: str = "given images",
                   reporter: Reporter = NULL_REPORTER) -> dict[str, Any]:

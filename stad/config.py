@@ -207,6 +207,10 @@ same share of the image at every resolution. Measured on the real-photo sets
 (docs/quality.md, "Smoothing the maps")."""
 
 
+TtaName = Literal["none", "hflip", "vflip", "flips", "dihedral"]
+"""The names of ``calibrate.tta``'s sets of views (:data:`stad.model.TTA` defines them)."""
+
+
 class CalibrateSettings(_Section):
     """``stad calibrate`` (METHOD.md §5)."""
 
@@ -228,7 +232,7 @@ class CalibrateSettings(_Section):
         "ẽ + w·ṽ: 0 scores by the students' regression error alone (the default, measured "
         "better on every real-photo set), 1 adds their predictive variance as the paper does; "
         "docs/model.md")
-    tta: Literal["none", "hflip", "vflip", "flips", "dihedral"] = Field(
+    tta: TtaName = Field(
         default="none", description="test-time augmentation: average each scale's error and "
         "variance over these views of the image (hflip: and its left-right mirror; vflip: "
         "upside down; flips: both mirrors and the turn by 180°; dihedral: also the turns by "

@@ -347,3 +347,14 @@ def test_bf16_maps_are_close_to_fp32(tmp_path: Path):
 def test_turned_is_rot90(k: int) -> None:
     x = torch.arange(2 * 3 * 5 * 5, dtype=torch.float32).view(2, 3, 5, 5)
     assert torch.equal(turned(x, k), torch.rot90(x, k, (-2, -1)))
+
+
+def test_every_tta_name_has_its_views() -> None:
+    from typing import get_args
+
+    from stad.config import TtaName
+    from stad.model import TTA
+
+    assert list(get_args(TtaName)) == list(TTA)
+    for name, views in TTA.items():  # the image itself, then distinct views
+        assert views[0] == (0, False) and len(set(views)) == len(views), name
