@@ -45,7 +45,7 @@ from torch import nn
 from stad._version import __version__
 from stad.errors import ArtifactError, StadError, UsageError
 from stad.fsutil import atomic_write_bytes, check_output_file
-from stad.model import Inference, Networks
+from stad.model import TTA, Inference, Networks
 
 OPSET = 17
 EXTRA = "pip install 'stad[onnx]'"
@@ -180,12 +180,16 @@ def _quantize_int8(proto: Any, graph: _Graph, images: Sequence[Any]
 
     # Each network's last convolution (the descriptor: what the error and the variance
     # compare) stays fp32; it is a sixth to a third of a network's work. Its weight is named
-    # after the module that _Graph registers: modules_.<network>.convs.<layer>.weight.
+    # after the module that _Graph registers: modules_.<network>.convs.<layer>.weight. The
+    # graph runs every network once per view of calibrate.tta.
     last = {f"modules_.{i}.convs.{len(net.convs) - 1}.weight"
             for i, net in enumerate(graph.modules_)}
-    keep = [n.name for n in proto.graph.node if n.op_type == "Conv" and n.input[1] in last]
-    if len(keep) != len(last):  # an exporter that names weights otherwise: say so, not guess
-        raise StadError(f"int8 export found {len(keep)} of the {len(last)} descriptor "
+    kept = [n for n in proto.graph.node if n.op_type == "Conv" and n.input[1] in last]
+    keep = [n.name for n in kept]
+    expected = len(last) * len(TTA[networks.tta])
+    if {n.input[1] for n in kept} != last or len(keep) != expected:
+        # an exporter that names weights otherwise: say so, not guess
+        raise StadError(f"int8 export found {len(keep)} of the {expected} descriptor "
                         "convolutions by name; please report it with your torch version")
     with tempfile.TemporaryDirectory(prefix="stad-quantize-") as tmp:
         src, dst = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"

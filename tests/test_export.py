@@ -278,6 +278,25 @@ def test_int8_export_is_calibrated_on_the_held_back_images(
     assert np.corrcoef(a_scores, b_scores)[0, 1] > 0.9
 
 
+def test_int8_export_of_a_model_that_averages_views(exported: tuple[Path, Path, Path],
+                                                    tmp_path: Path) -> None:
+    data, model_path, _ = exported
+    viewed = tmp_path / "viewed.safetensors"
+    stad.calibrate(model_path, out=viewed, calibrate={"tta": "hflip"})
+    out = CliRunner().invoke(app, ["export", "--model", str(viewed), "--out",
+                                   str(tmp_path / "v8.onnx"), "--quantize", "int8"])
+    assert out.exit_code == 0, out.output
+    proto = onnx.load(str(tmp_path / "v8.onnx"))
+    weights = {i.name: i for i in proto.graph.initializer}
+    fp32 = [n for n in proto.graph.node if n.op_type == "Conv" and n.input[1] in weights
+            and weights[n.input[1]].data_type == onnx.TensorProto.FLOAT]
+    assert len(fp32) == 6 * 2  # each descriptor convolution once per view
+    image = sorted((data / "grain" / "test").rglob("*.png"))[0]
+    a = stad.load_model(viewed, device="cpu").score(image)
+    b = stad.load_model(tmp_path / "v8.onnx").score(image)
+    assert np.abs(a.map - b.map).mean() <= 0.05 * float(a.map.max() - a.map.min())
+
+
 def test_int8_export_refuses_bad_requests(exported: tuple[Path, Path, Path],
                                           tmp_path: Path) -> None:
     _, model_path, _ = exported
