@@ -200,26 +200,32 @@ def test_auto_smoothing_follows_the_image_size(sigma, size: int, expected: float
     assert resolve_smooth_sigma(sigma, size) == expected
 
 
+_MISSING = object()
+
+
+def _stored_calibration(world: Path, path: Path, key: str, value: object = _MISSING) -> Path:
+    """The world's model saved at ``path`` with ``info.calibration[key]`` set to ``value``, or
+    left out (a calibration from before the setting) without one."""
+    artifact = load_artifact(world / "model.safetensors", kind="model")
+    calibration = {k: v for k, v in artifact.info["calibration"].items() if k != key}
+    if value is not _MISSING:
+        calibration[key] = value
+    save_artifact(path, replace(artifact, info={**artifact.info, "calibration": calibration}))
+    return path
+
+
 @pytest.mark.parametrize("stored, expected", [(None, 0.0), (3, 3.0)])
 def test_older_calibrations_have_no_smoothing(world: Path, tmp_path: Path, stored, expected
                                               ) -> None:
-    artifact = load_artifact(world / "model.safetensors", kind="model")
-    calibration = dict(artifact.info["calibration"])
-    calibration.pop("smooth_sigma", None)
-    if stored is not None:
-        calibration["smooth_sigma"] = stored
-    path = tmp_path / "old.safetensors"
-    save_artifact(path, replace(artifact, info={**artifact.info, "calibration": calibration}))
+    path = _stored_calibration(world, tmp_path / "old.safetensors", "smooth_sigma",
+                               _MISSING if stored is None else stored)
     assert stad.load_model(path, device="cpu").networks.smooth_sigma == expected
 
 
 @pytest.mark.parametrize("bad", [-1, "2", float("nan"), 1e9, True])
 def test_a_damaged_smoothing_sigma_is_an_artifact_error(world: Path, tmp_path: Path, bad
                                                          ) -> None:
-    artifact = load_artifact(world / "model.safetensors", kind="model")
-    path = tmp_path / "bad.safetensors"
-    calibration = {**artifact.info["calibration"], "smooth_sigma": bad}
-    save_artifact(path, replace(artifact, info={**artifact.info, "calibration": calibration}))
+    path = _stored_calibration(world, tmp_path / "bad.safetensors", "smooth_sigma", bad)
     with pytest.raises(ArtifactError, match="smooth_sigma .*recalibrate"):
         stad.load_model(path, device="cpu")
 
@@ -262,23 +268,15 @@ def test_the_variance_weight_scales_the_variance_term_of_every_map(world: Path,
 @pytest.mark.parametrize("stored, expected", [(None, 1.0), (0, 0.0), (0.25, 0.25)])
 def test_older_calibrations_add_the_variance(world: Path, tmp_path: Path, stored, expected
                                              ) -> None:
-    artifact = load_artifact(world / "model.safetensors", kind="model")
-    calibration = dict(artifact.info["calibration"])
-    calibration.pop("variance_weight", None)
-    if stored is not None:
-        calibration["variance_weight"] = stored
-    path = tmp_path / "old.safetensors"
-    save_artifact(path, replace(artifact, info={**artifact.info, "calibration": calibration}))
+    path = _stored_calibration(world, tmp_path / "old.safetensors", "variance_weight",
+                               _MISSING if stored is None else stored)
     assert stad.load_model(path, device="cpu").networks.variance_weight == expected
 
 
 @pytest.mark.parametrize("bad", [-0.5, "0", float("nan"), 2, True])
 def test_a_damaged_variance_weight_is_an_artifact_error(world: Path, tmp_path: Path, bad
                                                         ) -> None:
-    artifact = load_artifact(world / "model.safetensors", kind="model")
-    path = tmp_path / "bad.safetensors"
-    calibration = {**artifact.info["calibration"], "variance_weight": bad}
-    save_artifact(path, replace(artifact, info={**artifact.info, "calibration": calibration}))
+    path = _stored_calibration(world, tmp_path / "bad.safetensors", "variance_weight", bad)
     with pytest.raises(ArtifactError, match="variance_weight .*recalibrate"):
         stad.load_model(path, device="cpu")
 
@@ -327,19 +325,13 @@ def test_tta_averages_the_error_over_the_views_of_every_map(world: Path, tmp_pat
 
 
 def test_older_calibrations_have_no_views(world: Path, tmp_path: Path) -> None:
-    artifact = load_artifact(world / "model.safetensors", kind="model")
-    calibration = {k: v for k, v in artifact.info["calibration"].items() if k != "tta"}
-    path = tmp_path / "old.safetensors"
-    save_artifact(path, replace(artifact, info={**artifact.info, "calibration": calibration}))
+    path = _stored_calibration(world, tmp_path / "old.safetensors", "tta")
     assert stad.load_model(path, device="cpu").networks.tta == "none"
 
 
 @pytest.mark.parametrize("bad", ["rot45", 2, None])
 def test_a_damaged_tta_is_an_artifact_error(world: Path, tmp_path: Path, bad) -> None:
-    artifact = load_artifact(world / "model.safetensors", kind="model")
-    path = tmp_path / "bad.safetensors"
-    calibration = {**artifact.info["calibration"], "tta": bad}
-    save_artifact(path, replace(artifact, info={**artifact.info, "calibration": calibration}))
+    path = _stored_calibration(world, tmp_path / "bad.safetensors", "tta", bad)
     with pytest.raises(ArtifactError, match="tta .*recalibrate"):
         stad.load_model(path, device="cpu")
 
