@@ -49,6 +49,7 @@ from stad.evaluation import Evaluated, compute_metrics  # noqa: E402
 from stad.fsutil import cache_dir  # noqa: E402
 from stad.images import load_image, load_mask  # noqa: E402
 from stad.model import TTA  # noqa: E402
+from stad.training.checkpoint import SUFFIX  # noqa: E402
 
 QUICK = {"image_size": 32, "n_train": 6, "n_val": 2, "n_test_good": 2, "n_test_per_defect": 1,
          "epochs": 1, "patch_sizes": "17", "students": 2, "crop": 0, "sets": ["brick", "coins"]}
@@ -332,10 +333,12 @@ def run_stad(dataset: str, root: Path, category: str, teacher: str, args: argpar
     folder = args.keep_models or work
     folder.mkdir(parents=True, exist_ok=True)
     label = Path(teacher).stem if teacher != "random" else "random"
-    model = folder / (f"{category}-{label}-{epochs if epochs is not None else 'preset'}ep-"
-                      f"{len(list(folder.iterdir()))}.safetensors")
+    prefix = f"{category}-{label}-{epochs if epochs is not None else 'preset'}ep-"
+    stopped = sorted(folder.glob(f"{prefix}*{SUFFIX}")) if args.resume else []
+    model = (folder / (stopped[0].name[:-len(SUFFIX)] + ".safetensors") if stopped
+             else folder / f"{prefix}{len(list(folder.iterdir()))}.safetensors")
     start = time.perf_counter()
-    fit(settings_for(args.normalize_list[0]), teacher=teacher, out=model)
+    fit(settings_for(args.normalize_list[0]), teacher=teacher, out=model, resume=bool(stopped))
     fit_seconds = round(time.perf_counter() - start, 1)
     out = {}
     for normalize, sigma, weight, tta in ((n, s, w, t) for n in args.normalize_list
@@ -486,8 +489,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--keep-models", type=Path, default=None, metavar="DIR",
                         help="keep each fitted model in DIR (default: deleted after evaluation)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue each fit that a stopped run left as a checkpoint in "
+                        "--keep-models DIR (run the same command again with --resume)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test")
     args = parser.parse_args(argv)
+    if args.resume and args.keep_models is None:
+        parser.error("--resume continues the checkpoints kept in --keep-models DIR; give it")
     quick = QUICK if args.quick else {}
     defaults = realsets.Params()
     for key, normal in (("image_size", defaults.image_size), ("epochs", None), ("crop", None),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import signal
 import socket
 import subprocess
 import sys
@@ -183,6 +184,41 @@ def test_gaussian_baseline_finds_a_strong_defect() -> None:
     amap = quality.gaussian_map(model, np.repeat(s["image"][..., None] / 255, 3, axis=-1))
     mask = s["mask"] > 0
     assert amap[mask].mean() > 2 * np.median(amap[~mask])
+
+
+def test_quality_resume_continues_a_stopped_fit(tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str],
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    # A benchmark fit stopped mid-way (a session's end) leaves its checkpoint in --keep-models;
+    # the same command with --resume continues it into the model that the first run named.
+    from stad.errors import Interrupted
+    from stad.training.checkpoint import StopFlag
+
+    argv = ["--quick", "--sets", "coins", "--teachers", "random", "--data", str(tmp_path / "d"),
+            "--keep-models", str(tmp_path / "kept")]
+    original = StopFlag.poll
+
+    def stop_now(self: StopFlag) -> bool:
+        self.request(signal.SIGTERM)
+        return original(self)
+
+    with monkeypatch.context() as mp:
+        mp.setattr(StopFlag, "poll", stop_now)
+        with pytest.raises(Interrupted):
+            quality.main(argv)
+    (stopped,) = (tmp_path / "kept").iterdir()
+    assert stopped.name.endswith(".ckpt.safetensors")
+    capsys.readouterr()
+    assert quality.main([*argv, "--resume"]) == 0
+    captured = capsys.readouterr()
+    assert f"resuming from {stopped}" in captured.err
+    (model,) = (tmp_path / "kept").iterdir()  # the checkpoint gave way to the model
+    assert model.name == stopped.name.replace(".ckpt.safetensors", ".safetensors")
+    assert json.loads(captured.out)["results"]["coins"]["random"]["model"] == str(model)
+    with pytest.raises(SystemExit) as info:
+        quality.main(["--quick", "--resume"])
+    assert info.value.code == 2
+    assert "--resume continues the checkpoints kept in --keep-models" in capsys.readouterr().err
 
 
 def test_quality_baseline_only_in_process(tmp_path: Path, capsys: pytest.CaptureFixture[str]
