@@ -308,6 +308,9 @@ def fit_students_cmd(
         "--image-size", help="Images are resized to this square size.")] = None,
     n_students: Annotated[int | None, typer.Option(
         "--students", help="Students per scale (M). [default: 3]")] = None,
+    min_steps: Annotated[int | None, typer.Option(
+        "--min-steps", help="Train every scale for at least this many optimizer steps (more "
+        "epochs on a small set). [default: the preset's: fast 450, paper 0]")] = None,
     resume: ResumeOpt = False,
     log_dir: LogDirOpt = None,
     json_out: JsonOpt = False,
@@ -319,7 +322,8 @@ def fit_students_cmd(
     settings = _settings(config, dataset=dataset, root=root, category=category, seed=seed,
                          device=device, students={"preset": preset, "patch_sizes": patch_sizes,
                                                   "epochs": epochs, "image_size": image_size,
-                                                  "n_students": n_students})
+                                                  "n_students": n_students,
+                                                  "min_steps": min_steps})
     with console.reporter() as shown, tensorboard_log(shown, log_dir) as rep:
         result = fit_students(settings, teacher=teacher, out=out, resume=resume, reporter=rep)
     _print_result(result, json_out, [f"model written to {result['artifact']} "

@@ -28,8 +28,8 @@ DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")),
 
 SHRINK = {
     "pretrain-teacher": ["--patch-sizes", "17", "--iterations", "2"],
-    "fit-students": ["--patch-sizes", "17", "--epochs", "1", "--image-size", "32",
-                     "--students", "2"],
+    "fit-students": ["--patch-sizes", "17", "--epochs", "1", "--min-steps", "0",
+                     "--image-size", "32", "--students", "2"],
     "inspect-teacher": ["--patch-sizes", "17", "--patches", "16"],
 }
 ENV = {"STAD_TEACHER__IMAGE_SIZE": "32", "STAD_TEACHER__BATCH_SIZE": "8",

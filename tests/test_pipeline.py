@@ -12,6 +12,7 @@ from PIL import Image
 from safetensors import safe_open
 from typer.testing import CliRunner
 
+from stad.artifacts import load_artifact
 from stad.cli import app
 from stad.datasets.synthetic import generate
 from stad.errors import EXIT_ANOMALY, EXIT_SKIPPED, EXIT_USAGE
@@ -70,6 +71,20 @@ def model(fitted: tuple[Path, Path]) -> Path:
 @pytest.fixture
 def tiny_data(fitted: tuple[Path, Path]) -> Path:
     return fitted[0]
+
+
+def test_fit_students_min_steps_flag_adds_epochs(tiny_data: Path, tmp_path: Path):
+    # 6 training images at the fast preset's batch of 4: 2 steps an epoch, so --min-steps 5
+    # turns --epochs 1 into 3 epochs; without the flag, --epochs 1 is exactly one.
+    def epochs(*extra: str) -> int:
+        out = tmp_path / f"model{len(extra)}.safetensors"
+        run(["fit-students", *DATA, "--root", str(tiny_data), "--teacher", "random",
+             "--patch-sizes", "17", "--epochs", "1", "--image-size", "24", "--students", "2",
+             "--preset", "fast", *extra, "--out", str(out), "--json"])
+        return load_artifact(out, kind="model").info["students"]["scales"]["p17"]["epochs"]
+
+    assert epochs("--min-steps", "5") == 3
+    assert epochs() == 1
 
 
 def test_artifacts_load_with_safetensors_alone(model: Path):
