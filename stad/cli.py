@@ -307,10 +307,11 @@ def fit_students_cmd(
     image_size: Annotated[int | None, typer.Option(
         "--image-size", help="Images are resized to this square size.")] = None,
     n_students: Annotated[int | None, typer.Option(
-        "--students", help="Students per scale (M). [default: 3]")] = None,
+        "--students", help="Students per scale (M). [default: the preset's: fast 2, "
+        "paper 3]")] = None,
     min_steps: Annotated[int | None, typer.Option(
         "--min-steps", help="Train every scale for at least this many optimizer steps (more "
-        "epochs on a small set). [default: the preset's: fast 450, paper 0]")] = None,
+        "epochs on a small set). [default: the preset's: fast 900, paper 0]")] = None,
     resume: ResumeOpt = False,
     log_dir: LogDirOpt = None,
     json_out: JsonOpt = False,

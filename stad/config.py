@@ -150,10 +150,12 @@ STUDENT_PRESETS: dict[str, dict[str, Any]] = {
     "paper": {"image_size": 256, "epochs": 100, "lr": 1e-4, "lr_schedule": "constant",
               "crop_size": None, "batch_size": 1, "precision": "fp32", "min_steps": 0},
     # CPU-friendly: smaller images, random crops (same per-pixel loss), few epochs at a higher
-    # learning rate with a cosine decay, but at least 450 steps a scale, bf16 autocast where
+    # learning rate with a cosine decay, but at least 900 steps a scale, two students a scale
+    # (the third gained at most 0.005 AU-PRO once they train that long), bf16 autocast where
     # native, and no p=65, whose students learned nothing in the old 150-step budget
-    # (docs/usage.md, "Presets"; docs/quality.md, "The students' schedule and budget").
-    "fast": {"image_size": 128, "epochs": 3, "min_steps": 450, "lr": 1e-3,
+    # (docs/usage.md, "Presets"; docs/quality.md, "The students' schedule and budget" and
+    # "More steps, fewer students").
+    "fast": {"image_size": 128, "epochs": 3, "min_steps": 900, "n_students": 2, "lr": 1e-3,
              "lr_schedule": "cosine", "crop_size": 64, "batch_size": 4, "precision": "auto",
              "patch_sizes": [17, 33]},
 }

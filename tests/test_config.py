@@ -260,7 +260,7 @@ def test_fast_preset_fills_the_student_settings() -> None:
     given = resolve_settings({"students": {"preset": "fast", "patch_sizes": "17,33,65"}},
                              environ={})
     assert given.students.patch_sizes == [17, 33, 65]  # what the user sets wins
-    assert settings.students.min_steps == 450
+    assert (settings.students.min_steps, settings.students.n_students) == (900, 2)
     assert settings.students.lr_schedule == "cosine"
     exact = resolve_settings({"students": {"preset": "fast", "epochs": 2}}, environ={})
     assert (exact.students.epochs, exact.students.min_steps) == (2, 0)  # epochs given: exact
