@@ -21,7 +21,7 @@ from typer.core import TyperGroup, TyperOption
 
 from stad import console
 from stad._version import __version__
-from stad.config import Settings, resolve_settings
+from stad.config import STUDENT_PRESETS, Settings, StudentSettings, resolve_settings
 from stad.errors import (
     EXIT_ANOMALY,
     EXIT_INTERRUPTED,
@@ -285,6 +285,13 @@ def inspect_teacher_cmd(
     _print_result(result, json_out, lines)
 
 
+def _preset_defaults(key: str) -> str:
+    """What each students' preset sets ``key`` to, for ``--help``: "paper 3, fast 2"."""
+    default = StudentSettings.model_fields[key].default
+    return ", ".join(f"{name} {values.get(key, default)}"
+                     for name, values in STUDENT_PRESETS.items())
+
+
 @app.command("fit-students")
 def fit_students_cmd(
     dataset: DatasetOpt = None,
@@ -307,11 +314,12 @@ def fit_students_cmd(
     image_size: Annotated[int | None, typer.Option(
         "--image-size", help="Images are resized to this square size.")] = None,
     n_students: Annotated[int | None, typer.Option(
-        "--students", help="Students per scale (M). [default: the preset's: fast 2, "
-        "paper 3]")] = None,
+        "--students", help="Students per scale (M). [default: the preset's: "
+        f"{_preset_defaults('n_students')}]")] = None,
     min_steps: Annotated[int | None, typer.Option(
         "--min-steps", help="Train every scale for at least this many optimizer steps (more "
-        "epochs on a small set). [default: the preset's: fast 900, paper 0]")] = None,
+        "epochs on a small set). [default: the preset's: "
+        f"{_preset_defaults('min_steps')}]")] = None,
     resume: ResumeOpt = False,
     log_dir: LogDirOpt = None,
     json_out: JsonOpt = False,

@@ -3,6 +3,7 @@ on shrunk settings."""
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -31,7 +32,7 @@ def test_demo_settings_are_the_documented_ones() -> None:
 @pytest.mark.slow
 def test_demo_command_runs_the_whole_pipeline(tmp_path: Path,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    shrunk = json.loads(json.dumps(demo_module.DEMO_SETTINGS))
+    shrunk = copy.deepcopy(demo_module.DEMO_SETTINGS)
     shrunk["teacher"].update(iterations=2, image_size=32, batch_size=4, patch_sizes=[17])
     shrunk["students"].update(image_size=32, epochs=1, patch_sizes=[17])
     monkeypatch.setattr(demo_module, "DEMO_SETTINGS", shrunk)
