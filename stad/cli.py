@@ -98,6 +98,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     pretty_exceptions_show_locals=False,
     add_completion=False,
+    # Help texts are plain: Rich markup would swallow their "[default: ...]" as a style tag.
+    rich_markup_mode=None,
 )
 datasets_app = typer.Typer(help="List dataset adapters and inspect datasets.", no_args_is_help=True)
 app.add_typer(datasets_app, name="datasets")

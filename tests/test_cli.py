@@ -161,6 +161,14 @@ def test_help_shows_no_type_beside_flags(command: str) -> None:
     assert "<path>" in result.stdout  # options with a value keep theirs
 
 
+def test_help_shows_the_documented_defaults() -> None:
+    # The "[default: ...]" that help texts end with is printed, not taken for Rich markup.
+    result = CliRunner().invoke(app, ["fit-students", "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0
+    text = " ".join(result.stdout.split())  # as wrapped to the terminal
+    assert "[default: 0]" in text and "[default: the preset's: paper 3, fast 2]" in text
+
+
 def test_stad_debug_variable_adds_the_traceback(tmp_path: Path) -> None:
     result = _run(*_show_args(tmp_path / "nowhere"), env={"STAD_DEBUG": "1"})
     assert result.exit_code == EXIT_DATA
