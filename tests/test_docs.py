@@ -60,6 +60,7 @@ def _world(tmp: Path) -> dict[str, str]:
     generate(tmp / "gen", categories=["grain"], image_size=32, n_train=6, n_val=0,
              n_test_good=2, n_test_per_defect=1, seed=2)
     shutil.copytree(tmp / "gen" / "grain", mvtec / "bottle")
+    shutil.copytree(tmp / "gen" / "grain", mvtec / "carpet")  # usage.md's texture example
     incoming = tmp / "incoming"
     incoming.mkdir()
     for src in sorted((mvtec / "bottle" / "test").rglob("*.png"))[:3]:
