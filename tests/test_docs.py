@@ -83,7 +83,8 @@ def _world(tmp: Path) -> dict[str, str]:
                                             for p in sorted(photos.iterdir())))
     return {"/data/mvtec": str(mvtec), "PATH": str(tmp / "btad"),
             "/data/photos": str(tmp / "photos"), "photos.txt": str(tmp / "photos.txt"),
-            # the texture model of usage.md's --tta example: README's model stands in for it
+            # usage.md's texture model (fitted on `carpet` at 256², then calibrated with
+            # --tta): README's model file stands in for it, so that fit writes over it
             "carpet.safetensors": "bottle.safetensors"}
 
 
