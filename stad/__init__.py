@@ -4,8 +4,8 @@ The public API is small; everything else is internal and may change (docs/api.md
 
 - :func:`load_model` → :class:`Model` (``score``, ``iter_score``, ``calibrate``, ``save``) →
   :class:`Result` (map, score, verdict, threshold);
-- :func:`pretrain_teacher`, :func:`fit_students`, :func:`calibrate`, :func:`evaluate` — the
-  command line's steps, with keyword settings;
+- :func:`pretrain_teacher`, :func:`fit_students`, :func:`merge_models`, :func:`calibrate`,
+  :func:`evaluate` — the command line's steps, with keyword settings;
 - :func:`build_network` — a patch network for p ∈ {17, 33, 65} with ``forward`` and ``dense``;
 - :class:`Sample`, :data:`API_VERSION` — the dataset adapter contract (see ``stad.datasets``);
 - :func:`load_artifact`, :func:`save_artifact`, :class:`Artifact` — the safetensors artifacts;
@@ -21,6 +21,7 @@ from stad.api import (
     evaluate,
     fit_students,
     load_model,
+    merge_models,
     pretrain_teacher,
 )
 from stad.artifacts import Artifact, load_artifact, save_artifact
@@ -44,6 +45,7 @@ __all__ = [
     "fit_students",
     "load_artifact",
     "load_model",
+    "merge_models",
     "pretrain_teacher",
     "resolve_settings",
     "save_artifact",

@@ -441,3 +441,13 @@ def evaluate(model: str | os.PathLike[str], *, report: str | os.PathLike[str] | 
 
     return run(_settings(settings, keywords), model_path=Path(model),
                report=None if report is None else Path(report), reporter=reporter)
+
+
+def merge_models(models: Sequence[str | os.PathLike[str]], *, out: str | os.PathLike[str]
+                 ) -> dict[str, Any]:
+    """``stad merge-models``: one model from models fitted on the same data with the same
+    settings but other patch sizes (e.g. one scale per process, or p = 65 added later), written
+    uncalibrated to ``out``; calibrate it next."""
+    from stad.commands.merge import merge_models as run
+
+    return run([Path(m) for m in models], out=Path(out))

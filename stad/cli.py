@@ -534,6 +534,24 @@ def export_cmd(
                                      + f"); score with: stad score --model {result['artifact']}"])
 
 
+@app.command("merge-models")
+def merge_models_cmd(
+    models: Annotated[list[Path], typer.Argument(
+        help="Model artifacts fitted on the same data with the same settings, each with its "
+        "own patch sizes.", show_default=False)],
+    out: Annotated[Path, typer.Option("--out", help="The merged model artifact to write.")
+                   ] = Path("model.safetensors"),
+    json_out: JsonOpt = False,
+) -> None:
+    """Merge models that hold different scales of one fit into one model (then calibrate it)."""
+    from stad.commands.merge import merge_models
+
+    result = merge_models(models, out=out)
+    sizes = ",".join(str(p) for p in result["patch_sizes"])
+    _print_result(result, json_out, [f"model written to {result['artifact']} (p = {sizes}); "
+                                     f"next: stad calibrate --model {result['artifact']}"])
+
+
 @app.command("demo")
 def demo_cmd(
     out: Annotated[Path, typer.Option("--out", help="Folder for data, artifacts and report.")]
