@@ -1,9 +1,15 @@
-"""Scale-out benchmark: ``fit-students`` on 1 process against ``torchrun`` on N processes.
+"""Scale-out benchmark: ``fit-students`` on 1 process against ``torchrun`` on N processes, or
+against one process per scale joined by ``stad merge-models`` (``--per-scale``).
 
 Prints a table on stderr and one JSON object on stdout. Run from the repository root:
 
     python benchmarks/scaleout.py                  # 1 vs 2 processes, synthetic grain, 64×64
     python benchmarks/scaleout.py --nproc 4 --image-size 128 --epochs 2
+    python benchmarks/scaleout.py --per-scale --patch-sizes 17,33 --image-size 128 --min-steps 200
+
+With ``--per-scale`` the scales are fitted at the same time, one process each with
+``threads / scales`` threads, and merged; the merged model has the one-process model's weights
+up to float rounding (the thread counts differ), and the largest difference is reported.
 
 The single process runs with all the machine's threads (``--threads``, default: the cores), each
 of the N ranks with ``threads / N``, so both use the same cores and the figure is what the
@@ -35,6 +41,42 @@ def _run(cmd: list[str], env: dict[str, str], cwd: Path) -> tuple[float, dict]:
     return seconds, json.loads(lines[-1])
 
 
+def _per_scale(fit: list[str], env: dict[str, str], work: Path, threads: int,
+               patch_sizes: str) -> dict:
+    """Every scale of ``fit`` in its own process, all at once, then ``merge-models``."""
+    sizes = patch_sizes.split(",")
+    each = max(1, threads // len(sizes))
+    start = time.perf_counter()
+    running = []
+    for p in sizes:
+        cmd = [sys.executable, "-m", "stad", *fit, "--patch-sizes", p,
+               "--out", str(work / f"p{p}.st")]
+        running.append((cmd, subprocess.Popen(cmd, env={**env, "OMP_NUM_THREADS": str(each)},
+                                              cwd=work, stdout=subprocess.PIPE,
+                                              stderr=subprocess.PIPE, text=True)))
+    fits = []
+    for cmd, proc in running:
+        out, err = proc.communicate()
+        if proc.returncode != 0:
+            sys.exit(f"failed ({proc.returncode}): {' '.join(cmd)}\n{err[-2000:]}")
+        fits.append(json.loads([line for line in out.splitlines() if line.startswith("{")][-1]))
+    _run([sys.executable, "-m", "stad", "merge-models", *(str(work / f"p{p}.st") for p in sizes),
+          "--out", str(work / "merged.st"), "--json"], env, work)
+    seconds = time.perf_counter() - start
+    return {"processes": f"{len(sizes)} (one per scale)", "threads_each": each,
+            "seconds": seconds, "fit_seconds": max(f["seconds"] for f in fits),
+            "final_loss": {k: v for f in fits for k, v in f["final_loss"].items()}}
+
+
+def _max_difference(a: Path, b: Path) -> float:
+    from stad.artifacts import load_artifact
+
+    ta, tb = load_artifact(a).tensors, load_artifact(b).tensors
+    if sorted(ta) != sorted(tb):
+        sys.exit(f"{a} and {b} hold different tensors")
+    return max(float((ta[k].double() - tb[k].double()).abs().max()) for k in ta)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nproc", type=int, default=2)
@@ -44,6 +86,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--patch-sizes", default="17")
     parser.add_argument("--batch-size", type=int, default=2, help="per process")
+    parser.add_argument("--min-steps", type=int, default=0, help="students.min_steps")
+    parser.add_argument("--per-scale", action="store_true",
+                        help="one process per scale, merged, instead of torchrun")
     args = parser.parse_args(argv)
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -53,7 +98,8 @@ def main(argv: list[str] | None = None) -> None:
         fit = ["fit-students", "--dataset", "synthetic", "--root", str(work / "data"),
                "--category", "grain", "--teacher", "random", "--device", "cpu", "--json",
                "--patch-sizes", args.patch_sizes, "--image-size", str(args.image_size),
-               "--epochs", str(args.epochs), "--students", "3", "--preset", "fast"]
+               "--epochs", str(args.epochs), "--min-steps", str(args.min_steps), "--students", "3",
+               "--preset", "fast"]
         base = {**os.environ, "STAD_STUDENTS__BATCH_SIZE": str(args.batch_size)}
         rows = []
         one_env = {**base, "OMP_NUM_THREADS": str(args.threads)}
@@ -61,18 +107,25 @@ def main(argv: list[str] | None = None) -> None:
                       one_env, work)
         rows.append({"processes": 1, "threads_each": args.threads, "seconds": t1,
                      "fit_seconds": r1["seconds"], "final_loss": r1["final_loss"]})
-        each = max(1, args.threads // args.nproc)
-        n_env = {**base, "OMP_NUM_THREADS": str(each)}
-        tn, rn = _run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                       f"--nproc-per-node={args.nproc}", "-m", "stad", *fit,
-                       "--out", str(work / "many.st")], n_env, work)
-        rows.append({"processes": args.nproc, "threads_each": each, "seconds": tn,
-                     "fit_seconds": rn["seconds"], "final_loss": rn["final_loss"]})
+        if args.per_scale:
+            rows.append(_per_scale(fit, base, work, args.threads, args.patch_sizes))
+            rows[-1]["max_weight_difference"] = _max_difference(work / "one.st",
+                                                                work / "merged.st")
+        else:
+            each = max(1, args.threads // args.nproc)
+            n_env = {**base, "OMP_NUM_THREADS": str(each)}
+            tn, rn = _run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           f"--nproc-per-node={args.nproc}", "-m", "stad", *fit,
+                           "--out", str(work / "many.st")], n_env, work)
+            rows.append({"processes": args.nproc, "threads_each": each, "seconds": tn,
+                         "fit_seconds": rn["seconds"], "final_loss": rn["final_loss"]})
 
     result = {"machine": {"cpus": os.cpu_count()}, "settings": vars(args), "runs": rows,
               "speedup_fit": rows[0]["fit_seconds"] / rows[1]["fit_seconds"],
               "speedup_wall": rows[0]["seconds"] / rows[1]["seconds"],
-              "note": f"{args.nproc} processes at batch {args.batch_size} each: an epoch has "
+              "note": "one process per scale, merged: the same steps and batches as one process"
+                      if args.per_scale else
+                      f"{args.nproc} processes at batch {args.batch_size} each: an epoch has "
                       f"1/{args.nproc} of the steps of one process at the same batch"}
     print(f"{'processes':>9} {'threads':>7} {'wall s':>8} {'fit s':>8}  final loss",
           file=sys.stderr)

@@ -138,3 +138,18 @@ def test_student_proxy_reports_training_and_held_out_loss(tmp_path: Path):
     assert out["held_out"] > 0 and out["train_last20"] > 0
     # the held-out loss is measured on the student as trained: it moves during the run
     assert out["curve"][0]["held_out"] != out["curve"][-1]["held_out"]
+
+
+@pytest.mark.slow
+def test_scaleout_per_scale_fits_and_merges():
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "scaleout.py"),
+                             "--per-scale", "--patch-sizes", "17,33", "--images", "4",
+                             "--image-size", "32", "--epochs", "1", "--threads", "2"],
+                            capture_output=True, text=True, timeout=600, check=True, cwd=REPO)
+    data = json.loads(result.stdout)
+    one, per_scale = data["runs"]
+    assert per_scale["processes"] == "2 (one per scale)" and per_scale["threads_each"] == 1
+    assert set(per_scale["final_loss"]) == set(one["final_loss"]) == {"p17", "p33"}
+    # The same steps on the same batches: the weights agree up to float rounding.
+    assert 0 <= per_scale["max_weight_difference"] < 1e-2
+    assert data["speedup_wall"] > 0 and "speed-up" in result.stderr
