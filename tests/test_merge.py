@@ -45,6 +45,8 @@ def test_separate_fits_merge_into_the_joint_fit(fits: Path) -> None:
     assert merged.config["students"]["patch_sizes"] == [17, 33]
     assert list(merged.info["students"]["scales"]) == ["p17", "p33"]
     assert [m["patch_sizes"] for m in merged.info["merged_from"]] == [[33], [17]]
+    assert merged.info["students"]["precision"] == joint.info["students"]["precision"]
+    assert merged.info["merged_from"][0]["precision"] == joint.info["students"]["precision"]
     assert "calibration" not in merged.info
 
 

@@ -87,12 +87,17 @@ def merge_models(paths: Sequence[Path], *, out: Path) -> dict[str, Any]:
     config = {**first.config, "students": {**first.config.get("students", {}),
                                            "patch_sizes": patch_sizes}}
     info = {k: v for k, v in first.info.items() if k != "calibration"}
-    info["students"] = {**first.info.get("students", {}),
+    # What each run computed in ("auto" resolves per machine) and how it was distributed
+    # stays with that run's entry in merged_from.
+    precisions = {a.info.get("students", {}).get("precision") for _, a in loaded}
+    info["students"] = {"precision": precisions.pop() if len(precisions) == 1 else "mixed",
                         "scales": dict(sorted(scales_info.items(),
                                               key=lambda kv: int(kv[0][1:])))}
     info["seconds"] = round(sum(float(a.info.get("seconds", 0)) for _, a in loaded), 1)
-    info["merged_from"] = [{"path": str(path), "patch_sizes": _scales(a, path),
-                            "seconds": a.info.get("seconds")} for path, a in loaded]
+    info["merged_from"] = [
+        {"path": str(path), "patch_sizes": _scales(a, path), "seconds": a.info.get("seconds"),
+         **{k: v for k, v in a.info.get("students", {}).items() if k != "scales"}}
+        for path, a in loaded]
     save_artifact(out, Artifact(kind="model", tensors=tensors, config=config,
                                 preprocessing=first.preprocessing, seed=first.seed, info=info))
     return {"artifact": str(out), "kind": "model", "patch_sizes": patch_sizes,
