@@ -8,8 +8,9 @@ Prints a table on stderr and one JSON object on stdout. Run from the repository 
     python benchmarks/scaleout.py --per-scale --patch-sizes 17,33 --image-size 128 --min-steps 200
 
 With ``--per-scale`` the scales are fitted at the same time, one process each with
-``threads / scales`` threads, and merged; the merged model has the one-process model's weights
-up to float rounding (the thread counts differ), and the largest difference is reported.
+``threads / scales`` threads, and merged. The steps and batches are those of the one process,
+but with other thread counts rounding differs and the weights drift apart over the steps; the
+largest difference of any weight is reported.
 
 The single process runs with all the machine's threads (``--threads``, default: the cores), each
 of the N ranks with ``threads / N``, so both use the same cores and the figure is what the
