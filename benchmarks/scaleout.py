@@ -59,6 +59,9 @@ def _per_scale(fit: list[str], env: dict[str, str], work: Path, threads: int,
     for cmd, proc in running:
         out, err = proc.communicate()
         if proc.returncode != 0:
+            for _, other in running:  # none may outlive the temporary folder
+                other.kill()
+                other.wait()
             sys.exit(f"failed ({proc.returncode}): {' '.join(cmd)}\n{err[-2000:]}")
         fits.append(json.loads([line for line in out.splitlines() if line.startswith("{")][-1]))
     _run([sys.executable, "-m", "stad", "merge-models", *(str(work / f"p{p}.st") for p in sizes),
@@ -91,6 +94,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--per-scale", action="store_true",
                         help="one process per scale, merged, instead of torchrun")
     args = parser.parse_args(argv)
+    if args.per_scale and len(args.patch_sizes.split(",")) < 2:
+        parser.error("--per-scale needs at least two --patch-sizes (one process each)")
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

@@ -450,4 +450,6 @@ def merge_models(models: Sequence[str | os.PathLike[str]], *, out: str | os.Path
     uncalibrated to ``out``; calibrate it next."""
     from stad.commands.merge import merge_models as run
 
+    if isinstance(models, (str, os.PathLike)):
+        raise UsageError(f"merge_models takes a list of model files, not one: {models}")
     return run([Path(m) for m in models], out=Path(out))

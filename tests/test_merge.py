@@ -3,6 +3,8 @@ model one run makes, and models that differ in anything but their scales are ref
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -10,7 +12,7 @@ import torch
 from typer.testing import CliRunner
 
 import stad
-from stad.artifacts import load_artifact, save_artifact
+from stad.artifacts import Artifact, load_artifact, save_artifact
 from stad.cli import app
 from stad.datasets.synthetic import generate
 from stad.errors import ArtifactError, UsageError
@@ -34,6 +36,7 @@ def fits(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_separate_fits_merge_into_the_joint_fit(fits: Path) -> None:
     result = stad.merge_models([fits / "p33.safetensors", fits / "p17.safetensors"],
                                out=fits / "merged.safetensors")
+    seconds = [load_artifact(fits / f"{n}.safetensors").info["seconds"] for n in ("p17", "p33")]
     assert result["patch_sizes"] == [17, 33]
     assert result["from"] == {"p17": str(fits / "p17.safetensors"),
                               "p33": str(fits / "p33.safetensors")}
@@ -48,6 +51,7 @@ def test_separate_fits_merge_into_the_joint_fit(fits: Path) -> None:
     assert merged.info["students"]["precision"] == joint.info["students"]["precision"]
     assert merged.info["merged_from"][0]["precision"] == joint.info["students"]["precision"]
     assert "calibration" not in merged.info
+    assert merged.info["seconds"] == pytest.approx(sum(seconds), abs=0.1)  # fitting time, summed
 
 
 def test_a_merged_model_calibrates_and_scores(fits: Path) -> None:
@@ -80,7 +84,7 @@ def test_a_scale_given_twice_is_refused(fits: Path, tmp_path: Path) -> None:
     assert not out.exists()
 
 
-def _changed(src: Path, dst: Path, change) -> Path:  # type: ignore[no-untyped-def]
+def _changed(src: Path, dst: Path, change: Callable[[Artifact], None]) -> Path:
     artifact = load_artifact(src)
     change(artifact)
     save_artifact(dst, artifact)
@@ -92,14 +96,19 @@ def _changed(src: Path, dst: Path, change) -> Path:  # type: ignore[no-untyped-d
     ("seed = 7", lambda a: setattr(a, "seed", 7)),
     ("data.category = 'other'", lambda a: a.info["data"].update(category="other")),
     ("data.validation.images", lambda a: a.info["data"]["validation"].update(images=[])),
+    ("data.n_fit = 5", lambda a: a.info["data"].update(n_fit=5)),
+    ("students.lr = (not set)", lambda a: a.config["students"].pop("lr")),
     ("preprocessing.image_size", lambda a: a.preprocessing.update(image_size=64)),
     ("teacher.kind = 'model'", lambda a: a.info["teacher"].update(kind="model")),
 ])
-def test_models_of_other_runs_are_refused(fits: Path, tmp_path: Path, what: str, change) -> None:  # type: ignore[no-untyped-def]
+def test_models_of_other_runs_are_refused(fits: Path, tmp_path: Path, what: str,
+                                          change: Callable[[Artifact], None]) -> None:
     other = _changed(fits / "p33.safetensors", tmp_path / "other.safetensors", change)
+    out = tmp_path / "new" / "m.safetensors"
     with pytest.raises(UsageError, match=r"other\.safetensors was fitted with "
-                       + what.replace("(", r"\(").replace(".", r"\.") + r".* and .*p17"):
-        stad.merge_models([fits / "p17.safetensors", other], out=tmp_path / "m.safetensors")
+                       + re.escape(what) + r".* and .*p17"):
+        stad.merge_models([fits / "p17.safetensors", other], out=out)
+    assert not out.parent.exists()  # nothing written, not even the folder
 
 
 def test_the_data_root_may_differ(fits: Path, tmp_path: Path) -> None:
@@ -112,6 +121,8 @@ def test_the_data_root_may_differ(fits: Path, tmp_path: Path) -> None:
 def test_one_model_or_a_teacher_is_refused(fits: Path, tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="at least two models"):
         stad.merge_models([fits / "p17.safetensors"], out=tmp_path / "m.safetensors")
+    with pytest.raises(UsageError, match="a list of model files, not one"):
+        stad.merge_models(str(fits / "p17.safetensors"), out=tmp_path / "m.safetensors")
     teacher = tmp_path / "teacher.safetensors"
     model = load_artifact(fits / "p33.safetensors")
     model.kind = "teacher"

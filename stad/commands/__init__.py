@@ -4,7 +4,8 @@ command prints; :mod:`stad.cli` only parses options, and :mod:`stad.api` offers 
 with keyword settings.
 
 - :mod:`~stad.commands.train`: ``pretrain-teacher``, ``inspect-teacher``, ``fit-students``;
+- :mod:`~stad.commands.merge`: ``merge-models``;
 - :mod:`~stad.commands.calibrate`, :mod:`~stad.commands.score`,
-  :mod:`~stad.commands.evaluate`, :mod:`~stad.commands.demo`;
+  :mod:`~stad.commands.evaluate`, :mod:`~stad.commands.export`, :mod:`~stad.commands.demo`;
 - :mod:`~stad.commands.common`: what several of them share (model loading, data defaults).
 """

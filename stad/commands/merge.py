@@ -16,7 +16,7 @@ from typing import Any
 
 from stad.artifacts import Artifact, load_artifact, save_artifact
 from stad.errors import ArtifactError, UsageError
-from stad.fsutil import check_output_file
+from stad.fsutil import output_lock
 from stad.model import model_from_tensors
 
 CALIBRATION_TENSORS = ("calib", "calib_map")
@@ -41,7 +41,7 @@ def _fitted_alike(artifact: Artifact) -> dict[str, Any]:
     teacher = {k: v for k, v in artifact.info.get("teacher", {}).items()
                if k not in ("source", "stad_version")}
     students = {k: v for k, v in artifact.config.get("students", {}).items()
-                if k != "patch_sizes"}
+                if k not in ("patch_sizes", "checkpoint_every")}
     return {"data": data, "seed": artifact.seed, "students": students,
             "preprocessing": artifact.preprocessing, "teacher": teacher}
 
@@ -57,7 +57,6 @@ def merge_models(paths: Sequence[Path], *, out: Path) -> dict[str, Any]:
     """
     if len(paths) < 2:
         raise UsageError("merge-models needs at least two models to merge")
-    check_output_file(out)
     loaded = [(Path(p), load_artifact(p, kind="model")) for p in paths]
     first_path, first = loaded[0]
     reference = _fitted_alike(first)
@@ -83,7 +82,11 @@ def merge_models(paths: Sequence[Path], *, out: Path) -> dict[str, Any]:
             if scale_info is not None:
                 scales_info[f"p{p}"] = scale_info
     patch_sizes = sorted(owner)
-    model_from_tensors(tensors, first.preprocessing, calibration=False)  # complete and sound
+    try:  # complete and sound before anything is written
+        model_from_tensors(tensors, first.preprocessing, calibration=False)
+    except ArtifactError as exc:
+        raise ArtifactError(f"the scales of {', '.join(str(p) for p, _ in loaded)} do not make "
+                            f"a model: {exc}") from None
     config = {**first.config, "students": {**first.config.get("students", {}),
                                            "patch_sizes": patch_sizes}}
     info = {k: v for k, v in first.info.items() if k != "calibration"}
@@ -98,18 +101,24 @@ def merge_models(paths: Sequence[Path], *, out: Path) -> dict[str, Any]:
         {"path": str(path), "patch_sizes": _scales(a, path), "seconds": a.info.get("seconds"),
          **{k: v for k, v in a.info.get("students", {}).items() if k != "scales"}}
         for path, a in loaded]
-    save_artifact(out, Artifact(kind="model", tensors=tensors, config=config,
-                                preprocessing=first.preprocessing, seed=first.seed, info=info))
+    with output_lock(out):  # checks that out can be written, then holds it
+        save_artifact(out, Artifact(kind="model", tensors=tensors, config=config,
+                                    preprocessing=first.preprocessing, seed=first.seed,
+                                    info=info))
     return {"artifact": str(out), "kind": "model", "patch_sizes": patch_sizes,
             "from": {f"p{p}": str(path) for p, path in sorted(owner.items())}}
 
 
+_MISSING = type("_Missing", (), {"__repr__": lambda self: "(not set)"})()
+
+
 def _first_difference(a: Any, b: Any, where: str = "") -> tuple[str, Any, Any]:
-    """The dotted key at which a and b (equal-looking dicts) first differ, and the two values."""
+    """The dotted key at which a and b (equal-looking dicts) first differ, and the two values
+    (a key one of them lacks shows as ``(not set)``)."""
     if isinstance(a, dict) and isinstance(b, dict):
         for key in sorted(set(a) | set(b), key=str):
-            if a.get(key) != b.get(key):
-                return _first_difference(a.get(key), b.get(key),
+            if a.get(key, _MISSING) != b.get(key, _MISSING):
+                return _first_difference(a.get(key, _MISSING), b.get(key, _MISSING),
                                          f"{where}.{key}" if where else str(key))
     return where, a, b
 
