@@ -2,9 +2,9 @@
 
 Every scale of a model is fitted on its own (its students, their seeds and its target
 normalization depend only on the scale, the data and the settings), so scales fitted in
-separate runs — at the same time on separate cores, on separate machines, or one added later
-— make the same model as one run that fits them all. This command checks that the runs were
-alike in everything but their patch sizes, and joins them.
+separate runs — on separate machines or GPUs, or one added later — make the same model as one
+run that fits them all. This command checks that the runs were alike in everything but their
+patch sizes, and joins them.
 """
 
 from __future__ import annotations
@@ -96,7 +96,7 @@ def merge_models(paths: Sequence[Path], *, out: Path) -> dict[str, Any]:
     info["students"] = {"precision": precisions.pop() if len(precisions) == 1 else "mixed",
                         "scales": dict(sorted(scales_info.items(),
                                               key=lambda kv: int(kv[0][1:])))}
-    info["seconds"] = round(sum(float(a.info.get("seconds", 0)) for _, a in loaded), 1)
+    info["seconds"] = round(sum(_seconds(a) for _, a in loaded), 1)
     info["merged_from"] = [
         {"path": str(path), "patch_sizes": _scales(a, path), "seconds": a.info.get("seconds"),
          **{k: v for k, v in a.info.get("students", {}).items() if k != "scales"}}
@@ -121,6 +121,12 @@ def _first_difference(a: Any, b: Any, where: str = "") -> tuple[str, Any, Any]:
                 return _first_difference(a.get(key, _MISSING), b.get(key, _MISSING),
                                          f"{where}.{key}" if where else str(key))
     return where, a, b
+
+
+def _seconds(artifact: Artifact) -> float:
+    """The run's recorded fitting time (0 where none, or not a number, is recorded)."""
+    value = artifact.info.get("seconds")
+    return float(value) if isinstance(value, (int, float)) else 0.0
 
 
 def _short(value: Any) -> str:
