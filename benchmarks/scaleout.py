@@ -38,8 +38,12 @@ def _run(cmd: list[str], env: dict[str, str], cwd: Path) -> tuple[float, dict]:
     seconds = time.perf_counter() - start
     if done.returncode != 0:
         sys.exit(f"failed ({done.returncode}): {' '.join(cmd)}\n{done.stderr[-2000:]}")
-    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-    return seconds, json.loads(lines[-1])
+    return seconds, _last_json(done.stdout)
+
+
+def _last_json(stdout: str) -> dict:
+    """The last JSON line a ``--json`` command printed (its result)."""
+    return json.loads([line for line in stdout.splitlines() if line.startswith("{")][-1])
 
 
 def _per_scale(fit: list[str], env: dict[str, str], work: Path, threads: int,
@@ -63,7 +67,7 @@ def _per_scale(fit: list[str], env: dict[str, str], work: Path, threads: int,
                 other.kill()
                 other.wait()
             sys.exit(f"failed ({proc.returncode}): {' '.join(cmd)}\n{err[-2000:]}")
-        fits.append(json.loads([line for line in out.splitlines() if line.startswith("{")][-1]))
+        fits.append(_last_json(out))
     _run([sys.executable, "-m", "stad", "merge-models", *(str(work / f"p{p}.st") for p in sizes),
           "--out", str(work / "merged.st"), "--json"], env, work)
     seconds = time.perf_counter() - start

@@ -58,6 +58,7 @@ def merge_models(paths: Sequence[Path], *, out: Path) -> dict[str, Any]:
     if len(paths) < 2:
         raise UsageError("merge-models needs at least two models to merge")
     loaded = [(Path(p), load_artifact(p, kind="model")) for p in paths]
+    scales = {path: _scales(artifact, path) for path, artifact in loaded}
     first_path, first = loaded[0]
     reference = _fitted_alike(first)
     owner: dict[int, Path] = {}
@@ -70,7 +71,7 @@ def merge_models(paths: Sequence[Path], *, out: Path) -> dict[str, Any]:
             raise UsageError(f"{path} was fitted with {key} = {_short(got)} and {first_path} with "
                              f"{_short(want)}: only models fitted on the same data with the same "
                              "settings (but their patch sizes) can be merged")
-        for p in _scales(artifact, path):
+        for p in scales[path]:
             if p in owner:
                 raise UsageError(f"p={p} is in both {owner[p]} and {path}: give each scale "
                                  "in one model only")
@@ -98,7 +99,7 @@ def merge_models(paths: Sequence[Path], *, out: Path) -> dict[str, Any]:
                                               key=lambda kv: int(kv[0][1:])))}
     info["seconds"] = round(sum(_seconds(a) for _, a in loaded), 1)
     info["merged_from"] = [
-        {"path": str(path), "patch_sizes": _scales(a, path), "seconds": a.info.get("seconds"),
+        {"path": str(path), "patch_sizes": scales[path], "seconds": a.info.get("seconds"),
          **{k: v for k, v in a.info.get("students", {}).items() if k != "scales"}}
         for path, a in loaded]
     with output_lock(out):  # checks that out can be written, then holds it
