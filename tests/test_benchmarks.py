@@ -153,3 +153,53 @@ def test_scaleout_per_scale_fits_and_merges():
     # The same steps on the same batches: the weights agree up to float rounding.
     assert 0 <= per_scale["max_weight_difference"] < 1e-2
     assert data["speedup_wall"] > 0 and "speed-up" in result.stderr
+
+
+def test_multires_fuses_scales_of_models_at_two_image_sizes(tmp_path: Path):
+    import importlib.util
+
+    import stad
+    from stad.datasets.synthetic import generate
+
+    spec = importlib.util.spec_from_file_location("multires", REPO / "benchmarks" / "multires.py")
+    assert spec is not None and spec.loader is not None
+    multires = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(multires)
+    generate(tmp_path / "data", categories=["grain"], image_size=32, n_train=4, n_val=2,
+             n_test_good=2, n_test_per_defect=1, seed=1)
+    models = []
+    for size in (32, 48):
+        out = tmp_path / f"m{size}.safetensors"
+        stad.fit_students(out, teacher="random", dataset="synthetic", category="grain",
+                          root=tmp_path / "data", students={
+                              "epochs": 1, "image_size": size, "n_students": 2,
+                              "patch_sizes": [17]})
+        stad.calibrate(out)
+        models.append(out)
+    samples = multires.get_adapter("synthetic").list_samples(tmp_path / "data", "grain", "test")
+    maps = multires.scale_maps(models, [s.image for s in samples])
+    assert all(set(m) == {"p17@32", "p17@48"} for m in maps)
+    assert all(m["p17@48"].shape == m["p17@32"].shape == (32, 32) for m in maps)
+    # One scale alone gives what `stad evaluate` gives for that model's map.
+    own = stad.evaluate(models[1])["maps"]["p17"]
+    alone = multires.combine(maps, samples, ["p17@48"], 0.3)
+    assert alone["au_pro"] == pytest.approx(own["au_pro"], abs=1e-6)
+    assert alone["image_auroc"] == pytest.approx(own["image_auroc"], abs=1e-6)
+    # Both: the metrics of the mean map, which differ from either scale's own.
+    both = multires.combine(maps, samples, ["p17@32", "p17@48"], 0.3)
+    first = multires.combine(maps, samples, ["p17@32"], 0.3)
+    assert both["au_pro"] not in (first["au_pro"], alone["au_pro"])
+
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "multires.py"),
+                             "--dataset", "synthetic", "--root", str(tmp_path / "data"),
+                             "--category", "grain", *map(str, models)],
+                            capture_output=True, text=True, timeout=600, check=True)
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [r["combo"] for r in rows] == ["p17@32", "p17@48", "p17@32,p17@48"]
+    assert rows[2]["au_pro"] == pytest.approx(both["au_pro"], abs=1e-6)
+    assert "img AUROC" in result.stderr
+    bad = subprocess.run([sys.executable, str(REPO / "benchmarks" / "multires.py"),
+                          "--dataset", "synthetic", "--root", str(tmp_path / "data"),
+                          "--category", "grain", str(models[0]), "--combo", "p33@32"],
+                         capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 1 and "--combo names p33@32; the models hold p17@32" in bad.stderr
