@@ -34,11 +34,12 @@ from stad.images import load_mask
 from stad.scoring import image_score
 
 
-def scale_maps(models: Sequence[Path], images: Sequence[Path]) -> list[dict[str, np.ndarray]]:
+def scale_maps(models: Sequence[Path], images: Sequence[Path], precision: str = "fp32"
+               ) -> list[dict[str, np.ndarray]]:
     """Per image, every scale's map of every model, keyed ``p{patch size}@{image size}``."""
     out: list[dict[str, np.ndarray]] = [{} for _ in images]
     for path in models:
-        model = stad.load_model(path, device="cpu")
+        model = stad.load_model(path, device="cpu", precision=precision)
         for maps, result in zip(out, model.iter_score(images), strict=True):
             for name, amap in result.maps.items():
                 key = f"{name}@{model.image_size}"
@@ -73,6 +74,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--combo", action="append", default=[],
                         help="comma-separated scales, e.g. p17@256,p33@128 (repeatable)")
     parser.add_argument("--fpr-limit", type=float, default=0.3)
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                        help="of the networks that compute the maps (bf16: where the CPU has "
+                        "native bf16, e.g. AMX)")
     return parser.parse_args(argv)
 
 
@@ -81,7 +85,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     samples = get_adapter(args.dataset).list_samples(args.root, args.category, "test")
     if not samples:
         sys.exit(f"error: no test images for {args.category!r} under {args.root}")
-    maps = scale_maps(args.models, [s.image for s in samples])
+    maps = scale_maps(args.models, [s.image for s in samples], args.precision)
     scales = list(maps[0])
     combos = [c.split(",") for c in args.combo]
     if not combos:

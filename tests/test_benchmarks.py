@@ -192,7 +192,7 @@ def test_multires_fuses_scales_of_models_at_two_image_sizes(tmp_path: Path):
 
     result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "multires.py"),
                              "--dataset", "synthetic", "--root", str(tmp_path / "data"),
-                             "--category", "grain", *map(str, models)],
+                             "--category", "grain", "--precision", "fp32", *map(str, models)],
                             capture_output=True, text=True, timeout=600, check=True)
     rows = [json.loads(line) for line in result.stdout.splitlines()]
     assert [r["combo"] for r in rows] == ["p17@32", "p17@48", "p17@32,p17@48"]
