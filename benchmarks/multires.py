@@ -65,6 +65,11 @@ def combine(maps: Sequence[dict[str, np.ndarray]], samples: Sequence[stad.Sample
             "defects": {d: v.get("au_pro") for d, v in result["defects"].items()}}
 
 
+def _fmt(value: object) -> str:
+    """A metric to three decimals; "–" where the split cannot give it (no defect masks)."""
+    return "–" if value is None else f"{value:.3f}"
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("models", nargs="+", type=Path, help="calibrated model artifacts")
@@ -102,9 +107,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     for combo in combos:
         row = combine(maps, samples, combo, args.fpr_limit)
         print(json.dumps({"category": args.category, **row}), flush=True)
-        defects = " ".join(f"{d} {v:.3f}" for d, v in row["defects"].items())
-        print(f"{row['combo']:<40} {row['au_pro']:>7.3f} {row['image_auroc']:>9.3f}  {defects}",
-              file=sys.stderr)
+        defects = " ".join(f"{d} {_fmt(v)}" for d, v in row["defects"].items())
+        print(f"{row['combo']:<40} {_fmt(row['au_pro']):>7} {_fmt(row['image_auroc']):>9}  "
+              f"{defects}", file=sys.stderr)
     return 0
 
 
