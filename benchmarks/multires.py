@@ -12,8 +12,9 @@ type) and a table on stderr. Run from the repository root:
         gravel-128.safetensors gravel-256.safetensors \\
         --combo p17@128,p33@128 --combo p17@256,p17@128,p33@128
 
-Without ``--combo``: each model's own scales, then every scale of every model together.
-docs/quality.md, "Scales at two image sizes", reports what it measured.
+Without ``--combo``: each model's own scales, then every scale of every model together. Bad
+input (an uncalibrated model, an unreadable image, an unknown scale) stops it with one line
+naming it. docs/quality.md, "Scales at two image sizes", reports what it measured.
 """
 
 from __future__ import annotations
@@ -29,24 +30,30 @@ import numpy as np
 import stad
 from stad.config import ScoreSettings
 from stad.datasets.registry import get_adapter
+from stad.errors import StadError
 from stad.evaluation import Evaluated, compute_metrics
 from stad.images import load_mask
 from stad.scoring import image_score
 
 
-def scale_maps(models: Sequence[Path], images: Sequence[Path], precision: str = "fp32"
-               ) -> list[dict[str, np.ndarray]]:
-    """Per image, every scale's map of every model, keyed ``p{patch size}@{image size}``."""
+def scale_maps(models: Sequence[Path], images: Sequence[Path], precision: str = "fp32",
+               device: str = "auto") -> tuple[list[dict[str, np.ndarray]], list[list[str]]]:
+    """Per image, every scale's map of every model, keyed ``p{patch size}@{image size}``;
+    and each model's scale names."""
     out: list[dict[str, np.ndarray]] = [{} for _ in images]
+    groups: list[list[str]] = []
     for path in models:
-        model = stad.load_model(path, device="cpu", precision=precision)
+        model = stad.load_model(path, device=device, precision=precision)
+        keys = [f"p{p}@{model.image_size}" for p in model.patch_sizes]
+        held = sorted(set(keys) & {k for g in groups for k in g})
+        if held:
+            sys.exit(f"error: {path}: scale {', '.join(held)} is in another model too; "
+                     "give each scale once")
+        groups.append(keys)
         for maps, result in zip(out, model.iter_score(images), strict=True):
-            for name, amap in result.maps.items():
-                key = f"{name}@{model.image_size}"
-                if key in maps:
-                    sys.exit(f"error: scale {key} is in two models; give each scale once")
-                maps[key] = amap
-    return out
+            maps.update({f"{name}@{model.image_size}": amap
+                         for name, amap in result.maps.items()})
+    return out, groups
 
 
 def combine(maps: Sequence[dict[str, np.ndarray]], samples: Sequence[stad.Sample],
@@ -73,12 +80,14 @@ def _fmt(value: object) -> str:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("models", nargs="+", type=Path, help="calibrated model artifacts")
-    parser.add_argument("--dataset", default="mvtec")
-    parser.add_argument("--root", type=Path, required=True)
-    parser.add_argument("--category", required=True)
+    parser.add_argument("--dataset", default="mvtec", help="dataset adapter")
+    parser.add_argument("--root", type=Path, required=True, help="dataset root folder")
+    parser.add_argument("--category", required=True, help="category in the dataset")
     parser.add_argument("--combo", action="append", default=[],
                         help="comma-separated scales, e.g. p17@256,p33@128 (repeatable)")
-    parser.add_argument("--fpr-limit", type=float, default=0.3)
+    parser.add_argument("--fpr-limit", type=float, default=0.3,
+                        help="AU-PRO is integrated up to this false-positive rate")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                         help="of the networks that compute the maps (bf16: where the CPU has "
                         "native bf16, e.g. AMX)")
@@ -87,17 +96,23 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    samples = get_adapter(args.dataset).list_samples(args.root, args.category, "test")
-    if not samples:
-        sys.exit(f"error: no test images for {args.category!r} under {args.root}")
-    maps = scale_maps(args.models, [s.image for s in samples], args.precision)
-    scales = list(maps[0])
-    combos = [c.split(",") for c in args.combo]
+    if not 0 < args.fpr_limit <= 1:
+        sys.exit(f"error: --fpr-limit must be in (0, 1], got {args.fpr_limit}")
+    combos = [[k.strip() for k in c.split(",")] for c in args.combo]
+    for combo in combos:
+        if len(set(combo)) != len(combo):
+            sys.exit(f"error: --combo {','.join(combo)} names a scale twice")
+    try:
+        samples = get_adapter(args.dataset).list_samples(args.root, args.category, "test")
+        if not samples:
+            sys.exit(f"error: no test images for {args.category!r} under {args.root}")
+        maps, groups = scale_maps(args.models, [s.image for s in samples], args.precision,
+                                  args.device)
+    except StadError as exc:
+        sys.exit(f"error: {exc}")
+    scales = [k for g in groups for k in g]
     if not combos:
-        by_size: dict[str, list[str]] = {}
-        for key in scales:
-            by_size.setdefault(key.split("@")[1], []).append(key)
-        combos = [*by_size.values(), scales] if len(by_size) > 1 else [scales]
+        combos = [*groups, scales] if len(groups) > 1 else groups
     for combo in combos:
         unknown = sorted(set(combo) - set(scales))
         if unknown:

@@ -177,22 +177,30 @@ def test_multires_fuses_scales_of_models_at_two_image_sizes(tmp_path: Path):
         stad.calibrate(out)
         models.append(out)
     samples = multires.get_adapter("synthetic").list_samples(tmp_path / "data", "grain", "test")
-    maps = multires.scale_maps(models, [s.image for s in samples])
+    maps, groups = multires.scale_maps(models, [s.image for s in samples], device="cpu")
+    assert groups == [["p17@32"], ["p17@48"]]
     assert all(set(m) == {"p17@32", "p17@48"} for m in maps)
     assert all(m["p17@48"].shape == m["p17@32"].shape == (32, 32) for m in maps)
     # One scale alone gives what `stad evaluate` gives for that model's map.
-    own = stad.evaluate(models[1])["maps"]["p17"]
+    own = stad.evaluate(models[1], device="cpu")["maps"]["p17"]
     alone = multires.combine(maps, samples, ["p17@48"], 0.3)
     assert alone["au_pro"] == pytest.approx(own["au_pro"], abs=1e-6)
     assert alone["image_auroc"] == pytest.approx(own["image_auroc"], abs=1e-6)
-    # Both: the metrics of the mean map, which differ from either scale's own.
+    # Both: the metrics of the two maps' mean (not of their maximum, say).
     both = multires.combine(maps, samples, ["p17@32", "p17@48"], 0.3)
-    first = multires.combine(maps, samples, ["p17@32"], 0.3)
-    assert both["au_pro"] not in (first["au_pro"], alone["au_pro"])
+    for fused, rule in ((lambda a, b: (a + b) / 2, "mean"), (np.maximum, "max")):
+        items = [multires.Evaluated(
+            s, {"fused": fused(m["p17@32"], m["p17@48"])},
+            multires.load_mask(s.mask, (32, 32)) if s.mask else np.zeros((32, 32), bool),
+            {"fused": float(fused(m["p17@32"], m["p17@48"]).max())})
+            for s, m in zip(samples, maps, strict=True)]
+        pro = multires.compute_metrics(items, 0.3)["maps"]["fused"]["au_pro"]
+        assert (both["au_pro"] == pytest.approx(pro, abs=1e-6)) == (rule == "mean"), rule
 
     result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "multires.py"),
                              "--dataset", "synthetic", "--root", str(tmp_path / "data"),
-                             "--category", "grain", "--precision", "fp32", *map(str, models)],
+                             "--category", "grain", "--precision", "fp32", "--device", "cpu",
+                             *map(str, models)],
                             capture_output=True, text=True, timeout=600, check=True)
     rows = [json.loads(line) for line in result.stdout.splitlines()]
     assert [r["combo"] for r in rows] == ["p17@32", "p17@48", "p17@32,p17@48"]
@@ -203,3 +211,18 @@ def test_multires_fuses_scales_of_models_at_two_image_sizes(tmp_path: Path):
                           "--category", "grain", str(models[0]), "--combo", "p33@32"],
                          capture_output=True, text=True, timeout=600)
     assert bad.returncode == 1 and "--combo names p33@32; the models hold p17@32" in bad.stderr
+    twice = subprocess.run([sys.executable, str(REPO / "benchmarks" / "multires.py"),
+                            "--dataset", "synthetic", "--root", str(tmp_path / "data"),
+                            "--category", "grain", str(models[0]), str(models[0])],
+                           capture_output=True, text=True, timeout=600)
+    assert twice.returncode == 1 and "scale p17@32 is in another model too" in twice.stderr
+    uncalibrated = tmp_path / "raw.safetensors"
+    stad.fit_students(uncalibrated, teacher="random", dataset="synthetic", category="grain",
+                      root=tmp_path / "data", students={"epochs": 1, "image_size": 32,
+                                                        "n_students": 2, "patch_sizes": [17]})
+    raw = subprocess.run([sys.executable, str(REPO / "benchmarks" / "multires.py"),
+                          "--dataset", "synthetic", "--root", str(tmp_path / "data"),
+                          "--category", "grain", str(uncalibrated)],
+                         capture_output=True, text=True, timeout=600)
+    assert raw.returncode == 1 and raw.stderr.startswith("error: ") and "calibrat" in raw.stderr
+    assert "Traceback" not in raw.stderr
