@@ -27,13 +27,14 @@ from pathlib import Path
 
 import numpy as np
 
-import stad
-from stad.config import ScoreSettings
-from stad.datasets.registry import get_adapter
-from stad.errors import StadError
-from stad.evaluation import Evaluated, compute_metrics
-from stad.images import load_mask
-from stad.scoring import image_score
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # quality.py lives beside this file
+
+import quality  # noqa: E402
+
+import stad  # noqa: E402
+from stad.datasets.registry import get_adapter  # noqa: E402
+from stad.errors import StadError  # noqa: E402
+from stad.evaluation import compute_metrics  # noqa: E402
 
 
 def scale_maps(models: Sequence[Path], images: Sequence[Path], precision: str = "fp32",
@@ -59,13 +60,9 @@ def scale_maps(models: Sequence[Path], images: Sequence[Path], precision: str = 
 def combine(maps: Sequence[dict[str, np.ndarray]], samples: Sequence[stad.Sample],
             combo: Sequence[str], fpr_limit: float) -> dict[str, object]:
     """Metrics of the unweighted mean of ``combo``'s maps (image score: the map's maximum)."""
-    items = []
-    for sample, scales in zip(samples, maps, strict=True):
-        fused = np.mean([scales[k] for k in combo], axis=0, dtype=np.float32)
-        mask = (load_mask(sample.mask, fused.shape) if sample.mask is not None
-                else np.zeros(fused.shape, bool))
-        items.append(Evaluated(sample, {"fused": fused}, mask,
-                               {"fused": image_score(fused, ScoreSettings())}))
+    items = [quality.evaluated(sample, {"fused": np.mean([scales[k] for k in combo], axis=0,
+                                                         dtype=np.float32)})
+             for sample, scales in zip(samples, maps, strict=True)]
     result = compute_metrics(items, fpr_limit)["maps"]["fused"]
     return {"combo": ",".join(combo), "au_pro": result.get("au_pro"),
             "image_auroc": result.get("image_auroc"),

@@ -111,7 +111,7 @@ def _map_to(amap: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     return np.asarray(img.resize((shape[1], shape[0]), Image.Resampling.BILINEAR))
 
 
-def _evaluated(sample: Any, maps: dict[str, np.ndarray]) -> Evaluated:
+def evaluated(sample: Any, maps: dict[str, np.ndarray]) -> Evaluated:
     """A test sample with its maps (at the image's size): mask read at that size (none: all
     normal), image score = each map's maximum."""
     shape = maps["fused"].shape
@@ -131,7 +131,7 @@ def baseline(dataset: str, root: Path, category: str, image_size: int) -> dict[s
     for sample in adapter.list_samples(root, category, "test"):
         image = load_image(sample.image)
         amap = _map_to(gaussian_map(model, _resized(image, image_size)), image.shape)
-        items.append(_evaluated(sample, {"fused": amap}))
+        items.append(evaluated(sample, {"fused": amap}))
     result = _summary(compute_metrics(items, fpr_limit=0.3))
     result["seconds"] = {"fit": round(fitted - start, 2),
                          "evaluate": round(time.perf_counter() - fitted, 2)}
@@ -229,7 +229,7 @@ def descriptor_knn(dataset: str, root: Path, category: str, teacher: str,
     maps = {**per_scale, "fused": torch.stack(list(per_scale.values())).mean(0)}
     items = []
     for i, (sample, image) in enumerate(zip(tests, images, strict=True)):
-        items.append(_evaluated(sample, {k: _map_to(v[i].float().numpy(), image.shape)
+        items.append(evaluated(sample, {k: _map_to(v[i].float().numpy(), image.shape)
                                          for k, v in maps.items()}))
     result = _summary(compute_metrics(items, fpr_limit=0.3))
     result["seconds"] = {"descriptors": round(scored - start, 2),
@@ -285,7 +285,7 @@ def backbone_knn(dataset: str, root: Path, category: str, args: argparse.Namespa
         d = torch.nn.functional.interpolate(d, size=(size, size), mode="bilinear",
                                             align_corners=False)[:, 0]
         amap = gaussian_blur(d.double(), 4.0)[0].float().numpy()
-        items.append(_evaluated(sample, {"fused": _map_to(amap, image.shape)}))
+        items.append(evaluated(sample, {"fused": _map_to(amap, image.shape)}))
     result = _summary(compute_metrics(items, fpr_limit=0.3))
     result["seconds"] = {"evaluate": round(time.perf_counter() - start, 2)}
     return result

@@ -160,6 +160,8 @@ def test_multires_fuses_scales_of_models_at_two_image_sizes(tmp_path: Path):
 
     import stad
     from stad.datasets.synthetic import generate
+    from stad.evaluation import Evaluated, compute_metrics
+    from stad.images import load_mask
 
     spec = importlib.util.spec_from_file_location("multires", REPO / "benchmarks" / "multires.py")
     assert spec is not None and spec.loader is not None
@@ -189,12 +191,12 @@ def test_multires_fuses_scales_of_models_at_two_image_sizes(tmp_path: Path):
     # Both: the metrics of the two maps' mean (not of their maximum, say).
     both = multires.combine(maps, samples, ["p17@32", "p17@48"], 0.3)
     for fused, rule in ((lambda a, b: (a + b) / 2, "mean"), (np.maximum, "max")):
-        items = [multires.Evaluated(
+        items = [Evaluated(
             s, {"fused": fused(m["p17@32"], m["p17@48"])},
-            multires.load_mask(s.mask, (32, 32)) if s.mask else np.zeros((32, 32), bool),
+            load_mask(s.mask, (32, 32)) if s.mask else np.zeros((32, 32), bool),
             {"fused": float(fused(m["p17@32"], m["p17@48"]).max())})
             for s, m in zip(samples, maps, strict=True)]
-        pro = multires.compute_metrics(items, 0.3)["maps"]["fused"]["au_pro"]
+        pro = compute_metrics(items, 0.3)["maps"]["fused"]["au_pro"]
         assert (both["au_pro"] == pytest.approx(pro, abs=1e-6)) == (rule == "mean"), rule
 
     result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "multires.py"),
