@@ -45,16 +45,22 @@ def scale_maps(models: Sequence[Path], images: Sequence[Path], precision: str = 
     groups: list[list[str]] = []
     for path in models:
         model = stad.load_model(path, device=device, precision=precision)
-        keys = [f"p{p}@{model.image_size}" for p in model.patch_sizes]
+        keys = [_sized(name, model.image_size) for name in model.scales]
         held = sorted(set(keys) & {k for g in groups for k in g})
         if held:
             sys.exit(f"error: {path}: scale {', '.join(held)} is in another model too; "
                      "give each scale once")
         groups.append(keys)
         for maps, result in zip(out, model.iter_score(images), strict=True):
-            maps.update({f"{name}@{model.image_size}": amap
+            maps.update({_sized(name, model.image_size): amap
                          for name, amap in result.maps.items()})
     return out, groups
+
+
+def _sized(name: str, image_size: int) -> str:
+    """A model's scale name with its image size: ``p17`` of a 256² model is ``p17@256``; a
+    scale already at its own size (``p17@128``) keeps its name."""
+    return name if "@" in name else f"{name}@{image_size}"
 
 
 def combine(maps: Sequence[dict[str, np.ndarray]], samples: Sequence[stad.Sample],

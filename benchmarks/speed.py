@@ -166,7 +166,7 @@ def _random_model(size: int, device: torch.device) -> Networks:
     for p in PATCH_SIZES:
         teacher, *students = [build_network(p, generator=g).eval()
                               for _ in range(1 + N_STUDENTS)]
-        scales[p] = Scale(p, teacher, students, torch.zeros(128), torch.ones(128),
+        scales[f"p{p}"] = Scale(p, teacher, students, torch.zeros(128), torch.ones(128),
                           torch.tensor([0.0, 1.0, 0.0, 1.0]))
     pre = {"image_size": size, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
     return Networks(scales=scales, preprocessing=pre).to(device).eval()

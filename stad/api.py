@@ -177,7 +177,14 @@ class Model:
 
     @property
     def patch_sizes(self) -> list[int]:
+        """The distinct patch sizes of the model's scales."""
         return self.networks.patch_sizes
+
+    @property
+    def scales(self) -> list[str]:
+        """The scales' names: ``p17`` at the model's image size, ``p17@128`` at 128² (the keys
+        of :attr:`ImageResult.scales` and of its maps)."""
+        return list(self.networks.scale_names)
 
     @property
     def image_size(self) -> int:
@@ -270,7 +277,7 @@ class Model:
                                or len(test_images) != len(test_labels)):
             raise UsageError("threshold method 'f1' needs test_images and as many test_labels")
         # Calibrated in place: a failure (an f1 split of one class, say) puts back what was.
-        saved = {p: (sc.calib, sc.calib_map) for p, sc in self.networks.scales.items()}
+        saved = {k: (sc.calib, sc.calib_map) for k, sc in self.networks.scales.items()}
         saved_sigma = self.networks.smooth_sigma
         saved_weight = self.networks.variance_weight
         saved_tta = self.networks.tta
@@ -282,8 +289,8 @@ class Model:
                 tta=cfg.tta, reporter=reporter)
             chosen = self._threshold(cfg, normal_scores, test_images, test_labels, reporter)
         except BaseException:
-            for p, (calib, calib_map) in saved.items():
-                self.networks.scales[p].calib, self.networks.scales[p].calib_map = calib, \
+            for k, (calib, calib_map) in saved.items():
+                self.networks.scales[k].calib, self.networks.scales[k].calib_map = calib, \
                     calib_map
             self.networks.smooth_sigma = saved_sigma
             self.networks.variance_weight = saved_weight
@@ -296,9 +303,9 @@ class Model:
             "normalize": cfg.normalize, "smooth_sigma": self.networks.smooth_sigma,
             "variance_weight": self.networks.variance_weight, "tta": self.networks.tta,
             "n_images": len(normal_scores), "images_source": source,
-            "statistics": {f"p{p}": dict(zip(("e_mean", "e_std", "v_mean", "v_std"),
-                                             s.tolist(), strict=True))
-                           for p, s in stats.items()},
+            "statistics": {k: dict(zip(("e_mean", "e_std", "v_mean", "v_std"),
+                                       s.tolist(), strict=True))
+                           for k, s in stats.items()},
             "normal_scores": {"min": min(normal_scores), "max": max(normal_scores)},
             "pixel_threshold": pixel_threshold, "target_pixel_fpr": cfg.target_pixel_fpr,
         }
@@ -358,7 +365,7 @@ class Model:
     def __repr__(self) -> str:
         state = "calibrated" if self.calibration else "not calibrated"
         backend = ", onnxruntime" if self.onnx else ""
-        return (f"stad.Model({str(self.path)!r}, patch_sizes={self.patch_sizes}, "
+        return (f"stad.Model({str(self.path)!r}, scales={self.scales}, "
                 f"image_size={self.image_size}, {state}{backend})")
 
 

@@ -28,10 +28,10 @@ from stad.scoring import image_score, prepared_batches
 
 
 class Calibrated(NamedTuple):
-    """What :func:`calibrate_model` found: the statistics per patch size, the normal images'
+    """What :func:`calibrate_model` found: the statistics per scale name, the normal images'
     scores, and the pixel threshold (None unless asked for)."""
 
-    stats: dict[int, torch.Tensor]
+    stats: dict[str, torch.Tensor]
     scores: list[float]
     pixel_threshold: float | None
 
@@ -73,7 +73,7 @@ def calibrate_model(model: Networks, paths: Sequence[Path], rule: ScoreSettings,
     images' pixels exceed (on the same maps as the scores; :class:`stad.regions.TopValues`).
 
     Returns:
-        the statistics per patch size, the image scores of the normal images, and the pixel
+        the statistics per scale name, the image scores of the normal images, and the pixel
         threshold (None without ``pixel_fpr``).
     """
     if normalize not in ("global", "position"):
@@ -87,10 +87,10 @@ def calibrate_model(model: Networks, paths: Sequence[Path], rule: ScoreSettings,
     model.smooth_sigma = resolve_smooth_sigma(smooth_sigma, model.preprocessing["image_size"])
     model.variance_weight = float(variance_weight)
     stats = {}
-    for p in model.patch_sizes:
-        stats[p] = _global_statistics(at[p], len(kept), p)
-        model.scales[p].calib = stats[p].to(device)
-        model.scales[p].calib_map = (_position_statistics(at[p], len(kept), stats[p], p)
+    for k in model.scale_names:
+        stats[k] = _global_statistics(at[k], len(kept), k)
+        model.scales[k].calib = stats[k].to(device)
+        model.scales[k].calib_map = (_position_statistics(at[k], len(kept), stats[k], k)
                                      .to(device) if normalize == "position" else None)
     leave_out = normalize == "position" and len(kept) > 1
     scores = []
@@ -98,13 +98,13 @@ def calibrate_model(model: Networks, paths: Sequence[Path], rule: ScoreSettings,
               if pixel_fpr is not None else None)
     for ev_one, shape in kept:
         per_scale = {}
-        for p, (e, v) in ev_one.items():
+        for k, (e, v) in ev_one.items():
             if leave_out:
                 own = _moments(e, v)[0].cpu()
-                others = _position_statistics(at[p] - own, len(kept) - 1, stats[p], p)
-                per_scale[p] = standardized(e, v, others.to(device), model.variance_weight)
+                others = _position_statistics(at[k] - own, len(kept) - 1, stats[k], k)
+                per_scale[k] = standardized(e, v, others.to(device), model.variance_weight)
             else:
-                per_scale[p] = model.scales[p].standardize(e, v, model.variance_weight)
+                per_scale[k] = model.scales[k].standardize(e, v, model.variance_weight)
         fused = model.fuse(per_scale, shape)["fused"][0].float().cpu().numpy()
         scores.append(image_score(fused, rule))
         if pixels is not None:
@@ -112,15 +112,15 @@ def calibrate_model(model: Networks, paths: Sequence[Path], rule: ScoreSettings,
     return Calibrated(stats, scores, None if pixels is None else pixels.threshold())
 
 
-Kept = list[tuple[dict[int, tuple[torch.Tensor, torch.Tensor]], tuple[int, int]]]
+Kept = list[tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], tuple[int, int]]]
 
 
 def _accumulate(model: Networks, paths: Sequence[Any], device: torch.device,
                 batch_size: int | None, reporter: Reporter
-                ) -> tuple[dict[int, torch.Tensor], Kept]:
-    """One pass over the images: per scale the per-position sums Σe, Σe², Σv, Σv² (4, S, S),
+                ) -> tuple[dict[str, torch.Tensor], Kept]:
+    """One pass over the images: per scale the per-position sums Σe, Σe², Σv, Σv² (4, s, s),
     and each image's e and v with its own size (for its score)."""
-    at: dict[int, torch.Tensor] = {}
+    at: dict[str, torch.Tensor] = {}
     kept: Kept = []
     task = reporter.task("calibrating", len(paths))
     for batch in prepared_batches(model, paths, batch_size or model.inference.batch_size):
@@ -131,18 +131,18 @@ def _accumulate(model: Networks, paths: Sequence[Any], device: torch.device,
             prepared.append(item)
         x = torch.stack([t for t, _ in prepared]).to(device)
         ev = model.error_and_variance(x)
-        for p, (e, v) in ev.items():
+        for k, (e, v) in ev.items():
             here = _moments(e, v).sum(0).cpu()
-            at[p] = at[p] + here if p in at else here
+            at[k] = at[k] + here if k in at else here
         for i, (_, image) in enumerate(prepared):
-            kept.append(({p: (e[i:i + 1], v[i:i + 1]) for p, (e, v) in ev.items()},
+            kept.append(({k: (e[i:i + 1], v[i:i + 1]) for k, (e, v) in ev.items()},
                          image.shape[:2]))
         task.advance(len(prepared))
     task.done()
     return at, kept
 
 
-def _global_statistics(sums: torch.Tensor, n_images: int, p: int) -> torch.Tensor:
+def _global_statistics(sums: torch.Tensor, n_images: int, scale: str) -> torch.Tensor:
     """(e_mean, e_std, v_mean, v_std) over every pixel of the images, float32 (4,); a zero
     spread is replaced by 1, with a warning."""
     se, se2, sv, sv2 = sums.sum((1, 2))
@@ -151,7 +151,7 @@ def _global_statistics(sums: torch.Tensor, n_images: int, p: int) -> torch.Tenso
     e_std = (se2 / count - e_mean**2).clamp_min(0).sqrt()
     v_std = (sv2 / count - v_mean**2).clamp_min(0).sqrt()
     if e_std < 1e-12 or v_std < 1e-12:
-        warn(f"p={p}: regression error or variance is constant on the calibration images; "
+        warn(f"{scale}: regression error or variance is constant on the calibration images; "
              "its standardization uses a spread of 1")
     e_std = e_std if e_std >= 1e-12 else torch.tensor(1.0, dtype=torch.float64)
     v_std = v_std if v_std >= 1e-12 else torch.tensor(1.0, dtype=torch.float64)
@@ -164,14 +164,14 @@ def _moments(e: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return torch.stack([e, e.pow(2), v, v.pow(2)], 1)
 
 
-def _position_statistics(sums: torch.Tensor, n_images: int, global_stats: torch.Tensor, p: int
-                         ) -> torch.Tensor:
+def _position_statistics(sums: torch.Tensor, n_images: int, global_stats: torch.Tensor,
+                         scale: str) -> torch.Tensor:
     # With the module's settings (read at call time), and checked: a non-finite e or v on a
     # calibration image would otherwise give a model that loading refuses.
     out = position_statistics(sums, n_images, global_stats, sigma=POSITION_SIGMA,
                               prior=POSITION_PRIOR)
     if not bool(torch.isfinite(out).all()):
-        raise DataError(f"p={p}: the regression error or variance is not finite on the "
+        raise DataError(f"{scale}: the regression error or variance is not finite on the "
                         "calibration images; the model cannot be calibrated per position")
     return out
 

@@ -311,7 +311,9 @@ def fit_students_cmd(
         "--preset", help="paper (256², 100 epochs) or fast (CPU-friendly). [default: paper]")
     ] = None,
     patch_sizes: Annotated[str | None, typer.Option(
-        "--patch-sizes", help="Comma-separated subset of 17,33,65. [default: all]")] = None,
+        "--patch-sizes", help="Comma-separated subset of 17,33,65; a size written 17@128 is "
+        "a scale on the images reduced to 128² (a divisor of --image-size), which sees a "
+        "larger share of the image. [default: the preset's]")] = None,
     epochs: Annotated[int | None, typer.Option("--epochs", help="Epochs per scale.")] = None,
     image_size: Annotated[int | None, typer.Option(
         "--image-size", help="Images are resized to this square size.")] = None,
@@ -538,7 +540,9 @@ def export_cmd(
 def merge_models_cmd(
     models: Annotated[list[Path], typer.Argument(
         help="Model artifacts fitted on the same data with the same settings, each with its "
-        "own patch sizes.", show_default=False)],
+        "own patch sizes; models fitted at a smaller image size (a divisor of the largest) "
+        "give scales at that size (p17 of a 128² model becomes p17@128).",
+        show_default=False)],
     out: Annotated[Path, typer.Option("--out", help="The merged model artifact to write.")
                    ] = Path("model.safetensors"),
     json_out: JsonOpt = False,
@@ -547,9 +551,10 @@ def merge_models_cmd(
     from stad.commands.merge import merge_models
 
     result = merge_models(models, out=out)
-    sizes = ",".join(str(p) for p in result["patch_sizes"])
-    _print_result(result, json_out, [f"model written to {result['artifact']} (p = {sizes}); "
-                                     f"next: stad calibrate --model {result['artifact']}"])
+    scales = ", ".join(result["scales"])
+    _print_result(result, json_out, [f"model written to {result['artifact']} ({scales} at "
+                                     f"{result['image_size']}²); next: stad calibrate "
+                                     f"--model {result['artifact']}"])
 
 
 @app.command("demo")

@@ -53,6 +53,48 @@ def _check_patch_sizes(value: list[int]) -> list[int]:
     return sorted(set(value))
 
 
+def parse_scale(value: int | str) -> tuple[int, int | None]:
+    """A student scale as written in ``students.patch_sizes``: ``17`` (at the model's image
+    size) → (17, None), ``"17@128"`` (at 128²) → (17, 128). ValueError for anything else."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value, None
+    text = str(value).strip().removeprefix("p")
+    p, at, size = text.partition("@")
+    try:
+        return int(p), int(size) if at else None
+    except ValueError:
+        raise ValueError(f"{value!r} is not a patch size (17) or a patch size at an image size "
+                         "(17@128)") from None
+
+
+def _split_scales(value: Any) -> Any:
+    """Accept ``"17,17@128,33@128"`` as well as a list; plain sizes become ints."""
+    if isinstance(value, str):
+        value = [v for v in value.replace(" ", "").split(",") if v]
+    if isinstance(value, list):
+        out: list[int | str] = []
+        for v in value:
+            p, size = parse_scale(v)
+            out.append(p if size is None else f"{p}@{size}")
+        return out
+    return value
+
+
+def _check_scales(value: list[int | str]) -> list[int | str]:
+    scales = [parse_scale(v) for v in value]
+    bad = [v for v, (p, _) in zip(value, scales, strict=True) if p not in PATCH_SIZES]
+    if bad or not value:
+        raise ValueError(f"patch sizes must be a non-empty subset of {PATCH_SIZES}, each "
+                         f"optionally at an image size (17@128), got {value}")
+    small = [v for v, (_, size) in zip(value, scales, strict=True)
+             if size is not None and size < 17]
+    if small:
+        raise ValueError(f"{small[0]}: the image size of a scale must be at least 17")
+    unique = {scale: v for scale, v in zip(scales, value, strict=True)}
+    return [unique[k] for k in sorted(unique, key=lambda k: (k[0], k[1] is not None,
+                                                             -(k[1] or 0)))]
+
+
 class TeacherSettings(_Section):
     """``stad pretrain-teacher`` (METHOD.md §3). Paper: λk = λc = 1, λm = 0, 50 000 iterations.
 
@@ -165,7 +207,9 @@ class StudentSettings(_Section):
     """``stad fit-students`` (METHOD.md §4)."""
 
     preset: Literal["paper", "fast"] = "paper"
-    patch_sizes: list[int] = Field(default=list(PATCH_SIZES))
+    patch_sizes: list[int | str] = Field(
+        default=list(PATCH_SIZES), description="the scales: patch sizes at image_size (17), or "
+        "at a smaller divisor of it (17@128: the images reduced to 128² for that scale)")
     n_students: int = Field(default=3, ge=2, description="ensemble size M (≥ 2 for a variance)")
     image_size: int = Field(default=256, ge=17)
     epochs: int = Field(default=100, ge=1)
@@ -185,8 +229,28 @@ class StudentSettings(_Section):
         "with bf16 units, an AVX-512 CPU), else fp32 (emulated bf16 is ~20× slower)")
     checkpoint_every: int = Field(default=1, ge=1, description="epochs between checkpoints")
 
-    _split = field_validator("patch_sizes", mode="before")(_split_ints)
-    _check = field_validator("patch_sizes")(_check_patch_sizes)
+    _split = field_validator("patch_sizes", mode="before")(_split_scales)
+    _check = field_validator("patch_sizes")(_check_scales)
+
+    @property
+    def scales(self) -> list[tuple[int, int | None]]:
+        """(patch size, image size) of each scale, None for the model's ``image_size``."""
+        return [parse_scale(v) for v in self.patch_sizes]
+
+    @property
+    def teacher_patch_sizes(self) -> list[int]:
+        """The distinct patch sizes, one teacher each."""
+        return sorted({p for p, _ in self.scales})
+
+    @model_validator(mode="after")
+    def _check_scale_sizes(self) -> StudentSettings:
+        for v, (_, size) in zip(self.patch_sizes, self.scales, strict=True):
+            if size is not None and (size >= self.image_size or self.image_size % size):
+                raise ValueError(f"students.patch_sizes {v}: the image size of a scale must be "
+                                 f"a smaller divisor of students.image_size "
+                                 f"{self.image_size} (write {str(v).split('@')[0]} for a scale at "
+                                 f"{self.image_size}²)")
+        return self
 
     @model_validator(mode="before")
     @classmethod

@@ -5,7 +5,7 @@ model's S × S, bilinear with antialiasing, and standardized with the recorded m
 ``metadata["preprocessing"]``), to
 
 - ``fused``: (N, S, S), the fused anomaly map at the model's resolution, and
-- ``scales``: (N, K, S, S), each scale's map (patch sizes in ``metadata["patch_sizes"]``),
+- ``scales``: (N, K, S, S), each scale's map (their names in ``metadata["scales"]``),
 
 with the teachers, the students, the descriptor normalization, the calibration statistics
 (global or per position) and the fusion inside: exactly :meth:`stad.model.Networks.maps` in
@@ -45,7 +45,7 @@ from torch import nn
 from stad._version import __version__
 from stad.errors import ArtifactError, StadError, UsageError
 from stad.fsutil import atomic_write_bytes, check_output_file
-from stad.model import TTA, Inference, Networks
+from stad.model import TTA, Inference, Networks, parse_scale_name
 
 OPSET = 17
 EXTRA = "pip install 'stad[onnx]'"
@@ -71,7 +71,7 @@ class _Graph(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         maps = self.networks.maps(x)
-        return maps["fused"], torch.stack([maps[f"p{p}"] for p in self.networks.patch_sizes], 1)
+        return maps["fused"], torch.stack([maps[k] for k in self.networks.scale_names], 1)
 
 
 def export_onnx(model: Any, out: Path, *, quantize: str | None = None,
@@ -123,6 +123,7 @@ def export_onnx(model: Any, out: Path, *, quantize: str | None = None,
         "stad_version": __version__,
         "preprocessing": json.dumps(networks.preprocessing),
         "patch_sizes": json.dumps(networks.patch_sizes),
+        "scales": json.dumps(networks.scale_names),
         "calibration": json.dumps({**{k: calibration.get(k) for k in (
             "threshold", "pixel_threshold", "image_score", "topk_fraction", "normalize",
             "smooth_sigma", "method", "target_fpr", "target_pixel_fpr")},
@@ -132,7 +133,7 @@ def export_onnx(model: Any, out: Path, *, quantize: str | None = None,
                             if k in ("dataset", "root", "category")}),
         "input": "images: (N, 3, S, S) float32, resized to S x S and standardized as "
                  "preprocessing says",
-        "outputs": "fused: (N, S, S) fused anomaly map; scales: (N, K, S, S) per patch size",
+        "outputs": "fused: (N, S, S) fused anomaly map; scales: (N, K, S, S) per scale",
         "quantization": json.dumps(quantization),
     }
     for key, value in metadata.items():
@@ -142,7 +143,8 @@ def export_onnx(model: Any, out: Path, *, quantize: str | None = None,
     data = proto.SerializeToString()
     atomic_write_bytes(out, data)
     return {"artifact": str(out), "format": "onnx", "bytes": len(data), "opset": OPSET,
-            "patch_sizes": networks.patch_sizes, "image_size": size,
+            "patch_sizes": networks.patch_sizes, "scales": networks.scale_names,
+            "image_size": size,
             "threshold": calibration["threshold"],
             "pixel_threshold": calibration.get("pixel_threshold"), "quantization": quantization}
 
@@ -241,16 +243,20 @@ def check_export_path(out: Path, model_path: Path | None) -> None:
 class OnnxNetworks:
     """An exported graph in onnxruntime, in the place of :class:`stad.model.Networks` for the
     scoring code (:func:`stad.scoring.iter_results` needs ``preprocessing``, ``inference``,
-    ``patch_sizes`` and ``maps``)."""
+    ``scale_names`` and ``maps``)."""
 
     session: Any
     preprocessing: dict[str, Any]
-    patch_sizes: list[int]
+    scale_names: list[str]
     inference: Inference = field(default_factory=Inference)
+
+    @property
+    def patch_sizes(self) -> list[int]:
+        return sorted({parse_scale_name(k)[0] for k in self.scale_names})
 
     def maps(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         fused, scales = self.session.run(None, {"images": x.detach().cpu().numpy()})
-        out = {f"p{p}": torch.from_numpy(scales[:, k]) for k, p in enumerate(self.patch_sizes)}
+        out = {name: torch.from_numpy(scales[:, k]) for k, name in enumerate(self.scale_names)}
         out["fused"] = torch.from_numpy(fused)
         return out
 
@@ -278,8 +284,10 @@ def load_onnx(path: Path, *, threads: int | None = None) -> tuple[OnnxNetworks, 
     try:
         session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
         meta = session.get_modelmeta().custom_metadata_map
-        networks = OnnxNetworks(session, json.loads(meta["stad.preprocessing"]),
-                                json.loads(meta["stad.patch_sizes"]))
+        # Exports made before scales at other sizes name only their patch sizes.
+        names = (json.loads(meta["stad.scales"]) if "stad.scales" in meta
+                 else [f"p{p}" for p in json.loads(meta["stad.patch_sizes"])])
+        networks = OnnxNetworks(session, json.loads(meta["stad.preprocessing"]), names)
         info = {"calibration": json.loads(meta["stad.calibration"]),
                 "data": json.loads(meta.get("stad.data", "{}")), "onnx": str(path)}
     except (KeyError, ValueError) as exc:

@@ -6,13 +6,19 @@ the ``teacher.*`` entries):
 
 =================================  =========================================================
 ``teacher.p{P}.convs.{i}.*``        teacher of patch size P
-``student.p{P}.{m}.convs.{i}.*``    student m of patch size P
-``norm.p{P}.mean`` / ``.std``       (128,) per-channel statistics of the teacher's descriptors
+``student.{K}.{m}.convs.{i}.*``     student m of scale K
+``norm.{K}.mean`` / ``.std``        (128,) per-channel statistics of the teacher's descriptors
                                     over the training images (METHOD.md §4)
-``calib.p{P}``                      (4,) e_mean, e_std, v_mean, v_std on validation images
-``calib_map.p{P}``                  (4, S, S) the same per pixel position of the S × S map
+``calib.{K}``                       (4,) e_mean, e_std, v_mean, v_std on validation images
+``calib_map.{K}``                   (4, s, s) the same per pixel position of the scale's map
                                     (only after ``stad calibrate --normalize position``)
 =================================  =========================================================
+
+A scale K is named ``p{P}`` when it works at the model's image size S, and ``p{P}@{s}`` when
+it works on the images reduced to s × s, s a divisor of S (average pooling by S / s): the same
+teacher then covers S / s times as much of the image. Its map is upsampled to S × S before the
+fusion. Scales at two sizes are what lets one model see fine texture and large structure
+(docs/quality.md, "Scales at two image sizes").
 
 How the maps are computed (``Networks.inference``, from the ``score`` settings) never changes
 what is stored: images larger than ``tile_size`` are scored in overlapping tiles that give the
@@ -23,6 +29,7 @@ autocast (an approximation; fp32 is exact).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +44,41 @@ from stad.handcrafted import gaussian_blur
 from stad.networks import PATCH_SIZES, FusedNetworks, PatchNetwork, build_network
 
 PADDING = "reflect"
+
+
+def scale_name(patch_size: int, image_size: int | None = None) -> str:
+    """``p17`` (a scale at the model's image size, ``image_size`` None) or ``p17@128``."""
+    return f"p{patch_size}" if image_size is None else f"p{patch_size}@{image_size}"
+
+
+_SCALE_NAME = re.compile(r"p(\d+)(?:@(\d+))?")
+
+
+def parse_scale_name(name: str) -> tuple[int, int | None]:
+    """``"p17"`` → (17, None), ``"p17@128"`` → (17, 128); ValueError for anything else."""
+    m = _SCALE_NAME.fullmatch(name)
+    if m is None:
+        raise ValueError(f"{name!r} is not a scale name (p17, p17@128)")
+    return int(m.group(1)), None if m.group(2) is None else int(m.group(2))
+
+
+def scale_order(name: str) -> tuple[int, int, int]:
+    """Sort key of scale names: by patch size, the model-size scale first, then larger sizes."""
+    p, size = parse_scale_name(name)
+    return (p, 0, 0) if size is None else (p, 1, -size)
+
+
+def reduce_to(x: torch.Tensor, image_size: int | None) -> torch.Tensor:
+    """Images (N, C, S, S) reduced to a scale's ``image_size`` by average pooling (S / size
+    pixels a side; None: as they are). Average pooling, not a resampling filter, so that the
+    training, the scoring and an ONNX export reduce alike."""
+    if image_size is None or x.shape[-1] == image_size:
+        return x
+    k = int(x.shape[-1]) // image_size
+    if k < 1 or x.shape[-1] != k * image_size or x.shape[-2] % k:
+        raise ValueError(f"images of {tuple(x.shape[-2:])} pixels cannot be reduced to "
+                         f"{image_size}²: the size must divide theirs")
+    return F.avg_pool2d(x, k)
 
 TTA: dict[str, tuple[tuple[int, bool], ...]] = {
     "none": ((0, False),),
@@ -78,9 +120,15 @@ class Scale:
     mean: torch.Tensor | None = None  # (D,) teacher descriptor mean over training images
     std: torch.Tensor | None = None  # (D,)
     calib: torch.Tensor | None = None  # (4,) e_mean, e_std, v_mean, v_std
-    calib_map: torch.Tensor | None = None  # (4, S, S) per position; None: ``calib`` everywhere
+    calib_map: torch.Tensor | None = None  # (4, s, s) per position; None: ``calib`` everywhere
+    image_size: int | None = None  # the size it works at; None: the model's (module docstring)
     _fused: FusedNetworks | None = field(default=None, init=False, repr=False)
     _fused_key: tuple[Any, ...] = field(default=(), init=False, repr=False)
+
+    @property
+    def name(self) -> str:
+        """``p17``, or ``p17@128`` for a scale at another size than the model's."""
+        return scale_name(self.patch_size, self.image_size)
 
     def normalized_teacher(self, x: torch.Tensor) -> torch.Tensor:
         """(y − μ)/σ of METHOD.md §4: (N, 3, H, W) → (N, D, H, W)."""
@@ -163,12 +211,12 @@ class Scale:
         standardized with its own position's mean and spread."""
         if self.calib_map is not None:
             if tuple(e.shape[-2:]) != tuple(self.calib_map.shape[-2:]):
-                raise ValueError(f"p={self.patch_size}: maps of size {tuple(e.shape[-2:])} "
+                raise ValueError(f"{self.name}: maps of size {tuple(e.shape[-2:])} "
                                  f"cannot use per-position statistics of size "
                                  f"{tuple(self.calib_map.shape[-2:])}")
             return standardized(e, v, self.calib_map, variance_weight)
         if self.calib is None:
-            raise ArtifactError(f"the model is not calibrated for p={self.patch_size}: "
+            raise ArtifactError(f"the model is not calibrated for {self.name}: "
                                 "run `stad calibrate` first")
         return standardized(e, v, self.calib, variance_weight)
 
@@ -191,15 +239,17 @@ def standardized(e: torch.Tensor, v: torch.Tensor, stats: torch.Tensor,
 
 @dataclass
 class Networks:
-    """The networks and statistics of a multi-scale student–teacher model, keyed by patch size
-    (the public :class:`stad.Model` wraps them with their artifact and calibration)."""
+    """The networks and statistics of a multi-scale student–teacher model, keyed by scale name
+    (``p17``, ``p17@128``: :func:`scale_name`; the public :class:`stad.Model` wraps them with
+    their artifact and calibration)."""
 
-    scales: dict[int, Scale]
+    scales: dict[str, Scale]
     preprocessing: dict[str, Any]
     inference: Inference = field(default_factory=Inference)
     smooth_sigma: float = 0.0
     """σ (pixels of the S × S maps) of the Gaussian that smooths each scale's map before the
-    fusion; part of the calibration (``calibrate.smooth_sigma``), 0 for none."""
+    fusion (a scale at size s uses σ·s/S on its own map); part of the calibration
+    (``calibrate.smooth_sigma``), 0 for none."""
     variance_weight: float = 1.0
     """w in each scale's score ẽ + w·ṽ; part of the calibration (``calibrate.variance_weight``;
     1, the paper's, for calibrations made before the setting)."""
@@ -208,8 +258,19 @@ class Networks:
     (``calibrate.tta``), "none" for calibrations made before the setting."""
 
     @property
+    def scale_names(self) -> list[str]:
+        """The scales' names in order (:func:`scale_order`)."""
+        return sorted(self.scales, key=scale_order)
+
+    @property
     def patch_sizes(self) -> list[int]:
-        return sorted(self.scales)
+        """The distinct patch sizes of the scales (their teachers)."""
+        return sorted({s.patch_size for s in self.scales.values()})
+
+    @property
+    def image_size(self) -> int:
+        """S, the side of the square the images are resized to."""
+        return int(self.preprocessing["image_size"])
 
     def to(self, device: torch.device | str) -> Networks:
         for s in self.scales.values():
@@ -241,42 +302,61 @@ class Networks:
             dict of (N, H, W) float tensors.
         """
         ev = self.error_and_variance(x)
-        return self.fuse({p: self.scales[p].standardize(*ev[p], self.variance_weight)
-                          for p in self.patch_sizes}, size)
+        return self.fuse({k: self.scales[k].standardize(*ev[k], self.variance_weight)
+                          for k in self.scale_names}, size)
 
-    def error_and_variance(self, x: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-        """Per patch size, e and v of :meth:`Scale.error_and_variance` as ``self.inference``
-        says, averaged over the views of :attr:`tta`: (N, 3, H, W) → two (N, H, W) tensors
-        each."""
+    def error_and_variance(self, x: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Per scale, e and v of :meth:`Scale.error_and_variance` as ``self.inference``
+        says, averaged over the views of :attr:`tta`: (N, 3, H, W) → two (N, h, w) tensors
+        each (h = H for a scale at the model's size, its own size for the others)."""
         views = TTA[self.tta]
         if len(views) == 1:
             return self._error_and_variance(x)
         if any(k % 2 for k, _ in views) and x.shape[-1] != x.shape[-2]:
             raise ValueError(f"tta {self.tta!r} turns images by 90° and needs square inputs, "
                              f"got {tuple(x.shape[-2:])}")
-        total: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        total: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         for k, mirror in views:
             view = turned(x.flip(-1) if mirror else x, k)
-            for p, (e, v) in self._error_and_variance(view).items():
+            for name, (e, v) in self._error_and_variance(view).items():
                 e, v = turned(e, -k), turned(v, -k)
                 if mirror:
                     e, v = e.flip(-1), v.flip(-1)
-                total[p] = (total[p][0] + e, total[p][1] + v) if p in total else (e, v)
-        return {p: (e / len(views), v / len(views)) for p, (e, v) in total.items()}
+                total[name] = ((total[name][0] + e, total[name][1] + v) if name in total
+                               else (e, v))
+        return {name: (e / len(views), v / len(views)) for name, (e, v) in total.items()}
 
     def _error_and_variance(self, x: torch.Tensor
-                            ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+                            ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         run = self.inference
-        return {p: self.scales[p].error_and_variance(x, tile_size=run.tile_size,
-                                                     precision=run.precision, fused=run.fused)
-                for p in self.patch_sizes}
+        reduced: dict[int | None, torch.Tensor] = {}
+        out = {}
+        for name in self.scale_names:
+            scale = self.scales[name]
+            if scale.image_size not in reduced:
+                reduced[scale.image_size] = reduce_to(x, scale.image_size)
+            out[name] = scale.error_and_variance(reduced[scale.image_size],
+                                                 tile_size=run.tile_size,
+                                                 precision=run.precision, fused=run.fused)
+        return out
 
-    def fuse(self, per_scale: dict[int, torch.Tensor], size: tuple[int, int] | None = None
+    def fuse(self, per_scale: dict[str, torch.Tensor], size: tuple[int, int] | None = None
              ) -> dict[str, torch.Tensor]:
-        """Per-scale maps (keyed by patch size) → ``{"p17": ..., "fused": ...}``, each smoothed
-        with ``smooth_sigma`` at the model's resolution, then resized to ``size`` (bilinear)
-        if given. The fused map is their unweighted mean (METHOD.md §5)."""
-        out = {f"p{p}": gaussian_blur(m, self.smooth_sigma) for p, m in sorted(per_scale.items())}
+        """Per-scale maps (keyed by scale name) → ``{"p17": ..., "fused": ...}``, each smoothed
+        with ``smooth_sigma`` (scaled to its own size) and brought to the size of the largest
+        (the model's resolution), then resized to ``size`` (bilinear) if given. The fused map is
+        their unweighted mean (METHOD.md §5)."""
+        names = sorted(per_scale, key=scale_order)
+        # Python ints, so that an ONNX export traces them as constants of its fixed size.
+        full = max(int(per_scale[k].shape[-1]) for k in names)
+        out = {}
+        for k in names:
+            m, side = per_scale[k], int(per_scale[k].shape[-1])
+            m = gaussian_blur(m, self.smooth_sigma * side / full)
+            if side != full:
+                m = F.interpolate(m[:, None], scale_factor=float(full // side), mode="bilinear",
+                                  align_corners=False)[:, 0]
+            out[k] = m
         out["fused"] = torch.stack(list(out.values())).mean(0)
         if size is not None and tuple(out["fused"].shape[-2:]) != tuple(size):
             out = {k: F.interpolate(v[:, None], size=size, mode="bilinear",
@@ -336,18 +416,34 @@ def _load_net(p: int, state: Mapping[str, torch.Tensor], what: str) -> PatchNetw
 
 
 def model_tensors(model: Networks) -> dict[str, torch.Tensor]:
-    out = teacher_tensors({p: s.teacher for p, s in model.scales.items()})
-    for p, s in model.scales.items():
+    out = teacher_tensors({s.patch_size: s.teacher for s in model.scales.values()})
+    for k, s in model.scales.items():
         for m, student in enumerate(s.students):
-            out.update(with_prefix(student.state_dict(), f"student.p{p}.{m}"))
+            out.update(with_prefix(student.state_dict(), f"student.{k}.{m}"))
         assert s.mean is not None and s.std is not None
-        out[f"norm.p{p}.mean"] = s.mean
-        out[f"norm.p{p}.std"] = s.std
+        out[f"norm.{k}.mean"] = s.mean
+        out[f"norm.{k}.std"] = s.std
         if s.calib is not None:
-            out[f"calib.p{p}"] = s.calib
+            out[f"calib.{k}"] = s.calib
         if s.calib_map is not None:
-            out[f"calib_map.p{p}"] = s.calib_map
+            out[f"calib_map.{k}"] = s.calib_map
     return {k: v.detach().cpu().contiguous() for k, v in out.items()}
+
+
+def student_scales(tensors: Mapping[str, torch.Tensor]) -> list[str]:
+    """The names of the scales whose students an artifact's tensors hold, in order."""
+    names = {k.split(".")[1] for k in tensors if k.startswith("student.")}
+    return sorted((n for n in names if _SCALE_NAME.fullmatch(n)), key=scale_order)
+
+
+def check_scale_size(name: str, image_size: int) -> int | None:
+    """The size a scale named ``name`` works at in a model of ``image_size`` (None: the
+    model's own); ArtifactError where it is not a divisor smaller than the model's."""
+    size = parse_scale_name(name)[1]
+    if size is not None and (size >= image_size or image_size % size):
+        raise ArtifactError(f"scale {name} does not fit a model of image size {image_size}: "
+                            "its size must be a smaller divisor of the model's")
+    return size
 
 
 def model_from_tensors(tensors: Mapping[str, torch.Tensor], preprocessing: dict[str, Any],
@@ -355,19 +451,28 @@ def model_from_tensors(tensors: Mapping[str, torch.Tensor], preprocessing: dict[
     """The model an artifact's tensors hold; ``calibration=False`` leaves its calibration
     statistics out (``stad calibrate`` replaces them, so damaged ones must not stop it)."""
     teachers = load_teachers(tensors)
-    scales: dict[int, Scale] = {}
-    for p, teacher in teachers.items():
-        ids = sorted({int(k.split(".")[2]) for k in tensors if k.startswith(f"student.p{p}.")})
-        students = [_load_net(p, prefixed(tensors, f"student.p{p}.{m}"),
-                              f"student {m} p={p}").requires_grad_(False).eval() for m in ids]
-        if len(students) < 2 or f"norm.p{p}.mean" not in tensors:
-            raise ArtifactError(f"the model artifact lacks students or normalization for p={p}")
-        size = preprocessing.get("image_size")
-        scales[p] = Scale(p, teacher, students, tensors[f"norm.p{p}.mean"].float(),
-                          tensors[f"norm.p{p}.std"].float(),
-                          _calibration(tensors, f"calib.p{p}", (4,)) if calibration else None,
-                          _calibration(tensors, f"calib_map.p{p}", (4, size, size))
-                          if calibration else None)
+    full = int(preprocessing.get("image_size", 0))
+    scales: dict[str, Scale] = {}
+    for k in student_scales(tensors):
+        p = parse_scale_name(k)[0]
+        if p not in teachers:
+            raise ArtifactError(f"the model artifact has students for {k} but no teacher for "
+                                f"p={p}")
+        size = check_scale_size(k, full)
+        ids = sorted({int(n.split(".")[2]) for n in tensors if n.startswith(f"student.{k}.")})
+        students = [_load_net(p, prefixed(tensors, f"student.{k}.{m}"),
+                              f"student {m} {k}").requires_grad_(False).eval() for m in ids]
+        if len(students) < 2 or f"norm.{k}.mean" not in tensors:
+            raise ArtifactError(f"the model artifact lacks students or normalization for {k}")
+        side = full if size is None else size
+        scales[k] = Scale(p, teachers[p], students, tensors[f"norm.{k}.mean"].float(),
+                          tensors[f"norm.{k}.std"].float(),
+                          _calibration(tensors, f"calib.{k}", (4,)) if calibration else None,
+                          _calibration(tensors, f"calib_map.{k}", (4, side, side))
+                          if calibration else None, image_size=size)
+    unused = sorted(set(teachers) - {s.patch_size for s in scales.values()})
+    if unused:
+        raise ArtifactError(f"the model artifact lacks students or normalization for p={unused[0]}")
     return Networks(scales=scales, preprocessing=preprocessing)
 
 

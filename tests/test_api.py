@@ -301,7 +301,7 @@ def test_tta_averages_the_error_over_the_views_of_every_map(world: Path, tmp_pat
         return x.flip(dims) if dims else x
 
     model.networks.tta = "none"
-    p = model.patch_sizes[0]
+    p = model.scales[0]
     want = sum(back(model.networks.error_and_variance(view(part, d, k))[p][0], d, k)
                for d, k in views)
     model.networks.tta = tta

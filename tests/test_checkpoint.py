@@ -221,6 +221,28 @@ def test_students_resume_across_scales_and_twice(tmp_path: Path) -> None:
     assert_same_artifact(reference, out, "students")
 
 
+def test_students_resume_a_scale_at_another_size(tmp_path: Path) -> None:
+    # p17@18 is a second p=17 scale, on the images reduced to 18²: its own checkpoint entries.
+    root = _data(tmp_path / "data")
+    settings = _students(root, patch_sizes=[17, "17@18"], epochs=1, image_size=36)
+    reference, out = tmp_path / "reference.safetensors", tmp_path / "model.safetensors"
+    fit(settings, teacher="random", out=reference)
+    with stop_at(3), pytest.raises(Interrupted, match="p=17@18, epoch 1 of 1 after step 1 of 2"):
+        fit(settings, teacher="random", out=out)
+    saved = load_artifact(checkpoint_path(out))
+    assert any(k.startswith("adam.p17@18.") for k in saved.tensors)
+    assert saved.info["progress"]["scale"] == "p17@18"
+    fit(settings, teacher="random", out=out, resume=True)
+    assert_same_artifact(reference, out, "students")
+    assert load_model_scales(out) == ["p17", "p17@18"]
+
+
+def load_model_scales(path: Path) -> list[str]:
+    import stad
+
+    return stad.load_model(path, device="cpu").scales
+
+
 def test_resume_refuses_other_settings_or_data(students_reference: tuple[Path, Path],
                                                tmp_path: Path) -> None:
     import shutil

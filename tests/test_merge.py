@@ -79,7 +79,7 @@ def test_calibration_is_left_out(fits: Path, tmp_path: Path) -> None:
 
 def test_a_scale_given_twice_is_refused(fits: Path, tmp_path: Path) -> None:
     out = tmp_path / "m.safetensors"
-    with pytest.raises(UsageError, match=r"p=17 is in both .*p17\.safetensors and .*both"):
+    with pytest.raises(UsageError, match=r"p17 is in both .*p17\.safetensors and .*both"):
         stad.merge_models([fits / "p17.safetensors", fits / "both.safetensors"], out=out)
     assert not out.exists()
 
@@ -92,13 +92,12 @@ def _changed(src: Path, dst: Path, change: Callable[[Artifact], None]) -> Path:
 
 
 @pytest.mark.parametrize(("what", "change"), [
-    ("students.image_size = 64", lambda a: a.config["students"].update(image_size=64)),
     ("seed = 7", lambda a: setattr(a, "seed", 7)),
     ("data.category = 'other'", lambda a: a.info["data"].update(category="other")),
     ("data.validation.images", lambda a: a.info["data"]["validation"].update(images=[])),
     ("data.n_fit = 5", lambda a: a.info["data"].update(n_fit=5)),
     ("students.lr = (not set)", lambda a: a.config["students"].pop("lr")),
-    ("preprocessing.image_size", lambda a: a.preprocessing.update(image_size=64)),
+    ("preprocessing.mean", lambda a: a.preprocessing.update(mean=[0.5, 0.5, 0.5])),
     ("teacher.kind = 'model'", lambda a: a.info["teacher"].update(kind="model")),
 ])
 def test_models_of_other_runs_are_refused(fits: Path, tmp_path: Path, what: str,
@@ -137,10 +136,11 @@ def test_cli_merges_and_exits_2_on_a_repeated_scale(fits: Path, tmp_path: Path) 
     ok = runner.invoke(app, ["merge-models", str(fits / "p17.safetensors"),
                              str(fits / "p33.safetensors"), "--out", str(out)])
     assert ok.exit_code == 0, ok.output
-    assert f"model written to {out} (p = 17,33); next: stad calibrate --model {out}" in ok.output
+    assert (f"model written to {out} (p17, p33 at 32²); next: stad calibrate --model {out}"
+            in ok.output)
     bad = runner.invoke(app, ["merge-models", str(fits / "p17.safetensors"),
                               str(fits / "both.safetensors"), "--out", str(tmp_path / "x")])
-    assert bad.exit_code == 2 and "p=17 is in both" in bad.output
+    assert bad.exit_code == 2 and "p17 is in both" in bad.output
     missing = runner.invoke(app, ["merge-models", str(fits / "p17.safetensors"),
                                   str(tmp_path / "nope.safetensors"), "--out", str(tmp_path / "y")])
     assert missing.exit_code == 4 and "does not exist" in missing.output

@@ -32,7 +32,7 @@ def _model(seed: int = 0, sizes=(17,)) -> Networks:
     for p in sizes:
         teacher = build_network(p, 16, generator=g).eval()
         students = [build_network(p, 16, generator=g).eval() for _ in range(3)]
-        scales[p] = Scale(p, teacher, students, torch.zeros(16), torch.ones(16))
+        scales[f"p{p}"] = Scale(p, teacher, students, torch.zeros(16), torch.ones(16))
     pre = {"image_size": 24, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}
     return Networks(scales=scales, preprocessing=pre)
 
@@ -49,7 +49,7 @@ def _images(tmp_path: Path, n: int, seed: int, size=(30, 26)) -> list[Path]:
 
 def test_error_and_variance_follow_the_formulas():
     model = _model(sizes=(17,))
-    scale = model.scales[17]
+    scale = model.scales["p17"]
     x = torch.randn(2, 3, 20, 20, generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
         e, v = scale.error_and_variance(x)
@@ -95,12 +95,12 @@ def test_maps_are_at_the_image_resolution(tmp_path: Path):
 
 def test_constant_error_does_not_divide_by_zero(tmp_path: Path, capsys):
     model = _model()
-    scale = model.scales[17]
+    scale = model.scales["p17"]
     for s in scale.students:  # students identical to the teacher: e = v = 0 everywhere
         s.load_state_dict(scale.teacher.state_dict())
     stats, scores, _ = calibrate_model(model, _images(tmp_path, 2, seed=5), ScoreSettings(),
                                     device=torch.device("cpu"))
-    assert stats[17][1] == 1.0 and stats[17][3] == 1.0
+    assert stats["p17"][1] == 1.0 and stats["p17"][3] == 1.0
     assert all(np.isfinite(scores))
     assert "constant" in capsys.readouterr().err
 
@@ -183,7 +183,7 @@ def test_per_position_calibration_standardizes_each_position(tmp_path: Path, mon
 
 
 def test_per_position_statistics_must_match_the_map():
-    scale = _model().scales[17]
+    scale = _model().scales["p17"]
     scale.calib_map = torch.ones(4, 24, 24)
     with pytest.raises(ValueError, match="per-position"):
         scale.standardize(torch.zeros(1, 20, 20), torch.zeros(1, 20, 20))
@@ -198,7 +198,7 @@ def test_per_position_statistics_round_trip_and_are_checked_on_load(tmp_path: Pa
                     device=torch.device("cpu"), normalize="position")
     tensors = model_tensors(model)
     loaded = model_from_tensors(tensors, model.preprocessing)
-    torch.testing.assert_close(loaded.scales[17].calib_map, model.scales[17].calib_map)
+    torch.testing.assert_close(loaded.scales["p17"].calib_map, model.scales["p17"].calib_map)
     for name, bad in (("calib_map.p17", torch.ones(4, 20, 20)),
                       ("calib_map.p17", torch.ones(4, 24, 24, dtype=torch.int32)),
                       ("calib.p17", torch.ones(3))):
@@ -213,7 +213,7 @@ def test_per_position_statistics_round_trip_and_are_checked_on_load(tmp_path: Pa
             # ... unless the calibration is left out, as stad calibrate does.
             plain = model_from_tensors({**tensors, name: broken}, model.preprocessing,
                                        calibration=False)
-            assert plain.scales[17].calib is None and plain.scales[17].calib_map is None
+            assert plain.scales["p17"].calib is None and plain.scales["p17"].calib_map is None
 
 
 @pytest.mark.parametrize("weight", [0.0, 1.0])

@@ -26,7 +26,7 @@ def _model(seed: int, sizes=PATCH_SIZES, m: int = 2) -> Networks:
         teacher, *students = [build_network(p, 8, generator=g).double().eval()
                               for _ in range(m + 1)]
         mean = torch.randn(8, generator=g)
-        scales[p] = Scale(p, teacher, students, mean, torch.rand(8, generator=g) + 0.5)
+        scales[f"p{p}"] = Scale(p, teacher, students, mean, torch.rand(8, generator=g) + 0.5)
     return Networks(scales=scales, preprocessing={})
 
 
@@ -45,7 +45,7 @@ def test_tiled_equals_untiled_at_every_scale(batch: int, height: int, width: int
         model.inference = Inference(tile_size=tile)
         tiled = model.error_and_variance(x)
     for p in PATCH_SIZES:
-        for a, b in zip(tiled[p], whole[p], strict=True):
+        for a, b in zip(tiled[f"p{p}"], whole[f"p{p}"], strict=True):
             assert a.shape == (batch, height, width)
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
@@ -54,8 +54,8 @@ def test_tiled_fused_equals_untiled_separate() -> None:
     model = _model(seed=1, sizes=(33,))
     x = _x((1, 3, 14, 11), seed=2)
     with torch.inference_mode():
-        e, v = model.scales[33].error_and_variance(x)
-        et, vt = model.scales[33].error_and_variance(x, tile_size=8, fused=True)
+        e, v = model.scales["p33"].error_and_variance(x)
+        et, vt = model.scales["p33"].error_and_variance(x, tile_size=8, fused=True)
     torch.testing.assert_close(et, e, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(vt, v, rtol=1e-10, atol=1e-10)
 
@@ -70,7 +70,8 @@ def test_tiles_see_their_context() -> None:
     y[0, :, 8, 8] += 5.0  # a pixel at the corner of four 8×8 tiles
     with torch.inference_mode():
         model.inference = Inference(tile_size=8)
-        moved = (model.error_and_variance(y)[17][0] - model.error_and_variance(x)[17][0]).abs()
+        moved = (model.error_and_variance(y)["p17"][0]
+                 - model.error_and_variance(x)["p17"][0]).abs()
     changed = (moved > 1e-9)[0].nonzero()
     # p = 17 reads rows r−8 .. r+8, so the pixel (8, 8) reaches rows and cols 0 .. 16.
     assert changed.min().item() == 0 and changed.max().item() == 16

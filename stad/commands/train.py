@@ -183,7 +183,8 @@ def fit_students(settings: Settings, *, teacher: str | Path | None, out: Path, r
     fit_samples, held, source = split_train_val(
         selection.samples("train"), selection.samples("val"), fraction=cfg.val_fraction,
         seed=settings.seed)
-    teachers, teacher_info, _ = resolve_teachers(teacher, cfg.patch_sizes, settings.seed)
+    teachers, teacher_info, _ = resolve_teachers(teacher, cfg.teacher_patch_sizes,
+                                                 settings.seed)
     start = time.perf_counter()
     # Under torchrun, one of N processes (stad.distributed); only rank 0 writes (and so locks)
     # the output and the checkpoint.
@@ -212,6 +213,7 @@ def fit_students(settings: Settings, *, teacher: str | Path | None, out: Path, r
                 save_model(out, result.model, settings, info)
         checkpoint.remove()
     return {"artifact": str(out), "kind": "model", "patch_sizes": result.model.patch_sizes,
+            "scales": result.model.scale_names,
             "n_fit": len(fit_samples), "n_validation": len(held),
             "final_loss": {k: v["loss_per_epoch"][-1] for k, v in result.info["scales"].items()},
             "resumed": checkpoint.resumed is not None, "processes": world.size,

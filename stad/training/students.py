@@ -42,7 +42,7 @@ from stad.distributed import SINGLE, World
 from stad.errors import DataError, TrainingError
 from stad.images import DEFAULT_MEAN, DEFAULT_STD, load_image, to_tensor
 from stad.images import preprocessing as image_preprocessing
-from stad.model import PADDING, Networks, Scale
+from stad.model import PADDING, Networks, Scale, reduce_to, scale_name
 from stad.networks import PatchNetwork, build_network
 from stad.training.checkpoint import (
     Checkpoint,
@@ -144,8 +144,12 @@ def train_scale(
     device: torch.device = torch.device("cpu"),
     checkpoint: Checkpoint | None = None,
     world: World = SINGLE,
+    image_size: int | None = None,
 ) -> tuple[Scale, dict[str, Any]]:
     """Fit the students of one scale on standardized images (N, 3, S, S).
+
+    ``image_size``: the scale works on the images reduced to that size
+    (:func:`stad.model.reduce_to`; None: as they are).
 
     In a distributed run ``images`` is this rank's shard; each rank draws its batches from it
     (an epoch is ``ceil(total / ranks)`` images per rank, a short shard repeats its first
@@ -161,7 +165,7 @@ def train_scale(
         TrainingError: a non-finite loss, naming the step and the last good checkpoint.
     """
     run = _ScaleFit(teacher, images, settings, device=device, checkpoint=checkpoint,
-                    world=world)
+                    world=world, image_size=image_size)
     run.resume(reporter)
     return run.run(reporter)
 
@@ -171,11 +175,17 @@ class _ScaleFit:
     (:func:`train_scale`)."""
 
     def __init__(self, teacher: PatchNetwork, images: torch.Tensor, settings: Settings, *,
-                 device: torch.device, checkpoint: Checkpoint | None, world: World) -> None:
+                 device: torch.device, checkpoint: Checkpoint | None, world: World,
+                 image_size: int | None = None) -> None:
         cfg = self.cfg = settings.students
         self.seed, self.device, self.checkpoint, self.world = settings.seed, device, \
             checkpoint, world
         self.p = p = teacher.patch_size
+        self.image_size, self.name = image_size, scale_name(p, image_size)
+        # p=17, or p=17@128 for a scale at another size; its random streams differ by size.
+        self.label = f"p={p}" if image_size is None else f"p={p}@{image_size}"
+        self.stream = (p,) if image_size is None else (p, image_size)
+        images = reduce_to(images, image_size)
         self.teacher = teacher.to(device).eval().requires_grad_(False)
         self.targets, self.mean, self.std = teacher_targets(self.teacher, images.to(device),
                                                             world=world)
@@ -185,7 +195,7 @@ class _ScaleFit:
         self.crop = cfg.crop_size if cfg.crop_size is not None and cfg.crop_size < size else None
         self.students = []
         for m in range(cfg.n_students):
-            gen = torch.Generator().manual_seed(_seed(settings.seed, p, m))
+            gen = torch.Generator().manual_seed(_seed(settings.seed, *self.stream, m))
             self.students.append(build_network(p, teacher.out_dim, generator=gen).to(device)
                                  .train())
         self.ensemble: nn.Module = _Ensemble(self.students)
@@ -208,13 +218,15 @@ class _ScaleFit:
 
     def resume(self, reporter: Reporter) -> None:
         resume = self.checkpoint.progress if self.checkpoint is not None else None
-        if resume is None or resume.get("scale") != self.p:
+        # Checkpoints made before scales at other sizes name the scale by its patch size.
+        if resume is None or resume.get("scale") not in (
+                self.name, self.p if self.image_size is None else self.name):
             return
         assert self.checkpoint is not None and self.checkpoint.resumed is not None
         tensors = self.checkpoint.resumed.tensors
         for m, s in enumerate(self.students):
-            s.load_state_dict(prefixed(tensors, f"student.p{self.p}.{m}"))
-        load_optimizer(self.opt, tensors, f"adam.p{self.p}")
+            s.load_state_dict(prefixed(tensors, f"student.{self.name}.{m}"))
+        load_optimizer(self.opt, tensors, f"adam.{self.name}")
         self.first_epoch, self.first_step = resume["epoch"], resume["step"]
         self.epoch_loss, self.seconds = resume["epoch_loss"], resume["seconds"]
         self.history = list(resume["history"])
@@ -224,25 +236,25 @@ class _ScaleFit:
             # same share of the epoch (the rest of it is sampled anew, so not bit-identical).
             self.first_step = min(self.steps_per_epoch, round(
                 self.first_step * self.steps_per_epoch / resume["steps_per_epoch"]))
-            reporter.note(f"p={self.p}: the checkpoint was made on {saved_ranks} process(es), "
+            reporter.note(f"{self.label}: the checkpoint was made on {saved_ranks} process(es), "
                           f"this run has {self.world.size}; continuing at step "
                           f"{self.first_step} of {self.steps_per_epoch} of epoch "
                           f"{self.first_epoch + 1}")
 
     def where(self, epoch: int, step: int) -> str:
         if step == 0:
-            return f"p={self.p} after epoch {epoch} of {self.epochs}"
-        return (f"p={self.p}, epoch {epoch + 1} of {self.epochs} after step {step} of "
+            return f"{self.label} after epoch {epoch} of {self.epochs}"
+        return (f"{self.label}, epoch {epoch + 1} of {self.epochs} after step {step} of "
                 f"{self.steps_per_epoch}")
 
     def save(self, epoch: int, step: int) -> str:
         """Checkpoint at ``step`` steps into (0-based) ``epoch``; returns where, in words."""
         assert self.checkpoint is not None
-        p = self.p
-        tensors = optimizer_tensors(self.opt, f"adam.p{p}")
+        k = self.name
+        tensors = optimizer_tensors(self.opt, f"adam.{k}")
         for m, s in enumerate(self.students):
-            tensors.update(with_prefix(s.state_dict(), f"student.p{p}.{m}"))
-        progress = {"scale": p, "epoch": epoch, "step": step, "epoch_loss": self.epoch_loss,
+            tensors.update(with_prefix(s.state_dict(), f"student.{k}.{m}"))
+        progress = {"scale": k, "epoch": epoch, "step": step, "epoch_loss": self.epoch_loss,
                     "history": self.history,
                     "seconds": self.seconds + time.perf_counter() - self.start,
                     "ranks": self.world.size, "steps_per_epoch": self.steps_per_epoch}
@@ -264,7 +276,7 @@ class _ScaleFit:
             outs = self.ensemble(x)
         loss = torch.stack([(o.float() - t).pow(2).sum(1).mean() for o in outs]).sum()
         check_finite(bool(torch.isfinite(loss)), self.world, self.device, self.checkpoint,
-                     f"non-finite student loss at p={self.p}, epoch {epoch + 1} of "
+                     f"non-finite student loss at {self.label}, epoch {epoch + 1} of "
                      f"{self.epochs}, step {step + 1} of {self.steps_per_epoch}; lower "
                      "students.lr and start again (without --resume)")
         self.opt.zero_grad(set_to_none=True)
@@ -286,7 +298,7 @@ class _ScaleFit:
         cfg, world = self.cfg, self.world
         # One stream per (seed, scale, epoch), and per rank beyond the first.
         gen = torch.Generator().manual_seed(
-            _seed(self.seed, self.p, 1000 + epoch, *([world.rank] if world.rank else [])))
+            _seed(self.seed, *self.stream, 1000 + epoch, *([world.rank] if world.rank else [])))
         order = torch.randperm(self.n, generator=gen).tolist()
         order = (order * math.ceil(self.per_rank / self.n))[:self.per_rank]
         skip = self.first_step if epoch == self.first_epoch else 0
@@ -307,7 +319,7 @@ class _ScaleFit:
         return stop
 
     def run(self, reporter: Reporter) -> tuple[Scale, dict[str, Any]]:
-        task = reporter.task(f"students p={self.p}", self.epochs * self.steps_per_epoch)
+        task = reporter.task(f"students {self.label}", self.epochs * self.steps_per_epoch)
         task.advance(self.first_epoch * self.steps_per_epoch + self.first_step)
         self.start = time.perf_counter()
         for epoch in range(self.first_epoch, self.epochs):
@@ -323,7 +335,7 @@ class _ScaleFit:
         for s in self.students:
             s.eval().requires_grad_(False)
         scale = Scale(self.p, self.teacher, self.students, self.mean.to(self.device),
-                      self.std.to(self.device))
+                      self.std.to(self.device), image_size=self.image_size)
         return scale, {"loss_per_epoch": self.history, "epochs": self.epochs,
                        "seconds": round(self.seconds + time.perf_counter() - self.start, 2)}
 
@@ -369,7 +381,8 @@ def fit_students(
     checkpoint: Checkpoint | None = None,
     world: World = SINGLE,
 ) -> FitResult:
-    """Fit the students of every scale in ``settings.students.patch_sizes``.
+    """Fit the students of every scale in ``settings.students.patch_sizes`` (a scale at
+    another image size on the images reduced to it).
 
     In a distributed run every rank reads only its shard of ``fit_samples``, and at the end
     the ranks compare a digest of their weights (a mismatch is a :class:`TrainingError`).
@@ -389,27 +402,29 @@ def fit_students(
         raise DataError(f"{len(fit_samples)} training images cannot be shared by {world.size} "
                         "processes: run on fewer")
     images = load_batch(world.shard(fit_samples), size)
-    scales: dict[int, Scale] = {}
+    scales: dict[str, Scale] = {}
     # What the networks computed in: "auto" resolved for this device.
     info: dict[str, Any] = {"scales": {}, "precision": resolve_precision(cfg.precision, device)}
-    for k, p in enumerate(cfg.patch_sizes):
-        name = f"p{p}"
+    for k, (p, scale_size) in enumerate(cfg.scales):
+        name = scale_name(p, scale_size)
+        label = f"p={p}" if scale_size is None else f"p={p}@{scale_size}"
         done = checkpoint.resumed_scale(name) if checkpoint is not None else None
         if done is not None:
             assert checkpoint is not None and checkpoint.resumed is not None
             scale, scale_info = _finished_scale(teachers[p], checkpoint.resumed.tensors,
-                                                cfg.n_students, device), done
+                                                cfg.n_students, device, scale_size), done
         else:
             scale, scale_info = train_scale(teachers[p], images, settings, reporter=reporter,
-                                            device=device, checkpoint=checkpoint, world=world)
-            reporter.note(f"p={p}: final loss {scale_info['loss_per_epoch'][-1]:.4g} "
+                                            device=device, checkpoint=checkpoint, world=world,
+                                            image_size=scale_size)
+            reporter.note(f"{label}: final loss {scale_info['loss_per_epoch'][-1]:.4g} "
                           f"({scale_info['seconds']:.0f} s)")
-        scales[p] = scale
+        scales[name] = scale
         info["scales"][name] = scale_info
         if checkpoint is not None:
             checkpoint.finish(name, _scale_tensors(scale), scale_info)
-            if done is None and k + 1 < len(cfg.patch_sizes):
-                where = f"the end of scale p={p}"
+            if done is None and k + 1 < len(cfg.scales):
+                where = f"the end of scale {label}"
                 checkpoint.save({}, None, where=where)
                 if checkpoint.stop.requested:
                     raise checkpoint.interrupted(where)
@@ -429,24 +444,25 @@ def fit_students(
 
 def _scale_tensors(scale: Scale) -> dict[str, torch.Tensor]:
     """A finished scale's students and normalization, named as in the model artifact."""
-    p = scale.patch_size
+    k = scale.name
     out: dict[str, torch.Tensor] = {}
     for m, student in enumerate(scale.students):
-        out.update(with_prefix(student.state_dict(), f"student.p{p}.{m}"))
+        out.update(with_prefix(student.state_dict(), f"student.{k}.{m}"))
     assert scale.mean is not None and scale.std is not None
-    out[f"norm.p{p}.mean"], out[f"norm.p{p}.std"] = scale.mean, scale.std
+    out[f"norm.{k}.mean"], out[f"norm.{k}.std"] = scale.mean, scale.std
     return out
 
 
 def _finished_scale(teacher: PatchNetwork, tensors: dict[str, torch.Tensor], n_students: int,
-                    device: torch.device) -> Scale:
+                    device: torch.device, image_size: int | None = None) -> Scale:
     """A scale a checkpoint holds as finished, as :func:`train_scale` would have returned it."""
     p = teacher.patch_size
+    k = scale_name(p, image_size)
     students = []
     for m in range(n_students):
         net = build_network(p, teacher.out_dim)
-        net.load_state_dict(prefixed(tensors, f"student.p{p}.{m}"))
+        net.load_state_dict(prefixed(tensors, f"student.{k}.{m}"))
         students.append(net.to(device).eval().requires_grad_(False))
     return Scale(p, teacher.to(device).eval().requires_grad_(False), students,
-                 tensors[f"norm.p{p}.mean"].to(device), tensors[f"norm.p{p}.std"].to(device))
-
+                 tensors[f"norm.{k}.mean"].to(device), tensors[f"norm.{k}.std"].to(device),
+                 image_size=image_size)

@@ -1,0 +1,227 @@
+"""Scales at their own image size (``p17@32`` in a 64² model): the scale sees the images
+reduced by average pooling, its map is smoothed with σ scaled to its size and upsampled to the
+model's before the fusion; fitted, calibrated, stored, merged and exported like any scale."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from typer.testing import CliRunner
+
+import stad
+from stad.artifacts import load_artifact, save_artifact
+from stad.cli import app
+from stad.datasets.synthetic import generate
+from stad.errors import EXIT_USAGE, ArtifactError, UsageError
+from stad.handcrafted import gaussian_blur
+from stad.model import (
+    Inference,
+    Networks,
+    Scale,
+    model_from_tensors,
+    model_tensors,
+    parse_scale_name,
+    reduce_to,
+    scale_name,
+)
+from stad.networks import build_network
+
+PRE = {"image_size": 32, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}
+
+
+def _networks(seed: int = 0) -> Networks:
+    """p17 at 32² and p17@16, p33@16 (one p17 teacher shared, as in an artifact)."""
+    g = torch.Generator().manual_seed(seed)
+    teachers = {p: build_network(p, 8, generator=g).double().eval() for p in (17, 33)}
+    scales = {}
+    for p, size in ((17, None), (17, 16), (33, 16)):
+        students = [build_network(p, 8, generator=g).double().eval() for _ in range(2)]
+        calib = torch.tensor([1.0, 2.0, 0.5, 3.0], dtype=torch.float64)
+        scales[scale_name(p, size)] = Scale(p, teachers[p], students,
+                                            torch.randn(8, generator=g).double(),
+                                            torch.rand(8, generator=g).double() + 0.5, calib,
+                                            image_size=size)
+    return Networks(scales=scales, preprocessing=dict(PRE), smooth_sigma=1.0)
+
+
+def _x(n: int = 2, seed: int = 1) -> torch.Tensor:
+    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed),
+                       dtype=torch.float64)
+
+
+def test_scale_names() -> None:
+    assert scale_name(17) == "p17" and scale_name(17, 128) == "p17@128"
+    assert parse_scale_name("p33@64") == (33, 64) and parse_scale_name("p65") == (65, None)
+    with pytest.raises(ValueError, match="not a scale name"):
+        parse_scale_name("p17@")
+    assert _networks().scale_names == ["p17", "p17@16", "p33@16"]
+    assert _networks().patch_sizes == [17, 33]
+
+
+def test_a_smaller_scale_sees_the_pooled_image_and_is_upsampled_into_the_fusion() -> None:
+    model = _networks()
+    x = _x()
+    with torch.inference_mode():
+        ev = model.error_and_variance(x)
+        maps = model.maps(x)
+        small = model.scales["p17@16"]
+        e, v = small.error_and_variance(F.avg_pool2d(x, 2))
+    assert ev["p17"][0].shape == (2, 32, 32) and ev["p17@16"][0].shape == (2, 16, 16)
+    torch.testing.assert_close(ev["p17@16"][0], e)
+    torch.testing.assert_close(ev["p17@16"][1], v)
+    # σ = 1 at 32² is σ = 0.5 on the 16² map, which is then upsampled bilinearly to 32².
+    want = F.interpolate(gaussian_blur(small.standardize(e, v, 1.0), 0.5)[:, None],
+                         size=(32, 32), mode="bilinear", align_corners=False)[:, 0]
+    torch.testing.assert_close(maps["p17@16"], want)
+    full = gaussian_blur(model.scales["p17"].standardize(*ev["p17"], 1.0), 1.0)
+    torch.testing.assert_close(maps["p17"], full)
+    torch.testing.assert_close(maps["fused"], (maps["p17"] + maps["p17@16"] + maps["p33@16"]) / 3)
+    # Resized to an image's own size at the end, as every map is.
+    assert model.maps(x, size=(40, 30))["p33@16"].shape == (2, 40, 30)
+
+
+def test_tiles_and_views_work_per_scale() -> None:
+    model = _networks(seed=2)
+    x = _x(1, seed=3)
+    with torch.inference_mode():
+        whole = model.error_and_variance(x)
+        model.inference = Inference(tile_size=8)
+        tiled = model.error_and_variance(x)
+        for k in whole:
+            torch.testing.assert_close(tiled[k][0], whole[k][0], rtol=1e-10, atol=1e-10)
+        model.inference = Inference()
+        model.tta = "hflip"
+        viewed = model.error_and_variance(x)
+        model.tta = "none"
+        mirrored = model.error_and_variance(x.flip(-1))
+    for k in whole:  # the mean of the image's and its mirror's e, mirrored back
+        torch.testing.assert_close(viewed[k][0], (whole[k][0] + mirrored[k][0].flip(-1)) / 2)
+
+
+def test_reduce_to_refuses_sizes_that_do_not_divide() -> None:
+    assert reduce_to(_x(), None).shape == (2, 3, 32, 32)
+    assert reduce_to(_x(), 8).shape == (2, 3, 8, 8)
+    with pytest.raises(ValueError, match="must divide"):
+        reduce_to(_x(), 12)
+
+
+def test_artifact_tensors_round_trip_with_per_position_statistics_at_each_size() -> None:
+    model = _networks()
+    model.scales["p17@16"].calib_map = torch.rand(4, 16, 16) + 0.5
+    tensors = model_tensors(model)
+    assert "student.p17@16.1.convs.0.weight" in tensors and "calib_map.p17@16" in tensors
+    assert sum(k.startswith("teacher.p17.") for k in tensors) == sum(
+        1 for _ in model.scales["p17"].teacher.state_dict())  # one shared teacher per size
+    loaded = model_from_tensors(tensors, dict(PRE))
+    assert loaded.scale_names == model.scale_names
+    assert loaded.scales["p33@16"].image_size == 16 and loaded.scales["p17"].image_size is None
+    assert loaded.scales["p17@16"].calib_map.shape == (4, 16, 16)
+    with pytest.raises(ArtifactError, match="p17@16 does not fit a model of image size 24"):
+        model_from_tensors(tensors, {**PRE, "image_size": 24})
+    bad = dict(tensors)
+    bad["calib_map.p17@16"] = torch.rand(4, 32, 32) + 0.5  # the model's size, not the scale's
+    with pytest.raises(ArtifactError, match=r"calib_map\.p17@16 .*shape \(4, 16, 16\)"):
+        model_from_tensors(bad, dict(PRE))
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tmp = tmp_path_factory.mktemp("multisize")
+    generate(tmp / "data", categories=["grain"], image_size=64, n_train=6, n_val=2,
+             n_test_good=2, n_test_per_defect=1, seed=3)
+    return tmp
+
+
+STUDENTS = {"epochs": 1, "n_students": 2, "batch_size": 2}
+
+
+def test_fit_calibrate_score_and_export_a_model_with_scales_at_two_sizes(data: Path) -> None:
+    model_path = data / "two.safetensors"
+    result = stad.fit_students(model_path, teacher="random", dataset="synthetic",
+                               category="grain", root=data / "data",
+                               students={**STUDENTS, "image_size": 64,
+                                         "patch_sizes": "17,33@32,17@32"})
+    assert result["scales"] == ["p17", "p17@32", "p33@32"]
+    artifact = load_artifact(model_path)
+    assert artifact.config["students"]["patch_sizes"] == [17, "17@32", "33@32"]
+    assert list(artifact.info["students"]["scales"]) == ["p17", "p17@32", "p33@32"]
+    stad.calibrate(model_path)
+    model = stad.load_model(model_path, device="cpu")
+    assert model.scales == ["p17", "p17@32", "p33@32"] and model.image_size == 64
+    assert model.networks.scales["p33@32"].calib_map.shape == (4, 32, 32)
+    assert set(model.calibration["statistics"]) == set(model.scales)
+    image = next((data / "data").rglob("test/*/*.png"))
+    scored = model.score(image)
+    assert set(scored.maps) == set(scored.scales) == set(model.scales)
+    assert scored.map.shape == scored.maps["p33@32"].shape == (64, 64)
+    # The calibrated threshold holds on the fused map: the normal images' scores sit below
+    # what the fpr rule allows (all of them for two images at 1 %).
+    normal = [data / "data" / "grain" / "val" / "good" / p.name
+              for p in sorted((data / "data" / "grain" / "val" / "good").iterdir())]
+    assert all(model.score(p).score <= model.threshold + 1e-6 for p in normal)
+    pytest.importorskip("onnxruntime", reason="the onnx extra is part of the test extra")
+    onnx_path = data / "two.onnx"
+    out = CliRunner().invoke(app, ["export", "--model", str(model_path), "--out",
+                                   str(onnx_path), "--json"])
+    assert out.exit_code == 0, out.output
+    assert json.loads(out.stdout.splitlines()[0])["scales"] == model.scales
+    exported = stad.load_model(onnx_path)
+    assert exported.scales == model.scales
+    a, b = model.score(image), exported.score(image)
+    spread = float(a.map.max() - a.map.min())
+    assert abs(a.score - b.score) <= 1e-4 * spread
+    for k in model.scales:
+        assert float(abs(a.maps[k] - b.maps[k]).max()) <= 1e-4 * spread
+
+
+def test_scales_at_a_size_that_does_not_divide_are_refused(data: Path) -> None:
+    runner = CliRunner()
+    out = runner.invoke(app, ["fit-students", "--dataset", "synthetic", "--root",
+                              str(data / "data"), "--category", "grain", "--teacher", "random",
+                              "--image-size", "64", "--patch-sizes", "17,17@48",
+                              "--out", str(data / "bad.safetensors")])
+    assert out.exit_code == EXIT_USAGE
+    assert "17@48" in out.output and "divisor of students.image_size 64" in out.output
+    assert not (data / "bad.safetensors").exists()
+
+
+def test_models_fitted_at_two_sizes_merge(data: Path, tmp_path: Path) -> None:
+    small, large = tmp_path / "small.safetensors", tmp_path / "large.safetensors"
+    for path, size, sizes in ((small, 32, [17, 33]), (large, 64, [17])):
+        stad.fit_students(path, teacher="random", dataset="synthetic", category="grain",
+                          root=data / "data",
+                          students={**STUDENTS, "image_size": size, "patch_sizes": sizes})
+    out = tmp_path / "merged.safetensors"
+    result = stad.merge_models([small, large], out=out)
+    assert result["scales"] == ["p17", "p17@32", "p33@32"] and result["image_size"] == 64
+    merged, parts = load_artifact(out), {p: load_artifact(p) for p in (small, large)}
+    assert merged.preprocessing["image_size"] == 64
+    for name, t in parts[small].tensors.items():
+        if name.startswith("student.p33."):
+            assert torch.equal(merged.tensors[name.replace("p33.", "p33@32.", 1)], t)
+    for name, t in parts[large].tensors.items():
+        assert torch.equal(merged.tensors[name], t)
+    assert merged.config["students"]["patch_sizes"] == [17, "17@32", "33@32"]
+    assert [m["image_size"] for m in merged.info["merged_from"]] == [32, 64]
+    stad.calibrate(out)
+    assert stad.load_model(out, device="cpu").scales == ["p17", "p17@32", "p33@32"]
+    # A size that does not divide the largest cannot join.
+    odd = tmp_path / "odd.safetensors"
+    stad.fit_students(odd, teacher="random", dataset="synthetic", category="grain",
+                      root=data / "data",
+                      students={**STUDENTS, "image_size": 48, "patch_sizes": [33]})
+    with pytest.raises(UsageError, match="image size 48 cannot join one of 64"):
+        stad.merge_models([large, odd], out=tmp_path / "x.safetensors")
+    # Nor can models whose teachers of one patch size differ.
+    changed = load_artifact(small)
+    changed.tensors["teacher.p17.convs.0.weight"] = \
+        changed.tensors["teacher.p17.convs.0.weight"] + 1
+    save_artifact(tmp_path / "changed.safetensors", changed)
+    with pytest.raises(ArtifactError, match="different teachers for p17"):
+        stad.merge_models([tmp_path / "changed.safetensors", large],
+                          out=tmp_path / "y.safetensors")
+    assert not (tmp_path / "x.safetensors").exists() and not (tmp_path / "y.safetensors").exists()
