@@ -15,10 +15,10 @@ the ``teacher.*`` entries):
 =================================  =========================================================
 
 A scale K is named ``p{P}`` when it works at the model's image size S, and ``p{P}@{s}`` when
-it works on the images reduced to s × s, s a divisor of S (average pooling by S / s): the same
-teacher then covers S / s times as much of the image. Its map is upsampled to S × S before the
-fusion. Scales at two sizes are what lets one model see fine texture and large structure
-(docs/quality.md, "Scales at two image sizes").
+it works on the images reduced to s × s, s a divisor of S (resampled as images are resized:
+:func:`reduce_to`): the same teacher then covers S / s times as much of the image. Its map
+is upsampled to S × S before the fusion. Scales at two sizes let one model see fine texture
+and large structure (docs/model.md, "Scales at their own image size").
 
 How the maps are computed (``Networks.inference``, from the ``score`` settings) never changes
 what is stored: images larger than ``tile_size`` are scored in overlapping tiles that give the
@@ -29,12 +29,14 @@ autocast (an approximation; fp32 is exact).
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -69,16 +71,42 @@ def scale_order(name: str) -> tuple[int, int, int]:
 
 
 def reduce_to(x: torch.Tensor, image_size: int | None) -> torch.Tensor:
-    """Images (N, C, S, S) reduced to a scale's ``image_size`` by average pooling (S / size
-    pixels a side; None: as they are). Average pooling, not a resampling filter, so that the
-    training, the scoring and an ONNX export reduce alike."""
+    """Images (N, C, S, S) reduced to a scale's ``image_size`` (None: as they are), resampled
+    as :func:`stad.images.to_tensor` resizes an image (bilinear, antialiased), so that a scale
+    at s × s sees what a model of size s sees of an S × S image.
+
+    Written as two products with constant resampling matrices (:func:`resampling_matrix`)
+    rather than an antialiased interpolation, which ONNX export does not know."""
     if image_size is None or x.shape[-1] == image_size:
         return x
-    k = int(x.shape[-1]) // image_size
-    if k < 1 or x.shape[-1] != k * image_size or x.shape[-2] % k:
-        raise ValueError(f"images of {tuple(x.shape[-2:])} pixels cannot be reduced to "
-                         f"{image_size}²: the size must divide theirs")
-    return F.avg_pool2d(x, k)
+    h, w = int(x.shape[-2]), int(x.shape[-1])
+    k = w // image_size
+    if k < 1 or w != k * image_size or h % k:
+        raise ValueError(f"images of {(h, w)} pixels cannot be reduced to {image_size}²: "
+                         "the size must divide theirs")
+    rows = torch.tensor(resampling_matrix(h, h // k), dtype=x.dtype, device=x.device)
+    cols = torch.tensor(resampling_matrix(w, w // k), dtype=x.dtype, device=x.device)
+    return rows @ x @ cols.T
+
+
+@functools.lru_cache(maxsize=32)
+def resampling_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """(n_out, n_in) float64 weights of the antialiased bilinear reduction of n_in samples to
+    n_out, as ``F.interpolate(..., mode="bilinear", antialias=True, align_corners=False)``
+    (and Pillow) compute it: a triangle filter stretched by n_in / n_out, cut at the edges
+    and renormalized. Computed in numpy, so that it enters an ONNX export as a constant."""
+    scale = n_in / n_out
+    support = max(scale, 1.0)
+    out = np.zeros((n_out, n_in))
+    for i in range(n_out):
+        center = scale * (i + 0.5)
+        lo = max(int(center - support + 0.5), 0)
+        hi = min(int(center + support + 0.5), n_in)
+        taps = np.arange(lo, hi)
+        weights = np.clip(1 - np.abs((taps - center + 0.5) / support), 0, None)
+        out[i, lo:hi] = weights / weights.sum()
+    return out
+
 
 TTA: dict[str, tuple[tuple[int, bool], ...]] = {
     "none": ((0, False),),

@@ -1,6 +1,7 @@
 """Scales at their own image size (``p17@32`` in a 64² model): the scale sees the images
-reduced by average pooling, its map is smoothed with σ scaled to its size and upsampled to the
-model's before the fusion; fitted, calibrated, stored, merged and exported like any scale."""
+reduced as images are resized to a model's size (antialiased bilinear); its map is smoothed
+with σ scaled to its size and upsampled to the model's before the fusion; fitted, calibrated,
+stored, merged and exported like any scale."""
 
 from __future__ import annotations
 
@@ -62,14 +63,19 @@ def test_scale_names() -> None:
     assert _networks().patch_sizes == [17, 33]
 
 
-def test_a_smaller_scale_sees_the_pooled_image_and_is_upsampled_into_the_fusion() -> None:
+def _reduced(x: torch.Tensor, size: int) -> torch.Tensor:
+    return F.interpolate(x, size=(size, size), mode="bilinear", antialias=True,
+                         align_corners=False)
+
+
+def test_a_smaller_scale_sees_the_reduced_image_and_is_upsampled_into_the_fusion() -> None:
     model = _networks()
     x = _x()
     with torch.inference_mode():
         ev = model.error_and_variance(x)
         maps = model.maps(x)
         small = model.scales["p17@16"]
-        e, v = small.error_and_variance(F.avg_pool2d(x, 2))
+        e, v = small.error_and_variance(_reduced(x, 16))
     assert ev["p17"][0].shape == (2, 32, 32) and ev["p17@16"][0].shape == (2, 16, 16)
     torch.testing.assert_close(ev["p17@16"][0], e)
     torch.testing.assert_close(ev["p17@16"][1], v)
@@ -102,11 +108,17 @@ def test_tiles_and_views_work_per_scale() -> None:
         torch.testing.assert_close(viewed[k][0], (whole[k][0] + mirrored[k][0].flip(-1)) / 2)
 
 
-def test_reduce_to_refuses_sizes_that_do_not_divide() -> None:
-    assert reduce_to(_x(), None).shape == (2, 3, 32, 32)
-    assert reduce_to(_x(), 8).shape == (2, 3, 8, 8)
+def test_reduce_to_resamples_as_images_are_resized() -> None:
+    # What stad.images.to_tensor does to an image resized to a model's size, so that a scale
+    # at 16² in a 32² model sees what a 16² model sees of a 32² image; at any factor.
+    x = _x()
+    assert reduce_to(x, None) is x
+    for size in (16, 8):
+        torch.testing.assert_close(reduce_to(x, size), _reduced(x, size), rtol=0, atol=1e-12)
+    y = torch.randn(1, 3, 27, 27, generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(reduce_to(y, 9), _reduced(y, 9), rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match="must divide"):
-        reduce_to(_x(), 12)
+        reduce_to(x, 12)
 
 
 def test_artifact_tensors_round_trip_with_per_position_statistics_at_each_size() -> None:
@@ -221,7 +233,7 @@ def test_models_fitted_at_two_sizes_merge(data: Path, tmp_path: Path) -> None:
     changed.tensors["teacher.p17.convs.0.weight"] = \
         changed.tensors["teacher.p17.convs.0.weight"] + 1
     save_artifact(tmp_path / "changed.safetensors", changed)
-    with pytest.raises(ArtifactError, match="different teachers for p17"):
+    with pytest.raises(UsageError, match="different teachers for p17"):
         stad.merge_models([tmp_path / "changed.safetensors", large],
                           out=tmp_path / "y.safetensors")
     assert not (tmp_path / "x.safetensors").exists() and not (tmp_path / "y.safetensors").exists()

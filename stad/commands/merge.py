@@ -71,14 +71,14 @@ def merge_models(paths: Sequence[Path], *, out: Path) -> dict[str, Any]:
     Models fitted at different image sizes may be merged: the merged model takes the largest
     size S, and the scales of a model of size s < S (a divisor of S) become scales at s
     (``p17`` of a 128² model is ``p17@128`` of a 256² one), which see the images reduced to s
-    by average pooling (:func:`stad.model.reduce_to`).
+    as images are resized to a model's size (:func:`stad.model.reduce_to`): what a model of
+    size s sees of an S × S image.
 
     Raises:
         UsageError: fewer than two models, a scale in two of them, models fitted on other
-            data or with other settings (the message names the first that differs), or image
-            sizes that do not divide the largest.
-        ArtifactError: a file that is not a model artifact, or models whose teachers of one
-            patch size differ.
+            data or with other settings (the message names the first that differs), image
+            sizes that do not divide the largest, or teachers of one patch size that differ.
+        ArtifactError: a file that is not a model artifact.
     """
     if len(paths) < 2:
         raise UsageError("merge-models needs at least two models to merge")
@@ -116,7 +116,7 @@ def merge_models(paths: Sequence[Path], *, out: Path) -> dict[str, Any]:
                 if name.split(".")[:2] != ["teacher", teacher]:
                     continue
                 if name in tensors and not torch.equal(tensors[name], t):
-                    raise ArtifactError(f"{path} and {teacher_from[teacher]} hold different "
+                    raise UsageError(f"{path} and {teacher_from[teacher]} hold different "
                                         f"teachers for {teacher}: merge models fitted with "
                                         "the same teacher")
                 tensors[name] = t
