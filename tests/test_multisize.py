@@ -190,8 +190,16 @@ def test_fit_calibrate_score_and_export_a_model_with_scales_at_two_sizes(data: P
         assert float(abs(a.maps[k] - b.maps[k]).max()) <= 1e-4 * spread
 
 
-def test_scales_at_a_size_that_does_not_divide_are_refused(data: Path) -> None:
+def test_the_cli_takes_scales_at_a_size_and_refuses_sizes_that_do_not_divide(data: Path
+                                                                              ) -> None:
     runner = CliRunner()
+    good = data / "cli.safetensors"
+    out = runner.invoke(app, ["fit-students", "--dataset", "synthetic", "--root",
+                              str(data / "data"), "--category", "grain", "--teacher", "random",
+                              "--image-size", "64", "--patch-sizes", "17@32,17", "--epochs",
+                              "1", "--students", "2", "--out", str(good), "--json"])
+    assert out.exit_code == 0, out.output
+    assert json.loads(out.stdout.splitlines()[-1])["scales"] == ["p17", "p17@32"]
     out = runner.invoke(app, ["fit-students", "--dataset", "synthetic", "--root",
                               str(data / "data"), "--category", "grain", "--teacher", "random",
                               "--image-size", "64", "--patch-sizes", "17,17@48",
