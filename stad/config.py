@@ -58,6 +58,8 @@ def parse_scale(value: int | str) -> tuple[int, int | None]:
     size) → (17, None), ``"17@128"`` (at 128²) → (17, 128). ValueError for anything else."""
     if isinstance(value, int) and not isinstance(value, bool):
         return value, None
+    if isinstance(value, float) and value.is_integer():  # 17.0 from a settings file
+        return int(value), None
     text = str(value).strip().removeprefix("p")
     p, at, size = text.partition("@")
     try:

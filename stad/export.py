@@ -287,6 +287,9 @@ def load_onnx(path: Path, *, threads: int | None = None) -> tuple[OnnxNetworks, 
         # Exports made before scales at other sizes name only their patch sizes.
         names = (json.loads(meta["stad.scales"]) if "stad.scales" in meta
                  else [f"p{p}" for p in json.loads(meta["stad.patch_sizes"])])
+        k = session.get_outputs()[1].shape[1]
+        if isinstance(k, int) and k != len(names):
+            raise ValueError(f"its metadata names {len(names)} scales, its graph gives {k}")
         networks = OnnxNetworks(session, json.loads(meta["stad.preprocessing"]), names)
         info = {"calibration": json.loads(meta["stad.calibration"]),
                 "data": json.loads(meta.get("stad.data", "{}")), "onnx": str(path)}

@@ -53,7 +53,7 @@ def scale_name(patch_size: int, image_size: int | None = None) -> str:
     return f"p{patch_size}" if image_size is None else f"p{patch_size}@{image_size}"
 
 
-_SCALE_NAME = re.compile(r"p(\d+)(?:@(\d+))?")
+_SCALE_NAME = re.compile(r"p([1-9]\d*)(?:@([1-9]\d*))?")
 
 
 def parse_scale_name(name: str) -> tuple[int, int | None]:
@@ -374,15 +374,15 @@ class Networks:
         with ``smooth_sigma`` (scaled to its own size) and brought to the size of the largest
         (the model's resolution), then resized to ``size`` (bilinear) if given. The fused map is
         their unweighted mean (METHOD.md §5)."""
-        names = sorted(per_scale, key=scale_order)
-        # Python ints, so that an ONNX export traces them as constants of its fixed size.
-        full = max(int(per_scale[k].shape[-1]) for k in names)
         out = {}
-        for k in names:
-            m, side = per_scale[k], int(per_scale[k].shape[-1])
-            m = gaussian_blur(m, self.smooth_sigma * side / full)
-            if side != full:
-                m = F.interpolate(m[:, None], scale_factor=float(full // side), mode="bilinear",
+        for k in sorted(per_scale, key=scale_order):
+            m, side = per_scale[k], parse_scale_name(k)[1]
+            # S / s for a scale at size s: a Python int, so that an ONNX export traces the
+            # upsampling as a constant of its fixed size.
+            factor = 1 if side is None else self.image_size // side
+            m = gaussian_blur(m, self.smooth_sigma / factor)
+            if factor != 1:
+                m = F.interpolate(m[:, None], scale_factor=float(factor), mode="bilinear",
                                   align_corners=False)[:, 0]
             out[k] = m
         out["fused"] = torch.stack(list(out.values())).mean(0)
@@ -461,16 +461,21 @@ def model_tensors(model: Networks) -> dict[str, torch.Tensor]:
 def student_scales(tensors: Mapping[str, torch.Tensor]) -> list[str]:
     """The names of the scales whose students an artifact's tensors hold, in order."""
     names = {k.split(".")[1] for k in tensors if k.startswith("student.")}
-    return sorted((n for n in names if _SCALE_NAME.fullmatch(n)), key=scale_order)
+    bad = sorted(n for n in names if not _SCALE_NAME.fullmatch(n))
+    if bad:
+        raise ArtifactError(f"the artifact holds students of {bad[0]!r}, which is not a scale "
+                            "name (p17, p17@128)")
+    return sorted(names, key=scale_order)
 
 
 def check_scale_size(name: str, image_size: int) -> int | None:
     """The size a scale named ``name`` works at in a model of ``image_size`` (None: the
-    model's own); ArtifactError where it is not a divisor smaller than the model's."""
+    model's own); ArtifactError where it is not a divisor of the model's, smaller than it and
+    at least 17."""
     size = parse_scale_name(name)[1]
-    if size is not None and (size >= image_size or image_size % size):
+    if size is not None and (size < 17 or size >= image_size or image_size % size):
         raise ArtifactError(f"scale {name} does not fit a model of image size {image_size}: "
-                            "its size must be a smaller divisor of the model's")
+                            "its size must be a smaller divisor of the model's, at least 17")
     return size
 
 

@@ -30,7 +30,7 @@ from typer.testing import CliRunner
 
 import stad.training.students as students_mod
 import stad.training.teacher as teacher_mod
-from stad.artifacts import load_artifact
+from stad.artifacts import load_artifact, save_artifact
 from stad.cli import app
 from stad.commands.train import fit_students as fit
 from stad.commands.train import pretrain_teacher
@@ -235,6 +235,23 @@ def test_students_resume_a_scale_at_another_size(tmp_path: Path) -> None:
     fit(settings, teacher="random", out=out, resume=True)
     assert_same_artifact(reference, out, "students")
     assert load_model_scales(out) == ["p17", "p17@18"]
+
+
+def test_a_checkpoint_that_names_its_scale_by_patch_size_resumes(
+        students_reference: tuple[Path, Path], tmp_path: Path) -> None:
+    # Checkpoints written before scales at other sizes record progress["scale"] as 17.
+    root, reference = students_reference
+    out = tmp_path / "model.safetensors"
+    with stop_at(1), pytest.raises(Interrupted):
+        fit(_students(root), teacher="random", out=out)
+    old = load_artifact(checkpoint_path(out))
+    assert old.info["progress"]["scale"] == "p17"
+    old.info["progress"]["scale"] = 17
+    save_artifact(checkpoint_path(out), old)
+    notes = Notes()
+    fit(_students(root), teacher="random", out=out, resume=True, reporter=notes)
+    assert any("epoch 1 of 2 after step 1 of 2" in n for n in notes.notes)
+    assert_same_artifact(reference, out, "students")
 
 
 def load_model_scales(path: Path) -> list[str]:

@@ -138,6 +138,22 @@ def test_the_graph_averages_the_views_as_calibrated(exported: tuple[Path, Path, 
     assert np.abs(onnx_model.score(images[0]).map - plain).max() > 1e-3
 
 
+def test_an_export_without_scale_names_takes_its_patch_sizes(exported: tuple[Path, Path, Path],
+                                                              tmp_path: Path) -> None:
+    # Exports made before scales at other sizes hold stad.patch_sizes only.
+    data, model_path, onnx_path = exported
+    proto = onnx.load(str(onnx_path))
+    kept = [p for p in proto.metadata_props if p.key != "stad.scales"]
+    assert len(kept) == len(proto.metadata_props) - 1
+    del proto.metadata_props[:]
+    proto.metadata_props.extend(kept)
+    onnx.save(proto, str(tmp_path / "old.onnx"))
+    old = stad.load_model(tmp_path / "old.onnx")
+    assert old.scales == ["p17", "p33"] == stad.load_model(onnx_path).scales
+    _parity(stad.load_model(model_path, device="cpu"), old,
+            sorted((data / "grain" / "test").rglob("*.png"))[:2])
+
+
 def test_score_and_evaluate_take_the_onnx_file(exported: tuple[Path, Path, Path]) -> None:
     data, model_path, onnx_path = exported
     image = str(next((data / "grain" / "test").glob("*/000.png")))

@@ -31,15 +31,15 @@ from stad.model import (
 )
 from stad.networks import build_network
 
-PRE = {"image_size": 32, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}
+PRE = {"image_size": 36, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}
 
 
 def _networks(seed: int = 0) -> Networks:
-    """p17 at 32² and p17@16, p33@16 (one p17 teacher shared, as in an artifact)."""
+    """p17 at 36² and p17@18, p33@18 (one p17 teacher shared, as in an artifact)."""
     g = torch.Generator().manual_seed(seed)
     teachers = {p: build_network(p, 8, generator=g).double().eval() for p in (17, 33)}
     scales = {}
-    for p, size in ((17, None), (17, 16), (33, 16)):
+    for p, size in ((17, None), (17, 18), (33, 18)):
         students = [build_network(p, 8, generator=g).double().eval() for _ in range(2)]
         calib = torch.tensor([1.0, 2.0, 0.5, 3.0], dtype=torch.float64)
         scales[scale_name(p, size)] = Scale(p, teachers[p], students,
@@ -50,7 +50,7 @@ def _networks(seed: int = 0) -> Networks:
 
 
 def _x(n: int = 2, seed: int = 1) -> torch.Tensor:
-    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed),
+    return torch.randn(n, 3, 36, 36, generator=torch.Generator().manual_seed(seed),
                        dtype=torch.float64)
 
 
@@ -59,7 +59,7 @@ def test_scale_names() -> None:
     assert parse_scale_name("p33@64") == (33, 64) and parse_scale_name("p65") == (65, None)
     with pytest.raises(ValueError, match="not a scale name"):
         parse_scale_name("p17@")
-    assert _networks().scale_names == ["p17", "p17@16", "p33@16"]
+    assert _networks().scale_names == ["p17", "p17@18", "p33@18"]
     assert _networks().patch_sizes == [17, 33]
 
 
@@ -74,20 +74,20 @@ def test_a_smaller_scale_sees_the_reduced_image_and_is_upsampled_into_the_fusion
     with torch.inference_mode():
         ev = model.error_and_variance(x)
         maps = model.maps(x)
-        small = model.scales["p17@16"]
-        e, v = small.error_and_variance(_reduced(x, 16))
-    assert ev["p17"][0].shape == (2, 32, 32) and ev["p17@16"][0].shape == (2, 16, 16)
-    torch.testing.assert_close(ev["p17@16"][0], e)
-    torch.testing.assert_close(ev["p17@16"][1], v)
-    # σ = 1 at 32² is σ = 0.5 on the 16² map, which is then upsampled bilinearly to 32².
+        small = model.scales["p17@18"]
+        e, v = small.error_and_variance(_reduced(x, 18))
+    assert ev["p17"][0].shape == (2, 36, 36) and ev["p17@18"][0].shape == (2, 18, 18)
+    torch.testing.assert_close(ev["p17@18"][0], e)
+    torch.testing.assert_close(ev["p17@18"][1], v)
+    # σ = 1 at 36² is σ = 0.5 on the 18² map, which is then upsampled bilinearly to 36².
     want = F.interpolate(gaussian_blur(small.standardize(e, v, 1.0), 0.5)[:, None],
-                         size=(32, 32), mode="bilinear", align_corners=False)[:, 0]
-    torch.testing.assert_close(maps["p17@16"], want)
+                         size=(36, 36), mode="bilinear", align_corners=False)[:, 0]
+    torch.testing.assert_close(maps["p17@18"], want)
     full = gaussian_blur(model.scales["p17"].standardize(*ev["p17"], 1.0), 1.0)
     torch.testing.assert_close(maps["p17"], full)
-    torch.testing.assert_close(maps["fused"], (maps["p17"] + maps["p17@16"] + maps["p33@16"]) / 3)
+    torch.testing.assert_close(maps["fused"], (maps["p17"] + maps["p17@18"] + maps["p33@18"]) / 3)
     # Resized to an image's own size at the end, as every map is.
-    assert model.maps(x, size=(40, 30))["p33@16"].shape == (2, 40, 30)
+    assert model.maps(x, size=(40, 30))["p33@18"].shape == (2, 40, 30)
 
 
 def test_tiles_and_views_work_per_scale() -> None:
@@ -102,42 +102,70 @@ def test_tiles_and_views_work_per_scale() -> None:
         model.inference = Inference()
         model.tta = "hflip"
         viewed = model.error_and_variance(x)
+        model.tta = "dihedral"
+        all_views = model.error_and_variance(x)
         model.tta = "none"
         mirrored = model.error_and_variance(x.flip(-1))
+        turned = [model.error_and_variance(torch.rot90(v, k, (-2, -1)))
+                  for k in range(4) for v in (x, x.flip(-1))]
     for k in whole:  # the mean of the image's and its mirror's e, mirrored back
         torch.testing.assert_close(viewed[k][0], (whole[k][0] + mirrored[k][0].flip(-1)) / 2)
+        # the eight views: a turn of the reduced image is the reduction of the turned one
+        back = [torch.rot90(t[k][0], -(i // 2), (-2, -1)) for i, t in enumerate(turned)]
+        back = [b.flip(-1) if i % 2 else b for i, b in enumerate(back)]
+        torch.testing.assert_close(all_views[k][0], torch.stack(back).mean(0))
+
+
+def test_a_model_of_smaller_scales_only_fuses_at_its_own_size() -> None:
+    # No scale at the model's 36²: the maps still come out at 36², smoothed with σ·s/S.
+    model = _networks()
+    model.scales = {k: v for k, v in model.scales.items() if "@" in k}
+    x = _x()
+    with torch.inference_mode():
+        maps = model.maps(x)
+        e, v = model.scales["p33@18"].error_and_variance(_reduced(x, 18))
+    assert maps["fused"].shape == maps["p17@18"].shape == (2, 36, 36)
+    want = F.interpolate(gaussian_blur(model.scales["p33@18"].standardize(e, v, 1.0), 0.5)[:, None],
+                         size=(36, 36), mode="bilinear", align_corners=False)[:, 0]
+    torch.testing.assert_close(maps["p33@18"], want)
 
 
 def test_reduce_to_resamples_as_images_are_resized() -> None:
     # What stad.images.to_tensor does to an image resized to a model's size, so that a scale
-    # at 16² in a 32² model sees what a 16² model sees of a 32² image; at any factor.
+    # at 18² in a 36² model sees what an 18² model sees of a 36² image; at any factor.
     x = _x()
     assert reduce_to(x, None) is x
-    for size in (16, 8):
+    for size in (18, 12, 9):
         torch.testing.assert_close(reduce_to(x, size), _reduced(x, size), rtol=0, atol=1e-12)
     y = torch.randn(1, 3, 27, 27, generator=torch.Generator().manual_seed(5))
     torch.testing.assert_close(reduce_to(y, 9), _reduced(y, 9), rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match="must divide"):
-        reduce_to(x, 12)
+        reduce_to(x, 10)
 
 
 def test_artifact_tensors_round_trip_with_per_position_statistics_at_each_size() -> None:
     model = _networks()
-    model.scales["p17@16"].calib_map = torch.rand(4, 16, 16) + 0.5
+    model.scales["p17@18"].calib_map = torch.rand(4, 18, 18) + 0.5
     tensors = model_tensors(model)
-    assert "student.p17@16.1.convs.0.weight" in tensors and "calib_map.p17@16" in tensors
+    assert "student.p17@18.1.convs.0.weight" in tensors and "calib_map.p17@18" in tensors
     assert sum(k.startswith("teacher.p17.") for k in tensors) == sum(
         1 for _ in model.scales["p17"].teacher.state_dict())  # one shared teacher per size
     loaded = model_from_tensors(tensors, dict(PRE))
     assert loaded.scale_names == model.scale_names
-    assert loaded.scales["p33@16"].image_size == 16 and loaded.scales["p17"].image_size is None
-    assert loaded.scales["p17@16"].calib_map.shape == (4, 16, 16)
-    with pytest.raises(ArtifactError, match="p17@16 does not fit a model of image size 24"):
+    assert loaded.scales["p33@18"].image_size == 18 and loaded.scales["p17"].image_size is None
+    assert loaded.scales["p17@18"].calib_map.shape == (4, 18, 18)
+    with pytest.raises(ArtifactError, match="p17@18 does not fit a model of image size 24"):
         model_from_tensors(tensors, {**PRE, "image_size": 24})
     bad = dict(tensors)
-    bad["calib_map.p17@16"] = torch.rand(4, 32, 32) + 0.5  # the model's size, not the scale's
-    with pytest.raises(ArtifactError, match=r"calib_map\.p17@16 .*shape \(4, 16, 16\)"):
+    bad["calib_map.p17@18"] = torch.rand(4, 36, 36) + 0.5  # the model's size, not the scale's
+    with pytest.raises(ArtifactError, match=r"calib_map\.p17@18 .*shape \(4, 18, 18\)"):
         model_from_tensors(bad, dict(PRE))
+    # Scale names that are not names, or sizes that cannot be, are refused in one line.
+    for name, message in (("p17@0", "not a scale name"), ("p017", "not a scale name"),
+                          ("x17", "not a scale name"), ("p17@8", "at least 17")):
+        renamed = {k.replace("p17@18", name): v for k, v in tensors.items()}
+        with pytest.raises(ArtifactError, match=message):
+            model_from_tensors(renamed, dict(PRE))
 
 
 @pytest.fixture(scope="module")
@@ -188,6 +216,17 @@ def test_fit_calibrate_score_and_export_a_model_with_scales_at_two_sizes(data: P
     assert abs(a.score - b.score) <= 1e-4 * spread
     for k in model.scales:
         assert float(abs(a.maps[k] - b.maps[k]).max()) <= 1e-4 * spread
+    # Without its scale names, the metadata's patch sizes (what older exports hold) do not
+    # name the graph's three maps: refused rather than mislabelled.
+    import onnx
+
+    proto = onnx.load(str(onnx_path))
+    kept = [p for p in proto.metadata_props if p.key != "stad.scales"]
+    del proto.metadata_props[:]
+    proto.metadata_props.extend(kept)
+    onnx.save(proto, str(data / "unnamed.onnx"))
+    with pytest.raises(ArtifactError, match="names 2 scales, its graph gives 3"):
+        stad.load_model(data / "unnamed.onnx")
 
 
 def test_the_cli_takes_scales_at_a_size_and_refuses_sizes_that_do_not_divide(data: Path
@@ -215,14 +254,21 @@ def test_models_fitted_at_two_sizes_merge(data: Path, tmp_path: Path) -> None:
         stad.fit_students(path, teacher="random", dataset="synthetic", category="grain",
                           root=data / "data",
                           students={**STUDENTS, "image_size": size, "patch_sizes": sizes})
+    stad.calibrate(small)  # a merged model leaves calibrations out
     out = tmp_path / "merged.safetensors"
     result = stad.merge_models([small, large], out=out)
     assert result["scales"] == ["p17", "p17@32", "p33@32"] and result["image_size"] == 64
     merged, parts = load_artifact(out), {p: load_artifact(p) for p in (small, large)}
     assert merged.preprocessing["image_size"] == 64
     for name, t in parts[small].tensors.items():
-        if name.startswith("student.p33."):
-            assert torch.equal(merged.tensors[name.replace("p33.", "p33@32.", 1)], t)
+        kind = name.split(".")[0]
+        scale = name.split(".")[1]
+        if kind in ("student", "norm"):  # renamed to the scale at 32²
+            assert torch.equal(merged.tensors[name.replace(f".{scale}.", f".{scale}@32.", 1)], t)
+        elif kind == "teacher":  # shared by the p17 scales: one copy, its own name
+            assert torch.equal(merged.tensors[name], t)
+    assert not any(k.startswith("calib") for k in merged.tensors)
+    assert "norm.p33@32.mean" in merged.tensors and "teacher.p33.convs.0.weight" in merged.tensors
     for name, t in parts[large].tensors.items():
         assert torch.equal(merged.tensors[name], t)
     assert merged.config["students"]["patch_sizes"] == [17, "17@32", "33@32"]
