@@ -69,6 +69,16 @@ def parse_scale(value: int | str) -> tuple[int, int | None]:
                          "(17@128)") from None
 
 
+MIN_SCALE_SIZE = 17
+"""The smallest image size a scale may work at (as ``students.image_size``)."""
+
+
+def scale_size_fits(size: int, image_size: int) -> bool:
+    """Whether a scale may work at ``size`` in a model of ``image_size``: a smaller divisor of
+    it, at least :data:`MIN_SCALE_SIZE` (the settings and the artifact loader both check it)."""
+    return MIN_SCALE_SIZE <= size < image_size and image_size % size == 0
+
+
 def _split_scales(value: Any) -> Any:
     """Accept ``"17,17@128,33@128"`` as well as a list; plain sizes become ints."""
     if isinstance(value, str):
@@ -89,9 +99,10 @@ def _check_scales(value: list[int | str]) -> list[int | str]:
         raise ValueError(f"patch sizes must be a non-empty subset of {PATCH_SIZES}, each "
                          f"optionally at an image size (17@128), got {value}")
     small = [v for v, (_, size) in zip(value, scales, strict=True)
-             if size is not None and size < 17]
+             if size is not None and size < MIN_SCALE_SIZE]
     if small:
-        raise ValueError(f"{small[0]}: the image size of a scale must be at least 17")
+        raise ValueError(f"{small[0]}: the image size of a scale must be at least "
+                         f"{MIN_SCALE_SIZE}")
     unique = {scale: v for scale, v in zip(scales, value, strict=True)}
     return [unique[k] for k in sorted(unique, key=lambda k: (k[0], k[1] is not None,
                                                              -(k[1] or 0)))]
@@ -247,7 +258,7 @@ class StudentSettings(_Section):
     @model_validator(mode="after")
     def _check_scale_sizes(self) -> StudentSettings:
         for v, (_, size) in zip(self.patch_sizes, self.scales, strict=True):
-            if size is not None and (size >= self.image_size or self.image_size % size):
+            if size is not None and not scale_size_fits(size, self.image_size):
                 raise ValueError(f"students.patch_sizes {v}: the image size of a scale must be "
                                  f"a smaller divisor of students.image_size "
                                  f"{self.image_size} (write {str(v).split('@')[0]} for a scale at "

@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from stad.artifacts import load_artifact, prefixed, with_prefix
+from stad.config import scale_size_fits
 from stad.errors import ArtifactError
 from stad.handcrafted import gaussian_blur
 from stad.networks import PATCH_SIZES, FusedNetworks, PatchNetwork, build_network
@@ -443,14 +444,21 @@ def _load_net(p: int, state: Mapping[str, torch.Tensor], what: str) -> PatchNetw
     return net
 
 
+def scale_tensors(scale: Scale) -> dict[str, torch.Tensor]:
+    """A scale's students and normalization, named as in the model artifact."""
+    k = scale.name
+    out: dict[str, torch.Tensor] = {}
+    for m, student in enumerate(scale.students):
+        out.update(with_prefix(student.state_dict(), f"student.{k}.{m}"))
+    assert scale.mean is not None and scale.std is not None
+    out[f"norm.{k}.mean"], out[f"norm.{k}.std"] = scale.mean, scale.std
+    return out
+
+
 def model_tensors(model: Networks) -> dict[str, torch.Tensor]:
     out = teacher_tensors({s.patch_size: s.teacher for s in model.scales.values()})
     for k, s in model.scales.items():
-        for m, student in enumerate(s.students):
-            out.update(with_prefix(student.state_dict(), f"student.{k}.{m}"))
-        assert s.mean is not None and s.std is not None
-        out[f"norm.{k}.mean"] = s.mean
-        out[f"norm.{k}.std"] = s.std
+        out.update(scale_tensors(s))
         if s.calib is not None:
             out[f"calib.{k}"] = s.calib
         if s.calib_map is not None:
@@ -473,7 +481,7 @@ def check_scale_size(name: str, image_size: int) -> int | None:
     model's own); ArtifactError where it is not a divisor of the model's, smaller than it and
     at least 17."""
     size = parse_scale_name(name)[1]
-    if size is not None and (size < 17 or size >= image_size or image_size % size):
+    if size is not None and not scale_size_fits(size, image_size):
         raise ArtifactError(f"scale {name} does not fit a model of image size {image_size}: "
                             "its size must be a smaller divisor of the model's, at least 17")
     return size

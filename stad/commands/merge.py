@@ -134,7 +134,8 @@ def merge_models(paths: Sequence[Path], *, out: Path) -> dict[str, Any]:
     base = largest[1]
     config = {**base.config, "students": {
         **base.config.get("students", {}),
-        "patch_sizes": [n[1:] if "@" in n else int(n[1:]) for n in names]}}
+        "patch_sizes": [p if s is None else f"{p}@{s}"
+                        for p, s in map(parse_scale_name, names)]}}
     info = {k: v for k, v in base.info.items() if k != "calibration"}
     # What each run computed in ("auto" resolves per machine) and how it was distributed
     # stays with that run's entry in merged_from.

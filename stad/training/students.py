@@ -42,7 +42,7 @@ from stad.distributed import SINGLE, World
 from stad.errors import DataError, TrainingError
 from stad.images import DEFAULT_MEAN, DEFAULT_STD, load_image, to_tensor
 from stad.images import preprocessing as image_preprocessing
-from stad.model import PADDING, Networks, Scale, reduce_to, scale_name
+from stad.model import PADDING, Networks, Scale, reduce_to, scale_name, scale_tensors
 from stad.networks import PatchNetwork, build_network
 from stad.training.checkpoint import (
     Checkpoint,
@@ -183,7 +183,7 @@ class _ScaleFit:
         self.p = p = teacher.patch_size
         self.image_size, self.name = image_size, scale_name(p, image_size)
         # p=17, or p=17@128 for a scale at another size; its random streams differ by size.
-        self.label = f"p={p}" if image_size is None else f"p={p}@{image_size}"
+        self.label = _label(p, image_size)
         self.stream = (p,) if image_size is None else (p, image_size)
         images = reduce_to(images, image_size)
         self.teacher = teacher.to(device).eval().requires_grad_(False)
@@ -363,6 +363,11 @@ def scheduled_lr(k: int, total: int, lr: float, schedule: str) -> float:
     return lr * 0.5 * (1 + math.cos(math.pi * (k - warm) / max(1, total - warm)))
 
 
+def _label(p: int, image_size: int | None) -> str:
+    """A scale in messages: ``p=17``, or ``p=17@128`` for one at another size."""
+    return f"p={p}" if image_size is None else f"p={p}@{image_size}"
+
+
 def _seed(seed: int, *parts: int) -> int:
     # A distinct, stable stream per (seed, scale, student/epoch); no global RNG involved.
     h = seed
@@ -407,7 +412,7 @@ def fit_students(
     info: dict[str, Any] = {"scales": {}, "precision": resolve_precision(cfg.precision, device)}
     for k, (p, scale_size) in enumerate(cfg.scales):
         name = scale_name(p, scale_size)
-        label = f"p={p}" if scale_size is None else f"p={p}@{scale_size}"
+        label = _label(p, scale_size)
         done = checkpoint.resumed_scale(name) if checkpoint is not None else None
         if done is not None:
             assert checkpoint is not None and checkpoint.resumed is not None
@@ -422,7 +427,7 @@ def fit_students(
         scales[name] = scale
         info["scales"][name] = scale_info
         if checkpoint is not None:
-            checkpoint.finish(name, _scale_tensors(scale), scale_info)
+            checkpoint.finish(name, scale_tensors(scale), scale_info)
             if done is None and k + 1 < len(cfg.scales):
                 where = f"the end of scale {label}"
                 checkpoint.save({}, None, where=where)
@@ -430,7 +435,7 @@ def fit_students(
                     raise checkpoint.interrupted(where)
     if world.size > 1:
         digest = tensors_sha256({k: v for s in scales.values()
-                                 for k, v in _scale_tensors(s).items()})
+                                 for k, v in scale_tensors(s).items()})
         digests = world.gather(digest)
         if len(set(digests)) != 1:
             raise TrainingError(f"the {world.size} processes ended with different weights "
@@ -440,17 +445,6 @@ def fit_students(
                                "weights_sha256": digest}
     preprocessing = image_preprocessing(size)
     return FitResult(Networks(scales=scales, preprocessing=preprocessing), info)
-
-
-def _scale_tensors(scale: Scale) -> dict[str, torch.Tensor]:
-    """A finished scale's students and normalization, named as in the model artifact."""
-    k = scale.name
-    out: dict[str, torch.Tensor] = {}
-    for m, student in enumerate(scale.students):
-        out.update(with_prefix(student.state_dict(), f"student.{k}.{m}"))
-    assert scale.mean is not None and scale.std is not None
-    out[f"norm.{k}.mean"], out[f"norm.{k}.std"] = scale.mean, scale.std
-    return out
 
 
 def _finished_scale(teacher: PatchNetwork, tensors: dict[str, torch.Tensor], n_students: int,
