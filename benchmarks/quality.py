@@ -48,7 +48,7 @@ from stad.errors import UsageError  # noqa: E402
 from stad.evaluation import Evaluated, compute_metrics  # noqa: E402
 from stad.fsutil import cache_dir  # noqa: E402
 from stad.images import load_image, load_mask  # noqa: E402
-from stad.model import TTA  # noqa: E402
+from stad.model import TTA, scale_name  # noqa: E402
 from stad.training.checkpoint import SUFFIX  # noqa: E402
 
 QUICK = {"image_size": 32, "n_train": 6, "n_val": 2, "n_test_good": 2, "n_test_per_defect": 1,
@@ -454,7 +454,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--data", type=Path, default=None,
                         help="where generated sets are kept (default $STAD_CACHE/realsets)")
     parser.add_argument("--preset", default="fast")
-    parser.add_argument("--patch-sizes", default="17,33")
+    parser.add_argument("--patch-sizes", default="17,33",
+                        help="the students' scales (default 17,33); 17@64 is p = 17 on the "
+                        "images reduced to 64², as in `stad fit-students --patch-sizes`")
     parser.add_argument("--image-size", type=int, default=None, help="default 128")
     parser.add_argument("--epochs", default=None,
                         help="default: the preset's; comma-separated: one run per value")
@@ -520,6 +522,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error(str(exc))
     if args.knn and args.baseline_only:
         parser.error("--knn scores teachers' descriptors; --baseline-only runs no teacher")
+    try:  # checked as stad checks students.patch_sizes (17, or 17@128 at a smaller size)
+        students = resolve_settings({"students": {"image_size": args.image_size,
+                                                  "patch_sizes": args.patch_sizes}},
+                                    environ={}).students
+    except UsageError as e:
+        parser.error(f"--patch-sizes: {e}")
+    args.scale_names = [scale_name(*scale) for scale in students.scales]
+    if args.knn and any(size is not None for _, size in students.scales):
+        parser.error("--knn scores each patch size at --image-size: give plain patch sizes")
     args.normalize_list = list(dict.fromkeys(v for v in args.normalize.split(",") if v))
     if not args.normalize_list or set(args.normalize_list) - {"global", "position"}:
         parser.error(f"--normalize takes global and/or position, not {args.normalize!r}")
@@ -560,7 +571,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                              n_test_good=q.get("n_test_good", d.n_test_good),
                              n_test_per_defect=q.get("n_test_per_defect", d.n_test_per_defect))
     base = args.data or cache_dir() / "realsets"
-    scales = [f"p{p}" for p in sorted(int(p) for p in args.patch_sizes.split(","))]
+    scales = args.scale_names
     results: dict[str, dict[str, Any]] = {}
     generation: dict[str, float] = {}
     total = time.perf_counter()

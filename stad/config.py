@@ -276,7 +276,34 @@ class StudentSettings(_Section):
             return data  # the Literal check reports the bad name
         if "epochs" in data and "min_steps" not in data:
             values = {**values, "min_steps": 0}  # epochs given: exactly that many
+        if "image_size" in data and "patch_sizes" not in data:
+            values = {**values, "patch_sizes": _preset_scales_at(preset, values,
+                                                                 data["image_size"])}
         return {**values, **data}
+
+
+def _preset_scales_at(preset: str, values: Mapping[str, Any], image_size: Any) -> list[Any]:
+    """A preset's scales for an image size the user gives: a scale at a smaller size keeps
+    its share of the image (the fast preset's ``17@128`` of 256² becomes ``17@64`` at 128²)."""
+    scales = list(values.get("patch_sizes", PATCH_SIZES))
+    try:
+        size = int(image_size)
+    except (TypeError, ValueError):
+        return scales  # the image_size field reports it
+    out: list[Any] = []
+    for v in scales:
+        p, own = parse_scale(v)
+        if own is None:
+            out.append(v)
+            continue
+        factor = values["image_size"] // own
+        if size % factor or not scale_size_fits(size // factor, size):
+            raise ValueError(
+                f"the {preset} preset's scale {v} works at 1/{factor} of students.image_size: "
+                f"give an image size that is a multiple of {factor} and at least "
+                f"{factor * MIN_SCALE_SIZE}, or give students.patch_sizes")
+        out.append(f"{p}@{size // factor}")
+    return out
 
 
 SMOOTH_SIGMA_SHARE = 1 / 64

@@ -291,6 +291,20 @@ def test_quality_knn_needs_a_teacher_run(capsys: pytest.CaptureFixture[str]) -> 
     assert "--reference-blocks 'four,ten'" in capsys.readouterr().err
 
 
+def test_quality_patch_sizes_take_scales_at_a_smaller_size(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    args = quality.parse_args(["--image-size", "256", "--patch-sizes", "33@128,17,17@128"])
+    assert args.scale_names == ["p17", "p17@128", "p33@128"]  # the model's order
+    for argv, message in ((["--image-size", "128", "--patch-sizes", "17@100"],
+                           "--patch-sizes: setting 'students'"),
+                          (["--image-size", "256", "--patch-sizes", "17@128", "--knn"],
+                           "--knn scores each patch size at --image-size")):
+        with pytest.raises(SystemExit) as exc:
+            quality.parse_args(argv)
+        assert exc.value.code == 2
+        assert message in capsys.readouterr().err
+
+
 def test_quality_knn_only_scores_descriptors_without_fitting(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert quality.main(["--quick", "--knn-only", "--teachers", "random", "--sets", "coins",
