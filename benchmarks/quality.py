@@ -14,6 +14,11 @@ stdout. Run from the repository root:
     python benchmarks/quality.py --baseline-only          # the Gaussian baseline alone
     python benchmarks/quality.py --teachers builtin --knn-only --sets gravel  # no students
     python benchmarks/quality.py --quick                  # tiny sizes, a smoke test
+    # the fast preset's own scales (p = 17 at 256², p = 17 and 33 at 128²) on the 256² sets:
+    python benchmarks/quality.py --teachers builtin --image-size 256 --patch-sizes 17,17@128,33@128
+
+The defaults (``--image-size 128 --patch-sizes 17,33``) are the fast preset of 2026-12-05,
+which most figures in docs/quality.md were measured with.
 
 Generated sets are kept under ``--data`` (default ``$STAD_CACHE/realsets``, i.e.
 ``~/.cache/stad/realsets``) in a folder named after the generation parameters, and reused.

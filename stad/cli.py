@@ -316,7 +316,9 @@ def fit_students_cmd(
         "larger share of the image. [default: the preset's]")] = None,
     epochs: Annotated[int | None, typer.Option("--epochs", help="Epochs per scale.")] = None,
     image_size: Annotated[int | None, typer.Option(
-        "--image-size", help="Images are resized to this square size.")] = None,
+        "--image-size", help="Images are resized to this square size; a preset's scales at a "
+        "smaller size keep their share of it (fast: 17@128 at 256 is 17@64 at 128). "
+        f"[default: the preset's: {_preset_defaults('image_size')}]")] = None,
     n_students: Annotated[int | None, typer.Option(
         "--students", help="Students per scale (M). [default: the preset's: "
         f"{_preset_defaults('n_students')}]")] = None,

@@ -204,15 +204,16 @@ STUDENT_PRESETS: dict[str, dict[str, Any]] = {
     # METHOD.md §4: 256×256, 100 epochs, Adam 1e-4, wd 1e-5, batch of one whole image.
     "paper": {"image_size": 256, "epochs": 100, "lr": 1e-4, "lr_schedule": "constant",
               "crop_size": None, "batch_size": 1, "precision": "fp32", "min_steps": 0},
-    # CPU-friendly: smaller images, random crops (same per-pixel loss), few epochs at a higher
-    # learning rate with a cosine decay, but at least 900 steps a scale, two students a scale
-    # (the third gained at most 0.005 AU-PRO once they train that long), bf16 autocast where
-    # native, and no p=65, whose students learned nothing in the old 150-step budget
-    # (docs/usage.md, "Presets"; docs/quality.md, "The students' schedule and budget" and
-    # "More steps, fewer students").
-    "fast": {"image_size": 128, "epochs": 3, "min_steps": 900, "n_students": 2, "lr": 1e-3,
+    # CPU-friendly: random crops (same per-pixel loss), few epochs at a higher learning rate
+    # with a cosine decay, but at least 900 steps a scale, two students a scale (the third
+    # gained at most 0.005 AU-PRO once they train that long), bf16 autocast where native. The
+    # paper's three relative scales at 1.5 fits' cost: p=17 at 256² for fine texture, p=17 and
+    # p=33 on the images reduced to 128² for the objects' larger structure; no p=65 (docs/usage.md,
+    # "Presets"; docs/quality.md, "The students' schedule and budget", "More steps, fewer
+    # students" and "The fast preset with scales at two image sizes").
+    "fast": {"image_size": 256, "epochs": 3, "min_steps": 900, "n_students": 2, "lr": 1e-3,
              "lr_schedule": "cosine", "crop_size": 64, "batch_size": 4, "precision": "auto",
-             "patch_sizes": [17, 33]},
+             "patch_sizes": [17, "17@128", "33@128"]},
 }
 
 
@@ -308,7 +309,7 @@ def _preset_scales_at(preset: str, values: Mapping[str, Any], image_size: Any) -
 
 SMOOTH_SIGMA_SHARE = 1 / 64
 """``calibrate.smooth_sigma = "auto"`` (the default) is the model's image size times this: 2
-pixels at the fast preset's 128², 4 at 256², 1 at the demo's 64², so the smoothing covers the
+pixels at 128², 4 at the presets' 256², 1 at the demo's 64², so the smoothing covers the
 same share of the image at every resolution. Measured on the real-photo sets
 (docs/quality.md, "Smoothing the maps")."""
 

@@ -167,6 +167,7 @@ def test_help_shows_the_documented_defaults() -> None:
     assert result.exit_code == 0
     text = " ".join(result.stdout.split())  # as wrapped to the terminal
     assert "[default: 0]" in text and "[default: the preset's: paper 3, fast 2]" in text
+    assert "[default: the preset's: paper 256, fast 256]" in text  # --image-size
 
 
 def test_stad_debug_variable_adds_the_traceback(tmp_path: Path) -> None:

@@ -255,8 +255,8 @@ def test_several_problems_are_all_reported(tmp_path: Path) -> None:
 def test_fast_preset_fills_the_student_settings() -> None:
     settings = resolve_settings({"students": {"preset": "fast"}}, environ={})
     assert (settings.students.image_size, settings.students.epochs,
-            settings.students.crop_size, settings.students.precision) == (128, 3, 64, "auto")
-    assert settings.students.patch_sizes == [17, 33]
+            settings.students.crop_size, settings.students.precision) == (256, 3, 64, "auto")
+    assert settings.students.patch_sizes == [17, "17@128", "33@128"]
     given = resolve_settings({"students": {"preset": "fast", "patch_sizes": "17,33,65"}},
                              environ={})
     assert given.students.patch_sizes == [17, 33, 65]  # what the user sets wins
@@ -286,7 +286,7 @@ def test_preset_scales_keep_their_share_at_another_image_size(
     assert given.patch_sizes == [17, "17@32"]
 
 
-@pytest.mark.parametrize("size", [33, 100 + 1, 32])
+@pytest.mark.parametrize("size", [33, 101, 32])
 def test_preset_scales_that_cannot_keep_their_share_are_refused(
         monkeypatch: pytest.MonkeyPatch, size: int) -> None:
     monkeypatch.setitem(STUDENT_PRESETS, "fast", {**STUDENT_PRESETS["fast"], "image_size": 256,
@@ -324,7 +324,7 @@ def test_explicit_value_beats_preset_from_any_layer(tmp_path: Path, preset_from:
     students = resolve_settings(flags, config_file=cfg, environ=environ).students
     assert students.preset == "fast"
     assert students.epochs == 7  # explicit
-    assert (students.image_size, students.crop_size) == (128, 64)  # from the preset
+    assert (students.image_size, students.crop_size) == (256, 64)  # from the preset
 
 
 def test_unknown_preset_name() -> None:
