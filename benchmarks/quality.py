@@ -532,7 +532,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                                                   "patch_sizes": args.patch_sizes}},
                                     environ={}).students
     except UsageError as e:
-        parser.error(f"--patch-sizes: {e}")
+        parser.error(f"--image-size {args.image_size} --patch-sizes {args.patch_sizes}: {e}")
     args.scale_names = [scale_name(*scale) for scale in students.scales]
     if args.knn and any(size is not None for _, size in students.scales):
         parser.error("--knn scores each patch size at --image-size: give plain patch sizes")

@@ -17,6 +17,7 @@ and ``$STAD_CONFIG`` are not read::
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -44,6 +45,7 @@ from stad.config import (
     Settings,
     TtaName,
     merge,
+    preset_scales_at,
     settings_from,
 )
 from stad.console import NULL_REPORTER, Reporter
@@ -398,10 +400,14 @@ def _settings(settings: Settings | None, keywords: Mapping[str, Any]) -> Setting
     after the merge (values a preset wrote into ``settings`` are not taken as given)."""
     base = settings.model_dump(mode="json", exclude_unset=True) if settings is not None else {}
     students = base.get("students")
-    if isinstance(students, dict) and isinstance(students.get("preset"), str):
-        preset = STUDENT_PRESETS.get(students["preset"], {})
+    if isinstance(students, dict) and students.get("preset") in STUDENT_PRESETS:
+        filled = dict(STUDENT_PRESETS[students["preset"]])
+        if "image_size" in students:  # the preset's scales as it fitted them to that size
+            with contextlib.suppress(ValueError):
+                filled["patch_sizes"] = preset_scales_at(students["preset"],
+                                                         students["image_size"])
         base["students"] = {k: v for k, v in students.items()
-                            if k == "preset" or preset.get(k, object()) != v}
+                            if k == "preset" or filled.get(k, object()) != v}
     return settings_from(merge(base, keywords))
 
 

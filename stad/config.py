@@ -18,7 +18,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from stad.errors import UsageError
 
@@ -278,18 +286,19 @@ class StudentSettings(_Section):
         if "epochs" in data and "min_steps" not in data:
             values = {**values, "min_steps": 0}  # epochs given: exactly that many
         if "image_size" in data and "patch_sizes" not in data:
-            values = {**values, "patch_sizes": _preset_scales_at(preset, values,
-                                                                 data["image_size"])}
+            values = {**values, "patch_sizes": preset_scales_at(preset, data["image_size"])}
         return {**values, **data}
 
 
-def _preset_scales_at(preset: str, values: Mapping[str, Any], image_size: Any) -> list[Any]:
+def preset_scales_at(preset: str, image_size: Any) -> list[Any]:
     """A preset's scales for an image size the user gives: a scale at a smaller size keeps
-    its share of the image (the fast preset's ``17@128`` of 256² becomes ``17@64`` at 128²)."""
+    its share of the image (the fast preset's ``17@128`` of 256² becomes ``17@64`` at 128²).
+    ValueError, naming the size, where such a scale cannot follow it."""
+    values = STUDENT_PRESETS[preset]
     scales = list(values.get("patch_sizes", PATCH_SIZES))
-    try:
-        size = int(image_size)
-    except (TypeError, ValueError):
+    try:  # read as the image_size field reads it ("128" from the environment)
+        size = TypeAdapter(int).validate_python(image_size)
+    except ValidationError:
         return scales  # the image_size field reports it
     out: list[Any] = []
     for v in scales:
@@ -300,7 +309,8 @@ def _preset_scales_at(preset: str, values: Mapping[str, Any], image_size: Any) -
         factor = values["image_size"] // own
         if size % factor or not scale_size_fits(size // factor, size):
             raise ValueError(
-                f"the {preset} preset's scale {v} works at 1/{factor} of students.image_size: "
+                f"students.image_size {size}: the {preset} preset's scale {v} works at "
+                f"1/{factor} of the image size: "
                 f"give an image size that is a multiple of {factor} and at least "
                 f"{factor * MIN_SCALE_SIZE}, or give students.patch_sizes")
         out.append(f"{p}@{size // factor}")

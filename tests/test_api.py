@@ -410,3 +410,27 @@ def test_arrays_of_any_byte_order_and_truncated_pil_images(world: Path, tmp_path
     with pytest.raises(DataError, match="cannot be decoded"):
         model.score(lazy)
     lazy.close()
+
+
+def test_settings_keep_the_presets_scales_following_the_image_size(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # Settings made with a preset hold what it filled in; keywords on top must not take those
+    # values as given: the scales it fitted to one image size follow a new one, and another
+    # preset brings its own scales.
+    from stad.config import STUDENT_PRESETS, settings_from
+
+    monkeypatch.setitem(STUDENT_PRESETS, "fast", {**STUDENT_PRESETS["fast"], "image_size": 256,
+                                                  "patch_sizes": [17, "17@128", "33@128"]})
+    base = settings_from({"students": {"preset": "fast", "image_size": 128}})
+    assert base.students.patch_sizes == [17, "17@64", "33@64"]
+    for keywords, image_size, scales in (
+            ({"image_size": 64}, 64, [17, "17@32", "33@32"]),
+            ({"image_size": 256}, 256, [17, "17@128", "33@128"]),
+            ({"epochs": 5}, 128, [17, "17@64", "33@64"]),
+            ({"preset": "paper"}, 128, STUDENT_PRESETS["paper"].get("patch_sizes", [17, 33, 65]))):
+        students = stad.api._settings(base, {"students": keywords}).students
+        assert (students.image_size, students.patch_sizes) == (image_size, scales), keywords
+    given = settings_from({"students": {"preset": "fast", "image_size": 128,
+                                        "patch_sizes": "17,17@32"}})
+    assert stad.api._settings(given, {"students": {"epochs": 5}}).students.patch_sizes == [
+        17, "17@32"]  # scales the user gave stay

@@ -193,6 +193,12 @@ def test_usage_errors_from_settings(tmp_path: Path) -> None:
     no_adapter = _run("datasets", "show", "--dataset", "kolektor", "--root", str(tmp_path))
     assert no_adapter.exit_code == EXIT_USAGE
     assert "kolektor" in _one_error_line(no_adapter)
+    # The fast preset's scales at 128² follow --image-size at half of it: 101 has no half.
+    odd = _run("fit-students", "--dataset", "synthetic", "--root", str(tmp_path),
+               "--preset", "fast", "--image-size", "101", "--out", str(tmp_path / "m.safetensors"))
+    assert odd.exit_code == EXIT_USAGE
+    assert "students.image_size 101: the fast preset's scale 17@128" in _one_error_line(odd)
+    assert not (tmp_path / "m.safetensors").exists()
 
 
 @pytest.mark.parametrize(("error", "code"), [

@@ -270,7 +270,8 @@ def test_fast_preset_fills_the_student_settings() -> None:
 
 @pytest.mark.parametrize(("size", "scales"), [
     (None, [17, "17@128", "33@128"]), (256, [17, "17@128", "33@128"]),
-    (128, [17, "17@64", "33@64"]), ("512", [17, "17@256", "33@256"]), (34, [17, "17@17", "33@17"])])
+    (128, [17, "17@64", "33@64"]), ("512", [17, "17@256", "33@256"]),
+    ("128.0", [17, "17@64", "33@64"]), (34, [17, "17@17", "33@17"])])
 def test_preset_scales_keep_their_share_at_another_image_size(
         monkeypatch: pytest.MonkeyPatch, size: int | str | None, scales: list[int | str]) -> None:
     # A preset whose smaller scales work at half its image size keeps them at half of the
@@ -280,7 +281,7 @@ def test_preset_scales_keep_their_share_at_another_image_size(
     environ = {} if size is None else {"STAD_STUDENTS__IMAGE_SIZE": str(size)}
     students = resolve_settings({"students": {"preset": "fast"}}, environ=environ).students
     assert students.patch_sizes == scales
-    assert students.image_size == (256 if size is None else int(size))
+    assert students.image_size == (256 if size is None else int(float(size)))
     given = resolve_settings({"students": {"preset": "fast", "image_size": 128,
                                            "patch_sizes": "17,17@32"}}, environ={}).students
     assert given.patch_sizes == [17, "17@32"]
@@ -293,7 +294,7 @@ def test_preset_scales_that_cannot_keep_their_share_are_refused(
                                                   "patch_sizes": [17, "17@128", "33@128"]})
     message = _usage_error(flags={"students": {"preset": "fast", "image_size": size}},
                            environ={})
-    assert "fast preset's scale 17@128 works at 1/2 of students.image_size" in message
+    assert f"students.image_size {size}: the fast preset's scale 17@128 works at 1/2" in message
     assert "multiple of 2 and at least 34" in message and "students.patch_sizes" in message
 
 

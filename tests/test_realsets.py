@@ -296,7 +296,7 @@ def test_quality_patch_sizes_take_scales_at_a_smaller_size(
     args = quality.parse_args(["--image-size", "256", "--patch-sizes", "33@128,17,17@128"])
     assert args.scale_names == ["p17", "p17@128", "p33@128"]  # the model's order
     for argv, message in ((["--image-size", "128", "--patch-sizes", "17@100"],
-                           "--patch-sizes: setting 'students'"),
+                           "--image-size 128 --patch-sizes 17@100: setting 'students'"),
                           (["--image-size", "256", "--patch-sizes", "17@128", "--knn"],
                            "--knn scores each patch size at --image-size")):
         with pytest.raises(SystemExit) as exc:
