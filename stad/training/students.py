@@ -102,7 +102,9 @@ def teacher_targets(teacher: PatchNetwork, images: torch.Tensor, *, batch: int =
     Returns:
         targets (N, D, H, W) float16, mean (D,), std (D,) over all pixels of all images.
     """
-    outs = []
+    # Two passes of the teacher: the statistics first, then each batch again, normalized
+    # straight into the float16 targets. Holding every float32 output until the statistics
+    # were known peaked at three times the targets' memory (14 GB for 200 images at 256²).
     total = torch.zeros(teacher.out_dim, dtype=torch.float64)
     total_sq = torch.zeros_like(total)
     count = 0
@@ -111,7 +113,6 @@ def teacher_targets(teacher: PatchNetwork, images: torch.Tensor, *, batch: int =
         total += y.double().sum((0, 2, 3)).cpu()
         total_sq += y.double().pow(2).sum((0, 2, 3)).cpu()
         count += y.shape[0] * y.shape[2] * y.shape[3]
-        outs.append(y)
     d = teacher.out_dim
     counts = torch.tensor([float(count)], dtype=torch.float64)
     sums = world.sum(torch.cat([total, total_sq, counts]).to(images.device)).cpu()
@@ -122,7 +123,12 @@ def teacher_targets(teacher: PatchNetwork, images: torch.Tensor, *, batch: int =
     std = torch.where(std > 1e-6, std, torch.ones_like(std))
     m = mean.float().view(1, -1, 1, 1)
     s = std.float().view(1, -1, 1, 1)
-    targets = torch.cat([((y - m.to(y.device)) / s.to(y.device)).half() for y in outs])
+    m, s = m.to(images.device), s.to(images.device)
+    targets = torch.empty((len(images), d, *images.shape[-2:]), dtype=torch.float16,
+                          device=images.device)
+    for i in range(0, len(images), batch):
+        y = teacher.dense(images[i:i + batch], padding_mode=PADDING)
+        targets[i:i + batch] = ((y - m) / s).half()
     return targets, mean.float(), std.float()
 
 
