@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -105,11 +105,14 @@ def teacher_targets(teacher: PatchNetwork, images: torch.Tensor, *, batch: int =
     # Two passes of the teacher: the statistics first, then each batch again, normalized
     # straight into the float16 targets. Holding every float32 output until the statistics
     # were known peaked at three times the targets' memory (14 GB for 200 images at 256²).
+    def outputs() -> Iterator[tuple[int, torch.Tensor]]:
+        for i in range(0, len(images), batch):
+            yield i, teacher.dense(images[i:i + batch], padding_mode=PADDING)
+
     total = torch.zeros(teacher.out_dim, dtype=torch.float64)
     total_sq = torch.zeros_like(total)
     count = 0
-    for i in range(0, len(images), batch):
-        y = teacher.dense(images[i:i + batch], padding_mode=PADDING)
+    for _, y in outputs():
         total += y.double().sum((0, 2, 3)).cpu()
         total_sq += y.double().pow(2).sum((0, 2, 3)).cpu()
         count += y.shape[0] * y.shape[2] * y.shape[3]
@@ -121,14 +124,12 @@ def teacher_targets(teacher: PatchNetwork, images: torch.Tensor, *, batch: int =
     std = (total_sq / count - mean.pow(2)).clamp_min(0).sqrt()
     # A dead channel (constant output) would divide by zero; give it unit scale instead.
     std = torch.where(std > 1e-6, std, torch.ones_like(std))
-    m = mean.float().view(1, -1, 1, 1)
-    s = std.float().view(1, -1, 1, 1)
-    m, s = m.to(images.device), s.to(images.device)
+    m = mean.float().view(1, -1, 1, 1).to(images.device)
+    s = std.float().view(1, -1, 1, 1).to(images.device)
     targets = torch.empty((len(images), d, *images.shape[-2:]), dtype=torch.float16,
                           device=images.device)
-    for i in range(0, len(images), batch):
-        y = teacher.dense(images[i:i + batch], padding_mode=PADDING)
-        targets[i:i + batch] = ((y - m) / s).half()
+    for i, y in outputs():
+        targets[i:i + len(y)] = ((y - m) / s).half()
     return targets, mean.float(), std.float()
 
 
