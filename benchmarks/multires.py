@@ -65,7 +65,7 @@ def _sized(name: str, image_size: int) -> str:
 
 def combine(maps: Sequence[dict[str, np.ndarray]], samples: Sequence[stad.Sample],
             combo: Sequence[str], fpr_limit: float) -> dict[str, object]:
-    """Metrics of the unweighted mean of ``combo``'s maps (image score: the map's maximum)."""
+    """Metrics of the unweighted mean of ``combo``'s maps (image score: stad's default rule)."""
     items = [quality.evaluated(sample, {"fused": np.mean([scales[k] for k in combo], axis=0,
                                                          dtype=np.float32)})
              for sample, scales in zip(samples, maps, strict=True)]

@@ -46,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # realsets.py lives be
 import realsets  # noqa: E402
 
 from stad.backbones import BACKBONES  # noqa: E402
-from stad.config import CalibrateSettings, resolve_settings  # noqa: E402
+from stad.config import CalibrateSettings, ScoreSettings, resolve_settings  # noqa: E402
 from stad.datasets import synthetic  # noqa: E402
 from stad.datasets.registry import get_adapter  # noqa: E402
 from stad.errors import UsageError  # noqa: E402
@@ -54,10 +54,14 @@ from stad.evaluation import Evaluated, compute_metrics  # noqa: E402
 from stad.fsutil import cache_dir  # noqa: E402
 from stad.images import load_image, load_mask  # noqa: E402
 from stad.model import TTA, scale_name  # noqa: E402
+from stad.scoring import image_score  # noqa: E402
 from stad.training.checkpoint import SUFFIX  # noqa: E402
 
 QUICK = {"image_size": 32, "n_train": 6, "n_val": 2, "n_test_good": 2, "n_test_per_defect": 1,
          "epochs": 1, "patch_sizes": "17", "students": 2, "crop": 0, "sets": ["brick", "coins"]}
+DEFAULT_RULE = ScoreSettings()
+"""How every map here becomes an image score: stad's default (``score.image_score``; the top
+1 % mean since 2026-12-06, the maximum before, which earlier figures in docs/quality.md use)."""
 
 # --------------------------------------------------------------------------- Gaussian baseline
 
@@ -118,15 +122,16 @@ def _map_to(amap: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
 
 def evaluated(sample: Any, maps: dict[str, np.ndarray]) -> Evaluated:
     """A test sample with its maps (at the image's size): mask read at that size (none: all
-    normal), image score = each map's maximum."""
+    normal), image score of each map by stad's default rule, as a model calibrated with
+    default settings scores it (so the baselines are ranked as stad's own maps are)."""
     shape = maps["fused"].shape
     mask = load_mask(sample.mask, shape) if sample.mask is not None else np.zeros(shape, bool)
-    return Evaluated(sample, maps, mask, {k: float(m.max()) for k, m in maps.items()})
+    return Evaluated(sample, maps, mask, {k: image_score(m, DEFAULT_RULE) for k, m in maps.items()})
 
 
 def baseline(dataset: str, root: Path, category: str, image_size: int) -> dict[str, Any]:
     """The Gaussian baseline on one category: fit on ``train``, evaluate on ``test`` with
-    stad's evaluation code (image score = maximum of the map)."""
+    stad's evaluation code (image score by stad's default rule)."""
     adapter = get_adapter(dataset)
     start = time.perf_counter()
     train = adapter.list_samples(root, category, "train")
@@ -204,7 +209,7 @@ def descriptor_knn(dataset: str, root: Path, category: str, teacher: str,
     Per scale a :class:`DescriptorBank` of :data:`KNN_BANK` training descriptors (sampled,
     seeded). A pixel's score is the distance of its normalized descriptor to the nearest one
     in the bank, standardized by the mean and std of the scores of the ``val`` images; the
-    fused map is the mean over scales and an image's score its maximum, as for the models.
+    fused map is the mean over scales, its image score by stad's default rule.
     Computed in float32 on ``args.device``. Low figures mean that the descriptors themselves
     hardly tell the defects from normal texture by their density.
     """

@@ -364,7 +364,8 @@ def calibrate_cmd(
     threshold: Annotated[float | None, typer.Option(
         "--threshold", help="For --method manual.")] = None,
     image_score: Annotated[str | None, typer.Option(
-        "--image-score", help="max or topk_mean. [default: max]")] = None,
+        "--image-score", help="topk_mean (the mean of the map's top score.topk_fraction of "
+        "pixels, 1 %) or max (its maximum, METHOD.md's). [default: topk_mean]")] = None,
     normalize: Annotated[str | None, typer.Option(
         "--normalize", help="position (statistics per pixel position: aligned objects gain "
         "most) or global (one mean and spread per scale, the paper's). [default: position]")

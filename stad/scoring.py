@@ -3,8 +3,9 @@
 The map of an image: resize it to the model's image size, compute per scale ẽ + ṽ (the
 regression error and predictive variance standardized with statistics from anomaly-free
 validation images), average the scales, and resize the map back to the image's own size.
-The image score is the maximum of that map by default (``score.image_score = "max"``) or the
-mean of its top ``topk_fraction`` of pixels (``"topk_mean"``, less sensitive to one hot pixel).
+The image score is the mean of the map's top ``topk_fraction`` of pixels by default
+(``score.image_score = "topk_mean"``: less sensitive to one hot pixel; docs/model.md gives the
+measurement) or its maximum (``"max"``, METHOD.md's).
 """
 
 from __future__ import annotations

@@ -59,7 +59,9 @@ def test_score_a_file_as_the_cli_does(world: Path) -> None:
     result = model.score(world / "part.png")
     assert isinstance(result, stad.Result)
     assert result.map.shape == (32, 32) and result.map.dtype == np.float32
-    assert result.score == pytest.approx(float(result.map.max()))
+    # The default image score: the mean of the map's top 1 % (10 of its 1 024 pixels).
+    assert model.calibration["image_score"] == "topk_mean"
+    assert result.score == pytest.approx(float(np.sort(result.map.ravel())[-10:].mean()))
     assert result.anomalous == (result.score > model.threshold)
     assert set(result.scales) == {"p17"} and result.maps["p17"].shape == (32, 32)
     out = CliRunner().invoke(app, ["score", "--model", str(world / "model.safetensors"),
@@ -67,6 +69,21 @@ def test_score_a_file_as_the_cli_does(world: Path) -> None:
     record = json.loads(out.stdout.splitlines()[0])
     record.pop("schema_version")
     assert record == result.to_dict()
+
+
+def test_the_image_score_follows_the_rule_the_model_was_calibrated_with(
+        world: Path, tmp_path: Path) -> None:
+    top = stad.load_model(world / "model.safetensors", device="cpu").score(world / "part.png")
+    peak = tmp_path / "max.safetensors"
+    out = CliRunner().invoke(app, ["calibrate", "--model", str(world / "model.safetensors"),
+                                   "--out", str(peak), "--image-score", "max", "--device", "cpu"])
+    assert out.exit_code == 0, out.output
+    model = stad.load_model(peak, device="cpu")
+    assert model.calibration["image_score"] == "max"
+    result = model.score(world / "part.png")
+    # The same map; the score is now its maximum, above the top 1 % mean.
+    np.testing.assert_array_equal(result.map, top.map)
+    assert result.score == pytest.approx(float(result.map.max())) and result.score > top.score
 
 
 def test_regions_masks_and_the_pixel_threshold(world: Path, tmp_path: Path) -> None:
