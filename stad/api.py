@@ -68,8 +68,8 @@ class Result:
 
     Attributes:
         map: the fused anomaly map, (H, W) float32 at the input image's own size.
-        score: the image score (the map's maximum, or the mean of its top pixels, as the model
-            was calibrated).
+        score: the image score (the mean of the map's top pixels, the default, or its
+            maximum, as the model was calibrated).
         threshold: the threshold used (the calibrated one unless another was given).
         anomalous: ``score > threshold``; None when there is no threshold.
         scales: the image score of each scale's map (``{"p17": ..., "p33": ...}``).

@@ -8,7 +8,8 @@ states them in prose.
 * :func:`au_pro` -- area under the per-region-overlap curve up to a false positive rate
   (Bergmann et al., CVPR 2020, §4.1; the paper's headline metric, integrated to FPR 0.3).
 * :func:`image_auroc`, :func:`average_precision` -- image-level ROC AUC and AUC-PR from one
-  score per image (stad's image score is the maximum of the map, ``METHOD.md`` §5).
+  score per image (stad's image score: by default the mean of the map's top 1 %,
+  or its maximum, ``METHOD.md`` §5).
 * :func:`pixel_auroc`, :func:`pixel_average_precision` -- the same over every pixel.
 * :func:`roc_curve` -- false/true positive rates, for plots.
 
