@@ -254,8 +254,8 @@ def stored_tta(calibration: dict[str, Any], path: Any) -> str:
 
 
 def describe_calibration(calibration: Mapping[str, Any] | None) -> str:
-    """How a stored calibration makes its maps, in words: "position normalization, smoothing
-    σ 2, error only" ("" for none)."""
+    """How a stored calibration makes its maps and image scores, in words: "position
+    normalization, smoothing σ 2, error only, image score: top 1 % mean" ("" for none)."""
     if not calibration:
         return ""
     sigma = calibration.get("smooth_sigma") or 0
@@ -265,7 +265,17 @@ def describe_calibration(calibration: Mapping[str, Any] | None) -> str:
     tta = calibration.get("tta", "none")
     return (f"{calibration.get('normalize', 'global')} normalization, "
             + (f"smoothing σ {sigma:g}" if sigma else "no smoothing") + f", {terms}"
-            + (f", {tta} views averaged" if tta != "none" else ""))
+            + (f", {tta} views averaged" if tta != "none" else "") + _describe_rule(calibration))
+
+
+def _describe_rule(calibration: Mapping[str, Any]) -> str:
+    """", image score: maximum" or ", image score: top 1 % mean" ("" where not recorded)."""
+    rule = calibration.get("image_score")
+    if rule is None:
+        return ""
+    if rule == "max":
+        return ", image score: maximum"
+    return f", image score: top {100 * float(calibration.get('topk_fraction', 0.01)):g} % mean"
 
 
 def check_threshold_method(method: str, threshold: float | None) -> None:

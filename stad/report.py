@@ -103,7 +103,7 @@ def _tiles(e: Evaluated, threshold: float | None, pixel_threshold: float | None,
     from PIL import Image
 
     image = load_image(e.sample.image)
-    lo, hi = display_range(threshold, e.maps["fused"])
+    lo, hi = display_range(e.maps["fused"], pixel_threshold, threshold)
     gray = (e.mask * 255).astype(np.uint8)
     tiles = {"image": (image * 255).astype(np.uint8),
              "overlay": overlay(image, e.maps["fused"], lo, hi)}
@@ -304,7 +304,8 @@ def page(result: dict[str, Any], items: Sequence[Evaluated], *, title: str,
             "normal or anomalous images)</p>"]
     if training:
         body += ["<h2>Training</h2>", "".join(training)]
-    body += ["<h2>Examples</h2><p>Each card: the image, the fused map over it"
+    body += ["<h2>Examples</h2><p>Each card: the image, the fused map over it (coloured up "
+             "to the " + ("pixel" if pixel_threshold is not None else "image") + " threshold)"
              + (", the predicted mask (map above the pixel threshold)"
                 if pixel_threshold is not None else "")
              + ", the ground truth; the file, the defect type, the score and the verdict "

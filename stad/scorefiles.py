@@ -40,10 +40,10 @@ def _map_name(path: Path) -> str:
 
 
 def write_maps(folder: Path, path: Path, amap: Any, image: Any, threshold: float | None,
-               mask: Any = None) -> str:
-    """Heat map, overlay (PNG) and the raw float map (32-bit TIFF) of one image, and with
-    ``mask`` (bool (H, W): the map above the pixel threshold) a binary mask PNG (0 and 255);
-    each written atomically."""
+               pixel_threshold: float | None = None, mask: Any = None) -> str:
+    """Heat map, overlay (PNG, coloured up to the pixel threshold: ``display_range``) and the
+    raw float map (32-bit TIFF) of one image, and with ``mask`` (bool (H, W): the map above
+    the pixel threshold) a binary mask PNG (0 and 255); each written atomically."""
     import io
 
     from PIL import Image
@@ -51,7 +51,7 @@ def write_maps(folder: Path, path: Path, amap: Any, image: Any, threshold: float
     from stad.fsutil import atomic_write_bytes
     from stad.visualize import display_range, heat, overlay
 
-    lo, hi = display_range(threshold, amap)
+    lo, hi = display_range(amap, pixel_threshold, threshold)
     base = folder / _map_name(path)
     outputs = [("_heat.png", heat(amap, lo, hi), "RGB"),
                ("_overlay.png", overlay(image, amap, lo, hi), "RGB"),

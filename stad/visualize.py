@@ -40,9 +40,13 @@ def overlay(image: np.ndarray, values: np.ndarray, lo: float, hi: float,
     return (np.clip(out, 0, 1) * 255 + 0.5).astype(np.uint8)
 
 
-def display_range(threshold: float | None, values: np.ndarray) -> tuple[float, float]:
+def display_range(values: np.ndarray, pixel_threshold: float | None,
+                  threshold: float | None = None) -> tuple[float, float]:
     """The range a map is coloured over: 0 (the mean of normal pixels after standardization)
-    to the image threshold, so that colours mean the same in every image and everything above
-    the threshold is fully coloured; without a threshold, the map's own maximum."""
-    hi = threshold if threshold is not None and threshold > 0 else float(values.max())
+    to the pixel threshold, so that colours mean the same in every image and the pixels that
+    join defect regions are the fully coloured ones. A calibration without a pixel threshold:
+    the image threshold (under the top-1 % image score it sits below some normal pixels);
+    none at all: the map's own maximum."""
+    hi = next((t for t in (pixel_threshold, threshold) if t is not None and t > 0),
+              float(values.max()))
     return 0.0, max(hi, 1e-6)

@@ -199,7 +199,8 @@ def test_calibrate_per_position_and_back(model: Path, tiny_data: Path, tmp_path:
     # maps: "auto" is the image size / 64, here 32 / 64.
     text = run(["calibrate", "--model", str(plain), "--normalize", "position",
                 "--smooth-sigma", "auto"])
-    assert "(position normalization, smoothing σ 0.5, error only)" in text
+    assert ("(position normalization, smoothing σ 0.5, error only, image score: top 1 % mean)"
+            in text)
     with safe_open(str(plain), framework="pt") as f:
         assert "calib_map.p17" in f.keys()
     assert scores(plain) == pytest.approx(by_position, abs=1e-5)
@@ -208,7 +209,7 @@ def test_calibrate_per_position_and_back(model: Path, tiny_data: Path, tmp_path:
 def test_calibrate_with_views_averaged(model: Path, tiny_data: Path, tmp_path: Path):
     viewed = tmp_path / "viewed.safetensors"
     text = run(["calibrate", "--model", str(model), "--tta", "flips", "--out", str(viewed)])
-    assert ", flips views averaged)" in text
+    assert ", flips views averaged, image score: top 1 % mean)" in text
     image = str(tiny_data / "grain" / "test" / "good" / "000.png")
     records = [jsonl(run(["score", "--model", str(m), "--json", image]))[0]
                for m in (model, viewed)]

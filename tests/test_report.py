@@ -101,7 +101,13 @@ def test_the_page_says_how_the_maps_were_calibrated(tmp_path: Path) -> None:
                                 "position normalization, smoothing σ 2, error only"),
                                ({"normalize": "global", "smooth_sigma": 0,
                                  "variance_weight": 0.5},
-                                "global normalization, no smoothing, error + 0.5 × variance")]:
+                                "global normalization, no smoothing, error + 0.5 × variance"),
+                               ({"normalize": "position", "smooth_sigma": 0,
+                                 "variance_weight": 0.0, "image_score": "max"},
+                                "no smoothing, error only, image score: maximum"),
+                               ({"normalize": "position", "smooth_sigma": 0,
+                                 "image_score": "topk_mean", "topk_fraction": 0.005},
+                                "error + variance, image score: top 0.5 % mean")]:
         text = page(result, items, title="t", threshold=1.0, pixel_threshold=None,
                     info={**INFO, "calibration": calibration})
         assert words in text
@@ -184,3 +190,23 @@ def test_curves_with_one_point_or_non_finite_values_still_draw() -> None:
     assert "nan" not in bad and "inf" not in bad and "<circle" in bad
     empty = _svg("empty", {"a": (np.array([]), np.array([]))}, xlabel="x", ylabel="y")
     assert 'points=""' in empty
+
+
+def test_maps_are_coloured_up_to_the_pixel_threshold(tmp_path: Path) -> None:
+    from stad.scorefiles import write_maps
+
+    amap = np.tile(np.linspace(0, 4, 9, dtype=np.float32), (4, 1))  # 0, 0.5, ..., 4
+    image = np.zeros((4, 9, 3), np.float32)
+
+    def heat_of(**thresholds: float | None) -> np.ndarray:
+        name = write_maps(tmp_path, tmp_path / f"{len(list(tmp_path.iterdir()))}.png", amap,
+                          image, **thresholds)
+        return np.asarray(Image.open(name.replace("_map.tiff", "_heat.png")))[0]
+
+    full = heat_of(threshold=None, pixel_threshold=None)[-1]  # the map's maximum: the top colour
+    # The pixel threshold (3) is where the colour saturates, not the lower image threshold (1).
+    heat = heat_of(threshold=1.0, pixel_threshold=3.0)
+    assert (heat[6:] == full).all() and not (heat[5] == full).all()
+    # A calibration without a pixel threshold: the image threshold.
+    heat = heat_of(threshold=1.0, pixel_threshold=None)
+    assert (heat[2:] == full).all() and not (heat[1] == full).all()

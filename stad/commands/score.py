@@ -87,7 +87,7 @@ def _records(model: Model, paths: Sequence[Path], rule: ScoreSettings,
             record = result.to_dict()
             if maps_dir is not None and maps.path is not None:
                 record["map"] = write_maps(maps_dir, maps.path, result.map, maps.image,
-                                           threshold, result.mask)
+                                           threshold, pixel, result.mask)
         if log is not None:
             log.write(json_line(record) + "\n")
             log.flush()
