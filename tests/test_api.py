@@ -87,6 +87,10 @@ def test_the_image_score_follows_the_rule_the_model_was_calibrated_with(
     np.testing.assert_array_equal(peak.map, top.map)
     assert peak.score == pytest.approx(float(peak.map.max())) and peak.score > top.score
     assert top.score == pytest.approx(float(np.sort(top.map.ravel())[-10:].mean()))
+    # From Python: load_model's keywords give the rule a later calibrate records.
+    model = stad.load_model(tmp_path / "topk_mean.safetensors", device="cpu", image_score="max")
+    assert model.calibrate(sorted((world / "good").glob("*.png")))["image_score"] == "max"
+    assert model.score(world / "part.png").score == pytest.approx(float(peak.map.max()))
 
 
 def test_regions_masks_and_the_pixel_threshold(world: Path, tmp_path: Path) -> None:
