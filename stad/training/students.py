@@ -91,11 +91,6 @@ def load_batch(samples: Sequence[Sample], size: int, mean: Sequence[float] = DEF
                         for s in samples])
 
 
-_STORED_LIMIT = 1024.0
-"""The largest value :func:`teacher_targets` stores before the statistics are known (float16
-reaches 65 504; the margin keeps the values' sum with the shift finite)."""
-
-
 @torch.inference_mode()
 def teacher_targets(teacher: PatchNetwork, images: torch.Tensor, *, batch: int = 4,
                     world: World = SINGLE) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -131,15 +126,7 @@ def teacher_targets(teacher: PatchNetwork, images: torch.Tensor, *, batch: int =
         total += y.double().sum((0, 2, 3)).cpu()
         total_sq += y.double().pow(2).sum((0, 2, 3)).cpu()
         count += y.shape[0] * y.shape[2] * y.shape[3]
-        z = (y - shift) / scale
-        # A channel that varies far more than on the first batch (a flat first image) would
-        # leave float16's range: widen its scale, and the values stored before with it.
-        grow = (z.abs().amax((0, 2, 3), keepdim=True) / _STORED_LIMIT).clamp_min(1)
-        if bool((grow > 1).any()):
-            for j in range(0, i, batch):
-                targets[j:j + batch] = (targets[j:j + batch].float() / grow).half()
-            scale, z = scale * grow, z / grow
-        targets[i:i + len(y)] = z.half()
+        targets[i:i + len(y)] = ((y - shift) / scale).half()
     counts = torch.tensor([float(count)], dtype=torch.float64)
     sums = world.sum(torch.cat([total, total_sq, counts]).to(images.device)).cpu()
     total, total_sq, count = sums[:d], sums[d:2 * d], float(sums[-1])
