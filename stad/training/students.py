@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -102,31 +102,21 @@ def teacher_targets(teacher: PatchNetwork, images: torch.Tensor, *, batch: int =
     Returns:
         targets (N, D, H, W) float16, mean (D,), std (D,) over all pixels of all images.
     """
-    # One pass of the teacher (its dense passes are most of the targets' cost: a second pass
-    # took a 200-image fit at 256² from 27 to 35 minutes). Each batch is stored in float16
-    # standardized by the first batch's own mean and spread, so the float16 values are
-    # already about as large as the targets; once the statistics of all images are known
-    # they are mapped to the targets in place. That rounds to float16 twice (the targets
-    # agree with ((y - mean) / std).half() to 1e-3 of their size), where holding every
-    # float32 output until the statistics were known peaked at three times the targets'
-    # memory (14 GB for 200 images at 256²).
-    d = teacher.out_dim
-    total = torch.zeros(d, dtype=torch.float64)
+    # Two passes of the teacher: the statistics first, then each batch again, normalized
+    # straight into the float16 targets. Holding every float32 output until the statistics
+    # were known peaked at three times the targets' memory (14 GB for 200 images at 256²).
+    def outputs() -> Iterator[tuple[int, torch.Tensor]]:
+        for i in range(0, len(images), batch):
+            yield i, teacher.dense(images[i:i + batch], padding_mode=PADDING)
+
+    total = torch.zeros(teacher.out_dim, dtype=torch.float64)
     total_sq = torch.zeros_like(total)
     count = 0
-    targets = torch.empty((len(images), d, *images.shape[-2:]), dtype=torch.float16,
-                          device=images.device)
-    shift = scale = None
-    for i in range(0, len(images), batch):
-        y = teacher.dense(images[i:i + batch], padding_mode=PADDING)
-        if shift is None:
-            shift = y.mean((0, 2, 3), keepdim=True)
-            spread = y.std((0, 2, 3), keepdim=True, correction=0)
-            scale = torch.where(spread > 1e-6, spread, torch.ones_like(spread))
+    for _, y in outputs():
         total += y.double().sum((0, 2, 3)).cpu()
         total_sq += y.double().pow(2).sum((0, 2, 3)).cpu()
         count += y.shape[0] * y.shape[2] * y.shape[3]
-        targets[i:i + len(y)] = ((y - shift) / scale).half()
+    d = teacher.out_dim
     counts = torch.tensor([float(count)], dtype=torch.float64)
     sums = world.sum(torch.cat([total, total_sq, counts]).to(images.device)).cpu()
     total, total_sq, count = sums[:d], sums[d:2 * d], float(sums[-1])
@@ -134,12 +124,12 @@ def teacher_targets(teacher: PatchNetwork, images: torch.Tensor, *, batch: int =
     std = (total_sq / count - mean.pow(2)).clamp_min(0).sqrt()
     # A dead channel (constant output) would divide by zero; give it unit scale instead.
     std = torch.where(std > 1e-6, std, torch.ones_like(std))
-    if shift is not None:  # (y - mean) / std = stored · scale / std + (shift - mean) / std
-        m = mean.float().view(1, -1, 1, 1).to(images.device)
-        s = std.float().view(1, -1, 1, 1).to(images.device)
-        a, b = scale / s, (shift - m) / s
-        for i in range(0, len(targets), batch):
-            targets[i:i + batch] = (targets[i:i + batch].float() * a + b).half()
+    m = mean.float().view(1, -1, 1, 1).to(images.device)
+    s = std.float().view(1, -1, 1, 1).to(images.device)
+    targets = torch.empty((len(images), d, *images.shape[-2:]), dtype=torch.float16,
+                          device=images.device)
+    for i, y in outputs():
+        targets[i:i + len(y)] = ((y - m) / s).half()
     return targets, mean.float(), std.float()
 
 
