@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from stad.errors import UsageError
@@ -50,3 +52,22 @@ def autocast(device: torch.device, precision: str) -> torch.autocast:
     (:func:`resolve_precision`)."""
     bf16 = resolve_precision(precision, device) == "bf16"
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes that can be allocated on ``device`` now without swapping: a GPU's free memory, or
+    the CPU's ``MemAvailable`` (Linux; elsewhere the free physical pages, or 0 when the system
+    tells neither)."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return 0

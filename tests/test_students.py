@@ -10,6 +10,7 @@ import torch
 
 from stad.config import resolve_settings
 from stad.datasets.base import Sample
+from stad.devices import available_memory
 from stad.networks import build_network
 from stad.training.students import split_train_val, teacher_targets, train_scale
 
@@ -109,6 +110,37 @@ def test_teacher_targets_are_normalized():
     torch.testing.assert_close(t.mean((0, 2, 3)), torch.zeros(128), atol=2e-3, rtol=0)
     torch.testing.assert_close(t.std((0, 2, 3), correction=0), torch.ones(128), atol=2e-3,
                                rtol=0)
+
+
+@pytest.mark.parametrize("hold_batches", [0, 1, 100])
+def test_teacher_targets_same_bytes_whatever_is_held(hold_batches):
+    # Outputs past the memory budget are computed again: one teacher pass when all fit, two
+    # when none does, and the same targets either way.
+    teacher = build_network(17, generator=torch.Generator().manual_seed(0)).eval()
+    images = _images(5, 12, 6)
+    calls = []
+    dense = teacher.dense
+
+    def counted(x, **kwargs):
+        calls.append(len(x))
+        return dense(x, **kwargs)
+
+    batch_bytes = 2 * 128 * 12 * 12 * 4  # a batch of two float32 outputs
+    expected, m0, s0 = teacher_targets(teacher, images, batch=2, hold_bytes=10**12)
+    teacher.dense = counted
+    got, m1, s1 = teacher_targets(teacher, images, batch=2, hold_bytes=hold_batches * batch_bytes)
+    assert torch.equal(got, expected) and torch.equal(m1, m0) and torch.equal(s1, s0)
+    first_pass = [2, 2, 1]
+    again = {0: [2, 2, 1], 1: [2, 1], 100: []}[hold_batches]
+    assert calls == first_pass + again
+    with torch.no_grad():
+        y = dense(images)
+    torch.testing.assert_close(got.float(), ((y - m0.view(1, -1, 1, 1)) / s0.view(1, -1, 1, 1)),
+                               atol=2e-3, rtol=1e-3)
+
+
+def test_available_memory_is_known_here():
+    assert available_memory(torch.device("cpu")) > 0
 
 
 def test_same_seed_same_students():
