@@ -179,7 +179,7 @@ def score_end_to_end(size: int, n_images: int, batch_size: int, device: torch.de
     prepared tensors) on the same images; best of ``rounds`` interleaved runs after a warm-up."""
     from stad.artifacts import Artifact, save_artifact
     from stad.commands.score import score
-    from stad.config import Settings
+    from stad.config import ScoreSettings, Settings
     from stad.model import model_tensors
     from stad.scoring import prepare
 
@@ -194,7 +194,9 @@ def score_end_to_end(size: int, n_images: int, batch_size: int, device: torch.de
             pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
             Image.fromarray(pixels).save(folder / f"{i:03d}.png")
         path = Path(tmp) / "model.safetensors"
-        calibration = {"threshold": 0.0, "image_score": "max", "topk_fraction": 0.01}
+        rule = ScoreSettings()  # stad's default image score (until 2026-12-06: the maximum)
+        calibration = {"threshold": 0.0, "image_score": rule.image_score,
+                       "topk_fraction": rule.topk_fraction}
         save_artifact(path, Artifact(kind="model", tensors=model_tensors(model),
                                      config=Settings().model_dump(mode="json"),
                                      preprocessing=model.preprocessing, seed=0,

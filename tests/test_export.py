@@ -170,6 +170,29 @@ def test_score_and_evaluate_take_the_onnx_file(exported: tuple[Path, Path, Path]
     assert 0 <= json.loads(out.stdout.splitlines()[0])["maps"]["fused"]["au_pro"] <= 1
 
 
+def test_an_export_scores_images_by_the_rule_it_was_calibrated_with(
+        exported: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    # The rule travels in the metadata: an export of a model calibrated with the maximum scores
+    # by the maximum, not by the default top 1 %.
+    data, model_path, onnx_path = exported
+    peak_model, peak_onnx = tmp_path / "max.safetensors", tmp_path / "max.onnx"
+    stad.calibrate(model_path, out=peak_model, score={"image_score": "max"})
+    out = CliRunner().invoke(app, ["export", "--model", str(peak_model), "--out",
+                                   str(peak_onnx)])
+    assert out.exit_code == 0, out.output
+    metadata = {p.key: p.value for p in onnx.load(str(peak_onnx)).metadata_props}
+    assert json.loads(metadata["stad.calibration"])["image_score"] == "max"
+    image = next((data / "grain" / "test").glob("*/000.png"))
+    scores = {}
+    for path in (onnx_path, peak_onnx, peak_model):
+        result = stad.load_model(path, device="cpu").score(image)
+        scores[path.name] = result.score
+        if path == peak_onnx:
+            assert result.score == pytest.approx(float(result.map.max()), rel=1e-6)
+    assert scores["max.onnx"] == pytest.approx(scores["max.safetensors"], rel=1e-4, abs=1e-4)
+    assert scores["max.onnx"] > scores["model.onnx"]
+
+
 def test_onnxruntime_uses_as_many_threads_as_torch(exported: tuple[Path, Path, Path]) -> None:
     # onnxruntime's own default is every core; stad gives it torch's count (OMP_NUM_THREADS,
     # torch.set_num_threads), so that one setting bounds both backends.

@@ -4,8 +4,9 @@
 scales share the checkpoint format described below.)
 
 Per scale: the frozen teacher's dense descriptors of every training image are computed once
-(not once per student and epoch), their per-channel mean and std give the normalization, and
-the normalized targets are kept in memory in float16. The M students of a scale are trained
+(not once per student and epoch; twice for the batches whose float32 outputs do not fit in half
+the available memory, :func:`teacher_targets`), their per-channel mean and std give the
+normalization, and the normalized targets are kept in memory in float16. The M students of a scale are trained
 together, each on its own loss, mean over pixels of ‖S_i(x) − (y − μ)/σ‖²: one Adam over all
 their parameters is the same as M separate ones, because no parameter is shared.
 
