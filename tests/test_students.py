@@ -11,8 +11,9 @@ import torch
 from stad.config import resolve_settings
 from stad.datasets.base import Sample
 from stad.devices import available_memory
+from stad.distributed import SINGLE, World
 from stad.networks import build_network
-from stad.training.students import split_train_val, teacher_targets, train_scale
+from stad.training.students import _hold_budget, split_train_val, teacher_targets, train_scale
 
 
 def _settings(**students):
@@ -139,8 +140,15 @@ def test_teacher_targets_same_bytes_whatever_is_held(hold_batches):
                                atol=2e-3, rtol=1e-3)
 
 
-def test_available_memory_is_known_here():
-    assert available_memory(torch.device("cpu")) > 0
+def test_available_memory_is_known_here_and_shared_by_local_processes(monkeypatch):
+    cpu = torch.device("cpu")
+    assert available_memory(cpu) > 0
+    monkeypatch.setattr("stad.training.students.available_memory", lambda device: 1200)
+    assert _hold_budget(cpu, SINGLE) == 600
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "3")
+    assert _hold_budget(cpu, World(rank=1, size=6)) == 200
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    assert _hold_budget(cpu, World(rank=1, size=4)) == 150
 
 
 def test_same_seed_same_students():

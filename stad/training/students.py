@@ -6,9 +6,10 @@ scales share the checkpoint format described below.)
 Per scale: the frozen teacher's dense descriptors of every training image are computed once
 (not once per student and epoch; twice for the batches whose float32 outputs do not fit in half
 the available memory, :func:`teacher_targets`), their per-channel mean and std give the
-normalization, and the normalized targets are kept in memory in float16. The M students of a scale are trained
-together, each on its own loss, mean over pixels of ‖S_i(x) − (y − μ)/σ‖²: one Adam over all
-their parameters is the same as M separate ones, because no parameter is shared.
+normalization, and the normalized targets are kept in memory in float16. The M students of a
+scale are trained together, each on its own loss, mean over pixels of ‖S_i(x) − (y − μ)/σ‖²:
+one Adam over all their parameters is the same as M separate ones, because no parameter is
+shared.
 
 With ``crop_size`` (the fast preset) a step trains on random crops of the target maps; the
 student then sees the crop with its full context (the padded image around it, ``dense_valid``),
@@ -24,6 +25,7 @@ generator is seeded per (seed, scale, epoch), is replayed up to the step the che
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -102,8 +104,9 @@ def teacher_targets(teacher: PatchNetwork, images: torch.Tensor, *, batch: int =
     images of all ranks (their sums are added up), so every rank normalizes alike.
 
     One teacher pass gives the statistics; its float32 outputs are held for the normalization
-    while they fit in ``hold_bytes`` (None: half the memory available on the device, see
-    :func:`stad.devices.available_memory`), and the batches past that are computed again
+    while they fit in ``hold_bytes`` (None: half the memory available on the device, shared by
+    the processes of a distributed run on one machine's CPU; :func:`_hold_budget`), and the
+    batches past that are computed again
     afterwards. The targets are the same bytes whatever the budget: a batch computed again is
     the same computation. (Holding every output regardless peaked at three times the targets'
     memory, 14 GB for 200 images at 256²; computing all of them twice took 9 more minutes.)
@@ -112,7 +115,7 @@ def teacher_targets(teacher: PatchNetwork, images: torch.Tensor, *, batch: int =
         targets (N, D, H, W) float16, mean (D,), std (D,) over all pixels of all images.
     """
     if hold_bytes is None:
-        hold_bytes = available_memory(images.device) // 2
+        hold_bytes = _hold_budget(images.device, world)
 
     def output(i: int) -> torch.Tensor:
         return teacher.dense(images[i:i + batch], padding_mode=PADDING)
@@ -147,6 +150,17 @@ def teacher_targets(teacher: PatchNetwork, images: torch.Tensor, *, batch: int =
         targets[i:i + len(y)] = ((y - m) / s).half()
         del y
     return targets, mean.float(), std.float()
+
+
+def _hold_budget(device: torch.device, world: World) -> int:
+    """Bytes of teacher outputs :func:`teacher_targets` may hold: half the memory available
+    on ``device`` (:func:`stad.devices.available_memory`); on a CPU, split among the
+    processes of the run that share the machine (torchrun's ``LOCAL_WORLD_SIZE``; all of them
+    where it is not set). Each GPU of a distributed run has its own memory."""
+    budget = available_memory(device) // 2
+    if device.type != "cuda" and world.size > 1:
+        budget //= max(1, int(os.environ.get("LOCAL_WORLD_SIZE", world.size)))
+    return budget
 
 
 def _crops(n: int, size: int, crop: int | None, gen: torch.Generator) -> list[tuple[int, int]]:
