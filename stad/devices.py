@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
 
@@ -57,9 +58,16 @@ def autocast(device: torch.device, precision: str) -> torch.autocast:
 def available_memory(device: torch.device) -> int:
     """Bytes that can be allocated on ``device`` now without swapping: a GPU's free memory, or
     the CPU's ``MemAvailable`` (Linux; elsewhere the free physical pages, or 0 when the system
-    tells neither)."""
+    tells neither), no more than the process's control group still allows (a container's
+    memory limit, :func:`cgroup_headroom`)."""
     if device.type == "cuda":
         return int(torch.cuda.mem_get_info(device)[0])
+    free = _meminfo_available()
+    headroom = cgroup_headroom()
+    return free if headroom is None else min(free, headroom)
+
+
+def _meminfo_available() -> int:
     try:
         with open("/proc/meminfo") as f:
             for line in f:
@@ -71,3 +79,44 @@ def available_memory(device: torch.device) -> int:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (AttributeError, ValueError, OSError):
         return 0
+
+
+# cgroup v2 (the unified hierarchy) and v1's memory controller: where, and the limit and usage
+_CGROUP_FILES = {2: ("", "memory.max", "memory.current"),
+                 1: ("memory", "memory.limit_in_bytes", "memory.usage_in_bytes")}
+
+
+def cgroup_headroom(proc: Path = Path("/proc/self/cgroup"),
+                    root: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """Bytes this process's control group may still take, limit minus usage, the least over
+    its cgroup and the cgroups above it (v2, or v1's memory controller); None where no limit
+    is set or none can be read. Usage counts the page cache, which could be reclaimed, so
+    this errs low."""
+    try:
+        lines = proc.read_text().splitlines()
+    except OSError:
+        return None
+    least = None
+    for line in lines:
+        _, controllers, path = (line.split(":", 2) + ["", ""])[:3]
+        version = 2 if controllers == "" else 1 if "memory" in controllers.split(",") else None
+        if version is None:
+            continue
+        sub, limit_file, usage_file = _CGROUP_FILES[version]
+        top = root / sub
+        folder = top / path.strip("/")
+        # Inside a container the hierarchy is often mounted at the container's own cgroup,
+        # so the path /proc names may not exist: its parents up to the mount are tried too.
+        for d in [folder, *folder.parents]:
+            if d != top and top not in d.parents:
+                break
+            try:
+                limit = (d / limit_file).read_text().strip()
+                usage = int((d / usage_file).read_text())
+            except (OSError, ValueError):
+                continue
+            if limit == "max" or not limit.isdigit() or int(limit) >= 1 << 60:
+                continue  # no limit (v1 writes a number near 2**63)
+            headroom = max(0, int(limit) - usage)
+            least = headroom if least is None else min(least, headroom)
+    return least
