@@ -112,7 +112,7 @@ def test_teacher_targets_are_normalized():
                                rtol=0)
 
 
-@pytest.mark.parametrize("hold_batches", [0, 1, 100])
+@pytest.mark.parametrize("hold_batches", [0, 1, 1.5, 100])
 def test_teacher_targets_same_bytes_whatever_is_held(hold_batches):
     # Outputs past the memory budget are computed again: one teacher pass when all fit, two
     # when none does, and the same targets either way.
@@ -128,10 +128,13 @@ def test_teacher_targets_same_bytes_whatever_is_held(hold_batches):
     batch_bytes = 2 * 128 * 12 * 12 * 4  # a batch of two float32 outputs
     expected, m0, s0 = teacher_targets(teacher, images, batch=2, hold_bytes=10**12)
     teacher.dense = counted
-    got, m1, s1 = teacher_targets(teacher, images, batch=2, hold_bytes=hold_batches * batch_bytes)
+    got, m1, s1 = teacher_targets(teacher, images, batch=2,
+                                  hold_bytes=int(hold_batches * batch_bytes))
     assert torch.equal(got, expected) and torch.equal(m1, m0) and torch.equal(s1, s0)
     first_pass = [2, 2, 1]
-    again = {0: [2, 2, 1], 1: [2, 1], 100: []}[hold_batches]
+    # held: the batches before the first that does not fit (the short last one after a miss
+    # is computed again too)
+    again = {0: [2, 2, 1], 1: [2, 1], 1.5: [2, 1], 100: []}[hold_batches]
     assert calls == first_pass + again
     with torch.no_grad():
         y = dense(images)
@@ -142,11 +145,13 @@ def test_teacher_targets_same_bytes_whatever_is_held(hold_batches):
 def test_the_hold_budget_is_shared_by_local_processes(monkeypatch):
     cpu = torch.device("cpu")
     monkeypatch.setattr("stad.training.students.available_memory", lambda device: 1200)
-    assert _hold_budget(cpu, SINGLE) == 600
+    assert _hold_budget(cpu, SINGLE, 100) == 600
+    assert _hold_budget(cpu, SINGLE, 1000) == 200  # room for the targets beside what is held
+    assert _hold_budget(cpu, SINGLE, 2000) == 0
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "3")
-    assert _hold_budget(cpu, World(rank=1, size=6)) == 200
-    monkeypatch.delenv("LOCAL_WORLD_SIZE")
-    assert _hold_budget(cpu, World(rank=1, size=4)) == 150
+    assert _hold_budget(cpu, World(rank=1, size=6), 100) == 200
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "")  # empty: as if not set
+    assert _hold_budget(cpu, World(rank=1, size=4), 100) == 150
 
 
 def test_same_seed_same_students():

@@ -104,18 +104,20 @@ def teacher_targets(teacher: PatchNetwork, images: torch.Tensor, *, batch: int =
     images of all ranks (their sums are added up), so every rank normalizes alike.
 
     One teacher pass gives the statistics; its float32 outputs are held for the normalization
-    while they fit in ``hold_bytes`` (None: half the memory available on the device, shared by
-    the processes of a distributed run on one machine's CPU; :func:`_hold_budget`), and the
-    batches past that are computed again
-    afterwards. The targets are the same bytes whatever the budget: a batch computed again is
-    the same computation. (Holding every output regardless peaked at three times the targets'
-    memory, 14 GB for 200 images at 256²; computing all of them twice took 9 more minutes.)
+    while they fit in ``hold_bytes`` (None: :func:`_hold_budget`, at most half the memory
+    available on the device), and the batches from the first that does not fit on are computed
+    again afterwards. On one device the targets are the same bytes whatever the budget: a batch
+    computed again is the same computation (tested on the CPU). Holding every output regardless
+    peaked at three times the targets' memory (13.4 GiB for 200 images at 256²); computing all
+    of them twice took 9 more minutes.
 
     Returns:
         targets (N, D, H, W) float16, mean (D,), std (D,) over all pixels of all images.
     """
+    d = teacher.out_dim
+    shape = (len(images), d, *images.shape[-2:])
     if hold_bytes is None:
-        hold_bytes = _hold_budget(images.device, world)
+        hold_bytes = _hold_budget(images.device, world, math.prod(shape) * 2)
 
     def output(i: int) -> torch.Tensor:
         return teacher.dense(images[i:i + batch], padding_mode=PADDING)
@@ -123,16 +125,17 @@ def teacher_targets(teacher: PatchNetwork, images: torch.Tensor, *, batch: int =
     starts = range(0, len(images), batch)
     total = torch.zeros(teacher.out_dim, dtype=torch.float64)
     total_sq = torch.zeros_like(total)
-    count, held, held_bytes = 0, {}, 0
+    count, held_bytes, holding = 0, 0, True
+    held: dict[int, torch.Tensor] = {}
     for i in starts:
         y = output(i)
         total += y.double().sum((0, 2, 3)).cpu()
         total_sq += y.double().pow(2).sum((0, 2, 3)).cpu()
         count += y.shape[0] * y.shape[2] * y.shape[3]
         size = y.numel() * y.element_size()
-        if held_bytes + size <= hold_bytes:
+        holding = holding and held_bytes + size <= hold_bytes
+        if holding:
             held[i], held_bytes = y, held_bytes + size
-    d = teacher.out_dim
     counts = torch.tensor([float(count)], dtype=torch.float64)
     sums = world.sum(torch.cat([total, total_sq, counts]).to(images.device)).cpu()
     total, total_sq, count = sums[:d], sums[d:2 * d], float(sums[-1])
@@ -142,8 +145,7 @@ def teacher_targets(teacher: PatchNetwork, images: torch.Tensor, *, batch: int =
     std = torch.where(std > 1e-6, std, torch.ones_like(std))
     m = mean.float().view(1, -1, 1, 1).to(images.device)
     s = std.float().view(1, -1, 1, 1).to(images.device)
-    targets = torch.empty((len(images), d, *images.shape[-2:]), dtype=torch.float16,
-                          device=images.device)
+    targets = torch.empty(shape, dtype=torch.float16, device=images.device)
     for i in starts:
         # popped, so that each held output is freed as soon as it is written
         y = held.pop(i) if i in held else output(i)
@@ -152,15 +154,16 @@ def teacher_targets(teacher: PatchNetwork, images: torch.Tensor, *, batch: int =
     return targets, mean.float(), std.float()
 
 
-def _hold_budget(device: torch.device, world: World) -> int:
+def _hold_budget(device: torch.device, world: World, targets_bytes: int) -> int:
     """Bytes of teacher outputs :func:`teacher_targets` may hold: half the memory available
-    on ``device`` (:func:`stad.devices.available_memory`); on a CPU, split among the
+    on ``device`` (:func:`stad.devices.available_memory`), and no more than leaves room for
+    the targets (``targets_bytes``) beside them. On a CPU the memory is split among the
     processes of the run that share the machine (torchrun's ``LOCAL_WORLD_SIZE``; all of them
-    where it is not set). Each GPU of a distributed run has its own memory."""
-    budget = available_memory(device) // 2
+    where it is not set); each GPU of a distributed run has its own."""
+    available = available_memory(device)
     if device.type != "cuda" and world.size > 1:
-        budget //= max(1, int(os.environ.get("LOCAL_WORLD_SIZE", world.size)))
-    return budget
+        available //= max(1, int(os.environ.get("LOCAL_WORLD_SIZE") or world.size))
+    return max(0, min(available // 2, available - targets_bytes))
 
 
 def _crops(n: int, size: int, crop: int | None, gen: torch.Generator) -> list[tuple[int, int]]:
