@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from stad.config import resolve_settings
+from stad.console import Reporter
 from stad.datasets.base import Sample
 from stad.distributed import SINGLE, World
 from stad.networks import build_network
@@ -128,18 +129,41 @@ def test_teacher_targets_same_bytes_whatever_is_held(hold_batches):
     batch_bytes = 2 * 128 * 12 * 12 * 4  # a batch of two float32 outputs
     expected, m0, s0 = teacher_targets(teacher, images, batch=2, hold_bytes=10**12)
     teacher.dense = counted
+    notes = []
     got, m1, s1 = teacher_targets(teacher, images, batch=2,
-                                  hold_bytes=int(hold_batches * batch_bytes))
+                                  hold_bytes=int(hold_batches * batch_bytes), note=notes.append)
     assert torch.equal(got, expected) and torch.equal(m1, m0) and torch.equal(s1, s0)
     first_pass = [2, 2, 1]
     # held: the batches before the first that does not fit (the short last one after a miss
     # is computed again too)
     again = {0: [2, 2, 1], 1: [2, 1], 1.5: [2, 1], 100: []}[hold_batches]
     assert calls == first_pass + again
+    # the user is told when outputs are computed twice, and of how many images
+    assert len(notes) == (1 if again else 0)
+    assert all(f"the teacher's outputs of {sum(again)} of 5 images did not fit" in n
+               for n in notes)
     with torch.no_grad():
         y = dense(images)
     torch.testing.assert_close(got.float(), ((y - m0.view(1, -1, 1, 1)) / s0.view(1, -1, 1, 1)),
                                atol=2e-3, rtol=1e-3)
+
+
+class Notes(Reporter):
+    def __init__(self) -> None:
+        super().__init__(None)
+        self.notes: list[str] = []
+
+    def note(self, text: str) -> None:
+        self.notes.append(text)
+
+
+def test_a_fit_says_when_the_targets_are_computed_twice(monkeypatch):
+    monkeypatch.setattr("stad.training.students._hold_budget", lambda *args: 0)
+    notes = Notes()
+    train_scale(build_network(17, generator=torch.Generator().manual_seed(0)),
+                _images(3, 24, 5), _settings(), reporter=notes)
+    assert any(n.startswith("p=17: the teacher's outputs of 3 of 3 images did not fit")
+               for n in notes.notes), notes.notes
 
 
 def test_the_hold_budget_is_shared_by_local_processes(monkeypatch):

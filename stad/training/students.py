@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -97,6 +97,7 @@ def load_batch(samples: Sequence[Sample], size: int, mean: Sequence[float] = DEF
 @torch.inference_mode()
 def teacher_targets(teacher: PatchNetwork, images: torch.Tensor, *, batch: int = 4,
                     world: World = SINGLE, hold_bytes: int | None = None,
+                    note: Callable[[str], None] | None = None,
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Normalized teacher descriptors of every image, and the normalization (METHOD.md §4).
 
@@ -109,7 +110,7 @@ def teacher_targets(teacher: PatchNetwork, images: torch.Tensor, *, batch: int =
     again afterwards. On one device the targets are the same bytes whatever the budget: a batch
     computed again is the same computation (tested on the CPU). Holding every output regardless
     peaked at three times the targets' memory (13.4 GiB for 200 images at 256²); computing all
-    of them twice took 9 more minutes.
+    of them twice took 9 more minutes. ``note`` is told how many were computed twice, if any.
 
     Returns:
         targets (N, D, H, W) float16, mean (D,), std (D,) over all pixels of all images.
@@ -145,6 +146,11 @@ def teacher_targets(teacher: PatchNetwork, images: torch.Tensor, *, batch: int =
     std = torch.where(std > 1e-6, std, torch.ones_like(std))
     m = mean.float().view(1, -1, 1, 1).to(images.device)
     s = std.float().view(1, -1, 1, 1).to(images.device)
+    n_held = sum(len(y) for y in held.values())
+    if note is not None and n_held < len(images):
+        note(f"the teacher's outputs of {len(images) - n_held} of {len(images)} images did not "
+             f"fit in the memory set aside for them ({hold_bytes / 2**30:.1f} GiB) and are "
+             "computed a second time; more free memory makes the fit faster")
     targets = torch.empty(shape, dtype=torch.float16, device=images.device)
     for i in starts:
         # popped, so that each held output is freed as soon as it is written
@@ -205,7 +211,7 @@ def train_scale(
         TrainingError: a non-finite loss, naming the step and the last good checkpoint.
     """
     run = _ScaleFit(teacher, images, settings, device=device, checkpoint=checkpoint,
-                    world=world, image_size=image_size)
+                    world=world, image_size=image_size, reporter=reporter)
     run.resume(reporter)
     return run.run(reporter)
 
@@ -216,7 +222,7 @@ class _ScaleFit:
 
     def __init__(self, teacher: PatchNetwork, images: torch.Tensor, settings: Settings, *,
                  device: torch.device, checkpoint: Checkpoint | None, world: World,
-                 image_size: int | None = None) -> None:
+                 image_size: int | None = None, reporter: Reporter = NULL_REPORTER) -> None:
         cfg = self.cfg = settings.students
         self.seed, self.device, self.checkpoint, self.world = settings.seed, device, \
             checkpoint, world
@@ -227,8 +233,9 @@ class _ScaleFit:
         self.stream = (p,) if image_size is None else (p, image_size)
         images = reduce_to(images, image_size)
         self.teacher = teacher.to(device).eval().requires_grad_(False)
-        self.targets, self.mean, self.std = teacher_targets(self.teacher, images.to(device),
-                                                            world=world)
+        self.targets, self.mean, self.std = teacher_targets(
+            self.teacher, images.to(device), world=world,
+            note=lambda text: reporter.note(f"{self.label}: {text}"))
         # crops are cut with their context
         self.padded = self.teacher.pad(images, padding_mode=PADDING).to(device)
         self.size = size = images.shape[-1]
