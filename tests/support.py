@@ -8,6 +8,7 @@ import numpy as np
 from hypothesis import strategies as st
 from PIL import Image
 
+from stad.console import Reporter
 from stad.datasets.base import Sample
 
 # Sources of fake dataset-adapter plugins, written to a temporary module by the tests.
@@ -72,3 +73,14 @@ def smooth_noise_samples(folder: Path, n: int = 4, size: int = 48, seed: int = 0
         small.resize((size, size), Image.BICUBIC).save(path)
         out.append(Sample(path, None, "normal", "train"))
     return out
+
+
+class Notes(Reporter):
+    """A reporter that keeps the notes library code gives it."""
+
+    def __init__(self) -> None:
+        super().__init__(None)
+        self.notes: list[str] = []
+
+    def note(self, text: str) -> None:
+        self.notes.append(text)

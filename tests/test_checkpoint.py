@@ -26,6 +26,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
+from support import Notes
 from typer.testing import CliRunner
 
 import stad.training.students as students_mod
@@ -35,7 +36,6 @@ from stad.cli import app
 from stad.commands.train import fit_students as fit
 from stad.commands.train import pretrain_teacher
 from stad.config import Settings, resolve_settings
-from stad.console import Reporter
 from stad.datasets.synthetic import generate
 from stad.errors import EXIT_INTERRUPTED, ArtifactError, Interrupted, TrainingError, UsageError
 from stad.training.checkpoint import (
@@ -56,15 +56,6 @@ def _one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-class Notes(Reporter):
-    def __init__(self) -> None:
-        super().__init__(None)
-        self.notes: list[str] = []
-
-    def note(self, text: str) -> None:
-        self.notes.append(text)
 
 
 def _data(root: Path, seed: int = 1) -> Path:

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from support import Notes
 
 from stad.config import resolve_settings
-from stad.console import Reporter
 from stad.datasets.base import Sample
 from stad.distributed import SINGLE, World
 from stad.networks import build_network
@@ -146,15 +146,6 @@ def test_teacher_targets_same_bytes_whatever_is_held(hold_batches):
         y = dense(images)
     torch.testing.assert_close(got.float(), ((y - m0.view(1, -1, 1, 1)) / s0.view(1, -1, 1, 1)),
                                atol=2e-3, rtol=1e-3)
-
-
-class Notes(Reporter):
-    def __init__(self) -> None:
-        super().__init__(None)
-        self.notes: list[str] = []
-
-    def note(self, text: str) -> None:
-        self.notes.append(text)
 
 
 def test_a_fit_says_when_the_targets_are_computed_twice(monkeypatch):
