@@ -275,7 +275,8 @@ def _describe_rule(calibration: Mapping[str, Any]) -> str:
         return ""
     if rule == "max":
         return ", image score: maximum"
-    return f", image score: top {100 * float(calibration.get('topk_fraction', 0.01)):g} % mean"
+    fraction = calibration.get("topk_fraction", ScoreSettings().topk_fraction)
+    return f", image score: top {100 * float(fraction):g} % mean"
 
 
 def check_threshold_method(method: str, threshold: float | None) -> None:

@@ -124,7 +124,7 @@ def teacher_targets(teacher: PatchNetwork, images: torch.Tensor, *, batch: int =
         return teacher.dense(images[i:i + batch], padding_mode=PADDING)
 
     starts = range(0, len(images), batch)
-    total = torch.zeros(teacher.out_dim, dtype=torch.float64)
+    total = torch.zeros(d, dtype=torch.float64)
     total_sq = torch.zeros_like(total)
     count, held_bytes, holding = 0, 0, True
     held: dict[int, torch.Tensor] = {}
