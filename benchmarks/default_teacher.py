@@ -167,6 +167,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--init", default=None, metavar="TEACHER",
                         help="start every scale from this teacher artifact's ('builtin': the "
                         "shipped one) and train it --iterations more (teacher.init)")
+    parser.add_argument("--target-blocks", default=None, metavar="P=B+B,...",
+                        help="efficientnet targets: the backbone blocks distilled per patch "
+                        "size, e.g. 65=6+10 (teacher.target_blocks; others: DEFAULT_BLOCKS)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--figures", type=Path, help="JSON to record as benchmark figures")
     args = parser.parse_args(argv)
@@ -180,6 +183,10 @@ def main(argv: list[str] | None = None) -> None:
                               "init": args.init}
     if args.target == "efficientnet-lite0":
         recipe.update(distill=args.distill, buffer_images=1000)
+        if args.target_blocks:
+            recipe["target_blocks"] = {
+                int(k): [int(b) for b in v.split("+")]
+                for k, v in (part.split("=") for part in args.target_blocks.split(","))}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "data"
         sources = (imagenet_pool(root, args.images) if args.images

