@@ -36,6 +36,7 @@ import json
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -137,6 +138,16 @@ def pretrain_scale(root: Path, p: int, iterations: int, seed: int, work: Path,
     return dict(artifact.tensors), summary
 
 
+def per_scale(parser: argparse.ArgumentParser, option: str, text: str,
+              value: Callable[[str], Any]) -> dict[int, Any]:
+    """``P=V,P=V`` → {P: value(V)}; a malformed list stops with one line naming the option."""
+    try:
+        return {int(k): value(v) for k, v in (part.split("=") for part in text.split(","))}
+    except ValueError:
+        parser.error(f"{option} takes PATCH=VALUE pairs separated by commas (e.g. 17=400,33=300 "
+                     f"or 65=6+10), got {text!r}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
@@ -173,7 +184,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--figures", type=Path, help="JSON to record as benchmark figures")
     args = parser.parse_args(argv)
-    plan = {int(k): int(v) for k, v in (part.split("=") for part in args.iterations.split(","))}
+    plan = per_scale(parser, "--iterations", args.iterations, int)
 
     tensors: dict[str, torch.Tensor] = {}
     scales: dict[str, Any] = {}
@@ -184,9 +195,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.target == "efficientnet-lite0":
         recipe.update(distill=args.distill, buffer_images=1000)
         if args.target_blocks:
-            recipe["target_blocks"] = {
-                int(k): [int(b) for b in v.split("+")]
-                for k, v in (part.split("=") for part in args.target_blocks.split(","))}
+            recipe["target_blocks"] = per_scale(parser, "--target-blocks", args.target_blocks,
+                                                lambda v: [int(b) for b in v.split("+")])
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "data"
         sources = (imagenet_pool(root, args.images) if args.images

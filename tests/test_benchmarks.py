@@ -82,6 +82,17 @@ def test_default_teacher_script_passes_the_teacher_recipe_on(tmp_path: Path):
     assert all(t.dtype == torch.float16 for t in artifact.tensors.values())
 
 
+@pytest.mark.parametrize("flag", [["--iterations", "17"], ["--target-blocks", "65=6,10"]])
+def test_default_teacher_script_refuses_a_malformed_per_scale_list(tmp_path: Path, flag):
+    out = tmp_path / "teacher.safetensors"
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "default_teacher.py"),
+                             "--out", str(out), "--target", "efficientnet-lite0", *flag],
+                            capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert result.returncode == 2 and not out.exists()
+    assert f"error: {flag[0]} takes PATCH=VALUE pairs" in result.stderr
+    assert repr(flag[1]) in result.stderr.splitlines()[-1]
+
+
 @pytest.mark.slow
 def test_default_teacher_script_builds_an_imagenet_teacher_and_reuses_scales(tmp_path: Path):
     # The recipe of the shipped teacher, at 2 iterations, on 4 stand-in photos with a
