@@ -185,6 +185,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--figures", type=Path, help="JSON to record as benchmark figures")
     args = parser.parse_args(argv)
     plan = per_scale(parser, "--iterations", args.iterations, int)
+    blocks = (per_scale(parser, "--target-blocks", args.target_blocks,
+                        lambda v: [int(b) for b in v.split("+")]) if args.target_blocks else None)
+    if blocks and args.target != "efficientnet-lite0":
+        parser.error("--target-blocks chooses EfficientNet-Lite blocks: it needs --target "
+                     f"efficientnet-lite0, not {args.target}")
 
     tensors: dict[str, torch.Tensor] = {}
     scales: dict[str, Any] = {}
@@ -194,9 +199,8 @@ def main(argv: list[str] | None = None) -> None:
                               "init": args.init}
     if args.target == "efficientnet-lite0":
         recipe.update(distill=args.distill, buffer_images=1000)
-        if args.target_blocks:
-            recipe["target_blocks"] = per_scale(parser, "--target-blocks", args.target_blocks,
-                                                lambda v: [int(b) for b in v.split("+")])
+        if blocks:
+            recipe["target_blocks"] = blocks
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "data"
         sources = (imagenet_pool(root, args.images) if args.images
