@@ -13,7 +13,12 @@ type) and a table on stderr. Run from the repository root:
         gravel-128.safetensors gravel-256.safetensors \\
         --combo p17@128,p33@128 --combo p17@256,p17@128,p33@128
 
-Without ``--combo``: each model's own scales, then every scale of every model together. Bad
+Without ``--combo``: each model's own scales, then every scale of every model together.
+``--reference 6,10`` adds the no-training ImageNet nearest neighbour of quality.py
+(:class:`quality.BackboneReference`, EfficientNet-Lite0 after those blocks; needs
+``stad[imagenet]``) as one more scale, ``ref6+10@256``, standardized by the mean and std of its
+maps of the ``val`` images as calibration standardizes a model's scales; a deviation from the
+paper measured beside the students, not a part of stad. Bad
 input (an uncalibrated model, an unreadable image, an unknown scale) stops it with one line
 naming it. docs/quality.md, "Scales at two image sizes", reports what it measured.
 """
@@ -58,6 +63,24 @@ def scale_maps(models: Sequence[Path], images: Sequence[Path], precision: str = 
     return out, groups
 
 
+def reference_maps(dataset: str, root: Path, category: str, blocks: Sequence[int], size: int,
+                   images: Sequence[Path], seed: int = 0) -> tuple[str, list[np.ndarray]]:
+    """The Lite0 nearest-neighbour scale of ``images``: its name and maps, standardized by
+    the mean and std of the pixels of its maps of the category's ``val`` images."""
+    adapter = get_adapter(dataset)
+    val = adapter.list_samples(root, category, "val")
+    if not val:
+        sys.exit(f"error: --reference needs the val images of {category!r} under {root}")
+    reference = quality.BackboneReference.fit(
+        "efficientnet-lite0", blocks, size,
+        [s.image for s in adapter.list_samples(root, category, "train")], seed)
+    held = np.stack([reference.map(quality.load_image(s.image)) for s in val]).astype(np.float64)
+    mean, std = held.mean(), max(held.std(), 1e-12)
+    name = f"ref{'+'.join(map(str, blocks))}@{size}"
+    return name, [((reference.map(quality.load_image(p)) - mean) / std).astype(np.float32)
+                  for p in images]
+
+
 def _sized(name: str, image_size: int) -> str:
     """A model's scale name with its image size: ``p17`` of a 256² model is ``p17@256``; a
     scale already at its own size (``p17@128``) keeps its name."""
@@ -95,7 +118,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                         help="of the networks that compute the maps (bf16: where the CPU has "
                         "native bf16, e.g. AMX)")
-    return parser.parse_args(argv)
+    parser.add_argument("--reference", metavar="A,B",
+                        help="add the Lite0 nearest-neighbour map after blocks A and B as a "
+                        "scale (e.g. 6,10; needs stad[imagenet])")
+    parser.add_argument("--reference-size", type=int, default=256,
+                        help="image size of --reference (default 256)")
+    args = parser.parse_args(argv)
+    if args.reference is not None:
+        try:
+            args.reference = quality.reference_blocks(args.reference, "--reference")
+        except ValueError as exc:
+            parser.error(str(exc))
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -112,6 +146,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             sys.exit(f"error: no test images for {args.category!r} under {args.root}")
         maps, groups = scale_maps(args.models, [s.image for s in samples], args.precision,
                                   args.device)
+        if args.reference:
+            name, refs = reference_maps(args.dataset, args.root, args.category, args.reference,
+                                        args.reference_size, [s.image for s in samples])
+            for scales, ref in zip(maps, refs, strict=True):
+                scales[name] = ref
+            groups.append([name])
     except StadError as exc:
         sys.exit(f"error: {exc}")
     scales = [k for g in groups for k in g]

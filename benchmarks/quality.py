@@ -33,7 +33,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -251,51 +251,73 @@ BACKBONE_BANK = 40_000
 """Training feature vectors kept by :func:`backbone_knn` (the issue's reference: 40 000)."""
 
 
-@torch.inference_mode()
-def backbone_knn(dataset: str, root: Path, category: str, args: argparse.Namespace
-                 ) -> dict[str, Any]:
-    """The no-training ImageNet reference of issue 16: EfficientNet-Lite0 features after
-    blocks 4 and 10 (the second upsampled bilinearly to the first's stride-8 grid), 3×3
-    average pooled, of images at ``args.reference_size``²; a test pixel's score is its
-    feature's distance to the nearest of :data:`BACKBONE_BANK` training features (sampled,
-    seeded), upsampled to the image size and smoothed by a Gaussian of σ = 4 px at that size.
-    No students and no teacher: what the backbone's features alone separate. Needs
-    ``stad[imagenet]``. ``args.reference_backbone`` and ``args.reference_block_list`` choose
-    another EfficientNet-Lite and its blocks."""
-    from stad.distillation import load_backbone, to_backbone_input
-    from stad.handcrafted import gaussian_blur
-    from stad.images import to_tensor
-    from stad.training.students import load_batch
+@dataclass(frozen=True)
+class BackboneReference:
+    """The no-training ImageNet reference of issue 16: EfficientNet-Lite features after two
+    blocks (the second upsampled bilinearly to the first's grid), 3×3 average pooled, of images
+    at ``size``²; a pixel's score is its feature's distance to the nearest of
+    :data:`BACKBONE_BANK` training features (sampled, seeded), upsampled to the image's own size
+    and smoothed by a Gaussian of σ = 4 px at ``size``. No students and no teacher: what the
+    backbone's features alone separate. Needs ``stad[imagenet]``."""
 
-    start = time.perf_counter()
-    size = args.reference_size
-    blocks = args.reference_block_list
-    net, _ = load_backbone(args.reference_backbone)
-    net = net.eval()
+    net: Any  # stad.backbones' EfficientNet-Lite, in eval mode
+    blocks: tuple[int, ...]
+    size: int
+    bank: torch.Tensor  # (B, C) training features
 
-    def features(x: torch.Tensor) -> torch.Tensor:
-        maps = net.features(to_backbone_input(x), blocks)
+    @classmethod
+    @torch.inference_mode()
+    def fit(cls, backbone: str, blocks: Sequence[int], size: int, train: Sequence[Path],
+            seed: int) -> BackboneReference:
+        """The bank from the ``train`` images' features, ``BACKBONE_BANK`` of them at random."""
+        from stad.distillation import load_backbone
+
+        net, _ = load_backbone(backbone)
+        empty = cls(net.eval(), tuple(blocks), size, torch.empty(0))
+        feats = torch.cat([empty.features([load_image(p) for p in train[i:i + 8]])
+                           for i in range(0, len(train), 8)])
+        bank = feats.permute(0, 2, 3, 1).reshape(-1, feats.shape[1])
+        pick = torch.randperm(len(bank), generator=torch.Generator().manual_seed(seed))
+        return replace(empty, bank=bank[pick[:BACKBONE_BANK]])
+
+    @torch.inference_mode()
+    def features(self, images: Sequence[np.ndarray]) -> torch.Tensor:
+        """(N, C, h, w) pooled features of decoded images, resized to ``size``²."""
+        from stad.distillation import to_backbone_input
+        from stad.images import to_tensor
+
+        x = torch.stack([to_tensor(image, size=self.size) for image in images])
+        maps = self.net.features(to_backbone_input(x), self.blocks)
         grid = maps[0].shape[-2:]
         maps = [m if m.shape[-2:] == grid else torch.nn.functional.interpolate(
             m, size=grid, mode="bilinear", align_corners=False) for m in maps]
         return torch.nn.functional.avg_pool2d(torch.cat(maps, 1), 3, 1, 1)
 
-    adapter = get_adapter(dataset)
-    train = features(load_batch(adapter.list_samples(root, category, "train"), size))
-    bank = train.permute(0, 2, 3, 1).reshape(-1, train.shape[1])
-    generator = torch.Generator().manual_seed(args.fit_seed)
-    bank = bank[torch.randperm(len(bank), generator=generator)[:BACKBONE_BANK]]
-    tests = adapter.list_samples(root, category, "test")
-    items = []
-    for sample in tests:
-        image = load_image(sample.image)
-        f = features(to_tensor(image, size=size)[None])
+    @torch.inference_mode()
+    def map(self, image: np.ndarray) -> np.ndarray:
+        """One decoded image's map, (H, W) at the image's own size."""
+        from stad.handcrafted import gaussian_blur
+
+        f = self.features([image])
         q = f.permute(0, 2, 3, 1).reshape(-1, f.shape[1])
-        d = nearest_distance(q, bank).view(1, 1, *f.shape[-2:])
-        d = torch.nn.functional.interpolate(d, size=(size, size), mode="bilinear",
+        d = nearest_distance(q, self.bank).view(1, 1, *f.shape[-2:])
+        d = torch.nn.functional.interpolate(d, size=(self.size, self.size), mode="bilinear",
                                             align_corners=False)[:, 0]
-        amap = gaussian_blur(d.double(), 4.0)[0].float().numpy()
-        items.append(evaluated(sample, {"fused": _map_to(amap, image.shape)}))
+        return _map_to(gaussian_blur(d.double(), 4.0)[0].float().numpy(), image.shape)
+
+
+def backbone_knn(dataset: str, root: Path, category: str, args: argparse.Namespace
+                 ) -> dict[str, Any]:
+    """:class:`BackboneReference` on one category (the issue's: Lite0 blocks 4 and 10 at 256²;
+    ``args.reference_backbone``, ``args.reference_block_list`` and ``args.reference_size``
+    choose another), its map evaluated as a model's fused map."""
+    start = time.perf_counter()
+    adapter = get_adapter(dataset)
+    reference = BackboneReference.fit(
+        args.reference_backbone, args.reference_block_list, args.reference_size,
+        [s.image for s in adapter.list_samples(root, category, "train")], args.fit_seed)
+    items = [evaluated(sample, {"fused": reference.map(load_image(sample.image))})
+             for sample in adapter.list_samples(root, category, "test")]
     result = _summary(compute_metrics(items, fpr_limit=0.3))
     result["seconds"] = {"evaluate": round(time.perf_counter() - start, 2)}
     return result
@@ -421,14 +443,14 @@ def table(results: dict[str, dict[str, Any]], scales: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
-def reference_blocks(value: str) -> tuple[int, ...]:
-    """``--reference-blocks`` "A,B" as block numbers; ValueError names the option."""
+def reference_blocks(value: str, option: str = "--reference-blocks") -> tuple[int, ...]:
+    """``option``'s "A,B" as block numbers; ValueError names the option."""
     try:
         blocks = tuple(int(b) for b in value.split(","))
     except ValueError:
         blocks = ()
     if not blocks or min(blocks) < 0:
-        raise ValueError(f"--reference-blocks {value!r}: give block numbers, e.g. 4,10")
+        raise ValueError(f"{option} {value!r}: give block numbers, e.g. 4,10")
     return blocks
 
 

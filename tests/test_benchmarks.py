@@ -247,3 +247,46 @@ def test_multires_fuses_scales_of_models_at_two_image_sizes(tmp_path: Path):
                          capture_output=True, text=True, timeout=600)
     assert raw.returncode == 1 and raw.stderr.startswith("error: ") and "calibrat" in raw.stderr
     assert "Traceback" not in raw.stderr
+
+
+def test_multires_adds_the_backbone_reference_as_a_standardized_scale(tmp_path: Path):
+    import importlib.util
+
+    import stad
+    from stad.datasets.synthetic import generate
+
+    spec = importlib.util.spec_from_file_location("multires", REPO / "benchmarks" / "multires.py")
+    assert spec is not None and spec.loader is not None
+    multires = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(multires)
+    root = tmp_path / "data"
+    generate(root, categories=["grain"], image_size=32, n_train=4, n_val=2, n_test_good=2,
+             n_test_per_defect=1, seed=1)
+    model = tmp_path / "m.safetensors"
+    stad.fit_students(model, teacher="random", dataset="synthetic", category="grain", root=root,
+                      students={"epochs": 1, "image_size": 32, "n_students": 2,
+                                "patch_sizes": [17]})
+    stad.calibrate(model)
+    adapter = multires.get_adapter("synthetic")
+    val = [s.image for s in adapter.list_samples(root, "grain", "val")]
+    # Standardized by the val images' maps, as calibration standardizes a model's scales.
+    name, maps = multires.reference_maps("synthetic", root, "grain", (2, 4), 64, val)
+    assert name == "ref2+4@64"
+    held = np.stack(maps).astype(np.float64)
+    assert held.shape == (2, 32, 32)  # at the images' own size
+    assert abs(held.mean()) < 1e-4 and held.std() == pytest.approx(1.0, abs=1e-4)
+    test = [s.image for s in adapter.list_samples(root, "grain", "test")]
+    _, maps = multires.reference_maps("synthetic", root, "grain", (2, 4), 64, test)
+    assert not np.allclose(np.stack(maps).mean(), 0.0, atol=1e-3)  # test maps: not re-centred
+
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "multires.py"),
+                             "--dataset", "synthetic", "--root", str(root), "--category", "grain",
+                             "--device", "cpu", "--reference", "2,4", "--reference-size", "64",
+                             str(model)], capture_output=True, text=True, timeout=600, check=True)
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [r["combo"] for r in rows] == ["p17@32", "ref2+4@64", "p17@32,ref2+4@64"]
+    assert len({r["au_pro"] for r in rows}) == 3
+    bad = subprocess.run([sys.executable, str(REPO / "benchmarks" / "multires.py"),
+                          "--root", str(root), "--category", "grain", "--reference", "four,ten",
+                          str(model)], capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 2 and "--reference 'four,ten': give block numbers" in bad.stderr
