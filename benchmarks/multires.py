@@ -20,7 +20,8 @@ Without ``--combo``: each model's own scales, then every scale of every model to
 maps of the ``val`` images as calibration standardizes a model's scales; a deviation from the
 paper measured beside the students, not a part of stad. Bad
 input (an uncalibrated model, an unreadable image, an unknown scale) stops it with one line
-naming it. docs/quality.md, "Scales at two image sizes", reports what it measured.
+naming it. docs/quality.md, "Scales at two image sizes" and "The backbone's nearest neighbour
+as a fourth scale", report what it measured.
 """
 
 from __future__ import annotations
