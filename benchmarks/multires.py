@@ -16,9 +16,11 @@ type) and a table on stderr. Run from the repository root:
 Without ``--combo``: each model's own scales, then every scale of every model together.
 ``--reference 6,10`` adds the no-training ImageNet nearest neighbour of quality.py
 (:class:`quality.BackboneReference`, EfficientNet-Lite0 after those blocks; needs
-``stad[imagenet]``) as one more scale, ``ref6+10@256``, standardized by the mean and std of its
-maps of the ``val`` images as calibration standardizes a model's scales; a deviation from the
-paper measured beside the students, not a part of stad. Bad
+``stad[imagenet]``; on the CPU in float32 whatever ``--device`` and ``--precision`` say) as one
+more scale, ``ref6+10@256``, standardized by one mean and std, those of the pixels of its maps of
+the ``val`` images (as ``calibrate --normalize global`` would; the models' scales keep their
+own calibration); a deviation from the paper measured beside the students, not a part of stad.
+Bad
 input (an uncalibrated model, an unreadable image, an unknown scale) stops it with one line
 naming it. docs/quality.md, "Scales at two image sizes" and "The backbone's nearest neighbour
 as a fourth scale", report what it measured.
@@ -125,6 +127,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--reference-size", type=int, default=256,
                         help="image size of --reference (default 256)")
     args = parser.parse_args(argv)
+    if args.reference_size < 32:
+        parser.error(f"--reference-size must be at least 32, got {args.reference_size}")
     if args.reference is not None:
         try:
             args.reference = quality.reference_blocks(args.reference, "--reference")
@@ -145,11 +149,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         samples = get_adapter(args.dataset).list_samples(args.root, args.category, "test")
         if not samples:
             sys.exit(f"error: no test images for {args.category!r} under {args.root}")
+        if args.reference:  # first: a missing package or val split stops it before the models
+            name, refs = reference_maps(args.dataset, args.root, args.category, args.reference,
+                                        args.reference_size, [s.image for s in samples])
         maps, groups = scale_maps(args.models, [s.image for s in samples], args.precision,
                                   args.device)
         if args.reference:
-            name, refs = reference_maps(args.dataset, args.root, args.category, args.reference,
-                                        args.reference_size, [s.image for s in samples])
             for scales, ref in zip(maps, refs, strict=True):
                 scales[name] = ref
             groups.append([name])

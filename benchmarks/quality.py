@@ -248,17 +248,20 @@ def descriptor_knn(dataset: str, root: Path, category: str, teacher: str,
 
 
 BACKBONE_BANK = 40_000
-"""Training feature vectors kept by :func:`backbone_knn` (the issue's reference: 40 000)."""
+"""Training feature vectors kept by :class:`BackboneReference` at most (the issue's reference:
+40 000); all of them where the training images give fewer."""
 
 
 @dataclass(frozen=True)
 class BackboneReference:
     """The no-training ImageNet reference of issue 16: EfficientNet-Lite features after two
     blocks (the second upsampled bilinearly to the first's grid), 3×3 average pooled, of images
-    at ``size``²; a pixel's score is its feature's distance to the nearest of
-    :data:`BACKBONE_BANK` training features (sampled, seeded), upsampled to the image's own size
-    and smoothed by a Gaussian of σ = 4 px at ``size``. No students and no teacher: what the
-    backbone's features alone separate. Needs ``stad[imagenet]``."""
+    at ``size``²; a pixel's score is its feature's distance to the nearest of the training
+    features (at most :data:`BACKBONE_BANK` of them, sampled and seeded where there are more),
+    upsampled to ``size``², smoothed by a Gaussian of σ = 4 px and resized to the image's own
+    size. No students and no teacher: what the backbone's features alone separate. Computed
+    on the CPU in float32. Needs ``stad[imagenet]``; a block the backbone lacks is a
+    UsageError."""
 
     net: Any  # stad.backbones' EfficientNet-Lite, in eval mode
     blocks: tuple[int, ...]
@@ -273,6 +276,10 @@ class BackboneReference:
         from stad.distillation import load_backbone
 
         net, _ = load_backbone(backbone)
+        n = len(net._blocks)
+        if not blocks or not all(0 <= b < n for b in blocks):
+            raise UsageError(f"reference blocks {','.join(map(str, blocks))}: {backbone} has "
+                             f"blocks 0..{n - 1}")
         empty = cls(net.eval(), tuple(blocks), size, torch.empty(0))
         feats = torch.cat([empty.features([load_image(p) for p in train[i:i + 8]])
                            for i in range(0, len(train), 8)])
@@ -616,7 +623,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             _progress(name, "gaussian", results[name]["gaussian"])
             if args.reference:
                 key = f"{args.reference_backbone} kNN @ {args.reference_size}px"
-                results[name][key] = backbone_knn(dataset, root, name, args)
+                try:
+                    results[name][key] = backbone_knn(dataset, root, name, args)
+                except UsageError as exc:
+                    sys.exit(f"error: --reference: {exc}")
                 _progress(name, key, results[name][key])
             for teacher in args.teacher_list:
                 if args.knn:

@@ -290,3 +290,14 @@ def test_multires_adds_the_backbone_reference_as_a_standardized_scale(tmp_path: 
                           "--root", str(root), "--category", "grain", "--reference", "four,ten",
                           str(model)], capture_output=True, text=True, timeout=600)
     assert bad.returncode == 2 and "--reference 'four,ten': give block numbers" in bad.stderr
+    past = subprocess.run([sys.executable, str(REPO / "benchmarks" / "multires.py"),
+                           "--dataset", "synthetic", "--root", str(root), "--category", "grain",
+                           "--reference", "6,99", str(model)],
+                          capture_output=True, text=True, timeout=600)
+    assert past.returncode == 1 and "efficientnet-lite0 has blocks 0..15" in past.stderr
+    assert "Traceback" not in past.stderr
+    small = subprocess.run([sys.executable, str(REPO / "benchmarks" / "multires.py"),
+                            "--root", str(root), "--category", "grain", "--reference", "6,10",
+                            "--reference-size", "0", str(model)],
+                           capture_output=True, text=True, timeout=600)
+    assert small.returncode == 2 and "--reference-size must be at least 32" in small.stderr
