@@ -341,6 +341,12 @@ def test_quality_backbone_reference_runs_beside_the_baseline(
     assert other["settings"]["reference_blocks"] == "2,7"
     assert other["settings"]["reference_backbone"] == "efficientnet-lite0"
     assert other["results"]["coins"]["efficientnet-lite0 kNN @ 64px"]["au_pro"] != run["au_pro"]
+    # A block the backbone lacks: one line naming the option, not a traceback.
+    with pytest.raises(SystemExit) as exc:
+        quality.main(["--quick", "--baseline-only", "--reference", "--reference-size", "64",
+                      "--reference-blocks", "2,99", "--sets", "coins", "--data", str(tmp_path)])
+    assert str(exc.value.code).startswith("error: --reference: reference blocks 2,99: "
+                                          "efficientnet-lite0 has blocks 0..15")
 
 
 def test_gaussian_blur_keeps_the_mass_and_spreads_a_peak() -> None:
