@@ -272,7 +272,8 @@ class BackboneReference:
     @torch.inference_mode()
     def fit(cls, backbone: str, blocks: Sequence[int], size: int, train: Sequence[Path],
             seed: int) -> BackboneReference:
-        """The bank from the ``train`` images' features, ``BACKBONE_BANK`` of them at random."""
+        """The bank from the ``train`` images' features: all of them, or ``BACKBONE_BANK`` drawn
+        at random (seeded) where there are more."""
         from stad.distillation import load_backbone
 
         net, _ = load_backbone(backbone)
