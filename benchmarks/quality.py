@@ -277,7 +277,7 @@ class BackboneReference:
         from stad.distillation import load_backbone
 
         net, _ = load_backbone(backbone)
-        n = len(net._blocks)
+        n = net.n_blocks
         if not blocks or not all(0 <= b < n for b in blocks):
             raise UsageError(f"reference blocks {','.join(map(str, blocks))}: {backbone} has "
                              f"blocks 0..{n - 1}")

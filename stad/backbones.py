@@ -113,6 +113,11 @@ class EfficientNetLite(nn.Module):
         self.load_state_dict(state, strict=True)
         self.eval().requires_grad_(False)
 
+    @property
+    def n_blocks(self) -> int:
+        """How many blocks there are: ``features`` takes block numbers 0 to ``n_blocks - 1``."""
+        return len(self._blocks)
+
     def channels(self, block: int) -> int:
         """Output channels of block ``block``."""
         return self._blocks[block]._bn2.num_features

@@ -110,7 +110,7 @@ def blocks_for(p: int, backbone: EfficientNetLite, chosen: Mapping[int, Sequence
     """The blocks distilled at patch size p: ``chosen[p]`` or :data:`DEFAULT_BLOCKS`, checked
     against the backbone."""
     blocks = tuple(chosen.get(p, DEFAULT_BLOCKS[p]))
-    n = len(backbone._blocks)
+    n = backbone.n_blocks
     bad = [b for b in blocks if not 0 <= b < n]
     if bad or not blocks:
         raise UsageError(f"teacher.target_blocks for p={p} must name blocks 0..{n - 1} of the "

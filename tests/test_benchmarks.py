@@ -269,15 +269,16 @@ def test_multires_adds_the_backbone_reference_as_a_standardized_scale(tmp_path: 
     stad.calibrate(model)
     adapter = multires.get_adapter("synthetic")
     val = [s.image for s in adapter.list_samples(root, "grain", "val")]
-    # Standardized by the val images' maps, as calibration standardizes a model's scales.
-    name, maps = multires.reference_maps("synthetic", root, "grain", (2, 4), 64, val)
+    test = [s.image for s in adapter.list_samples(root, "grain", "test")]
+    # Standardized by the val images' maps, as calibration standardizes a model's scales
+    # (one reference for both: the val maps first, then the test maps).
+    name, maps = multires.reference_maps("synthetic", root, "grain", (2, 4), 64, val + test)
     assert name == "ref2+4@64"
-    held = np.stack(maps).astype(np.float64)
+    held = np.stack(maps[:len(val)]).astype(np.float64)
     assert held.shape == (2, 32, 32)  # at the images' own size
     assert abs(held.mean()) < 1e-4 and held.std() == pytest.approx(1.0, abs=1e-4)
-    test = [s.image for s in adapter.list_samples(root, "grain", "test")]
-    _, maps = multires.reference_maps("synthetic", root, "grain", (2, 4), 64, test)
-    assert not np.allclose(np.stack(maps).mean(), 0.0, atol=1e-3)  # test maps: not re-centred
+    tested = np.stack(maps[len(val):])
+    assert not np.allclose(tested.mean(), 0.0, atol=1e-3)  # test maps: not re-centred
 
     result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "multires.py"),
                              "--dataset", "synthetic", "--root", str(root), "--category", "grain",
