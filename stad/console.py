@@ -2,7 +2,9 @@
 
 ``--json`` output is JSON Lines: one object per line, each carrying ``schema_version`` so that
 scripts can check what they parse. Progress bars (rich) appear only when stderr is a terminal
-and ``-q`` was not given, so logs and pipes stay clean.
+and ``-q`` was not given. Where stderr is a log or a pipe, a long task writes a plain progress
+line instead (:class:`_LineTask`): none for a task that ends within :data:`LINE_MIN_GAP`
+seconds, so short runs leave clean logs, and a fit of hours on a slow CPU is not silent.
 """
 
 from __future__ import annotations
@@ -10,7 +12,8 @@ from __future__ import annotations
 import json
 import math
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +29,10 @@ from rich.progress import (
 )
 
 SCHEMA_VERSION = 1
+LINE_MIN_GAP = 30.0
+"""Seconds from a task's start, and between two of its progress lines, before a line is written."""
+LINE_HEARTBEAT = 300.0
+"""Seconds after which a line is written even where no tenth of the task was completed since."""
 
 
 @dataclass
@@ -89,10 +96,14 @@ class Reporter:
     rich itself, so it runs the same under tests, pipes and torchrun.
     """
 
-    def __init__(self, progress: Progress | None = None) -> None:
+    def __init__(self, progress: Progress | None = None, *, lines: bool = False,
+                 clock: Callable[[], float] | None = None) -> None:
         self._progress = progress
+        self._lines, self._clock = lines, clock or time.monotonic
 
     def task(self, description: str, total: int) -> _Task:
+        if self._lines:
+            return _LineTask(description, total, self._clock)
         task_id = None
         if self._progress is not None:
             task_id = self._progress.add_task(description, total=total, info="")
@@ -112,20 +123,73 @@ class _Task:
 
     def advance(self, n: int = 1, **info: Any) -> None:
         if self._progress is not None:
-            text = "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                             for k, v in info.items())
-            self._progress.update(self._id, advance=n, info=text)
+            self._progress.update(self._id, advance=n, info=_info(info))
 
     def done(self) -> None:
         if self._progress is not None:
             self._progress.update(self._id, visible=False)
 
 
+def _info(info: dict[str, Any]) -> str:
+    return "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                     for k, v in info.items())
+
+
+def duration(seconds: float) -> str:
+    """``45 s`` (under 2 minutes), ``12 min``, ``2 h 05 min``."""
+    seconds = max(0.0, seconds)
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    minutes = round(seconds / 60)
+    return f"{minutes} min" if minutes < 60 else f"{minutes // 60} h {minutes % 60:02d} min"
+
+
+class _LineTask(_Task):
+    """Progress as plain lines on stderr, for logs and pipes: one when a tenth of the task was
+    completed, or :data:`LINE_HEARTBEAT` seconds passed, since the last, but never within
+    :data:`LINE_MIN_GAP` seconds of the task's start or of the last line. The time left is
+    the rate of this run's steps (a resumed run's skipped steps do not count) applied to
+    those to come."""
+
+    def __init__(self, description: str, total: int, clock: Callable[[], float]) -> None:
+        super().__init__(None, None)
+        self._description, self._total, self._clock = description, max(total, 1), clock
+        self._done = 0
+        self._start = self._last = clock()
+        self._last_tenth = 0
+        self._base: tuple[float, int] | None = None  # (time, count) of the first advance
+
+    def advance(self, n: int = 1, **info: Any) -> None:
+        self._done += n
+        now = self._clock()
+        if self._base is None:
+            self._base = (now, self._done)
+            return
+        tenth = 10 * self._done // self._total
+        if now - self._last < LINE_MIN_GAP or (
+                tenth <= self._last_tenth and now - self._last < LINE_HEARTBEAT):
+            return
+        self._last, self._last_tenth = now, tenth
+        t0, n0 = self._base
+        left = ""
+        if self._done > n0 and self._done < self._total:
+            rate = (self._done - n0) / max(now - t0, 1e-9)
+            left = f", about {duration((self._total - self._done) / rate)} left"
+        extra = _info(info)
+        message(f"{self._description}: {self._done}/{self._total} "
+                f"({100 * self._done / self._total:.0f} %), {duration(now - self._start)}"
+                f"{left}" + (f"  {extra}" if extra else ""))
+
+
 @contextmanager
 def reporter() -> Iterator[Reporter]:
-    """A :class:`Reporter` with a live rich progress display when stderr is a terminal."""
-    if state.quiet or not sys.stderr.isatty():
+    """A :class:`Reporter` with a live rich progress display when stderr is a terminal, plain
+    progress lines for long tasks where it is not (:class:`_LineTask`), nothing with ``-q``."""
+    if state.quiet:
         yield Reporter(None)
+        return
+    if not sys.stderr.isatty():
+        yield Reporter(None, lines=True)
         return
     progress = Progress(
         TextColumn("{task.description}"),

@@ -279,6 +279,69 @@ def test_quiet_silences_notes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     assert json.loads(quiet.stdout)["schema_version"] == 1
 
 
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _lines_of(steps: list[tuple[float, int]], total: int, capsys: pytest.CaptureFixture[str]
+              ) -> list[str]:
+    """The progress lines of a task advanced by ``n`` at each ``(time, n)``."""
+    clock = _Clock()
+    task = console.Reporter(None, lines=True, clock=clock).task("students p17", total)
+    for when, n in steps:
+        clock.now = when
+        task.advance(n, loss=12.5)
+    task.done()
+    return capsys.readouterr().err.splitlines()
+
+
+def test_long_tasks_write_progress_lines_where_stderr_is_a_log(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    # One step a second: a line at each tenth once 30 s have passed since the last.
+    every_second = [(float(t), 1) for t in range(1, 101)]
+    assert _lines_of(every_second, 100, capsys) == [
+        "students p17: 30/100 (30 %), 30 s, about 70 s left  loss 12.5",
+        "students p17: 60/100 (60 %), 60 s, about 40 s left  loss 12.5",
+        "students p17: 90/100 (90 %), 90 s, about 10 s left  loss 12.5"]
+    # A task that ends within 30 s leaves the log clean.
+    assert _lines_of([(t / 10, 1) for t in range(1, 101)], 100, capsys) == []
+    # Slow steps: a line every 5 minutes even where no tenth was completed since.
+    slow = [(10.0 * t, 1) for t in range(1, 91)]
+    assert [line.split(",")[0] for line in _lines_of(slow, 1000, capsys)] == [
+        "students p17: 30/1000 (3 %)", "students p17: 60/1000 (6 %)",
+        "students p17: 90/1000 (9 %)"]
+    # A resumed run: the 500 steps it skips at once do not count in the rate (1 step / 60 s);
+    # then the next line waits for the next tenth or 5 minutes.
+    resumed = [(0.0, 500), *[(60.0 * t, 1) for t in range(1, 6)]]
+    assert _lines_of(resumed, 1000, capsys) == [
+        "students p17: 501/1000 (50 %), 60 s, about 8 h 19 min left  loss 12.5"]
+
+
+def test_commands_report_progress_in_lines_where_stderr_is_not_a_terminal(
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = _Clock()  # under pytest stderr is captured: not a terminal
+    monkeypatch.setattr(console.time, "monotonic", clock)
+    with console.reporter() as shown:
+        task = shown.task("scoring", 10)
+        for t in range(1, 11):
+            clock.now = 10.0 * t
+            task.advance()
+    assert capsys.readouterr().err.splitlines() == [
+        "scoring: 3/10 (30 %), 30 s, about 70 s left",
+        "scoring: 6/10 (60 %), 60 s, about 40 s left",
+        "scoring: 9/10 (90 %), 90 s, about 10 s left"]
+
+
+def test_progress_lines_are_silenced_by_quiet(capsys: pytest.CaptureFixture[str],
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(console.state, "quiet", True)
+    assert _lines_of([(float(t), 1) for t in range(1, 101)], 100, capsys) == []
+
+
 # ---- the real command --------------------------------------------------------------------------
 
 
