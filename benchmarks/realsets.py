@@ -19,8 +19,11 @@ Sets (docs/quality.md):
   disjoint rectangles of the photo (:func:`texture_regions`), so a test image is never a
   re-crop of a training image.
 * held out -- ``tissue`` (scikit-image's 512×512 colour ``ihc`` photo of stained tissue, a
-  texture like the others, turned too): no setting is chosen on it; it is scored once for each
-  shipped default, and only with ``--sets tissue`` (the CLIs' default is :data:`TUNED`).
+  texture like the others, turned too), ``moon`` (the 512×512 grey lunar surface: pits and
+  dents lit from one side, a texture never turned) and ``retina`` (a 1411×1411 colour fundus
+  photo, framed as the objects are): no setting is chosen on them; they are scored once for
+  each shipped default, and only when named (``--sets tissue moon retina``; the CLIs' default
+  is :data:`TUNED`).
 * object-like -- ``coffee`` (a cup on a saucer, colour) and ``coins`` (a tray of coins, grey):
   the same framing every time, as on a production line, with a sub-pixel random shift of up to
   :data:`MAX_SHIFT` px (at 128²), small brightness and contrast changes and sensor noise.
@@ -101,6 +104,11 @@ SETS: dict[str, SetSpec] = {
     "coins": SetSpec("coins.png", "object"),
     # Stained tissue under a microscope (scikit-image's `ihc`), an unaligned colour texture.
     "tissue": SetSpec("ihc.png", "texture", turns=True, held_out=True),
+    # Since session 35, two more held out: the lunar surface (`moon`), a grey surface with pits
+    # and dents like a cast or blasted part, lit from one side (so never turned); and a fundus
+    # photo of the retina (`retina`, colour), an object with fine branching vessels.
+    "moon": SetSpec("moon.png", "texture", held_out=True),
+    "retina": SetSpec("retina.jpg", "object", held_out=True),
 }
 TUNED: tuple[str, ...] = tuple(name for name, spec in SETS.items() if not spec.held_out)
 """The sets settings are chosen on (the default of the CLIs)."""

@@ -267,11 +267,13 @@ def test_descriptor_bank_scores_its_own_training_pixels_zero() -> None:
 def test_held_out_sets_are_only_scored_when_named(tmp_path: Path) -> None:
     # A held-out set must never enter a run that chooses settings by default.
     assert set(realsets.TUNED) == {"brick", "grass", "gravel", "coffee", "coins"}
-    assert realsets.SETS["tissue"].held_out and "tissue" not in realsets.TUNED
+    assert realsets.HELD_OUT == ("tissue", "moon", "retina")
+    assert all(realsets.SETS[name].held_out for name in realsets.HELD_OUT)
     assert quality.parse_args([]).sets == list(realsets.TUNED)
     assert quality.parse_args(["--sets", "tissue"]).sets == ["tissue"]
-    s = realsets.render_sample("tissue", split="test", defect="foreign", index=1, image_size=32)
-    assert s["image"].shape == (32, 32, 3) and s["mask"].any()  # a colour texture
+    for name, shape in (("tissue", (32, 32, 3)), ("moon", (32, 32)), ("retina", (32, 32, 3))):
+        s = realsets.render_sample(name, split="test", defect="foreign", index=1, image_size=32)
+        assert s["image"].shape == shape and s["mask"].any(), name  # colour or grey as shot
     tiny = ["--image-size", "32", "--n-train", "1", "--n-val", "0", "--n-test-good", "0",
             "--n-test-per-defect", "0"]
     realsets.main(["--out", str(tmp_path / "default"), *tiny])
