@@ -90,7 +90,8 @@ def emit_json(record: dict[str, Any]) -> None:
 
 
 class Reporter:
-    """Progress reporting handed to library functions; silent unless attached to a terminal.
+    """Progress reporting handed to library functions: a rich display, plain lines (``lines``),
+    or silence (the default, and the library's :data:`NULL_REPORTER`).
 
     Library code calls :meth:`task` to get a handle and ``advance`` on it; it never imports
     rich itself, so it runs the same under tests, pipes and torchrun.
@@ -135,7 +136,7 @@ def _info(info: dict[str, Any]) -> str:
                      for k, v in info.items())
 
 
-def duration(seconds: float) -> str:
+def _duration(seconds: float) -> str:
     """``45 s`` (under 2 minutes), ``12 min``, ``2 h 05 min``."""
     seconds = max(0.0, seconds)
     if seconds < 120:
@@ -174,10 +175,10 @@ class _LineTask(_Task):
         left = ""
         if self._done > n0 and self._done < self._total:
             rate = (self._done - n0) / max(now - t0, 1e-9)
-            left = f", about {duration((self._total - self._done) / rate)} left"
+            left = f", about {_duration((self._total - self._done) / rate)} left"
         extra = _info(info)
         message(f"{self._description}: {self._done}/{self._total} "
-                f"({100 * self._done / self._total:.0f} %), {duration(now - self._start)}"
+                f"({100 * self._done / self._total:.0f} %), {_duration(now - self._start)}"
                 f"{left}" + (f"  {extra}" if extra else ""))
 
 
