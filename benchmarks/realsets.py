@@ -20,10 +20,10 @@ Sets (docs/quality.md):
   re-crop of a training image.
 * held out -- ``tissue`` (scikit-image's 512×512 colour ``ihc`` photo of stained tissue, a
   texture like the others, turned too), ``moon`` (the 512×512 grey lunar surface: pits and
-  dents lit from one side, a texture never turned) and ``retina`` (a 1411×1411 colour fundus
-  photo, framed as the objects are): no setting is chosen on them; they are scored once for
-  each shipped default, and only when named (``--sets tissue moon retina``; the CLIs' default
-  is :data:`TUNED`).
+  dents lit from one side; flipped as brick is, not turned) and ``retina`` (a 1411×1411
+  colour fundus photo, framed as the objects are): no setting is chosen on them; they are
+  scored once for each shipped default, and only when named (``--sets tissue moon retina``;
+  the CLIs' default is :data:`TUNED`).
 * object-like -- ``coffee`` (a cup on a saucer, colour) and ``coins`` (a tray of coins, grey):
   the same framing every time, as on a production line, with a sub-pixel random shift of up to
   :data:`MAX_SHIFT` px (at 128²), small brightness and contrast changes and sensor noise.
@@ -105,7 +105,7 @@ SETS: dict[str, SetSpec] = {
     # Stained tissue under a microscope (scikit-image's `ihc`), an unaligned colour texture.
     "tissue": SetSpec("ihc.png", "texture", turns=True, held_out=True),
     # Since session 35, two more held out: the lunar surface (`moon`), a grey surface with pits
-    # and dents like a cast or blasted part, lit from one side (so never turned); and a fundus
+    # and dents like a cast or blasted part, flipped as brick is, not turned; and a fundus
     # photo of the retina (`retina`, colour), an object with fine branching vessels.
     "moon": SetSpec("moon.png", "texture", held_out=True),
     "retina": SetSpec("retina.jpg", "object", held_out=True),
