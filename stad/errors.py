@@ -1,9 +1,10 @@
 """The errors stad raises, and the exit code each one maps to.
 
 Library code raises a subclass of :class:`StadError` with a message a user can act on
-(what went wrong, which file or option, what to do). The CLI catches it in one place
-(:func:`stad.cli.main`) and exits with the class's ``exit_code``; the table of codes is in
-``docs/exit-codes.md``. Anything that is not a ``StadError`` is a bug and exits with 1.
+(what went wrong, which file or option, what to do). The CLI catches it in one place (the
+root command group's ``invoke`` in :mod:`stad.cli`) and exits with the class's ``exit_code``;
+the table of codes is in ``docs/exit-codes.md``. Anything that is not a ``StadError`` is a
+bug and exits with 1.
 """
 
 from __future__ import annotations

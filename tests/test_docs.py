@@ -126,6 +126,13 @@ def test_usage_toml_example_validates(tmp_path: Path):
     config.write_text(block, encoding="utf-8")
     settings = resolve_settings({}, config_file=config, environ={})
     assert settings.students.val_fraction == 0.1 and settings.teacher.iterations == 50000
+    # The block is introduced as "the defaults below": every key it sets is the default,
+    # but for the two that show where a user's data would be (no default there).
+    documented = settings.model_dump()
+    defaults = resolve_settings({}, config_file=None, environ={}).model_dump()
+    assert (str(documented.pop("root")), documented.pop("category")) == ("/data/mvtec", "bottle")
+    assert (defaults.pop("root"), defaults.pop("category")) == (None, None)
+    assert documented == defaults
 
 
 def test_makefile_targets_match_readme():
