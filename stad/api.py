@@ -34,6 +34,7 @@ from stad.calibration import (
     check_threshold_method,
     f1_threshold,
     fpr_threshold,
+    stored_rule,
     stored_smooth_sigma,
     stored_tta,
     stored_variance_weight,
@@ -50,7 +51,7 @@ from stad.config import (
 )
 from stad.console import NULL_REPORTER, Reporter
 from stad.devices import resolve_device
-from stad.errors import UsageError
+from stad.errors import ArtifactError, UsageError
 from stad.fsutil import output_lock
 from stad.model import Networks, model_from_tensors
 from stad.regions import Region, find_regions
@@ -166,11 +167,18 @@ class Model:
                 seed=0, info=info), path=path, device=torch.device("cpu"),
                 score=score or ScoreSettings())
         artifact = load_artifact(path, kind="model")
-        networks = model_from_tensors(artifact.tensors, artifact.preprocessing,
-                                      calibration=calibration)
+        try:
+            networks = model_from_tensors(artifact.tensors, artifact.preprocessing,
+                                          calibration=calibration)
+        except (KeyError, ValueError, TypeError, IndexError, RuntimeError) as exc:
+            # tensors missing, misnamed or of the wrong shape: written by another program
+            raise ArtifactError(f"{path} does not hold a well-formed model "
+                                f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
+                                "produce it again (stad fit-students)") from None
         if not calibration:
             artifact.info.pop("calibration", None)
         elif artifact.info.get("calibration") is not None:
+            stored_rule(artifact.info["calibration"], path)  # refused before any image
             networks.smooth_sigma = stored_smooth_sigma(artifact.info["calibration"], path)
             networks.variance_weight = stored_variance_weight(artifact.info["calibration"], path)
             networks.tta = stored_tta(artifact.info["calibration"], path)
@@ -185,7 +193,7 @@ class Model:
     @property
     def scales(self) -> list[str]:
         """The scales' names: ``p17`` at the model's image size, ``p17@128`` at 128² (the keys
-        of :attr:`ImageResult.scales` and of its maps)."""
+        of :attr:`Result.scales` and of its maps)."""
         return list(self.networks.scale_names)
 
     @property
@@ -211,8 +219,9 @@ class Model:
             raise UsageError(f"{name} is not calibrated: run `stad calibrate --model {name}` "
                              "(or model.calibrate(normal_images)) first")
         c = self.calibration
-        return c, self._score.model_copy(update={"image_score": c["image_score"],
-                                                 "topk_fraction": c["topk_fraction"]})
+        checked = stored_rule(c, name)
+        return {**c, **checked}, self._score.model_copy(update={
+            "image_score": checked["image_score"], "topk_fraction": checked["topk_fraction"]})
 
     def iter_score(self, images: Iterable[ImageInput], *, threshold: float | None = None
                    ) -> Iterator[Result]:

@@ -184,18 +184,19 @@ def load_artifact(path: str | Path, *, kind: str | tuple[str, ...] | None = None
             "it was damaged after writing; restore it or produce it again"
         )
     try:
-        return Artifact(
-            kind=found,
-            tensors=tensors,
-            config=json.loads(meta["stad.config"]),
-            preprocessing=json.loads(meta["stad.preprocessing"]),
-            seed=int(meta["stad.seed"]),
-            info=json.loads(meta.get("stad.info", "{}")),
-            stad_version=meta.get("stad.version", "unknown"),
-            format_version=version,
-        )
+        records = {key: json.loads(meta[key] if key != "stad.info" else meta.get(key, "{}"))
+                   for key in ("stad.config", "stad.preprocessing", "stad.info")}
+        seed = int(meta["stad.seed"])
     except (KeyError, ValueError, RecursionError) as exc:
         raise ArtifactError(f"{path} has incomplete stad metadata ({exc})") from None
+    for key, record in records.items():
+        if not isinstance(record, dict):
+            raise ArtifactError(f"{path} has malformed stad metadata: {key} is a JSON "
+                                f"{type(record).__name__}, not an object; produce it again")
+    return Artifact(kind=found, tensors=tensors, config=records["stad.config"],
+                    preprocessing=records["stad.preprocessing"], seed=seed,
+                    info=records["stad.info"], stad_version=meta.get("stad.version", "unknown"),
+                    format_version=version)
 
 
 def prefixed(tensors: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

@@ -242,6 +242,36 @@ def stored_variance_weight(calibration: dict[str, Any], path: Any) -> float:
     return _stored_number(calibration, "variance_weight", 1.0, 1, path)
 
 
+def stored_rule(calibration: Any, path: Any) -> dict[str, Any]:
+    """The threshold, pixel threshold and image-score rule of a stored calibration (a model's
+    or an ONNX export's ``calibration``), checked before any image is scored: a threshold that
+    is missing or not a finite number would give every image a wrong verdict. Raises an
+    :class:`ArtifactError` naming what is wrong."""
+    def bad(what: str) -> ArtifactError:
+        return ArtifactError(f"{path}: the calibration's {what}; recalibrate the model "
+                             "(stad calibrate)")
+
+    if not isinstance(calibration, dict):
+        raise bad(f"record is a {type(calibration).__name__}, not a table")
+
+    def number(key: str, value: Any) -> float:
+        if (isinstance(value, bool) or not isinstance(value, (int, float))
+                or not math.isfinite(value)):
+            raise bad(f"{key} {value!r} is not a finite number")
+        return float(value)
+
+    threshold = number("threshold", calibration.get("threshold"))
+    pixel = calibration.get("pixel_threshold")
+    rule = calibration.get("image_score")
+    if rule not in ("max", "topk_mean"):
+        raise bad(f"image_score {rule!r} is not max or topk_mean")
+    fraction = number("topk_fraction", calibration.get("topk_fraction"))
+    if not 0 < fraction <= 1:
+        raise bad(f"topk_fraction {fraction!r} is not in (0, 1]")
+    return {"threshold": threshold, "image_score": rule, "topk_fraction": fraction,
+            "pixel_threshold": None if pixel is None else number("pixel_threshold", pixel)}
+
+
 def stored_tta(calibration: dict[str, Any], path: Any) -> str:
     """The test-time augmentation a stored calibration was made with ("none" for calibrations
     older than the setting), checked: a key of :data:`stad.model.TTA`, else an

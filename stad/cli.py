@@ -10,9 +10,13 @@ group's ``invoke`` (table in docs/exit-codes.md).
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import sys
+import threading
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -51,7 +55,8 @@ class _StadGroup(TyperGroup):
 
     def invoke(self, ctx: typer.Context) -> Any:
         try:
-            return super().invoke(ctx)
+            with _sigterm_interrupts():
+                return super().invoke(ctx)
         except (typer.Exit, typer.Abort):
             raise
         except KeyboardInterrupt:
@@ -59,18 +64,38 @@ class _StadGroup(TyperGroup):
             raise typer.Exit(EXIT_INTERRUPTED) from None
         except StadError as exc:
             _debug_traceback()
-            print(f"stad: error: {exc}", file=sys.stderr)
+            print(f"stad: error: {console.printable(exc)}", file=sys.stderr)
             raise typer.Exit(exc.exit_code) from None
         except Exception as exc:
             if type(exc).__module__.startswith(("click", "typer")):
                 raise  # Typer's own usage errors: it prints them and exits 2
             _debug_traceback()
-            print(f"stad: unexpected error: {type(exc).__name__}: {exc} "
+            print(f"stad: unexpected error: {type(exc).__name__}: {console.printable(exc)} "
                   "(run with --debug for the traceback, and please report it)", file=sys.stderr)
             raise typer.Exit(EXIT_UNEXPECTED) from None
 
 
 GLOBAL_FLAGS = ("-q", "--quiet", "--debug")
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM (a CI job cancelled, `timeout`, `kill`) stops a command as Ctrl-C does: with
+    exit code 130 after its clean-up (no temporary file left), not killed where it stands.
+    Training routes both signals to its checkpoint while it runs (stad.training.checkpoint)."""
+    if threading.current_thread() is not threading.main_thread() \
+            or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield  # a host application's own handler, or no handler can be set from here
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _flag_type(self: TyperOption, ctx: typer.Context) -> str | None:
@@ -115,7 +140,7 @@ ConfigOpt = Annotated[Path | None, typer.Option(
     "--config", help="TOML file of settings (env STAD_CONFIG); flags override it.")]
 SeedOpt = Annotated[int | None, typer.Option("--seed", help="Random seed. [default: 0]")]
 DeviceOpt = Annotated[str | None, typer.Option(
-    "--device", help="auto, cpu or cuda. [default: auto]")]
+    "--device", help="auto, cpu, cuda or cuda:N (GPU number N). [default: auto]")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable JSON Lines on stdout.")]
 
 
@@ -221,7 +246,8 @@ def pretrain_teacher_cmd(
     init: Annotated[str | None, typer.Option(
         "--init", metavar="TEACHER", help="Start each scale from this teacher artifact's "
         "teacher ('builtin': the shipped one) instead of a random initialization, to train "
-        "it further; its decoder and optimizer start afresh. [default: random]")] = None,
+        "it further; its decoder and optimizer start afresh. [default: a random "
+        "initialization]")] = None,
     resume: ResumeOpt = False,
     log_dir: LogDirOpt = None,
     json_out: JsonOpt = False,
@@ -464,14 +490,15 @@ def score_cmd(
                             output=output, skip_existing=skip_existing, reporter=rep):
             if "error" in record:
                 skipped += 1
-                print(f"stad: skipped {record['path']}: {record['error']}", file=sys.stderr)
+                print(f"stad: skipped {console.printable(record['path'])}: "
+                      f"{console.printable(record['error'])}", file=sys.stderr)
             elif record["anomalous"]:
                 anomalous += 1
             if json_out:
                 console.emit_json(record)
             elif "error" not in record:
                 verdict = "ANOMALOUS" if record["anomalous"] else "ok"
-                typer.echo(f"{record['path']}\t{record['score']:.4f}\t{verdict}")
+                typer.echo(f"{console.printable(record['path'])}\t{record['score']:.4f}\t{verdict}")
     if fail_on_anomaly and anomalous:
         raise typer.Exit(EXIT_ANOMALY)
     if skipped:

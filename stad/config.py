@@ -413,8 +413,10 @@ class Settings(_Section):
     dataset: str = "mvtec"
     root: Path | None = None
     category: str | None = None
-    seed: int = 0
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    seed: int = Field(default=0, ge=0, le=2**32 - 1,
+                      description="the random streams' seed, a whole number in [0, 2³²)")
+    device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda(:[0-9]+)?)$",
+                        description="auto, cpu, cuda or cuda:N (the GPU numbered N)")
     teacher: TeacherSettings = TeacherSettings()
     students: StudentSettings = StudentSettings()
     calibrate: CalibrateSettings = CalibrateSettings()
@@ -435,6 +437,9 @@ def read_config_file(path: Path) -> dict[str, Any]:
         raise UsageError(f"config file {path} is not UTF-8 text") from None
     except tomllib.TOMLDecodeError as exc:
         raise UsageError(f"config file {path} is not valid TOML: {exc}") from None
+    except RecursionError:  # tomllib parses nested arrays recursively
+        raise UsageError(f"config file {path} nests arrays or tables too deeply to be a "
+                         "stad config") from None
     except OSError as exc:
         raise UsageError(f"config file {path} cannot be read: {exc.strerror}") from None
 

@@ -77,6 +77,13 @@ def _clean(value: Any) -> Any:
     return value
 
 
+def printable(text: object) -> str:
+    """``text`` on one line: control characters (a newline, a tab, a terminal escape in a file
+    name or a message) written as escapes (``\\n``, ``\\t``, ``\\x1b``), so that no name can
+    start a line of its own, shift a column or drive the terminal."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
+
+
 def json_line(record: dict[str, Any]) -> str:
     """One JSON Lines record (no newline), with ``schema_version`` first."""
     return json.dumps(_clean({"schema_version": SCHEMA_VERSION, **record}), default=str)

@@ -45,6 +45,7 @@ from torch import nn
 from stad._version import __version__
 from stad.errors import ArtifactError, StadError, UsageError
 from stad.fsutil import atomic_write_bytes, check_output_file
+from stad.images import check_preprocessing
 from stad.model import TTA, Inference, Networks, parse_scale_name
 
 OPSET = 17
@@ -234,9 +235,7 @@ def check_export_path(out: Path, model_path: Path | None) -> None:
     if out.suffix.lower() != ".onnx":
         raise UsageError(f"--out {out} must end in .onnx (stad score and load_model read "
                          "exported models by that suffix)")
-    if model_path is not None and out.resolve() == Path(model_path).resolve():
-        raise UsageError(f"--out {out} is the model itself; give another file")
-    check_output_file(out)
+    check_output_file(out, inputs={"--model": model_path})
 
 
 @dataclass
@@ -290,9 +289,12 @@ def load_onnx(path: Path, *, threads: int | None = None) -> tuple[OnnxNetworks, 
         k = session.get_outputs()[1].shape[1]
         if isinstance(k, int) and k != len(names):
             raise ValueError(f"its metadata names {len(names)} scales, its graph gives {k}")
-        networks = OnnxNetworks(session, json.loads(meta["stad.preprocessing"]), names)
+        networks = OnnxNetworks(session, check_preprocessing(
+            json.loads(meta["stad.preprocessing"]), str(path)), names)
         info = {"calibration": json.loads(meta["stad.calibration"]),
                 "data": json.loads(meta.get("stad.data", "{}")), "onnx": str(path)}
+    except StadError:
+        raise
     except (KeyError, ValueError) as exc:
         raise ArtifactError(f"{path} is not an ONNX model exported by stad ({exc})") from None
     except Exception as exc:  # onnxruntime raises its own exception types on a bad file

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import os
 import stat
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 from stad.errors import UsageError
@@ -31,7 +32,8 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """
     target = check_output_file(path)
     try:
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp",
+        # the name cut short in the temporary's, so that a legal long name stays writable
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name[:100]}.", suffix=".tmp",
                                         dir=target.parent)
     except OSError as exc:
         raise _cannot_write(target, exc) from None
@@ -89,23 +91,50 @@ def _make_dir(folder: Path, what: Path) -> None:
                          "choose another output path") from None
 
 
-def check_output_file(path: str | os.PathLike[str]) -> Path:
+def check_output_file(path: str | os.PathLike[str], *,
+                      inputs: Mapping[str, str | os.PathLike[str] | None] | None = None) -> Path:
     """Make sure a file can be written at ``path`` (its folder created), before any work.
 
+    ``inputs`` names the files the run reads by their option (``{"--model": path}``): writing
+    over one of them would lose it, so ``path`` may not be any of them.
+
     Raises:
-        UsageError: ``path`` is a folder, or its folder cannot be created.
+        UsageError: ``path`` is a folder or one of ``inputs``, or its folder cannot be
+            created or written in.
     """
     target = Path(path)
-    if target.is_dir():
+    for option, source in (inputs or {}).items():
+        if source is not None and _same_path(target, Path(source)):
+            raise UsageError(f"output {target} is the {option} file itself; writing there would "
+                             "lose it: give another file")
+    try:
+        is_folder = target.is_dir()
+    except OSError as exc:  # a name too long for the file system
+        raise UsageError(f"cannot write {target}: {exc.strerror}") from None
+    if is_folder:
         raise UsageError(f"output {target} is a folder; give a file name")
     _make_dir(target.parent, target)
+    if not os.access(target.parent, os.W_OK | os.X_OK):
+        raise UsageError(f"cannot write in the folder of {target} ({target.parent}): no "
+                         "permission; choose another output path")
     return target
+
+
+def _same_path(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve() or (a.exists() and b.exists() and a.samefile(b))
+    except OSError:  # unreadable, a loop of links: not provably the same file
+        return False
 
 
 def check_output_dir(path: str | os.PathLike[str]) -> Path:
     """Make sure ``path`` is (or can be created as) a folder, before any work."""
     folder = Path(path)
-    if folder.exists() and not folder.is_dir():
+    try:
+        is_file = folder.exists() and not folder.is_dir()
+    except OSError as exc:  # a name too long for the file system
+        raise UsageError(f"cannot write in {folder}: {exc.strerror}") from None
+    if is_file:
         raise UsageError(f"output folder {folder} is a file; give a folder")
     _make_dir(folder, folder)
     return folder
@@ -148,9 +177,16 @@ def output_lock(path: str | os.PathLike[str]) -> Iterator[None]:
     ``lock_path`` (removed by the run before it) opens the path afresh and locks that.
     """
     target = check_output_file(path)
-    lock_path = target.with_name(f".{target.name}.lock")
+    name = target.name
+    if len(name) > 200:  # room for the dot and suffix within a file system's 255 bytes
+        name = f"{name[:180]}-{hashlib.sha256(name.encode()).hexdigest()[:12]}"
+    lock_path = target.with_name(f".{name}.lock")
     for _ in range(100):
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:  # a read-only folder, a lock file of another user
+            raise UsageError(f"cannot write {lock_path}, the lock of {target}: {exc.strerror}; "
+                             "choose another output path") from None
         try:
             _lock(fd, target, lock_path)
             if _same_file(fd, lock_path):

@@ -14,6 +14,7 @@ A file that cannot be read (missing, empty, truncated, not an image, too large) 
 
 from __future__ import annotations
 
+import math
 import struct
 import warnings
 from collections.abc import Sequence
@@ -25,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
-from stad.errors import DataError
+from stad.errors import ArtifactError, DataError
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
 # Refuse decompression bombs: 16 384² pixels is far above any inspection image.
@@ -40,6 +41,28 @@ def preprocessing(size: int) -> dict[str, Any]:
     """How images become network input, as every artifact records it: resized to ``size``²,
     standardized with :data:`DEFAULT_MEAN` and :data:`DEFAULT_STD`."""
     return {"image_size": size, "mean": list(DEFAULT_MEAN), "std": list(DEFAULT_STD)}
+
+
+def check_preprocessing(pre: Any, what: str) -> dict[str, Any]:
+    """A recorded ``preprocessing`` (:func:`preprocessing`) checked before images are scored with
+    it: a side of at least 17 pixels, three finite means, three finite positive spreads; else
+    an :class:`~stad.errors.ArtifactError` naming ``what`` (the artifact)."""
+    def numbers(key: str) -> bool:
+        value = pre.get(key)
+        return (isinstance(value, list) and len(value) == 3
+                and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                        and math.isfinite(v) for v in value))
+
+    size = pre.get("image_size") if isinstance(pre, dict) else None
+    if not isinstance(size, int) or isinstance(size, bool) or size < 17:
+        problem = f"image_size {size!r} is not a whole number of at least 17"
+    elif not numbers("mean") or not numbers("std") or min(pre["std"]) <= 0:
+        problem = (f"mean {pre.get('mean')!r} and std {pre.get('std')!r} are not three finite "
+                   "numbers each, the spreads positive")
+    else:
+        return pre
+    raise ArtifactError(f"{what} has a malformed preprocessing record: {problem}; produce it "
+                        "again (stad fit-students)")
 
 
 def is_image_file(path: Path) -> bool:

@@ -44,6 +44,7 @@ from stad.artifacts import load_artifact, prefixed, with_prefix
 from stad.config import scale_size_fits
 from stad.errors import ArtifactError
 from stad.handcrafted import gaussian_blur
+from stad.images import check_preprocessing
 from stad.networks import PATCH_SIZES, FusedNetworks, PatchNetwork, build_network
 
 PADDING = "reflect"
@@ -490,7 +491,22 @@ def check_scale_size(name: str, image_size: int) -> int | None:
 def model_from_tensors(tensors: Mapping[str, torch.Tensor], preprocessing: dict[str, Any],
                        *, calibration: bool = True) -> Networks:
     """The model an artifact's tensors hold; ``calibration=False`` leaves its calibration
-    statistics out (``stad calibrate`` replaces them, so damaged ones must not stop it)."""
+    statistics out (``stad calibrate`` replaces them, so damaged ones must not stop it).
+
+    Refused (:class:`ArtifactError`) before anything is scored with it: a malformed
+    preprocessing record, and networks or normalization that hold a NaN or an infinity
+    (a diverged fit or an altered file would score every image NaN) or a spread that is not
+    positive."""
+    check_preprocessing(preprocessing, "the model artifact")
+    for name, t in tensors.items():
+        if name.startswith(("calib.", "calib_map.")) or not t.is_floating_point():
+            continue  # calibration statistics: checked by _calibration, when they are used
+        if not bool(torch.isfinite(t).all()):
+            raise ArtifactError(f"the model artifact's tensor {name} holds NaN or infinite "
+                                "values (a diverged fit, or the file was altered): fit it again")
+        if name.startswith("norm.") and name.endswith(".std") and not bool((t > 0).all()):
+            raise ArtifactError(f"the model artifact's tensor {name} holds spreads that are not "
+                                "positive: fit it again")
     teachers = load_teachers(tensors)
     full = int(preprocessing.get("image_size", 0))
     scales: dict[str, Scale] = {}

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,13 @@ def expand_inputs(inputs: Sequence[Path]) -> list[Path]:
     out: list[Path] = []
     for item in inputs:
         path = Path(item)
+        try:
+            path.stat()
+        except FileNotFoundError:
+            raise DataError(f"input {path} does not exist") from None
+        except (OSError, ValueError) as exc:  # a name too long, no permission, a NUL
+            raise DataError(f"input {path} cannot be read: "
+                            f"{getattr(exc, 'strerror', None) or exc}") from None
         if path.is_dir():
             found = sorted(p for p in path.rglob("*") if p.is_file() and is_image_file(p)
                            and not any(part.startswith(".") for part in p.relative_to(path).parts))
@@ -27,23 +36,63 @@ def expand_inputs(inputs: Sequence[Path]) -> list[Path]:
                 raise DataError(f"folder {path} holds no image files "
                                 f"(looked for .png, .jpg, .bmp, .tif, .webp)")
             out.extend(found)
-        elif path.exists():
-            out.append(path)
         else:
-            raise DataError(f"input {path} does not exist")
+            out.append(path)
     return out
 
 
-def _map_name(path: Path) -> str:
-    parts = [p for p in path.with_suffix("").parts if p not in ("/", "..", ".")]
-    return "__".join(parts[-3:])
+def map_names(paths: Sequence[Path]) -> dict[Path, str]:
+    """The base name of each image's maps (``--maps``): the last three parts of its path as
+    given, without the suffix, joined by ``__`` (``test__good__000``), and where two different
+    files would share that, enough more of their parts (and their suffixes) to tell them apart
+    (``bottle__test__good__000``, ``test__good__000.png``); as a last resort a hash of the
+    path. The same file named twice gets one name.
+
+    Computed over all the inputs of a run, so that every shard of it names alike."""
+    parts: dict[str, list[str]] = {}  # per file (its absolute path): the parts first given
+    for p in paths:
+        parts.setdefault(os.path.abspath(p),
+                         [q for q in Path(p).parts if q not in ("/", "..", ".")] or ["image"])
+
+    def name(file: str, depth: int, suffix: bool) -> str:
+        given = parts[file]
+        last = given[-1] if suffix else Path(given[-1]).stem
+        return "__".join([*given[:-1], last][-depth:])
+
+    def hashed(file: str, base: str) -> str:
+        return f"{base}-{hashlib.sha256(file.encode()).hexdigest()[:8]}"
+
+    groups: dict[str, list[str]] = defaultdict(list)
+    for file in sorted(parts):
+        groups[name(file, 3, False)].append(file)
+    chosen: dict[str, str] = {}
+    for base, files in groups.items():
+        if len(files) == 1:
+            chosen[files[0]] = base
+            continue
+        names = [hashed(f, base) for f in files]
+        deepest = max(len(parts[f]) for f in files)
+        for depth, suffix in ((d, s) for d in range(3, max(deepest, 3) + 1)
+                              for s in (False, True)):
+            candidates = [name(f, depth, suffix) for f in files]
+            if len(set(candidates)) == len(files):
+                names = candidates
+                break
+        chosen.update(zip(files, names, strict=True))
+    taken = Counter(chosen.values())  # a longer name may equal another group's: hash both
+    for file, given in list(chosen.items()):
+        if taken[given] > 1:
+            chosen[file] = hashed(file, given)
+    return {p: chosen[os.path.abspath(p)] for p in paths}
 
 
-def write_maps(folder: Path, path: Path, amap: Any, image: Any, threshold: float | None,
+def write_maps(folder: Path, name: str, amap: Any, image: Any, threshold: float | None,
                pixel_threshold: float | None = None, mask: Any = None) -> str:
     """Heat map, overlay (PNG, coloured up to the pixel threshold: ``display_range``) and the
-    raw float map (32-bit TIFF) of one image, and with ``mask`` (bool (H, W): the map above
-    the pixel threshold) a binary mask PNG (0 and 255); each written atomically."""
+    raw float map (32-bit TIFF) of one image as ``folder/NAME_heat.png``, ``NAME_overlay.png``
+    and ``NAME_map.tiff`` (``name`` from :func:`map_names`), and with ``mask`` (bool (H, W):
+    the map above the pixel threshold) a binary mask PNG (0 and 255) ``NAME_mask.png``; each
+    written atomically."""
     import io
 
     from PIL import Image
@@ -52,7 +101,7 @@ def write_maps(folder: Path, path: Path, amap: Any, image: Any, threshold: float
     from stad.visualize import display_range, heat, overlay
 
     lo, hi = display_range(amap, pixel_threshold, threshold)
-    base = folder / _map_name(path)
+    base = folder / name
     outputs = [("_heat.png", heat(amap, lo, hi), "RGB"),
                ("_overlay.png", overlay(image, amap, lo, hi), "RGB"),
                ("_map.tiff", amap.astype("float32"), "F")]

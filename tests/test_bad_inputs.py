@@ -512,6 +512,186 @@ def test_a_full_disk_is_a_one_line_error_naming_the_output(
     assert [p.name for p in tmp_path.iterdir()] == ["calibrated.safetensors"]
 
 
+def test_score_output_naming_the_model_is_refused(fitted: Fitted, tmp_path: Path) -> None:
+    # `--output` is JSON Lines: written over the model, it would destroy it.
+    model = tmp_path / "model.safetensors"
+    shutil.copy(fitted.model, model)
+    result = _expect(_run("score", "--model", model, "--output", model, fitted.image),
+                     EXIT_USAGE)
+    assert "--model" in result.stderr and model.read_bytes() == fitted.model.read_bytes()
+
+
+def test_an_output_folder_without_write_permission(fitted: Fitted, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    # As root every folder is writable, so the permission is taken away by a stand-in.
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real = os.access
+    monkeypatch.setattr(fsutil.os, "access", lambda path, mode: (
+        Path(path) != locked and real(path, mode)))
+    for args in (["score", "--model", fitted.model, "--output", locked / "s.jsonl",
+                  fitted.image],
+                 ["calibrate", "--model", fitted.model, "--out", locked / "m.safetensors"]):
+        result = _expect(_run(*args), EXIT_USAGE)
+        assert "locked" in result.stderr and "permission" in result.stderr
+    assert not list(locked.iterdir())
+
+
+def test_seed_out_of_range(fitted: Fitted, tmp_path: Path) -> None:
+    for seed in ("-1", str(2**32), "99999999999999999999999"):
+        result = _expect(_run("fit-students", *DATA, "--root", fitted.data, "--teacher",
+                              "random", *FIT, "--seed", seed, "--out", tmp_path / "m.safetensors"),
+                         EXIT_USAGE)
+        assert "seed" in result.stderr
+    assert not (tmp_path / "m.safetensors").exists()
+
+
+def test_maps_of_images_with_the_same_name_are_kept_apart(fitted: Fitted,
+                                                          tmp_path: Path) -> None:
+    # Two categories' test folders hold the same file names, and a.png and a.bmp share a
+    # stem: each image must get its own maps, and each record must point at its own.
+    inputs = [tmp_path / "x" / "test" / "good" / "000.png",
+              tmp_path / "y" / "test" / "good" / "000.png",
+              tmp_path / "x" / "test" / "good" / "000.bmp"]
+    for i, path in enumerate(inputs):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.open(io.BytesIO(_png_bytes(seed=i))).save(path)
+    result = _expect(_run("score", "--model", fitted.model, "--json", "--maps",
+                          tmp_path / "maps", *inputs), EXIT_OK)
+    records = _jsonl(result.stdout)
+    assert [r["path"] for r in records] == [str(p) for p in inputs]
+    maps = [r["map"] for r in records]
+    assert len(set(maps)) == 3
+    written = [np.asarray(Image.open(m)) for m in maps]  # three images, three maps
+    assert all(w.shape == (32, 32) for w in written)
+    assert not any(np.array_equal(written[i], written[j]) for i, j in ((0, 1), (0, 2), (1, 2)))
+    assert len(list((tmp_path / "maps").glob("*_map.tiff"))) == 3
+
+
+def test_config_file_nested_too_deeply(fitted: Fitted, tmp_path: Path) -> None:
+    config = tmp_path / "deep.toml"
+    config.write_text("a = " + "[" * 20000 + "]" * 20000 + "\n")
+    result = _expect(_run("score", "--model", fitted.model, "--config", config, fitted.image),
+                     EXIT_USAGE)
+    assert "deep.toml" in result.stderr
+
+
+def test_unreadable_dataset_folder(fitted: Fitted, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A folder without read permission is the data's fault (exit 3, named), not the adapter's.
+    # As root every folder is readable, so listing it fails through a stand-in.
+    blocked = fitted.data / "grain" / "test" / "good"
+    real = Path.iterdir
+
+    def iterdir(self: Path):
+        if self == blocked:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self))
+        return real(self)
+
+    monkeypatch.setattr(Path, "iterdir", iterdir)
+    result = _expect(_run("datasets", "show", "--dataset", "mvtec", "--root", fitted.data,
+                          "--category", "grain"), EXIT_DATA)
+    assert str(blocked) in result.stderr and "Permission denied" in result.stderr
+
+
+def test_names_too_long_or_with_control_characters(fitted: Fitted, tmp_path: Path) -> None:
+    long = "n" * 300
+    result = _expect(_run("score", "--model", fitted.model, "--output", tmp_path / long,
+                          fitted.image), EXIT_USAGE)
+    assert "too long" in result.stderr
+    _expect(_run("score", "--model", fitted.model, tmp_path / f"{long}.png"), EXIT_DATA)
+    # the longest legal name can be written: its temporary file's name is cut short
+    legal = tmp_path / ("m" * 240 + ".safetensors")
+    _expect(_run("calibrate", "--model", fitted.model, "--out", legal), EXIT_OK)
+    assert legal.is_file()
+    # a name with a newline and a tab cannot forge a line or a column of the output
+    folder = tmp_path / "spoof"
+    folder.mkdir()
+    shutil.copy(fitted.image, folder / "part7.png\t0.0000\tok\nzz_.png")
+    result = _expect(_run("score", "--model", fitted.model, folder), EXIT_OK)
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 1 and lines[0].count("\t") == 2, lines
+    assert lines[0].startswith(str(folder / "part7.png\\t0.0000\\tok\\nzz_.png"))
+
+
+# ---- models altered by hand (metadata or tensors; the digest made valid) -----------------------
+
+_DROP = object()
+
+
+def _altered(model: Path, out: Path, *, calibration: dict | None = None, info: object = None,
+             preprocessing: dict | None = None,
+             tensors: dict[str, torch.Tensor | None] | None = None) -> Path:
+    from dataclasses import replace
+
+    from stad.artifacts import load_artifact, save_artifact
+
+    artifact = load_artifact(model, kind="model")
+    new_info = artifact.info if info is None else info
+    if calibration is not None:
+        merged = {**artifact.info["calibration"], **calibration}
+        new_info = {**artifact.info, "calibration": {k: v for k, v in merged.items()
+                                                     if v is not _DROP}}
+    new_tensors = {**artifact.tensors, **(tensors or {})}
+    save_artifact(out, replace(
+        artifact, info=new_info, preprocessing={**artifact.preprocessing, **(preprocessing or {})},
+        tensors={k: t for k, t in new_tensors.items() if t is not None}))
+    return out
+
+
+@pytest.mark.parametrize(("change", "named"), [
+    ({"threshold": float("nan")}, "threshold"),
+    ({"threshold": None}, "threshold"),
+    ({"threshold": _DROP}, "threshold"),
+    ({"threshold": "high"}, "threshold"),
+    ({"topk_fraction": 5}, "topk_fraction"),
+    ({"topk_fraction": _DROP}, "topk_fraction"),
+    ({"image_score": "bogus"}, "image_score"),
+    ({"pixel_threshold": "x"}, "pixel_threshold"),
+])
+def test_damaged_calibration_record(fitted: Fitted, tmp_path: Path, change: dict,
+                                    named: str) -> None:
+    # A threshold that is not a number would judge every image normal, exit 0.
+    model = _altered(fitted.model, tmp_path / "m.safetensors", calibration=change)
+    result = _expect(_run("score", "--model", model, "--json", "--fail-on-anomaly",
+                          fitted.image), EXIT_ARTIFACT)
+    assert named in result.stderr and "recalibrate" in result.stderr
+    assert not result.stdout.strip()
+
+
+@pytest.mark.parametrize("damage", ["student NaN", "teacher inf", "norm std 0",
+                                    "preprocessing std 0", "preprocessing size",
+                                    "info a list", "calibration a list", "norm std missing",
+                                    "norm mean of another shape", "student misnamed"])
+def test_model_with_non_finite_or_malformed_contents(fitted: Fitted, tmp_path: Path,
+                                                     damage: str) -> None:
+    # Written by hand with a valid digest: each would score NaN (or crash) without the checks.
+    from stad.artifacts import load_artifact
+
+    tensors = load_artifact(fitted.model).tensors
+
+    def spoilt(prefix: str, value: float) -> dict[str, torch.Tensor | None]:
+        name = next(k for k in sorted(tensors) if k.startswith(prefix))
+        t = tensors[name].clone()
+        t.view(-1)[0] = value
+        return {name: t}
+
+    kwargs = {
+        "student NaN": {"tensors": spoilt("student.", float("nan"))},
+        "teacher inf": {"tensors": spoilt("teacher.", float("inf"))},
+        "norm std 0": {"tensors": spoilt("norm.p17.std", 0.0)},
+        "preprocessing std 0": {"preprocessing": {"std": [0.2, 0.0, 0.2]}},
+        "preprocessing size": {"preprocessing": {"image_size": "abc"}},
+        "info a list": {"info": [1, 2]},
+        "calibration a list": {"info": {"calibration": [1, 2]}},
+        "norm std missing": {"tensors": {"norm.p17.std": None}},
+        "norm mean of another shape": {"tensors": {"norm.p17.mean": torch.zeros(3)}},
+        "student misnamed": {"tensors": {"student.pabc.0.convs.0.weight": torch.zeros(1)}},
+    }[damage]
+    model = _altered(fitted.model, tmp_path / "m.safetensors", **kwargs)
+    result = _expect(_run("score", "--model", model, "--json", fitted.image), EXIT_ARTIFACT)
+    assert not result.stdout.strip()
+
+
 # ---- plugins -----------------------------------------------------------------------------------
 
 

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -257,6 +259,24 @@ def test_ctrl_c_exits_130(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     result = _run(*_show_args(tmp_path))
     assert result.exit_code == EXIT_INTERRUPTED
     assert _one_error_line(result) == "stad: interrupted"
+
+
+def test_sigterm_stops_any_command_as_ctrl_c_does(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    # A cancelled CI job sends SIGTERM: exit 130 with clean-up, like Ctrl-C, then the default
+    # handler is back (the test would be killed by the signal if the command had none).
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+    def terminated(selection: Any) -> dict[str, Any]:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises at the next bytecode, long before this ends
+        raise AssertionError("SIGTERM did not stop the command")
+
+    monkeypatch.setattr(stad.datasets.selection, "summarize", terminated)
+    result = _run(*_show_args(tmp_path))
+    assert result.exit_code == EXIT_INTERRUPTED
+    assert _one_error_line(result) == "stad: interrupted"
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 
 
 # ---- -q ----------------------------------------------------------------------------------------

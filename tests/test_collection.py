@@ -79,6 +79,7 @@ def test_list_file_paths_are_relative_to_it_and_comments_skipped(tmp_path: Path)
 @pytest.mark.parametrize("content, message", [
     ("imgs/a.png\nnotes.txt\n", r"list.txt:2: 'notes.txt' is not an image file"),
     (b"\xff\xfe\x00bad", "is not a UTF-8 text file"),
+    ("imgs/a.png\nimgs/b\0c.png\n", r"list.txt:2: .* holds a NUL character"),
 ])
 def test_a_bad_list_file_names_the_line(tmp_path: Path, content: str | bytes,
                                         message: str) -> None:

@@ -291,6 +291,28 @@ def test_in_shard_does_not_depend_on_listing_order() -> None:
         [in_shard(p, (1, 4)) for p in paths][::-1]
 
 
+def test_map_names_are_short_where_they_can_be_and_never_shared(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from stad.scorefiles import map_names
+
+    a = Path("/data/bottle/test/good/000.png")
+    b = Path("/data/cable/test/good/000.png")
+    c = Path("/data/bottle/test/good/000.jpg")
+    d = Path("/data/bottle/test/crack/001.png")
+    assert map_names([a, d]) == {a: "test__good__000", d: "test__crack__001"}
+    assert map_names([Path("part.png")]) == {Path("part.png"): "part"}  # the path as given
+    assert map_names([a, b, d]) == {a: "bottle__test__good__000",
+                                    b: "cable__test__good__000", d: "test__crack__001"}
+    assert map_names([a, c]) == {a: "test__good__000.png", c: "test__good__000.jpg"}
+    # the same file named twice, two ways: one name, its maps written once
+    monkeypatch.chdir(tmp_path)
+    assert len(set(map_names([Path("x.png"), tmp_path / "x.png"]).values())) == 1
+    # names that only a hash tells apart: "x__a" as one folder and as two
+    e, f = Path("/r/x/a__b/c.png"), Path("/r/x__a/b/c.png")
+    named = map_names([e, f])
+    assert len(set(named.values())) == 2 and all("-" in n for n in named.values())
+
+
 @pytest.mark.parametrize("shard", ["1", "2/2", "-1/3", "a/b", "1/0"])
 def test_bad_shard_is_a_usage_error(model: Path, tiny_data: Path, shard: str):
     out = run(["score", "--model", str(model), "--shard", shard,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, TextIO
@@ -13,7 +14,7 @@ from stad.config import ScoreSettings, Settings
 from stad.console import NULL_REPORTER, Reporter, json_line
 from stad.errors import UsageError
 from stad.fsutil import check_output_dir, check_output_file, output_lock
-from stad.scorefiles import expand_inputs, in_shard, recorded_paths, write_maps
+from stad.scorefiles import expand_inputs, in_shard, map_names, recorded_paths, write_maps
 from stad.scoring import ImageError, iter_results
 
 
@@ -41,7 +42,10 @@ def score(settings: Settings, *, model_path: Path, inputs: Sequence[Path],
         yield from _score(settings, model_path, inputs, maps_dir, threshold, on_error, shard,
                           None, False, reporter)
         return
-    check_output_file(output)
+    check_output_file(output, inputs={"--model": model_path})
+    if output.exists() and not os.access(output, os.W_OK):  # written in place, not replaced
+        raise UsageError(f"--output {output} cannot be written (no permission); choose "
+                         "another file")
     with output_lock(output):
         yield from _score(settings, model_path, inputs, maps_dir, threshold, on_error,
                           shard, output, skip_existing, reporter)
@@ -57,6 +61,7 @@ def _score(settings: Settings, model_path: Path, inputs: Sequence[Path],
     if threshold is None:
         threshold = calibration["threshold"]
     paths = expand_inputs(inputs)
+    names = map_names(paths) if maps_dir is not None else {}  # before sharding: alike in all
     if shard is not None:
         paths = [p for p in paths if in_shard(p, shard)]
     if output is not None and skip_existing:
@@ -66,27 +71,28 @@ def _score(settings: Settings, model_path: Path, inputs: Sequence[Path],
     # Opened only now: a run that fails to start leaves an earlier output as it was.
     with open(output, "a" if skip_existing else "w", encoding="utf-8") if output is not None \
             else contextlib.nullcontext() as log:
-        yield from _records(model, paths, rule, (threshold, pixel), on_error, maps_dir, log,
-                            task)
+        yield from _records(model, paths, rule, (threshold, pixel), on_error,
+                            (maps_dir, names), log, task)
     task.done()
 
 
 def _records(model: Model, paths: Sequence[Path], rule: ScoreSettings,
              thresholds: tuple[float | None, float | None], on_error: str,
-             maps_dir: Path | None, log: TextIO | None, task: Any
+             maps: tuple[Path | None, dict[Path, str]], log: TextIO | None, task: Any
              ) -> Iterator[dict[str, Any]]:
     threshold, pixel = thresholds
+    maps_dir, names = maps
     # Batches of the score settings' batch_size images; the next batch is read while one runs.
-    for maps in iter_results(model.networks, paths, device=model.device):
-        if isinstance(maps, ImageError):
+    for out in iter_results(model.networks, paths, device=model.device):
+        if isinstance(out, ImageError):
             if on_error != "skip":
-                raise maps.error
-            record = {"path": str(maps.path), "error": str(maps.error)}
+                raise out.error
+            record = {"path": str(out.path), "error": str(out.error)}
         else:
-            result = Result.of(maps, rule, threshold, pixel)
+            result = Result.of(out, rule, threshold, pixel)
             record = result.to_dict()
-            if maps_dir is not None and maps.path is not None:
-                record["map"] = write_maps(maps_dir, maps.path, result.map, maps.image,
+            if maps_dir is not None and out.path is not None:
+                record["map"] = write_maps(maps_dir, names[out.path], result.map, out.image,
                                            threshold, pixel, result.mask)
         if log is not None:
             log.write(json_line(record) + "\n")

@@ -54,6 +54,9 @@ def listed_images(list_file: Path) -> Iterator[Path]:
                 if not text or text.startswith("#"):
                     continue
                 path = Path(text)
+                if "\0" in text:
+                    raise DataError(f"{list_file}:{number}: {text!r} holds a NUL character, "
+                                    "which no file name can; fix or remove the line")
                 if not is_image_file(path):
                     raise DataError(f"{list_file}:{number}: {text!r} is not an image file (its "
                                     "name must end in .png, .jpg, …); fix or remove the line")

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from stad.datasets.base import API_VERSION, DatasetAdapter, Sample, Split
-from stad.errors import PluginError, StadError, UsageError
+from stad.errors import DataError, PluginError, StadError, UsageError
 
 GROUP = "stad.datasets"
 BUILTIN_DISTRIBUTION = "stad"
@@ -125,7 +125,9 @@ class Adapter:
     """A loaded adapter whose faults are reported as faults of the plugin, by name.
 
     ``DataError`` from the adapter (the data does not fit its layout) passes through with its
-    exit code 3; any other exception, on listing or half-way through iteration, becomes a
+    exit code 3, and so does an ``OSError`` that names a file (a folder without read
+    permission, a file gone: the data's fault, not the plugin's), as a ``DataError`` naming
+    it; any other exception, on listing or half-way through iteration, becomes a
     ``PluginError`` naming the plugin.
     """
 
@@ -141,6 +143,9 @@ class Adapter:
         except StadError:
             raise
         except Exception as exc:
+            if isinstance(exc, OSError) and exc.filename is not None:
+                raise DataError(f"cannot read {exc.filename}: {exc.strerror or exc} (dataset "
+                                f"adapter {self.name!r}, in {what})") from None
             raise PluginError(f"{self.entry.label()} failed in {what}: "
                               f"{type(exc).__name__}: {exc}") from exc
 

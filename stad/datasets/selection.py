@@ -66,6 +66,9 @@ class DataSelection:
                 st = os.stat(sample.image)
             except OSError as exc:
                 raise DataError(f"cannot read {sample.image}: {exc.strerror}") from None
+            except ValueError:  # a NUL character in a listed name
+                raise DataError(f"cannot read {str(sample.image)!r}: not a valid file name"
+                                ) from None
             h.update(f"{relative_name(sample.image, base)}\0{st.st_size}\0{st.st_mtime_ns}\n"
                      .encode())
             count += 1
