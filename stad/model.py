@@ -519,8 +519,15 @@ def model_from_tensors(tensors: Mapping[str, torch.Tensor], preprocessing: dict[
         ids = sorted({int(n.split(".")[2]) for n in tensors if n.startswith(f"student.{k}.")})
         students = [_load_net(p, prefixed(tensors, f"student.{k}.{m}"),
                               f"student {m} {k}").requires_grad_(False).eval() for m in ids]
-        if len(students) < 2 or f"norm.{k}.mean" not in tensors:
+        if len(students) < 2 or any(f"norm.{k}.{stat}" not in tensors
+                                    for stat in ("mean", "std")):
             raise ArtifactError(f"the model artifact lacks students or normalization for {k}")
+        d = teachers[p].out_dim
+        for stat in ("mean", "std"):
+            if tuple(tensors[f"norm.{k}.{stat}"].shape) != (d,):
+                raise ArtifactError(f"the model artifact's norm.{k}.{stat} has shape "
+                                    f"{tuple(tensors[f'norm.{k}.{stat}'].shape)}, not ({d},) "
+                                    "as its teacher's descriptors: fit it again")
         side = full if size is None else size
         scales[k] = Scale(p, teachers[p], students, tensors[f"norm.{k}.mean"].float(),
                           tensors[f"norm.{k}.std"].float(),

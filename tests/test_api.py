@@ -360,6 +360,15 @@ def test_a_damaged_tta_is_an_artifact_error(world: Path, tmp_path: Path, bad) ->
         stad.load_model(path, device="cpu")
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), None, "0.5"])
+def test_a_damaged_threshold_is_an_artifact_error_on_load(world: Path, tmp_path: Path,
+                                                          bad) -> None:
+    # A NaN threshold compares false with every score: every image would be judged normal.
+    path = _stored_calibration(world, tmp_path / "bad.safetensors", "threshold", bad)
+    with pytest.raises(ArtifactError, match="threshold .*recalibrate"):
+        stad.load_model(path, device="cpu")
+
+
 def test_uncalibrated_models_and_bad_settings_are_usage_errors(world: Path) -> None:
     model = stad.api.Model.load(world / "model.safetensors", device="cpu", calibration=False)
     assert model.calibration is None and model.threshold is None
