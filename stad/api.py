@@ -170,6 +170,8 @@ class Model:
         try:
             networks = model_from_tensors(artifact.tensors, artifact.preprocessing,
                                           calibration=calibration)
+        except ArtifactError as exc:  # say which file
+            raise ArtifactError(f"{path}: {exc}") from None
         except (KeyError, ValueError, TypeError, IndexError, RuntimeError) as exc:
             # tensors missing, misnamed or of the wrong shape: written by another program
             raise ArtifactError(f"{path} does not hold a well-formed model "

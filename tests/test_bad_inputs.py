@@ -689,7 +689,7 @@ def test_model_with_non_finite_or_malformed_contents(fitted: Fitted, tmp_path: P
     }[damage]
     model = _altered(fitted.model, tmp_path / "m.safetensors", **kwargs)
     result = _expect(_run("score", "--model", model, "--json", fitted.image), EXIT_ARTIFACT)
-    assert not result.stdout.strip()
+    assert not result.stdout.strip() and str(model) in result.stderr
 
 
 # ---- plugins -----------------------------------------------------------------------------------

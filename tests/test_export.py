@@ -274,7 +274,7 @@ def test_export_checks_its_output_before_reading_the_model(
     assert out.exit_code == EXIT_USAGE and ".onnx" in out.output
     same = tmp_path / "same.onnx"
     out = run(app, ["export", "--model", str(same), "--out", str(same)])
-    assert out.exit_code == EXIT_USAGE and "the model itself" in out.output
+    assert out.exit_code == EXIT_USAGE and "the --model file itself" in out.output
 
 
 def test_int8_export_is_calibrated_on_the_held_back_images(
