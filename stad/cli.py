@@ -95,7 +95,8 @@ def _sigterm_interrupts() -> Iterator[None]:
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        if signal.getsignal(signal.SIGTERM) is interrupt:  # not one set meanwhile
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _flag_type(self: TyperOption, ctx: typer.Context) -> str | None:

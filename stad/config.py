@@ -413,8 +413,8 @@ class Settings(_Section):
     dataset: str = "mvtec"
     root: Path | None = None
     category: str | None = None
-    seed: int = Field(default=0, ge=0, le=2**32 - 1,
-                      description="the random streams' seed, a whole number in [0, 2³²)")
+    seed: int = Field(default=0, ge=0, le=2**63 - 1,
+                      description="the random streams' seed, a whole number in [0, 2⁶³)")
     device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda(:[0-9]+)?)$",
                         description="auto, cpu, cuda or cuda:N (the GPU numbered N)")
     teacher: TeacherSettings = TeacherSettings()

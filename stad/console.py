@@ -13,6 +13,7 @@ import json
 import math
 import sys
 import time
+import unicodedata
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -77,11 +78,17 @@ def _clean(value: Any) -> Any:
     return value
 
 
+_BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
 def printable(text: object) -> str:
     """``text`` on one line: control characters (a newline, a tab, a terminal escape in a file
-    name or a message) written as escapes (``\\n``, ``\\t``, ``\\x1b``), so that no name can
-    start a line of its own, shift a column or drive the terminal."""
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
+    name or a message), line and paragraph separators and bidirectional overrides written as
+    escapes (``\\n``, ``\\t``, ``\\x1b``), so that no name can start a line of its own,
+    shift a column, reorder what is shown or drive the terminal. Every other character,
+    non-breaking and ideographic spaces and joiners included, is kept."""
+    return "".join(repr(c)[1:-1] if unicodedata.category(c) in ("Cc", "Zl", "Zp")
+                   or c in _BIDI_CONTROLS else c for c in str(text))
 
 
 def json_line(record: dict[str, Any]) -> str:

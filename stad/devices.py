@@ -17,9 +17,14 @@ def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(f"--device {name} was asked for, but torch sees no CUDA device")
     try:
-        return torch.device(name)
+        device = torch.device(name)
     except RuntimeError:
         raise UsageError(f"--device must be auto, cpu, cuda or cuda:N, not {name!r}") from None
+    if device.type == "cuda" and device.index is not None \
+            and device.index >= torch.cuda.device_count():
+        raise UsageError(f"--device {name}: torch sees {torch.cuda.device_count()} CUDA "
+                         f"device(s), numbered from 0")
+    return device
 
 
 def native_bf16(device: torch.device) -> bool:

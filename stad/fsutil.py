@@ -33,7 +33,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     target = check_output_file(path)
     try:
         # the name cut short in the temporary's, so that a legal long name stays writable
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name[:100]}.", suffix=".tmp",
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{short_name(target.name, 100)}.", suffix=".tmp",
                                         dir=target.parent)
     except OSError as exc:
         raise _cannot_write(target, exc) from None
@@ -107,11 +107,7 @@ def check_output_file(path: str | os.PathLike[str], *,
         if source is not None and _same_path(target, Path(source)):
             raise UsageError(f"output {target} is the {option} file itself; writing there would "
                              "lose it: give another file")
-    try:
-        is_folder = target.is_dir()
-    except OSError as exc:  # a name too long for the file system
-        raise UsageError(f"cannot write {target}: {exc.strerror}") from None
-    if is_folder:
+    if _kind(target) == "folder":
         raise UsageError(f"output {target} is a folder; give a file name")
     _make_dir(target.parent, target)
     if not os.access(target.parent, os.W_OK | os.X_OK):
@@ -130,14 +126,40 @@ def _same_path(a: Path, b: Path) -> bool:
 def check_output_dir(path: str | os.PathLike[str]) -> Path:
     """Make sure ``path`` is (or can be created as) a folder, before any work."""
     folder = Path(path)
-    try:
-        is_file = folder.exists() and not folder.is_dir()
-    except OSError as exc:  # a name too long for the file system
-        raise UsageError(f"cannot write in {folder}: {exc.strerror}") from None
-    if is_file:
+    if _kind(folder) == "file":
         raise UsageError(f"output folder {folder} is a file; give a folder")
     _make_dir(folder, folder)
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UsageError(f"cannot write in the folder {folder}: no permission; choose another "
+                         "output path")
     return folder
+
+
+def _kind(path: Path) -> str | None:
+    """"folder", "file" (anything else that is there) or None (nothing there, or a parent that
+    is not a folder: :func:`_make_dir` says so). A name too long for the file system is a
+    :class:`UsageError` here, whatever ``Path.exists`` makes of it on this Python."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        if exc.errno == errno.ENAMETOOLONG:
+            raise UsageError(f"cannot write {path}: {exc.strerror}; choose a shorter name"
+                             ) from None
+        return None
+    return "folder" if stat.S_ISDIR(mode) else "file"
+
+
+def short_name(name: str, limit: int) -> str:
+    """``name`` if it takes at most ``limit`` bytes on the file system, else its longest start
+    that leaves room for ``-`` and 12 hex digits of its SHA-256 (so that names stay apart): for
+    the lock and temporary files beside an output, whose names add to the output's."""
+    if len(os.fsencode(name)) <= limit:
+        return name
+    digest = hashlib.sha256(os.fsencode(name)).hexdigest()[:12]
+    start = name
+    while len(os.fsencode(start)) > limit - 13:
+        start = start[:-1]
+    return f"{start}-{digest}"
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
@@ -177,10 +199,8 @@ def output_lock(path: str | os.PathLike[str]) -> Iterator[None]:
     ``lock_path`` (removed by the run before it) opens the path afresh and locks that.
     """
     target = check_output_file(path)
-    name = target.name
-    if len(name) > 200:  # room for the dot and suffix within a file system's 255 bytes
-        name = f"{name[:180]}-{hashlib.sha256(name.encode()).hexdigest()[:12]}"
-    lock_path = target.with_name(f".{name}.lock")
+    # room for the dot and the suffix within a file system's 255 bytes
+    lock_path = target.with_name(f".{short_name(target.name, 200)}.lock")
     for _ in range(100):
         try:
             fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)

@@ -62,7 +62,7 @@ def check_preprocessing(pre: Any, what: str) -> dict[str, Any]:
     else:
         return pre
     raise ArtifactError(f"{what} has a malformed preprocessing record: {problem}; produce it "
-                        "again (stad fit-students)")
+                        "again")
 
 
 def is_image_file(path: Path) -> bool:

@@ -531,14 +531,15 @@ def test_an_output_folder_without_write_permission(fitted: Fitted, tmp_path: Pat
         Path(path) != locked and real(path, mode)))
     for args in (["score", "--model", fitted.model, "--output", locked / "s.jsonl",
                   fitted.image],
-                 ["calibrate", "--model", fitted.model, "--out", locked / "m.safetensors"]):
+                 ["calibrate", "--model", fitted.model, "--out", locked / "m.safetensors"],
+                 ["score", "--model", fitted.model, "--maps", locked, fitted.image]):
         result = _expect(_run(*args), EXIT_USAGE)
         assert "locked" in result.stderr and "permission" in result.stderr
     assert not list(locked.iterdir())
 
 
 def test_seed_out_of_range(fitted: Fitted, tmp_path: Path) -> None:
-    for seed in ("-1", str(2**32), "99999999999999999999999"):
+    for seed in ("-1", str(2**63), "99999999999999999999999"):
         result = _expect(_run("fit-students", *DATA, "--root", fitted.data, "--teacher",
                               "random", *FIT, "--seed", seed, "--out", tmp_path / "m.safetensors"),
                          EXIT_USAGE)
@@ -599,10 +600,11 @@ def test_names_too_long_or_with_control_characters(fitted: Fitted, tmp_path: Pat
                           fitted.image), EXIT_USAGE)
     assert "too long" in result.stderr
     _expect(_run("score", "--model", fitted.model, tmp_path / f"{long}.png"), EXIT_DATA)
-    # the longest legal name can be written: its temporary file's name is cut short
-    legal = tmp_path / ("m" * 240 + ".safetensors")
-    _expect(_run("calibrate", "--model", fitted.model, "--out", legal), EXIT_OK)
-    assert legal.is_file()
+    # the longest legal names can be written: their temporary and lock files' are cut short
+    for legal in (tmp_path / ("m" * 240 + ".safetensors"),
+                  tmp_path / ("\u00e9" * 120 + ".safetensors")):  # 252 bytes in UTF-8
+        _expect(_run("calibrate", "--model", fitted.model, "--out", legal), EXIT_OK)
+        assert legal.is_file()
     # a name with a newline and a tab cannot forge a line or a column of the output
     folder = tmp_path / "spoof"
     folder.mkdir()

@@ -279,6 +279,13 @@ def test_sigterm_stops_any_command_as_ctrl_c_does(tmp_path: Path,
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 
 
+def test_printable_escapes_controls_and_keeps_other_characters() -> None:
+    assert console.printable("a\tb\nc\x1b[31m\u2028\u202edone") == \
+        "a\\tb\\nc\\x1b[31m\\u2028\\u202edone"
+    kept = "part\u00a0 7\u3000\u200c\u00e9\u65e5.png"  # spaces, a joiner, é, 日
+    assert console.printable(kept) == kept
+
+
 # ---- -q ----------------------------------------------------------------------------------------
 
 

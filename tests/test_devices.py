@@ -53,3 +53,14 @@ def test_available_memory_is_capped_by_the_cgroup(monkeypatch: pytest.MonkeyPatc
     assert available_memory(cpu) > 0  # this machine's MemAvailable (Linux)
     monkeypatch.setattr(stad.devices, "cgroup_headroom", lambda: 12345)
     assert available_memory(cpu) == 12345
+
+
+def test_a_gpu_number_beyond_the_gpus_is_a_usage_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    from stad.devices import resolve_device
+    from stad.errors import UsageError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("cuda:1") == torch.device("cuda", 1)
+    with pytest.raises(UsageError, match="2 CUDA device"):
+        resolve_device("cuda:2")

@@ -199,8 +199,8 @@ def test_maps_are_coloured_up_to_the_pixel_threshold(tmp_path: Path) -> None:
     image = np.zeros((4, 9, 3), np.float32)
 
     def heat_of(**thresholds: float | None) -> np.ndarray:
-        name = write_maps(tmp_path, tmp_path / f"{len(list(tmp_path.iterdir()))}.png", amap,
-                          image, **thresholds)
+        name = write_maps(tmp_path, f"image{len(list(tmp_path.iterdir()))}", amap, image,
+                          **thresholds)
         return np.asarray(Image.open(name.replace("_map.tiff", "_heat.png")))[0]
 
     full = heat_of(threshold=None, pixel_threshold=None)[-1]  # the map's maximum: the top colour
