@@ -527,8 +527,8 @@ def test_an_output_folder_without_write_permission(fitted: Fitted, tmp_path: Pat
     locked = tmp_path / "locked"
     locked.mkdir()
     real = os.access
-    monkeypatch.setattr(fsutil.os, "access", lambda path, mode: (
-        Path(path) != locked and real(path, mode)))
+    monkeypatch.setattr(fsutil.os, "access", lambda path, mode, **kw: (
+        not (Path(path) == locked and mode & os.W_OK) and real(path, mode, **kw)))
     for args in (["score", "--model", fitted.model, "--output", locked / "s.jsonl",
                   fitted.image],
                  ["calibrate", "--model", fitted.model, "--out", locked / "m.safetensors"],
