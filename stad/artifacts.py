@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -197,6 +198,13 @@ def load_artifact(path: str | Path, *, kind: str | tuple[str, ...] | None = None
                     preprocessing=records["stad.preprocessing"], seed=seed,
                     info=records["stad.info"], stad_version=meta.get("stad.version", "unknown"),
                     format_version=version)
+
+
+def finite_number(value: Any) -> bool:
+    """Whether a value read from an artifact's JSON metadata is a finite number (not a bool,
+    a string, null, NaN or an infinity): the check of every stored number used in scoring."""
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value))
 
 
 def prefixed(tensors: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

@@ -8,7 +8,6 @@ threshold; :func:`validation_samples` finds the images ``fit-students`` held bac
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
@@ -16,6 +15,7 @@ from typing import Any, Literal, NamedTuple
 import numpy as np
 import torch
 
+from stad.artifacts import finite_number
 from stad.config import SMOOTH_SIGMA_SHARE, ScoreSettings
 from stad.console import NULL_REPORTER, Reporter, warn
 from stad.datasets.base import Sample
@@ -223,8 +223,7 @@ def _stored_number(calibration: dict[str, Any], key: str, default: float, top: f
     """``calibration[key]`` (``default`` when absent: a calibration older than the setting),
     checked: a finite number in [0, ``top``], else an :class:`ArtifactError` naming it."""
     value = calibration.get(key, default)
-    if (isinstance(value, bool) or not isinstance(value, (int, float))
-            or not math.isfinite(value) or not 0 <= value <= top):
+    if not finite_number(value) or not 0 <= value <= top:
         raise ArtifactError(f"{path}: the calibration's {key} {value!r} is not a number in "
                             f"[0, {top:g}]; recalibrate the model (stad calibrate)")
     return float(value)
@@ -255,8 +254,7 @@ def stored_rule(calibration: Any, path: Any) -> dict[str, Any]:
         raise bad(f"record is a {type(calibration).__name__}, not a table")
 
     def number(key: str, value: Any) -> float:
-        if (isinstance(value, bool) or not isinstance(value, (int, float))
-                or not math.isfinite(value)):
+        if not finite_number(value):
             raise bad(f"{key} {value!r} is not a finite number")
         return float(value)
 

@@ -110,9 +110,7 @@ def check_output_file(path: str | os.PathLike[str], *,
     if _kind(target) == "folder":
         raise UsageError(f"output {target} is a folder; give a file name")
     _make_dir(target.parent, target)
-    if not os.access(target.parent, os.W_OK | os.X_OK):
-        raise UsageError(f"cannot write in the folder of {target} ({target.parent}): no "
-                         "permission; choose another output path")
+    _check_writable(target.parent)
     return target
 
 
@@ -129,10 +127,14 @@ def check_output_dir(path: str | os.PathLike[str]) -> Path:
     if _kind(folder) == "file":
         raise UsageError(f"output folder {folder} is a file; give a folder")
     _make_dir(folder, folder)
+    _check_writable(folder)
+    return folder
+
+
+def _check_writable(folder: Path) -> None:
     if not os.access(folder, os.W_OK | os.X_OK):
         raise UsageError(f"cannot write in the folder {folder}: no permission; choose another "
                          "output path")
-    return folder
 
 
 def _kind(path: Path) -> str | None:

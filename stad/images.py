@@ -14,7 +14,6 @@ A file that cannot be read (missing, empty, truncated, not an image, too large) 
 
 from __future__ import annotations
 
-import math
 import struct
 import warnings
 from collections.abc import Sequence
@@ -26,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
+from stad.artifacts import finite_number
 from stad.errors import ArtifactError, DataError
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
@@ -49,9 +49,7 @@ def check_preprocessing(pre: Any, what: str) -> dict[str, Any]:
     an :class:`~stad.errors.ArtifactError` naming ``what`` (the artifact)."""
     def numbers(key: str) -> bool:
         value = pre.get(key)
-        return (isinstance(value, list) and len(value) == 3
-                and all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                        and math.isfinite(v) for v in value))
+        return isinstance(value, list) and len(value) == 3 and all(map(finite_number, value))
 
     size = pre.get("image_size") if isinstance(pre, dict) else None
     if not isinstance(size, int) or isinstance(size, bool) or size < 17:

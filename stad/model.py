@@ -494,9 +494,9 @@ def model_from_tensors(tensors: Mapping[str, torch.Tensor], preprocessing: dict[
     statistics out (``stad calibrate`` replaces them, so damaged ones must not stop it).
 
     Refused (:class:`ArtifactError`) before anything is scored with it: a malformed
-    preprocessing record, and networks or normalization that hold a NaN or an infinity
-    (a diverged fit or an altered file would score every image NaN) or a spread that is not
-    positive."""
+    preprocessing record, networks or normalization that hold a NaN or an infinity (a
+    diverged fit or an altered file would score every image NaN), and a normalization of
+    another shape than the teacher's descriptors or with spreads that are not positive."""
     check_preprocessing(preprocessing, "the model artifact")
     for name, t in tensors.items():
         if name.startswith(("calib.", "calib_map.")) or not t.is_floating_point():
@@ -504,9 +504,6 @@ def model_from_tensors(tensors: Mapping[str, torch.Tensor], preprocessing: dict[
         if not bool(torch.isfinite(t).all()):
             raise ArtifactError(f"the model artifact's tensor {name} holds NaN or infinite "
                                 "values (a diverged fit, or the file was altered): fit it again")
-        if name.startswith("norm.") and name.endswith(".std") and not bool((t > 0).all()):
-            raise ArtifactError(f"the model artifact's tensor {name} holds spreads that are not "
-                                "positive: fit it again")
     teachers = load_teachers(tensors)
     full = int(preprocessing.get("image_size", 0))
     scales: dict[str, Scale] = {}
@@ -522,15 +519,18 @@ def model_from_tensors(tensors: Mapping[str, torch.Tensor], preprocessing: dict[
         if len(students) < 2 or any(f"norm.{k}.{stat}" not in tensors
                                     for stat in ("mean", "std")):
             raise ArtifactError(f"the model artifact lacks students or normalization for {k}")
+        mean, std = tensors[f"norm.{k}.mean"], tensors[f"norm.{k}.std"]
         d = teachers[p].out_dim
-        for stat in ("mean", "std"):
-            if tuple(tensors[f"norm.{k}.{stat}"].shape) != (d,):
+        for stat, t in (("mean", mean), ("std", std)):
+            if tuple(t.shape) != (d,):
                 raise ArtifactError(f"the model artifact's norm.{k}.{stat} has shape "
-                                    f"{tuple(tensors[f'norm.{k}.{stat}'].shape)}, not ({d},) "
-                                    "as its teacher's descriptors: fit it again")
+                                    f"{tuple(t.shape)}, not ({d},) as its teacher's "
+                                    "descriptors: fit it again")
+        if not bool((std > 0).all()):
+            raise ArtifactError(f"the model artifact's tensor norm.{k}.std holds spreads that "
+                                "are not positive: fit it again")
         side = full if size is None else size
-        scales[k] = Scale(p, teachers[p], students, tensors[f"norm.{k}.mean"].float(),
-                          tensors[f"norm.{k}.std"].float(),
+        scales[k] = Scale(p, teachers[p], students, mean.float(), std.float(),
                           _calibration(tensors, f"calib.{k}", (4,)) if calibration else None,
                           _calibration(tensors, f"calib_map.{k}", (4, side, side))
                           if calibration else None, image_size=size)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,13 +24,13 @@ def expand_inputs(inputs: Sequence[Path]) -> list[Path]:
     for item in inputs:
         path = Path(item)
         try:
-            path.stat()
+            mode = path.stat().st_mode
         except FileNotFoundError:
             raise DataError(f"input {path} does not exist") from None
         except (OSError, ValueError) as exc:  # a name too long, no permission, a NUL
             raise DataError(f"input {path} cannot be read: "
                             f"{getattr(exc, 'strerror', None) or exc}") from None
-        if path.is_dir():
+        if stat.S_ISDIR(mode):
             found = sorted(p for p in path.rglob("*") if p.is_file() and is_image_file(p)
                            and not any(part.startswith(".") for part in p.relative_to(path).parts))
             if not found:
