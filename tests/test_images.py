@@ -101,6 +101,20 @@ def test_16_bit_grayscale_is_scaled_by_65535(tmp_path: Path) -> None:
     np.testing.assert_array_equal(arr[..., 0], arr[..., 2])
 
 
+def test_exif_orientation_is_not_applied(tmp_path: Path) -> None:
+    """docs/datasets.md: pixels are read in the order the file stores them; an EXIF
+    Orientation tag (6: shown turned 90° clockwise) does not rotate the image."""
+    pixels = np.random.default_rng(3).integers(0, 256, (4, 7, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation
+    Image.fromarray(pixels).save(tmp_path / "turned.png", exif=exif)
+    with Image.open(tmp_path / "turned.png") as check:
+        assert check.getexif().get(0x0112) == 6  # the tag is in the file
+    arr = load_image(tmp_path / "turned.png")
+    _check_rgb(arr, (4, 7))
+    np.testing.assert_array_equal(arr, pixels.astype(np.float32) / 255.0)
+
+
 def test_bilevel_mode_1(tmp_path: Path) -> None:
     bits = np.random.default_rng(4).random((8, 8)) > 0.5
     Image.fromarray(bits).convert("1").save(tmp_path / "b.png")
