@@ -18,6 +18,7 @@ and ``$STAD_CONFIG`` are not read::
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -27,6 +28,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+from PIL import Image
 
 from stad.artifacts import Artifact, load_artifact
 from stad.calibration import (
@@ -63,7 +65,7 @@ PIL image, or a NumPy array (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) of ``uint8
 ``bool`` or floats in [0, 1] (:func:`stad.images.as_rgb`)."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # compared by identity: its fields hold arrays
 class Result:
     """The verdict on one image.
 
@@ -205,8 +207,9 @@ class Model:
 
     @property
     def calibration(self) -> dict[str, Any] | None:
-        """What :meth:`calibrate` (or ``stad calibrate``) recorded; None if not calibrated."""
-        return self.info.get("calibration")
+        """What :meth:`calibrate` (or ``stad calibrate``) recorded, a copy; None if not
+        calibrated."""
+        return copy.deepcopy(self.info.get("calibration"))
 
     @property
     def threshold(self) -> float | None:
@@ -227,14 +230,12 @@ class Model:
 
     def iter_score(self, images: Iterable[ImageInput], *, threshold: float | None = None
                    ) -> Iterator[Result]:
-        """:meth:`score` of each image, yielded as each batch finishes (for long lists)."""
+        """:meth:`score` of each image (or of one image), yielded as each batch finishes (for
+        long lists; the images are listed first, so a generator is read in full)."""
         calibration, rule = self.score_rule()
-        if threshold is not None and not math.isfinite(threshold):
-            raise UsageError(f"threshold must be a finite number, got {threshold}")
-        if threshold is None:
-            threshold = calibration["threshold"]
+        threshold = calibration["threshold"] if threshold is None else _threshold_value(threshold)
         pixel = calibration.get("pixel_threshold")
-        for maps in iter_maps(self.networks, list(images), device=self.device):
+        for maps in iter_maps(self.networks, _image_list(images), device=self.device):
             yield Result.of(maps, rule, threshold, pixel)
 
     def score(self, images: ImageInput | Sequence[ImageInput], *,
@@ -246,7 +247,7 @@ class Model:
         :class:`~stad.errors.UsageError`.
         """
         if _is_single(images):
-            return next(self.iter_score([images], threshold=threshold))
+            return next(self.iter_score(images, threshold=threshold))
         return list(self.iter_score(images, threshold=threshold))
 
     def calibrate(self, normal_images: Sequence[ImageInput], *,
@@ -277,7 +278,9 @@ class Model:
         ``"vflip"`` its upside-down mirror, ``"flips"`` both and the turn by 180°,
         ``"dihedral"`` also the turns by 90°), here and in every later map, at that many
         times the cost; only where normal images look the same under those views (textures).
-        Returns what is recorded as ``info["calibration"]`` (with the σ used, a number).
+        ``normal_images`` and ``test_images`` are lists as :meth:`score` takes them (one image
+        counts as a list of one). Returns a copy of what is recorded as ``info["calibration"]``
+        (with the σ used, a number).
         """
         self._refuse_onnx("calibrated")
         cfg = _settings(None, {"calibrate": {
@@ -286,6 +289,9 @@ class Model:
             "smooth_sigma": smooth_sigma, "variance_weight": variance_weight,
             "tta": tta}}).calibrate
         check_threshold_method(method, cfg.threshold)
+        normal_images = _image_list(normal_images)
+        if test_images is not None:
+            test_images = _image_list(test_images)
         if method == "f1" and (test_images is None or test_labels is None
                                or len(test_images) != len(test_labels)):
             raise UsageError("threshold method 'f1' needs test_images and as many test_labels")
@@ -296,7 +302,7 @@ class Model:
         saved_tta = self.networks.tta
         try:
             stats, normal_scores, pixel_threshold = calibrate_model(
-                self.networks, list(normal_images), self._score, device=self.device,
+                self.networks, normal_images, self._score, device=self.device,
                 normalize=cfg.normalize, pixel_fpr=cfg.target_pixel_fpr,
                 smooth_sigma=cfg.smooth_sigma, variance_weight=cfg.variance_weight,
                 tta=cfg.tta, reporter=reporter)
@@ -324,7 +330,7 @@ class Model:
         }
         self.config = {**self.config, "calibrate": cfg.model_dump(mode="json"),
                        "score": self._score.model_dump(mode="json")}
-        return self.info["calibration"]
+        return copy.deepcopy(self.info["calibration"])
 
     def _threshold(self, cfg: Any, normal_scores: list[float],
                    test_images: Sequence[ImageInput] | None,
@@ -336,7 +342,7 @@ class Model:
             return fpr_threshold(normal_scores, cfg.target_fpr)
         assert test_images is not None and test_labels is not None
         scores = [image_score(m.maps["fused"], self._score)
-                  for m in iter_maps(self.networks, list(test_images), device=self.device,
+                  for m in iter_maps(self.networks, test_images, device=self.device,
                                      reporter=reporter, what="test scores")]
         return f1_threshold(scores, [bool(t) for t in test_labels])
 
@@ -380,6 +386,25 @@ class Model:
         backend = ", onnxruntime" if self.onnx else ""
         return (f"stad.Model({str(self.path)!r}, scales={self.scales}, "
                 f"image_size={self.image_size}, {state}{backend})")
+
+
+def _image_list(images: Any) -> list[Any]:
+    """Images as a list: one image (a path, a PIL image, an (H, W[, C]) array) is a list of one;
+    an (N, H, W, C) array or any other iterable (a generator too) is listed."""
+    one = is_path(images) or isinstance(images, Image.Image) or (
+        isinstance(images, np.ndarray) and images.ndim < 4)
+    return list(images) if not one and isinstance(images, Iterable) else [images]
+
+
+def _threshold_value(threshold: Any) -> float:
+    """A threshold given in a call, as a finite float (a NumPy scalar or an int is fine)."""
+    try:
+        value = float(threshold)
+    except (TypeError, ValueError):
+        value = math.nan
+    if isinstance(threshold, (bool, str, bytes)) or not math.isfinite(value):
+        raise UsageError(f"threshold must be a finite number, got {threshold!r}")
+    return value
 
 
 def _is_single(images: Any) -> bool:

@@ -16,6 +16,7 @@ import signal
 import sys
 import threading
 import traceback
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
@@ -164,6 +165,12 @@ def _root(
 ) -> None:
     console.state.quiet = quiet
     console.state.debug = debug
+    from PIL import Image
+
+    # stad names and refuses images above its own limit; Pillow's warning about them would be
+    # a second, foreign line. (Set by the program, not by the library: stad.images leaves the
+    # filters alone.)
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
 # ---- the pipeline ---------------------------------------------------------------------------
@@ -464,7 +471,8 @@ def score_cmd(
         "--shard", help="K/N: score only the K-th (0-based) of N disjoint shards of the "
         "inputs; N runs with K = 0..N-1 score every input exactly once.")] = None,
     output: Annotated[Path | None, typer.Option(
-        "--output", help="Append one JSON line per image to this file as it is scored.")
+        "--output", help="Write one JSON line per image to this file as it is scored (the "
+        "file starts empty; with --skip-existing it is appended to).")
     ] = None,
     skip_existing: Annotated[bool, typer.Option(
         "--skip-existing", help="With --output: skip images the file already has a "

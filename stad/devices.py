@@ -10,8 +10,10 @@ import torch
 from stad.errors import UsageError
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` picks CUDA when available; ``cuda`` without a GPU is a usage error."""
+def resolve_device(name: str | torch.device) -> torch.device:
+    """``auto`` picks CUDA when available; ``cuda`` without a GPU is a usage error. A
+    :class:`torch.device` is taken as its name."""
+    name = str(name)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():

@@ -272,8 +272,8 @@ def load_onnx(path: Path, *, threads: int | None = None) -> tuple[OnnxNetworks, 
     ort = _require("onnxruntime")
     try:
         data = path.read_bytes()
-    except FileNotFoundError:
-        raise UsageError(f"model {path} does not exist") from None
+    except FileNotFoundError:  # as a missing .safetensors artifact
+        raise ArtifactError(f"model {path} does not exist") from None
     except OSError as exc:
         raise ArtifactError(f"model {path} cannot be read: {exc.strerror}") from None
     options = ort.SessionOptions()

@@ -20,7 +20,8 @@ from pathlib import Path
 
 from stad.errors import UsageError
 
-_DISK_FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))  # EDQUOT: not on every OS
+# A write that failed for want of space (or quota): the user's to fix, not a bug to report.
+DISK_FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))  # EDQUOT: not on every OS
 
 
 @contextlib.contextmanager
@@ -51,7 +52,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     except BaseException as exc:
         with contextlib.suppress(OSError):
             tmp.unlink()
-        if isinstance(exc, OSError) and exc.errno in _DISK_FULL:
+        if isinstance(exc, OSError) and exc.errno in DISK_FULL:
             raise _cannot_write(target, exc) from None  # not a bug to report
         raise
 
@@ -59,7 +60,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
 def _cannot_write(target: Path, exc: OSError) -> UsageError:
     """The one-line error for an output that could not be written; a full disk (or quota)
     says what to do, and that the file there before is intact."""
-    if exc.errno in _DISK_FULL:
+    if exc.errno in DISK_FULL:
         return UsageError(f"cannot write {target}: {exc.strerror}; free space on its disk or "
                           "choose another output path (the file there, if any, is unchanged)")
     return UsageError(f"cannot write {target}: {exc.strerror}")

@@ -15,7 +15,6 @@ A file that cannot be read (missing, empty, truncated, not an image, too large) 
 from __future__ import annotations
 
 import struct
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,8 @@ from stad.errors import ArtifactError, DataError
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
 # Refuse decompression bombs: 16 384² pixels is far above any inspection image.
-MAX_PIXELS = 16_384 * 16_384
+MAX_SIDE = 16_384
+MAX_PIXELS = MAX_SIDE * MAX_SIDE
 
 # Channel statistics used to standardize input; recorded in every artifact.
 DEFAULT_MEAN = (0.485, 0.456, 0.406)
@@ -69,18 +69,24 @@ def is_image_file(path: Path) -> bool:
 
 
 def _open(path: Path) -> Image.Image:
+    # Pillow refuses images above twice its limit while opening them, before stad can; a limit
+    # below stad's is raised to it (never lowered, and None, no limit, is kept), once for all
+    # threads. No warning filter is set: that would not be thread-safe.
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is not None and limit < MAX_PIXELS:
+        Image.MAX_IMAGE_PIXELS = MAX_PIXELS
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            Image.MAX_IMAGE_PIXELS = MAX_PIXELS
-            with Image.open(path) as img:
-                img.load()  # decode now, so that truncation is found here
-                return img.copy() if img.mode != "P" else img.convert("RGBA")
+        with Image.open(path) as img:  # reads the header only
+            if img.width * img.height > MAX_PIXELS:
+                raise DataError(f"image {path} claims {img.width}×{img.height} pixels, more than "
+                                f"the {MAX_SIDE}² stad reads; make it smaller")
+            img.load()  # decode now, so that truncation is found here
+            return img.copy() if img.mode != "P" else img.convert("RGBA")
     except FileNotFoundError:
         raise DataError(f"image {path} does not exist") from None
     except IsADirectoryError:
         raise DataError(f"image {path} is a folder, not an image file") from None
-    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning):
+    except (UnidentifiedImageError, Image.DecompressionBombError):
         raise DataError(f"{path} is not a readable image (unknown format or too large)") from None
     except (OSError, ValueError, SyntaxError, EOFError, struct.error) as exc:
         raise DataError(f"image {path} cannot be decoded ({exc}); is it truncated?") from None
@@ -128,6 +134,9 @@ def as_rgb(image: Any, what: str = "image") -> np.ndarray:
             return _pil_to_rgb(image, what)
         except (OSError, ValueError, SyntaxError, EOFError, struct.error) as exc:
             raise DataError(f"{what} cannot be decoded ({exc}); is it truncated?") from None
+        except (AssertionError, AttributeError):  # Pillow's state of an image closed unread
+            raise DataError(f"{what} cannot be decoded: Pillow has no pixels for it (was it "
+                            "closed before it was loaded? call .load() first)") from None
     if not isinstance(image, np.ndarray):
         raise DataError(f"{what} is a {type(image).__name__}, not an image: pass a file path, "
                         "a PIL image or a NumPy array (H, W[, C])")

@@ -445,6 +445,43 @@ def test_arrays_of_any_byte_order_and_truncated_pil_images(world: Path, tmp_path
     lazy.close()
 
 
+def test_one_image_where_a_list_is_taken_and_other_plausible_slips(world: Path) -> None:
+    # Found by a review as a user would write them: each gave wrong figures or a foreign error.
+    model = stad.load_model(world / "model.safetensors", device=torch.device("cpu"))
+    part = world / "part.png"
+    rgb = np.asarray(Image.open(part).convert("RGB"))
+    one = model.score(rgb)
+    # an (H, W, 3) array is one image, not H images of W pixels, wherever images are taken
+    streamed = list(model.iter_score(rgb))
+    assert len(streamed) == 1 and streamed[0].map.shape == (32, 32)
+    assert streamed[0].score == pytest.approx(one.score, rel=1e-6)
+    assert [r.path for r in model.iter_score(part)] == [str(part)]
+    normal = sorted((world / "good").glob("*.png"))
+    assert model.calibrate(np.asarray(Image.open(normal[0]).convert("RGB")),
+                           normalize="global")["n_images"] == 1
+    # a calibration handed out is a copy: changing it changes no verdict
+    model.calibrate(normal, normalize="global")
+    handed = model.calibration
+    handed["threshold"] = -1.0
+    model.calibrate(normal, normalize="global")["threshold"] = -1.0
+    assert model.threshold > -1.0 and model.score(part).threshold == model.threshold
+    # results compare by identity (their arrays have no single truth value)
+    results = model.score([part, part])
+    assert results[0] != results[1] and results.index(results[1]) == 1
+    assert len({results[0], results[1]}) == 2
+    # a NumPy threshold becomes a float (the record is JSON); a non-number is a usage error
+    chosen = model.score(part, threshold=np.float32(0.5))
+    assert type(chosen.threshold) is float and json.dumps(chosen.to_dict())
+    for bad in ("0.5", True, float("nan")):
+        with pytest.raises(UsageError, match="threshold must be a finite number"):
+            model.score(part, threshold=bad)
+    # a PIL image closed before it was read is a data error, not Pillow's AssertionError
+    with Image.open(part) as closed:
+        pass
+    with pytest.raises(DataError, match="closed before it was loaded"):
+        model.score(closed)
+
+
 def test_settings_keep_the_presets_scales_following_the_image_size(
         monkeypatch: pytest.MonkeyPatch) -> None:
     # Settings made with a preset hold what it filled in; keywords on top must not take those

@@ -512,6 +512,41 @@ def test_a_full_disk_is_a_one_line_error_naming_the_output(
     assert [p.name for p in tmp_path.iterdir()] == ["calibrated.safetensors"]
 
 
+def test_a_full_disk_while_score_writes_its_records(
+        fitted: Fitted, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # `--output` is appended to in place, not replaced: the records before the failing one
+    # stay, and --skip-existing goes on from them once there is space again.
+    import stad.commands.score as score_mod
+
+    images = tmp_path / "in"
+    images.mkdir()
+    for name in ("a.png", "b.png", "c.png"):
+        shutil.copy(fitted.image, images / name)
+    out = tmp_path / "records.jsonl"
+
+    class FillsUp(io.TextIOWrapper):
+        lines = 0
+
+        def write(self, text: str) -> int:
+            if FillsUp.lines == 1:
+                super().write(text[:9])  # part of the line got onto the disk
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            FillsUp.lines += 1
+            return super().write(text)
+
+    monkeypatch.setattr(score_mod, "open", lambda path, mode, encoding: FillsUp(
+        Path(path).open(mode + "b"), encoding=encoding), raising=False)
+    result = _expect(_run("score", "--model", fitted.model, "--output", out, images),
+                     EXIT_USAGE)
+    assert "records.jsonl" in result.stderr and "No space left" in result.stderr
+    assert "--skip-existing" in result.stderr
+    monkeypatch.undo()
+    _expect(_run("score", "--model", fitted.model, "--output", out, "--skip-existing", images),
+            EXIT_OK)
+    names = sorted(Path(r["path"]).name for r in _jsonl(out.read_text()) if "path" in r)
+    assert names == ["a.png", "b.png", "c.png"]
+
+
 def test_score_output_naming_the_model_is_refused(fitted: Fitted, tmp_path: Path) -> None:
     # `--output` is JSON Lines: written over the model, it would destroy it.
     model = tmp_path / "model.safetensors"

@@ -22,7 +22,15 @@ from PIL import Image
 from support import mutated
 
 from stad.errors import DataError, StadError
-from stad.images import DEFAULT_MEAN, DEFAULT_STD, load_image, load_mask, to_tensor
+from stad.images import (
+    DEFAULT_MEAN,
+    DEFAULT_STD,
+    MAX_PIXELS,
+    MAX_SIDE,
+    load_image,
+    load_mask,
+    to_tensor,
+)
 
 
 def _check_rgb(arr: np.ndarray, shape: tuple[int, int]) -> None:
@@ -113,6 +121,37 @@ def test_exif_orientation_is_not_applied(tmp_path: Path) -> None:
     arr = load_image(tmp_path / "turned.png")
     _check_rgb(arr, (4, 7))
     np.testing.assert_array_equal(arr, pixels.astype(np.float32) / 255.0)
+
+
+def _png_header_only(path: Path, side: int) -> Path:
+    """A PNG signature and IHDR (CRCs right) claiming side² RGB pixels, with no pixel data."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(
+            ">I", zlib.crc32(kind + body))
+
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(
+        ">IIBBBBB", side, side, 8, 2, 0, 0, 0)) + chunk(b"IEND", b""))
+    return path
+
+
+@pytest.mark.parametrize("theirs, after", [
+    (1000, MAX_PIXELS), (None, None), (10**12, 10**12), (89_478_485, MAX_PIXELS)])
+def test_pillows_limit_is_raised_to_stads_never_lowered_and_stad_refuses_above_its_own(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, theirs: int | None,
+        after: int | None) -> None:
+    # Pillow's decompression-bomb limit is global: stad may raise it (else Pillow would refuse
+    # images stad reads) but leaves a higher one, or None, as the user set it.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", theirs)
+    Image.fromarray(np.zeros((40, 50, 3), np.uint8)).save(tmp_path / "small.png")
+    assert load_image(tmp_path / "small.png").shape == (40, 50, 3)
+    assert Image.MAX_IMAGE_PIXELS == after
+    # Above stad's own limit, refused by stad whatever Pillow's limit (None too), before
+    # decoding. (Pillow warns first where its limit is stad's; `stad` filters that warning.)
+    side = MAX_SIDE + 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with pytest.raises(DataError, match=f"bomb.png claims {side}×{side} pixels"):
+            load_image(_png_header_only(tmp_path / "bomb.png", side))
 
 
 def test_bilevel_mode_1(tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ from stad.api import Model, Result
 from stad.config import ScoreSettings, Settings
 from stad.console import NULL_REPORTER, Reporter, json_line
 from stad.errors import UsageError
-from stad.fsutil import check_output_dir, check_output_file, output_lock
+from stad.fsutil import DISK_FULL, check_output_dir, check_output_file, output_lock
 from stad.scorefiles import expand_inputs, in_shard, map_names, recorded_paths, write_maps
 from stad.scoring import ImageError, iter_results
 
@@ -95,7 +95,21 @@ def _records(model: Model, paths: Sequence[Path], rule: ScoreSettings,
                 record["map"] = write_maps(maps_dir, names[out.path], result.map, out.image,
                                            threshold, pixel, result.mask)
         if log is not None:
-            log.write(json_line(record) + "\n")
-            log.flush()
+            _append(log, record)
         task.advance(1)
         yield record
+
+
+def _append(log: TextIO, record: dict[str, Any]) -> None:
+    """One record onto ``--output``, flushed; a full disk is a usage error (exit 2) saying how to
+    go on: the lines written so far are whole records, and a cut-off last line is dropped by
+    ``--skip-existing`` (:func:`~stad.scorefiles.recorded_paths`)."""
+    try:
+        log.write(json_line(record) + "\n")
+        log.flush()
+    except OSError as exc:
+        if exc.errno not in DISK_FULL:
+            raise
+        raise UsageError(f"cannot write --output {log.name}: {exc.strerror}; the records written "
+                         "so far are kept: free space on its disk, then run the same command "
+                         "with --skip-existing to score the rest") from None
