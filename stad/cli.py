@@ -624,21 +624,23 @@ def demo_cmd(
 
 @datasets_app.command("list")
 def datasets_list(json_out: JsonOpt = False) -> None:
-    """Every installed dataset adapter with its distribution, version and status."""
-    from stad.datasets.registry import check, discover
+    """Every installed dataset adapter with its distribution, version, status and description."""
+    from stad.datasets.registry import describe, discover
 
-    rows = [(e, check(e)) for e in discover()]
+    rows = [(e, *describe(e)) for e in discover()]
     if json_out:
-        for entry, status in rows:
+        for entry, status, description in rows:
             console.emit_json({"name": entry.name, "distribution": entry.distribution,
                                "version": entry.version, "entry_point": entry.value,
-                               "status": status})
+                               "status": status, "description": description})
         return
     from rich.table import Table
+    from rich.text import Text
 
-    table = Table("name", "distribution", "version", "status")
-    for entry, status in rows:
-        table.add_row(entry.name, entry.distribution, entry.version, status)
+    table = Table("name", "distribution", "version", "status", "description")
+    for entry, status, description in rows:  # a plugin's text, shown as written (no markup)
+        table.add_row(entry.name, entry.distribution, entry.version, status,
+                      Text(console.printable(description)))
     console.stdout().print(table)
 
 

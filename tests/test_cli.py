@@ -99,6 +99,7 @@ def test_datasets_list_json_lines() -> None:
     for name in ("mvtec", "folder", "synthetic"):
         assert builtins[name]["status"] == "ok"
         assert builtins[name]["entry_point"].startswith(f"stad.datasets.{name}:")
+        assert builtins[name]["description"]  # each adapter's one line
     assert [row["name"] for row in rows] == sorted(row["name"] for row in rows)
 
 

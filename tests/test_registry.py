@@ -85,6 +85,34 @@ class Adapter:
         yield ("image.png", None)
 '''
 
+WRONG_SPLIT_OR_NONE = '''
+from pathlib import Path
+from stad.datasets import API_VERSION, Sample
+
+class Adapter:
+    api_version = API_VERSION
+    description = "lists its test images for every split; a stray None in train"
+    def categories(self, root): return ["c"]
+    def samples(self, root, category, split):
+        if split == "train":
+            yield Sample(image=Path(root) / "0.png", mask=None, label="normal", split="train")
+            yield None
+            yield Sample(image=Path(root) / "1.png", mask=None, label="normal", split="train")
+        else:
+            yield Sample(image=Path(root) / "bad.png", mask=None, label="anomalous",
+                         split="test", defect="crack")
+'''
+
+NO_CATEGORIES = '''
+from stad.datasets import API_VERSION
+
+class Adapter:
+    api_version = API_VERSION
+    description = "finds nothing [bold]here[/bold]"
+    def categories(self, root): return []
+    def samples(self, root, category, split): return iter([])
+'''
+
 CONSTRUCTOR_FAILS = '''
 from stad.datasets import API_VERSION
 
@@ -316,6 +344,38 @@ def test_plugin_yielding_something_else(plugin: Callable[[str, str], str],
     _use(monkeypatch, [_ep("tuples", f"{mod}:Adapter")])
     with pytest.raises(PluginError, match="tuple"):
         registry.get_adapter("tuples").list_samples(tmp_path, "c", "test")
+
+
+def test_samples_of_another_split_or_none_are_plugin_faults(plugin: Callable[[str, str], str],
+                                                            monkeypatch: pytest.MonkeyPatch,
+                                                            tmp_path: Path) -> None:
+    # Anomalous test images listed as `val` would have set the threshold on defects.
+    mod = plugin("wrongsplit", WRONG_SPLIT_OR_NONE)
+    _use(monkeypatch, [_ep("wrongsplit", f"{mod}:Adapter")])
+    adapter = registry.get_adapter("wrongsplit")
+    with pytest.raises(PluginError, match="split 'test' .*bad.png.* asked for 'val'"):
+        adapter.list_samples(tmp_path, "c", "val")
+    assert [s.split for s in adapter.list_samples(tmp_path, "c", "test")] == ["test"]
+    # None is not the end of the listing: it is reported, not a silent cut
+    with pytest.raises(PluginError, match="yielded NoneType"):
+        adapter.list_samples(tmp_path, "c", "train")
+
+
+def test_a_root_without_categories_is_a_data_error_naming_it(
+        plugin: Callable[[str, str], str], monkeypatch: pytest.MonkeyPatch,
+        tmp_path: Path) -> None:
+    _use(monkeypatch, [*BUILTINS, _ep("empty", f"{plugin('empty', NO_CATEGORIES)}:Adapter")])
+    result = CliRunner().invoke(app, ["datasets", "show", "--dataset", "empty",
+                                      "--root", str(tmp_path)])
+    assert result.exit_code == 3, result.output
+    assert "no categories" in result.stderr and str(tmp_path) in result.stderr
+    # its description is listed as written (no markup), beside the built-ins' descriptions
+    listed = CliRunner().invoke(app, ["datasets", "list", "--json"])
+    rows = {r["name"]: r for r in map(json.loads, listed.stdout.splitlines())}
+    assert rows["empty"]["description"] == "finds nothing [bold]here[/bold]"
+    assert rows["mvtec"]["description"].startswith("MVTec AD layout")
+    table = CliRunner().invoke(app, ["datasets", "list"], env={"COLUMNS": "250"})
+    assert "finds nothing [bold]here[/bold]" in table.stdout
 
 
 # ---- duplicate names ---------------------------------------------------------------------------

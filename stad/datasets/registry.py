@@ -121,6 +121,9 @@ def load_entry(entry: AdapterEntry) -> DatasetAdapter:
     return adapter
 
 
+_END = object()  # the end of an adapter's samples (None is a plugin's mistake, not the end)
+
+
 class Adapter:
     """A loaded adapter whose faults are reported as faults of the plugin, by name.
 
@@ -161,12 +164,15 @@ class Adapter:
         it = self._guard("samples()", lambda: iter(self._adapter.samples(Path(root), category,
                                                                           split)))
         while True:
-            sample = self._guard("samples()", lambda: next(it, None))
-            if sample is None:
+            sample = self._guard("samples()", lambda: next(it, _END))
+            if sample is _END:
                 return
             if not isinstance(sample, Sample):
                 raise PluginError(f"{self.entry.label()} yielded {type(sample).__name__}, "
                                   "not stad.datasets.Sample")
+            if sample.split != split:  # e.g. test images, anomalous ones too, listed as val
+                raise PluginError(f"{self.entry.label()} yielded a sample of split "
+                                  f"{sample.split!r} ({sample.image}) when asked for {split!r}")
             yield sample
 
     def list_samples(self, root: Path, category: str, split: Split) -> list[Sample]:
@@ -181,10 +187,16 @@ def get_adapter(name: str) -> Adapter:
 
 def check(entry: AdapterEntry) -> str:
     """``"ok"`` or a one-line reason why the adapter cannot be used (for ``datasets list``)."""
+    return describe(entry)[0]
+
+
+def describe(entry: AdapterEntry) -> tuple[str, str]:
+    """:func:`check`'s status and the adapter's one-line ``description`` ("" where it cannot be
+    loaded)."""
     if entry.shadowed_by is not None:
-        return f"duplicate name, also registered by {entry.shadowed_by}"
+        return f"duplicate name, also registered by {entry.shadowed_by}", ""
     try:
-        load_entry(entry)
+        adapter = load_entry(entry)
     except PluginError as exc:
-        return f"error: {exc}"
-    return "ok"
+        return f"error: {exc}", ""
+    return "ok", str(getattr(adapter, "description", ""))

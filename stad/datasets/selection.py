@@ -83,7 +83,7 @@ def select_data(settings: Settings) -> DataSelection:
 
     An adapter may offer ``default_root()`` (the synthetic set uses stad's cache); any other
     adapter needs ``--root``. Without ``--category``, the root's only category is taken; with
-    several, that is a usage error listing them.
+    several, that is a usage error listing them; with none, a data error naming the root.
     """
     adapter = get_adapter(settings.dataset)
     root = settings.root
@@ -98,8 +98,10 @@ def select_data(settings: Settings) -> DataSelection:
         categories = adapter.categories(root)
         if len(categories) == 1:  # nothing to choose (the collection adapter's "all")
             return DataSelection(adapter=adapter, root=root, category=categories[0])
-        found = ", ".join(categories) or "none found"
-        raise UsageError(f"pass --category (categories under {root}: {found})")
+        if not categories:  # the root is not what the adapter reads: the data's fault
+            raise DataError(f"dataset '{settings.dataset}' finds no categories under {root}; "
+                            "check --root (docs/datasets.md names each layout)")
+        raise UsageError(f"pass --category (categories under {root}: {', '.join(categories)})")
     return DataSelection(adapter=adapter, root=root, category=category)
 
 

@@ -152,7 +152,9 @@ def test_missing_root_is_an_error_naming_it(tmp_path: Path) -> None:
 
 
 def test_declares_the_contract() -> None:
-    assert BTADAdapter.api_version == API_VERSION
+    # A number written in the plugin, equal to the API of the stad it is tested with: when
+    # stad's API_VERSION moves on, this fails until the plugin is brought up to date.
+    assert type(BTADAdapter.api_version) is int and BTADAdapter.api_version == API_VERSION
     assert BTADAdapter.description
 
 

@@ -23,14 +23,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import ClassVar
 
-from stad.datasets import API_VERSION, Sample, Split, check_pairs
+from stad.datasets import Sample, Split, check_pairs
 from stad.errors import DataError
 
 __all__ = ["BTADAdapter"]
 __version__ = "0.1.0"
 
 # Our own list: stad's image helpers are not part of the adapter contract.
-IMAGE_SUFFIXES = frozenset({".png", ".bmp", ".jpg", ".jpeg", ".tif", ".tiff"})
+IMAGE_SUFFIXES = frozenset({".png", ".bmp", ".jpg", ".jpeg", ".tif", ".tiff", ".webp"})
 NORMAL, ANOMALOUS = "ok", "ko"  # BTAD's folder names
 
 
@@ -46,7 +46,9 @@ def _images(folder: Path) -> list[Path]:
 class BTADAdapter:
     """Lists the images and masks of a BTAD download (``--dataset btad``)."""
 
-    api_version: ClassVar[int] = API_VERSION
+    # The adapter API this was written for, as a number: stad.datasets.API_VERSION would
+    # always equal the installed stad's, and so never let stad refuse an outdated plugin.
+    api_version: ClassVar[int] = 1
     description: ClassVar[str] = "BTAD (beanTech): PRODUCT/{train/ok,test/{ok,ko},ground_truth/ko}"
 
     def categories(self, root: Path) -> list[str]:
@@ -54,7 +56,8 @@ class BTADAdapter:
         if not root.is_dir():
             raise DataError(f"BTAD root {root} does not exist or is not a folder; "
                             "pass --root pointing at the folder that holds 01/, 02/ and 03/")
-        return sorted(p.name for p in root.iterdir() if (p / "train" / NORMAL).is_dir())
+        return sorted(p.name for p in root.iterdir()
+                      if not p.name.startswith(".") and (p / "train" / NORMAL).is_dir())
 
     def samples(self, root: Path, category: str, split: Split) -> Iterator[Sample]:
         """The samples of one product and split, sorted by file name.
