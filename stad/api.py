@@ -379,7 +379,7 @@ class Model:
         self._refuse_onnx("exported")
         check_format(format)
         return export_onnx(self, Path(out), quantize=quantize,
-                           calibration_images=list(calibration_images))
+                           calibration_images=_image_list(calibration_images))
 
     def __repr__(self) -> str:
         state = "calibrated" if self.calibration else "not calibrated"
@@ -391,9 +391,7 @@ class Model:
 def _image_list(images: Any) -> list[Any]:
     """Images as a list: one image (a path, a PIL image, an (H, W[, C]) array) is a list of one;
     an (N, H, W, C) array or any other iterable (a generator too) is listed."""
-    one = is_path(images) or isinstance(images, Image.Image) or (
-        isinstance(images, np.ndarray) and images.ndim < 4)
-    return list(images) if not one and isinstance(images, Iterable) else [images]
+    return [images] if _is_single(images) else list(images)
 
 
 def _threshold_value(threshold: Any) -> float:
@@ -408,9 +406,13 @@ def _threshold_value(threshold: Any) -> float:
 
 
 def _is_single(images: Any) -> bool:
-    if is_path(images) or not isinstance(images, (Sequence, np.ndarray)):
-        return True  # a path, a PIL image (or something as_rgb will name and refuse)
-    return isinstance(images, np.ndarray) and images.ndim < 4
+    """One image: a path, a PIL image, an array of fewer than 4 dimensions, or anything not
+    iterable (which as_rgb names and refuses); a collection is anything else iterable."""
+    if is_path(images) or isinstance(images, Image.Image):
+        return True
+    if isinstance(images, np.ndarray):
+        return images.ndim < 4
+    return not isinstance(images, Iterable)
 
 
 def load_model(path: str | os.PathLike[str], *, device: str = "auto", **score: Any) -> Model:

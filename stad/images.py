@@ -86,8 +86,12 @@ def _open(path: Path) -> Image.Image:
         raise DataError(f"image {path} does not exist") from None
     except IsADirectoryError:
         raise DataError(f"image {path} is a folder, not an image file") from None
-    except (UnidentifiedImageError, Image.DecompressionBombError):
-        raise DataError(f"{path} is not a readable image (unknown format or too large)") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):  # the warning: if
+        # the user's filters make it an error; Pillow raises the error above twice its limit
+        raise DataError(f"image {path} has more than the {MAX_SIDE}² pixels stad reads; make it "
+                        "smaller") from None
+    except UnidentifiedImageError:
+        raise DataError(f"{path} is not a readable image (unknown format)") from None
     except (OSError, ValueError, SyntaxError, EOFError, struct.error) as exc:
         raise DataError(f"image {path} cannot be decoded ({exc}); is it truncated?") from None
 
@@ -131,12 +135,14 @@ def as_rgb(image: Any, what: str = "image") -> np.ndarray:
     """
     if isinstance(image, Image.Image):
         try:
+            try:
+                image.load()
+            except (AssertionError, AttributeError):  # Pillow's state of an image closed unread
+                raise DataError(f"{what} cannot be decoded: Pillow has no pixels for it (was "
+                                "it closed before it was loaded? call .load() first)") from None
             return _pil_to_rgb(image, what)
         except (OSError, ValueError, SyntaxError, EOFError, struct.error) as exc:
             raise DataError(f"{what} cannot be decoded ({exc}); is it truncated?") from None
-        except (AssertionError, AttributeError):  # Pillow's state of an image closed unread
-            raise DataError(f"{what} cannot be decoded: Pillow has no pixels for it (was it "
-                            "closed before it was loaded? call .load() first)") from None
     if not isinstance(image, np.ndarray):
         raise DataError(f"{what} is a {type(image).__name__}, not an image: pass a file path, "
                         "a PIL image or a NumPy array (H, W[, C])")

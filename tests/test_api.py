@@ -456,6 +456,7 @@ def test_one_image_where_a_list_is_taken_and_other_plausible_slips(world: Path) 
     assert len(streamed) == 1 and streamed[0].map.shape == (32, 32)
     assert streamed[0].score == pytest.approx(one.score, rel=1e-6)
     assert [r.path for r in model.iter_score(part)] == [str(part)]
+    assert [r.path for r in model.score(iter([part, part]))] == [str(part)] * 2  # a generator
     normal = sorted((world / "good").glob("*.png"))
     assert model.calibrate(np.asarray(Image.open(normal[0]).convert("RGB")),
                            normalize="global")["n_images"] == 1

@@ -524,18 +524,20 @@ def test_a_full_disk_while_score_writes_its_records(
         shutil.copy(fitted.image, images / name)
     out = tmp_path / "records.jsonl"
 
-    class FillsUp(io.TextIOWrapper):
-        lines = 0
+    class Disk(io.FileIO):  # the file system: room for the first record and 9 more bytes
+        room = -1
 
-        def write(self, text: str) -> int:
-            if FillsUp.lines == 1:
-                super().write(text[:9])  # part of the line got onto the disk
+        def write(self, data) -> int:  # type: ignore[override]
+            if Disk.room < 0:
+                Disk.room = len(data) + 9
+            if Disk.room == 0:  # and for every later try, closing the file too
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-            FillsUp.lines += 1
-            return super().write(text)
+            n = min(len(data), Disk.room)
+            Disk.room -= n
+            return super().write(bytes(data[:n]))
 
-    monkeypatch.setattr(score_mod, "open", lambda path, mode, encoding: FillsUp(
-        Path(path).open(mode + "b"), encoding=encoding), raising=False)
+    monkeypatch.setattr(score_mod, "open", lambda path, mode, encoding: io.TextIOWrapper(
+        io.BufferedWriter(Disk(path, mode)), encoding=encoding), raising=False)
     result = _expect(_run("score", "--model", fitted.model, "--output", out, images),
                      EXIT_USAGE)
     assert "records.jsonl" in result.stderr and "No space left" in result.stderr

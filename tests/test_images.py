@@ -152,6 +152,13 @@ def test_pillows_limit_is_raised_to_stads_never_lowered_and_stad_refuses_above_i
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         with pytest.raises(DataError, match=f"bomb.png claims {side}×{side} pixels"):
             load_image(_png_header_only(tmp_path / "bomb.png", side))
+    # Far above (twice Pillow's limit, where that is stad's), Pillow refuses it while opening;
+    # and with warnings made errors, Pillow's warning is not let out either.
+    for big in (2 * MAX_SIDE, MAX_SIDE + 2):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with pytest.raises(DataError, match=f"(more than the {MAX_SIDE}²|claims)"):
+                load_image(_png_header_only(tmp_path / "bigger.png", big))
 
 
 def test_bilevel_mode_1(tmp_path: Path) -> None:

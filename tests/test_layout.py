@@ -79,8 +79,17 @@ def test_no_library_module_imports_the_cli() -> None:
     assert users <= {"stad.__main__"}, users
 
 
-# The adapter API (docs/datasets.md, "Plugins"), name by name.
-PLUGIN_API = {"stad.datasets": set(stad.datasets.__all__), "stad.errors": {"DataError"}}
+# The adapter API, name by name, as docs/datasets.md ("Plugins") and the plugin guide list it.
+PLUGIN_API = {"stad.datasets": {"API_VERSION", "Sample", "Split", "Label", "DatasetAdapter",
+                                "SPLITS", "LABELS", "check_pairs"},
+              "stad.errors": {"DataError"}}
+
+
+def test_the_documented_adapter_api_is_what_stad_datasets_exports() -> None:
+    assert PLUGIN_API["stad.datasets"] == set(stad.datasets.__all__)
+    for doc in (REPO / "docs" / "datasets.md", REPO / "plugins" / "stad-btad" / "README.md"):
+        text = doc.read_text(encoding="utf-8")
+        assert all(f"`{name}" in text for name in PLUGIN_API["stad.datasets"]), doc
 
 
 @pytest.mark.parametrize("source", sorted((REPO / "plugins").glob("*/src/**/*.py")),

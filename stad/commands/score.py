@@ -110,6 +110,8 @@ def _append(log: TextIO, record: dict[str, Any]) -> None:
     except OSError as exc:
         if exc.errno not in DISK_FULL:
             raise
+        with contextlib.suppress(OSError):  # closing would flush the buffered rest: fail again
+            log.close()
         raise UsageError(f"cannot write --output {log.name}: {exc.strerror}; the records written "
                          "so far are kept: free space on its disk, then run the same command "
                          "with --skip-existing to score the rest") from None
