@@ -214,16 +214,17 @@ class Model:
     @property
     def threshold(self) -> float | None:
         """The calibrated image threshold (None if not calibrated)."""
-        return None if self.calibration is None else self.calibration["threshold"]
+        calibration = self.info.get("calibration")  # read, not copied
+        return None if calibration is None else calibration["threshold"]
 
     def score_rule(self) -> tuple[dict[str, Any], ScoreSettings]:
         """The calibration, and the score settings with the image-score rule it was made with
         (a threshold only means something for the rule it was set on)."""
         name = self.path if self.path is not None else "the model"
-        if self.calibration is None:
+        c = self.info.get("calibration")  # read, not copied: the merge below is a new dict
+        if c is None:
             raise UsageError(f"{name} is not calibrated: run `stad calibrate --model {name}` "
                              "(or model.calibrate(normal_images)) first")
-        c = self.calibration
         checked = stored_rule(c, name)
         return {**c, **checked}, self._score.model_copy(update={
             "image_score": checked["image_score"], "topk_fraction": checked["topk_fraction"]})
@@ -382,7 +383,7 @@ class Model:
                            calibration_images=_image_list(calibration_images))
 
     def __repr__(self) -> str:
-        state = "calibrated" if self.calibration else "not calibrated"
+        state = "calibrated" if self.info.get("calibration") else "not calibrated"
         backend = ", onnxruntime" if self.onnx else ""
         return (f"stad.Model({str(self.path)!r}, scales={self.scales}, "
                 f"image_size={self.image_size}, {state}{backend})")

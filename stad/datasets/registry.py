@@ -199,4 +199,4 @@ def describe(entry: AdapterEntry) -> tuple[str, str]:
         adapter = load_entry(entry)
     except PluginError as exc:
         return f"error: {exc}", ""
-    return "ok", str(getattr(adapter, "description", ""))
+    return "ok", Adapter(entry, adapter).description
