@@ -75,7 +75,7 @@ def markdown(result: dict[str, Any], title: str, info: Mapping[str, Any] | None 
     for d, entry in result["maps"]["fused"]["defects"].items():
         lines.append(f"| {_md(d)} | {entry['n_anomalous']} | "
                      + " | ".join(_fmt(entry.get(c)) for c in _COLUMNS) + " |")
-    return "\n".join(lines) + "\n"
+    return _shown("\n".join(lines) + "\n")
 
 
 def _png(array: np.ndarray) -> bytes:
@@ -86,22 +86,49 @@ def _png(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _examples(items: Sequence[Evaluated], k: int) -> dict[str, list[Evaluated]]:
-    """The best hits (highest-scoring anomalous images), the worst misses (lowest-scoring
-    anomalous) and the worst false alarms (highest-scoring normal), k of each."""
+def _examples(items: Sequence[Evaluated], k: int,
+              threshold: float | None) -> dict[str, list[Evaluated]]:
+    """Up to k test images per group. With an image threshold: the best hits (anomalous images
+    flagged, highest score first), the worst misses (anomalous images not flagged, lowest
+    first) and the worst false alarms (normal images flagged, highest first), so that every
+    card of a group is on its side of the threshold. Without one (an uncalibrated model):
+    the highest- and lowest-scoring anomalous images (none in both) and the highest-scoring
+    normal ones."""
     anomalous = sorted((e for e in items if e.sample.label == "anomalous"),
                        key=lambda e: -e.scores["fused"])
     normal = sorted((e for e in items if e.sample.label == "normal"),
                     key=lambda e: -e.scores["fused"])
-    return {"best hits": anomalous[:k], "worst misses": anomalous[::-1][:k],
-            "worst false alarms": normal[:k]}
+    if threshold is None:
+        high = anomalous[:k]
+        return {"highest-scoring anomalous images": high,
+                "lowest-scoring anomalous images": anomalous[len(high):][::-1][:k],
+                "highest-scoring normal images": normal[:k]}
+    flagged = [e for e in anomalous if e.scores["fused"] > threshold]
+    return {"best hits": flagged[:k],
+            "worst misses": [e for e in anomalous[::-1] if e.scores["fused"] <= threshold][:k],
+            "worst false alarms": [e for e in normal if e.scores["fused"] > threshold][:k]}
+
+
+def _fit(tile: np.ndarray, side: int, nearest: bool) -> np.ndarray:
+    """``tile`` scaled to fit a side × side square, its aspect kept (centred on a neutral
+    grey); masks scaled by the nearest pixel, so that they stay two-valued."""
+    from PIL import Image
+
+    h, w = tile.shape[:2]
+    scale = side / max(h, w)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    picture = Image.fromarray(tile).resize(
+        size, Image.Resampling.NEAREST if nearest else Image.Resampling.BICUBIC)
+    out = np.full((side, side, 3), 128, np.uint8)
+    top, left = (side - size[1]) // 2, (side - size[0]) // 2
+    out[top:top + size[1], left:left + size[0]] = np.asarray(picture)
+    return out
 
 
 def _tiles(e: Evaluated, threshold: float | None, pixel_threshold: float | None,
            side: int) -> dict[str, np.ndarray]:
-    """image, overlay, predicted mask (with a pixel threshold) and ground truth, side × side."""
-    from PIL import Image
-
+    """image, overlay (coloured up to the pixel threshold, as ``score --maps``), predicted mask
+    (with a pixel threshold) and ground truth, each fitted into side × side."""
     image = load_image(e.sample.image)
     lo, hi = display_range(e.maps["fused"], pixel_threshold, threshold)
     gray = (e.mask * 255).astype(np.uint8)
@@ -111,19 +138,30 @@ def _tiles(e: Evaluated, threshold: float | None, pixel_threshold: float | None,
         tiles["predicted"] = np.repeat(((e.maps["fused"] > pixel_threshold) * 255)
                                        .astype(np.uint8)[..., None], 3, axis=2)
     tiles["ground truth"] = np.repeat(gray[..., None], 3, axis=2)
-    return {k: np.asarray(Image.fromarray(t).resize((side, side))) for k, t in tiles.items()}
+    return {k: _fit(t, side, nearest=k in ("predicted", "ground truth"))
+            for k, t in tiles.items()}
 
 
-def grid(items: Sequence[Evaluated], threshold: float | None, k: int = 4) -> np.ndarray:
-    """examples.png: rows of image | overlay | ground truth for the best hits, the worst
-    misses and the worst false alarms (k of each)."""
+def grid(items: Sequence[Evaluated], threshold: float | None, k: int = 4,
+         pixel_threshold: float | None = None) -> np.ndarray:
+    """examples.png: rows of image | overlay | ground truth for each group of
+    :func:`_examples` (k of each), in its order."""
     side = 160
     rows = [np.concatenate([t[c] for c in ("image", "overlay", "ground truth")], axis=1)
-            for group in _examples(items, k).values()
-            for t in (_tiles(e, threshold, None, side) for e in group)]
+            for group in _examples(items, k, threshold).values()
+            for t in (_tiles(e, threshold, pixel_threshold, side) for e in group)]
     if not rows:
         return np.zeros((side, 3 * side, 3), np.uint8)
     return np.concatenate(rows, axis=0)
+
+
+def _shown(text: str) -> str:
+    """``text`` writable as UTF-8: a file name's bytes that are not UTF-8 (Python keeps them
+    as lone surrogates) shown as escapes such as ``\\xff``."""
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a surrogate that no byte made
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 # ---- report.html ------------------------------------------------------------------------------
@@ -253,8 +291,10 @@ def _img(array: np.ndarray, alt: str) -> str:
 def _cards(items: Sequence[Evaluated], threshold: float | None,
            pixel_threshold: float | None) -> str:
     out = []
-    for group, chosen in _examples(items, CARDS).items():
+    for group, chosen in _examples(items, CARDS, threshold).items():
         out.append(f"<h3>{html.escape(group.capitalize())}</h3><div class=\"cards\">")
+        if not chosen:
+            out.append("<p>(none)</p>")
         for e in chosen:
             tiles = _tiles(e, threshold, pixel_threshold, SIDE)
             score = e.scores["fused"]
@@ -310,9 +350,9 @@ def page(result: dict[str, Any], items: Sequence[Evaluated], *, title: str,
                 if pixel_threshold is not None else "")
              + ", the ground truth; the file, the defect type, the score and the verdict "
              "(green: right, red: wrong).</p>", _cards(items, threshold, pixel_threshold)]
-    return ("<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">"
-            f"<title>{html.escape(title)}</title><style>{_STYLE}</style></head><body>"
-            + "".join(body) + "</body></html>\n")
+    return _shown("<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">"
+                  f"<title>{html.escape(title)}</title><style>{_STYLE}</style></head><body>"
+                  + "".join(body) + "</body></html>\n")
 
 
 def write_report(folder: Path, result: dict[str, Any], items: Sequence[Evaluated],
@@ -331,11 +371,14 @@ def write_report(folder: Path, result: dict[str, Any], items: Sequence[Evaluated
     text += ("\n![ROC](roc.png) ![PRO](pro.png)\n" if plots else
              "\n(ROC and PRO plots skipped: install matplotlib, `pip install stad[plots]`; "
              "report.html has them without it)\n")
-    text += ("\n## Examples\n\nRows: best-detected anomalies, missed anomalies, highest-scoring "
-             "normal images. Columns: image, fused map over the image, ground truth.\n\n"
+    groups = list(_examples([], 0, threshold))
+    text += ("\n## Examples\n\nRows: up to four each of the " + ", the ".join(groups[:-1])
+             + " and the " + groups[-1] + " (the groups of report.html; an empty group has no "
+             "rows). Columns: image, fused map over the image, ground truth.\n\n"
              "![examples](examples.png)\n")
     atomic_write_text(folder / "report.md", text)
-    atomic_write_bytes(folder / "examples.png", _png(grid(items, threshold)))
+    atomic_write_bytes(folder / "examples.png",
+                       _png(grid(items, threshold, pixel_threshold=pixel_threshold)))
     written = ["metrics.json", "report.html", "report.md", "examples.png", *plots]
     return [str(folder / w) for w in written]
 

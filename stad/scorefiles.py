@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from stad.errors import DataError, UsageError
+from stad.fsutil import atomic_write_bytes, short_name
 
 
 def expand_inputs(inputs: Sequence[Path]) -> list[Path]:
@@ -42,12 +43,18 @@ def expand_inputs(inputs: Sequence[Path]) -> list[Path]:
     return out
 
 
+NAME_MAX = 255  # bytes of a file name on common file systems
+MAP_SUFFIXES = ("_heat.png", "_overlay.png", "_map.tiff", "_mask.png")  # one image's maps
+
+
 def map_names(paths: Sequence[Path]) -> dict[Path, str]:
     """The base name of each image's maps (``--maps``): the last three parts of its path as
     given, without the suffix, joined by ``__`` (``test__good__000``), and where two different
     files would share that, enough more of their parts (and their suffixes) to tell them apart
     (``bottle__test__good__000``, ``test__good__000.png``); as a last resort a hash of the
-    path. The same file named twice gets one name.
+    path. The same file named twice gets one name. A name that would make a map's file name
+    longer than file systems allow (255 bytes) is cut, with a hash of the whole name
+    (:func:`~stad.fsutil.short_name`).
 
     Computed over all the inputs of a run, so that every shard of it names alike."""
     parts: dict[str, list[str]] = {}  # per file (its absolute path): the parts first given
@@ -61,7 +68,7 @@ def map_names(paths: Sequence[Path]) -> dict[Path, str]:
         return "__".join([*given[:-1], last][-depth:])
 
     def hashed(file: str, base: str) -> str:
-        return f"{base}-{hashlib.sha256(file.encode()).hexdigest()[:8]}"
+        return f"{base}-{hashlib.sha256(os.fsencode(file)).hexdigest()[:8]}"
 
     groups: dict[str, list[str]] = defaultdict(list)
     for file in sorted(parts):
@@ -84,7 +91,8 @@ def map_names(paths: Sequence[Path]) -> dict[Path, str]:
     for file, given in list(chosen.items()):
         if taken[given] > 1:
             chosen[file] = hashed(file, given)
-    return {p: chosen[os.path.abspath(p)] for p in paths}
+    return {p: short_name(chosen[os.path.abspath(p)], NAME_MAX - max(map(len, MAP_SUFFIXES)))
+            for p in paths}
 
 
 def write_maps(folder: Path, name: str, amap: Any, image: Any, threshold: float | None,
@@ -98,16 +106,15 @@ def write_maps(folder: Path, name: str, amap: Any, image: Any, threshold: float 
 
     from PIL import Image
 
-    from stad.fsutil import atomic_write_bytes
     from stad.visualize import display_range, heat, overlay
 
     lo, hi = display_range(amap, pixel_threshold, threshold)
     base = folder / name
-    outputs = [("_heat.png", heat(amap, lo, hi), "RGB"),
-               ("_overlay.png", overlay(image, amap, lo, hi), "RGB"),
-               ("_map.tiff", amap.astype("float32"), "F")]
-    if mask is not None:
-        outputs.append(("_mask.png", mask.astype("uint8") * 255, "L"))
+    arrays = (heat(amap, lo, hi), overlay(image, amap, lo, hi), amap.astype("float32"),
+              None if mask is None else mask.astype("uint8") * 255)
+    outputs = [(suffix, array, mode) for suffix, array, mode
+               in zip(MAP_SUFFIXES, arrays, ("RGB", "RGB", "F", "L"), strict=True)
+               if array is not None]
     for suffix, array, mode in outputs:
         buf = io.BytesIO()
         Image.fromarray(array, mode=mode if mode == "F" else None).save(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -311,6 +312,25 @@ def test_map_names_are_short_where_they_can_be_and_never_shared(
     e, f = Path("/r/x/a__b/c.png"), Path("/r/x__a/b/c.png")
     named = map_names([e, f])
     assert len(set(named.values())) == 2 and all("-" in n for n in named.values())
+
+
+def test_map_names_of_long_file_names_are_cut_and_stay_apart(tmp_path: Path) -> None:
+    from stad.scorefiles import map_names, write_maps
+
+    # legal names (250 bytes) that the maps' suffixes would take past 255 bytes; two that
+    # differ only at their end, one of Japanese characters, one whose bytes are not UTF-8
+    a, b = Path("in") / ("a" * 246 + "1.png"), Path("in") / ("a" * 246 + "2.png")
+    c = Path("in") / ("検" * 82 + ".png")
+    d, e = Path("x") / os.fsdecode(b"\xff.png"), Path("y") / os.fsdecode(b"\xff.png")
+    named = map_names([a, b, c, d, e])
+    assert len(set(named.values())) == 5
+    assert all(len(os.fsencode(n)) <= 255 - len("_overlay.png") for n in named.values())
+    assert named[a].startswith("in__aaaa") and named[c].startswith("in__検")
+    amap = np.zeros((4, 6), np.float32)
+    for path in (a, b, c):  # written where the file system allows 255 bytes a name
+        write_maps(tmp_path, named[path], amap, np.zeros((4, 6, 3), np.float32), 1.0,
+                   mask=amap > 0)
+    assert len(list(tmp_path.iterdir())) == 3 * 4
 
 
 @pytest.mark.parametrize("shard", ["1", "2/2", "-1/3", "a/b", "1/0"])

@@ -64,12 +64,18 @@ def test_the_page_is_self_contained_and_escapes_names(tmp_path: Path) -> None:
     assert "<img src=x" not in text
     assert "<title>stad &lt;evaluation&gt;</title>" in text
     images = re.findall(r'src="data:image/png;base64,([^"]+)"', text)
-    # 4 images per card (image, overlay, predicted mask, ground truth): 2 hits, 2 misses,
-    # 2 false alarms, each group as long as it has images.
-    assert len(images) == 4 * 6
+    # 4 images per card (image, overlay, predicted mask, ground truth), one card per test
+    # image in its group: each anomalous image a hit or a miss, each normal one above the
+    # threshold a false alarm.
+    above = sum(e.scores["fused"] > 2.5 for e in items if e.sample.label == "normal")
+    assert len(images) == 4 * (2 + above)
     for data in images:
         with Image.open(io.BytesIO(base64.b64decode(data))) as picture:
             assert picture.size == (192, 192)
+            tile = np.asarray(picture.convert("RGB"))
+        # the 24 × 32 image fits the square with its aspect kept: grey bands above and below
+        assert (tile[:24] == 128).all() and (tile[-24:] == 128).all()
+        assert not (tile[24:-24] == 128).all()
     assert text.count("<svg") == 4  # ROC, PRO, students' and teacher's losses
     assert "pixel F1" in text and "students: loss per epoch" in text
 
@@ -113,6 +119,62 @@ def test_the_page_says_how_the_maps_were_calibrated(tmp_path: Path) -> None:
         assert words in text
     assert "normalization" not in page(result, items, title="t", threshold=None,
                                        pixel_threshold=None, info=INFO)
+
+
+def _groups(text: str) -> dict[str, list[tuple[float, str]]]:
+    """Per example group of a page: (score, verdict) of each card."""
+    out = {}
+    for part in text.split("<h3>")[1:]:
+        name, _, rest = part.partition("</h3>")
+        out[name] = [(float(score), verdict) for score, verdict in
+                     re.findall(r"score ([-\d.]+), <span class=\"\w+\">(\w+)</span>", rest)]
+    return out
+
+
+def test_example_groups_hold_only_images_on_their_side_of_the_threshold(
+        tmp_path: Path) -> None:
+    items = _items(tmp_path)
+    result = compute_metrics(items, 0.3)
+    scores = sorted(e.scores["fused"] for e in items if e.sample.label == "anomalous")
+    normal = sorted(e.scores["fused"] for e in items if e.sample.label == "normal")
+    # between the two anomalous scores: one hit, one miss
+    threshold = (scores[0] + scores[1]) / 2
+    groups = _groups(page(result, items, title="t", threshold=threshold,
+                          pixel_threshold=None, info={}))
+    assert [v for _, v in groups["Best hits"]] == ["anomalous"]
+    assert [v for _, v in groups["Worst misses"]] == ["ok"]
+    assert groups["Best hits"][0][0] > threshold >= groups["Worst misses"][0][0]
+    alarms = groups["Worst false alarms"]
+    assert len(alarms) == sum(s > threshold for s in normal)
+    assert all(v == "anomalous" and s > threshold for s, v in alarms)
+    # above every score: no hits and no false alarms, each group says so
+    text = page(result, items, title="t", threshold=scores[-1] + 1, pixel_threshold=None,
+                info={})
+    groups = _groups(text)
+    assert groups["Best hits"] == [] and groups["Worst false alarms"] == []
+    assert len(groups["Worst misses"]) == 2 and text.count("<p>(none)</p>") == 2
+    # uncalibrated: by rank, no anomalous image in two groups
+    groups = _groups(page(result, items, title="t", threshold=None, pixel_threshold=None,
+                          info={}))
+    assert list(groups)[-3:] == ["Highest-scoring anomalous images",
+                                "Lowest-scoring anomalous images",
+                                "Highest-scoring normal images"]
+    assert len(groups["Highest-scoring anomalous images"]) == 2
+    assert groups["Lowest-scoring anomalous images"] == []
+
+
+def test_names_that_are_not_utf8_are_shown_as_escapes(tmp_path: Path) -> None:
+    items = _items(tmp_path)
+    odd = tmp_path / os.fsdecode(b"bad\xff.png")
+    os.rename(items[0].sample.image, odd)
+    items[0] = replace(items[0], sample=replace(items[0].sample, image=odd))
+    result = compute_metrics(items, 0.3)
+    write_report(tmp_path / "report", result, items, title=os.fsdecode(b"t\xfe"),
+                 threshold=0.0, pixel_threshold=None)
+    html_text = (tmp_path / "report" / "report.html").read_bytes().decode("utf-8")
+    assert "bad\\xff.png" in html_text and "t\\xfe" in html_text
+    md_text = (tmp_path / "report" / "report.md").read_bytes().decode("utf-8")
+    assert md_text.startswith("# t\\xfe\n")
 
 
 def test_training_curves_need_recorded_losses() -> None:
@@ -167,7 +229,8 @@ def test_report_loads_in_headless_chromium(tmp_path: Path) -> None:
     dom = subprocess.run([chromium, *flags, "--dump-dom", checked.as_uri()], env=env,
                          capture_output=True, text=True, timeout=120)
     assert dom.returncode == 0, dom.stderr[-2000:]
-    assert "images 24 broken 0" in dom.stdout, dom.stdout[-2000:]
+    above = sum(e.scores["fused"] > 2.5 for e in items if e.sample.label == "normal")
+    assert f"images {4 * (2 + above)} broken 0" in dom.stdout, dom.stdout[-2000:]
     console = [ln for ln in dom.stderr.splitlines() if "CONSOLE" in ln]
     assert not console, console
     ARTIFACTS.mkdir(exist_ok=True)
