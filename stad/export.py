@@ -224,9 +224,12 @@ def check_quantize(quantize: str | None) -> None:
 
 
 def check_format(format: str) -> None:
+    """``--format`` must be onnx, and the packages that export need installed (checked before
+    ``--out``'s folder is made)."""
     if format != "onnx":
         raise UsageError(f"--format must be onnx, not {format!r} (TorchScript is deprecated in "
                          "PyTorch; docs/usage.md, \"Export\")")
+    _require("onnx")
 
 
 def check_export_path(out: Path, model_path: Path | None) -> None:

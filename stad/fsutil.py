@@ -105,7 +105,7 @@ def check_output_file(path: str | os.PathLike[str], *,
     """
     target = Path(path)
     for option, source in (inputs or {}).items():
-        if source is not None and _same_path(target, Path(source)):
+        if source is not None and same_path(target, Path(source)):
             raise UsageError(f"output {target} is the {option} file itself; writing there would "
                              "lose it: give another file")
     if _kind(target) == "folder":
@@ -115,7 +115,9 @@ def check_output_file(path: str | os.PathLike[str], *,
     return target
 
 
-def _same_path(a: Path, b: Path) -> bool:
+def same_path(a: Path, b: Path) -> bool:
+    """Whether ``a`` and ``b`` name one file (the same path resolved, or the same file through
+    a link)."""
     try:
         return a.resolve() == b.resolve() or (a.exists() and b.exists() and a.samefile(b))
     except OSError:  # unreadable, a loop of links: not provably the same file

@@ -143,24 +143,25 @@ def in_shard(path: Path, shard: tuple[int, int]) -> bool:
     return int.from_bytes(digest[:8], "big") % n == k
 
 
-def recorded_paths(output: Path) -> set[str]:
-    """Paths already scored in a JSON Lines ``--output`` file (records without an error).
+def recorded(output: Path) -> dict[str, bool]:
+    """The paths already scored in a JSON Lines ``--output`` file (records without an error),
+    each with its verdict (``anomalous``).
 
     A last line cut short by a crash is removed from the file, so appending goes on cleanly.
     """
     if not output.exists():
-        return set()
+        return {}
     data = output.read_bytes()
     complete = data[:data.rfind(b"\n") + 1]
     if len(complete) != len(data):
         with open(output, "r+b") as f:
             f.truncate(len(complete))
-    done = set()
+    done = {}
     for line in complete.decode("utf-8", "replace").splitlines():
         try:
             record = json.loads(line)
         except ValueError:
             continue
         if isinstance(record, dict) and "path" in record and "error" not in record:
-            done.add(str(record["path"]))
+            done[str(record["path"])] = record.get("anomalous") is True
     return done

@@ -404,6 +404,9 @@ def test_stad_variable_of_the_wrong_type(fitted: Fitted) -> None:
 @pytest.mark.parametrize(("args", "named"), [
     (["calibrate", "--method", "manual"], "--threshold"),
     (["calibrate", "--method", "fpr", "--threshold", "1.5"], "--threshold"),
+    (["calibrate", "--method", "manual", "--threshold", "1.5", "--target-fpr", "0.5"],
+     "--target-fpr"),
+    (["calibrate", "--method", "f1", "--target-fpr", "0.5"], "--target-fpr"),
     (["calibrate", "--method", "bogus"], "threshold_method"),
     (["calibrate", "--target-fpr", "2"], "target_fpr"),
     (["score", "--on-error", "maybe", "{image}"], "--on-error"),

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ from typer.testing import CliRunner
 
 import stad
 from stad.cli import app
+from stad.config import ScoreSettings
 from stad.datasets.synthetic import generate
 from stad.errors import EXIT_ARTIFACT, EXIT_DATA, EXIT_USAGE, ArtifactError, UsageError
 
@@ -245,6 +247,34 @@ def test_bad_exports_and_bad_onnx_files(exported: tuple[Path, Path, Path],
     shutil.copy(onnx_path, copy)
     out = run(app, ["calibrate", "--model", str(copy)])
     assert out.exit_code == EXIT_USAGE and "ONNX" in out.output
+
+
+def test_options_an_onnx_model_cannot_honour_are_refused(exported: tuple[Path, Path, Path],
+                                                        monkeypatch: pytest.MonkeyPatch,
+                                                        tmp_path: Path) -> None:
+    data, model_path, onnx_path = exported
+    image = str(next((data / "grain" / "test" / "good").glob("*.png")))
+    run = CliRunner().invoke
+    # onnxruntime scores on the CPU, in float32, whole images: said, not silently ignored
+    for flags, words in ((["--device", "cuda"], "device cuda"),
+                         (["--precision", "bf16"], "precision bf16"),
+                         (["--tile-size", "64"], None)):
+        out = run(app, ["score", "--model", str(onnx_path), *flags, image])
+        if words is None:  # 64 is not below the model's 48²: nothing would be tiled
+            assert out.exit_code == 0, out.output
+        else:
+            assert out.exit_code == EXIT_USAGE and words in out.output, out.output
+    with pytest.raises(UsageError, match="tile size 32"):
+        stad.Model.load(onnx_path, score=ScoreSettings.model_construct(
+            **{**ScoreSettings().model_dump(), "tile_size": 32}))
+    assert run(app, ["score", "--model", str(onnx_path), "--device", "cpu", image]
+               ).exit_code == 0
+    # without onnx, export stops before it makes the folder of --out
+    monkeypatch.setitem(sys.modules, "onnx", None)
+    out = run(app, ["export", "--model", str(model_path), "--out",
+                    str(tmp_path / "new" / "m.onnx")])
+    assert out.exit_code == EXIT_USAGE and "pip install" in out.output
+    assert not (tmp_path / "new").exists()
 
 
 def test_the_onnx_speed_benchmark_runs(exported: tuple[Path, Path, Path]) -> None:

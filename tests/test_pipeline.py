@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +18,7 @@ from typer.testing import CliRunner
 from stad.artifacts import load_artifact
 from stad.cli import app
 from stad.datasets.synthetic import generate
-from stad.errors import EXIT_ANOMALY, EXIT_SKIPPED, EXIT_USAGE
+from stad.errors import EXIT_ANOMALY, EXIT_BROKEN_PIPE, EXIT_SKIPPED, EXIT_USAGE
 
 runner = CliRunner()
 
@@ -361,6 +363,53 @@ def test_output_file_and_skip_existing_resume_an_interrupted_run(
     run(["score", "--model", str(model), "--output", str(log), str(test_dir / "good")])
     assert len(jsonl(log.read_text())) == len(list((test_dir / "good").glob("*.png")))
     run(["score", "--model", str(model), "--skip-existing", str(test_dir)], code=EXIT_USAGE)
+
+
+def test_a_resumed_run_gates_on_the_verdicts_recorded_before(
+        model: Path, tiny_data: Path, tmp_path: Path):
+    test_dir = tiny_data / "grain" / "test"
+    log = tmp_path / "scores.jsonl"
+    every = ["--model", str(model), "--output", str(log), "--fail-on-anomaly"]
+    # A first try that flags every image, cancelled after three records...
+    run(["score", *every, "--threshold", "-1e9", str(test_dir)], code=EXIT_ANOMALY)
+    log.write_text("".join(log.read_text().splitlines(keepends=True)[:3]))
+    # ... and its retry, where no image it scores is anomalous: the gate still fails.
+    result = runner.invoke(app, ["score", *every, "--threshold", "1e9", "--skip-existing",
+                                 str(test_dir)])
+    assert result.exit_code == EXIT_ANOMALY, result.output
+    assert "3 inputs already recorded" in result.stderr and "3 of them anomalous" in result.stderr
+    assert len(jsonl(log.read_text())) == 6
+    # A record of another input in the file does not count.
+    log.write_text(json.dumps({"path": "elsewhere.png", "anomalous": True}) + "\n")
+    run(["score", *every, "--threshold", "1e9", "--skip-existing", str(test_dir)])
+
+
+def test_output_naming_an_input_image_is_refused(model: Path, tiny_data: Path,
+                                                 tmp_path: Path):
+    image = tmp_path / "in" / "a.png"
+    image.parent.mkdir()
+    image.write_bytes(next((tiny_data / "grain" / "test" / "good").glob("*.png")).read_bytes())
+    before = image.read_bytes()
+    for given in (image, image.parent):  # named, or found in a folder
+        result = runner.invoke(app, ["score", "--model", str(model), "--output", str(image),
+                                     str(given)])
+        assert result.exit_code == EXIT_USAGE and "one of the images" in result.output
+    assert image.read_bytes() == before
+
+
+def test_a_closed_pipe_stops_score_quietly(model: Path, tiny_data: Path):
+    # `stad score ... | head -1`: the reader goes after one line; stad stops with 141 (as a
+    # program killed by SIGPIPE) and no error message, not as a bug.
+    inputs = [str(tiny_data / "grain" / "test")] * 40  # 240 records: more than a pipe holds
+    with subprocess.Popen([sys.executable, "-m", "stad", "score", "--model", str(model),
+                           "--json", *inputs], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE) as proc:
+        assert proc.stdout is not None and proc.stderr is not None
+        assert json.loads(proc.stdout.readline())["schema_version"] == 1
+        proc.stdout.close()
+        err = proc.stderr.read().decode()
+        assert proc.wait(timeout=300) == EXIT_BROKEN_PIPE, err
+    assert "error" not in err and "Broken pipe" not in err, err
 
 
 def test_a_run_that_fails_to_start_leaves_the_output_alone(tiny_data: Path, tmp_path: Path):

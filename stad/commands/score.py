@@ -13,8 +13,8 @@ from stad.api import Model, Result
 from stad.config import ScoreSettings, Settings
 from stad.console import NULL_REPORTER, Reporter, json_line
 from stad.errors import UsageError
-from stad.fsutil import DISK_FULL, check_output_dir, check_output_file, output_lock
-from stad.scorefiles import expand_inputs, in_shard, map_names, recorded_paths, write_maps
+from stad.fsutil import DISK_FULL, check_output_dir, check_output_file, output_lock, same_path
+from stad.scorefiles import expand_inputs, in_shard, map_names, recorded, write_maps
 from stad.scoring import ImageError, iter_results
 
 
@@ -22,7 +22,8 @@ def score(settings: Settings, *, model_path: Path, inputs: Sequence[Path],
           maps_dir: Path | None = None, threshold: float | None = None,
           on_error: str = "fail", shard: tuple[int, int] | None = None,
           output: Path | None = None, skip_existing: bool = False,
-          reporter: Reporter = NULL_REPORTER) -> Iterator[dict[str, Any]]:
+          reporter: Reporter = NULL_REPORTER, resumed: dict[str, bool] | None = None
+          ) -> Iterator[dict[str, Any]]:
     """``stad score``: yield one record per input image, in order, as it is scored.
 
     Records are dicts (see :meth:`stad.api.Result.to_dict`) plus ``map`` when maps are
@@ -30,7 +31,9 @@ def score(settings: Settings, *, model_path: Path, inputs: Sequence[Path],
     of stopping the run. With ``shard`` (K, N) only the inputs of shard K are scored
     (:func:`in_shard`). With ``output`` every record is also appended to that JSON Lines file
     before it is yielded (locked against a second writer); ``skip_existing`` keeps the file and
-    skips the inputs it already has a record for, else the file starts empty.
+    skips the inputs it already has a record for, else the file starts empty. ``resumed``, a
+    dict, receives those skipped inputs' paths with their recorded verdicts (``anomalous``),
+    so that a resumed run can still gate on them. ``output`` may not be one of the inputs.
     """
     if threshold is not None and not math.isfinite(threshold):
         raise UsageError(f"--threshold must be a finite number, got {threshold}")
@@ -40,7 +43,7 @@ def score(settings: Settings, *, model_path: Path, inputs: Sequence[Path],
         check_output_dir(maps_dir)
     if output is None:
         yield from _score(settings, model_path, inputs, maps_dir, threshold, on_error, shard,
-                          None, False, reporter)
+                          None, False, reporter, resumed)
         return
     check_output_file(output, inputs={"--model": model_path})
     if output.exists() and not os.access(output, os.W_OK):  # written in place, not replaced
@@ -48,24 +51,31 @@ def score(settings: Settings, *, model_path: Path, inputs: Sequence[Path],
                          "another file")
     with output_lock(output):
         yield from _score(settings, model_path, inputs, maps_dir, threshold, on_error,
-                          shard, output, skip_existing, reporter)
+                          shard, output, skip_existing, reporter, resumed)
 
 
 def _score(settings: Settings, model_path: Path, inputs: Sequence[Path],
            maps_dir: Path | None, threshold: float | None, on_error: str,
            shard: tuple[int, int] | None, output: Path | None, skip_existing: bool,
-           reporter: Reporter) -> Iterator[dict[str, Any]]:
+           reporter: Reporter, resumed: dict[str, bool] | None) -> Iterator[dict[str, Any]]:
     model = Model.load(model_path, device=settings.device, score=settings.score)
     calibration, rule = model.score_rule()
     pixel = calibration.get("pixel_threshold")
     if threshold is None:
         threshold = calibration["threshold"]
     paths = expand_inputs(inputs)
+    if output is not None:  # opened for writing below: it would be emptied
+        for p in paths:
+            if p.name == output.name and same_path(p, output):
+                raise UsageError(f"--output {output} is one of the images to score; writing "
+                                 "there would lose it: give another file")
     names = map_names(paths) if maps_dir is not None else {}  # before sharding: alike in all
     if shard is not None:
         paths = [p for p in paths if in_shard(p, shard)]
     if output is not None and skip_existing:
-        done = recorded_paths(output)
+        done = recorded(output)
+        if resumed is not None:
+            resumed.update((str(p), done[str(p)]) for p in paths if str(p) in done)
         paths = [p for p in paths if str(p) not in done]
     task = reporter.task("scoring", len(paths))
     # Opened only now: a run that fails to start leaves an earlier output as it was.
@@ -103,7 +113,7 @@ def _records(model: Model, paths: Sequence[Path], rule: ScoreSettings,
 def _append(log: TextIO, record: dict[str, Any]) -> None:
     """One record onto ``--output``, flushed; a full disk is a usage error (exit 2) saying how to
     go on: the lines written so far are whole records, and a cut-off last line is dropped by
-    ``--skip-existing`` (:func:`~stad.scorefiles.recorded_paths`)."""
+    ``--skip-existing`` (:func:`~stad.scorefiles.recorded`)."""
     try:
         log.write(json_line(record) + "\n")
         log.flush()
