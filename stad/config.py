@@ -544,13 +544,28 @@ def _drop_none(values: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _env_names(layer: Mapping[str, Any], loc: list[str]) -> list[str]:
+    """The ``STAD_*`` variables that set ``loc`` (every key under it, for a table)."""
+    node: Any = layer
+    for depth, part in enumerate(loc):
+        if not isinstance(node, Mapping):  # an item of the variable's value
+            return [ENV_PREFIX + "__".join(loc[:depth]).upper()]
+        node = node[part]
+    if not isinstance(node, Mapping):
+        return [ENV_PREFIX + "__".join(loc).upper()]
+    return [name for key in node for name in _env_names(layer, [*loc, key])]
+
+
 def _describe(exc: ValidationError, layers: list[tuple[str, Mapping[str, Any]]]) -> str:
     """One line per problem, naming the key and where its value came from."""
     parts = []
     for err in exc.errors():
         loc = [str(p) for p in err["loc"] if not str(p).startswith("function-")]
         key = ".".join(loc)
-        source = next((name for name, layer in reversed(layers) if _has(layer, loc)), "defaults")
+        source, layer = next(((name, layer) for name, layer in reversed(layers)
+                              if _has(layer, loc)), ("defaults", {}))
+        if source == "environment":  # the variable itself, as the user typed it
+            source = f"environment variable {', '.join(_env_names(layer, loc))}"
         if err["type"] == "extra_forbidden":
             parts.append(f"unknown setting '{key}' (from {source}); see `stad <command> --help`")
         else:

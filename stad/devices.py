@@ -17,7 +17,8 @@ def resolve_device(name: str | torch.device) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"--device {name} was asked for, but torch sees no CUDA device")
+        raise UsageError(f"device {name} was asked for (--device, a config file or "
+                         "STAD_DEVICE), but torch sees no CUDA device")
     try:
         device = torch.device(name)
     except RuntimeError:

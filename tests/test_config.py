@@ -174,11 +174,18 @@ def test_unknown_key_in_file(tmp_path: Path, text: str, key: str) -> None:
 @pytest.mark.parametrize(("name", "key"), [
     ("STAD_STUDENTS__EPOCHZ", "students.epochz"),
     ("STAD_CATEGORI", "categori"),
+    ("STAD_STUDENT__EPOCHS", "student"),  # a table that does not exist: its variable named
 ])
 def test_unknown_key_in_environment(name: str, key: str) -> None:
     message = _usage_error(environ={name: "3"})
     assert f"unknown setting '{key}'" in message
-    assert "environment" in message
+    assert f"environment variable {name}" in message
+
+
+def test_a_bad_value_in_the_environment_names_its_variable() -> None:
+    message = _usage_error(environ={"STAD_STUDENTS__EPOCHS": "ten"})
+    assert "setting 'students.epochs'" in message
+    assert "environment variable STAD_STUDENTS__EPOCHS" in message
 
 
 def test_unknown_key_in_flags() -> None:

@@ -11,12 +11,15 @@ from typing import Any
 
 from stad.artifacts import Artifact, save_artifact
 from stad.config import Settings
+from stad.console import warn
 from stad.datasets.selection import DataSelection
 from stad.model import Networks, model_tensors
 
 
 def data_info(selection: DataSelection) -> dict[str, Any]:
-    return {"dataset": selection.adapter.name, "root": str(selection.root),
+    """The data a model was fitted on, as recorded in it: the root made absolute (not
+    resolved: links stay as given), so that later commands run from another folder find it."""
+    return {"dataset": selection.adapter.name, "root": os.path.abspath(selection.root),
             "category": selection.category}
 
 
@@ -40,11 +43,20 @@ def save_model(path: Path, model: Networks, settings: Settings, info: dict[str, 
 
 
 def with_model_data(settings: Settings, info: dict[str, Any]) -> Settings:
-    """Dataset, root and category default to those the model (its ``info``) was fitted on."""
+    """Dataset, root and category default to those the model (its ``info``) was fitted on.
+    Where a setting (an option, a config file or a ``STAD_*`` variable) names another dataset
+    or category, it is used and a warning says so: an exported ``STAD_CATEGORY`` would
+    otherwise calibrate a model on another category's images without a word."""
     data = info.get("data", {})
     given = settings.model_fields_set
-    return settings.model_copy(update={
+    chosen = settings.model_copy(update={
         "dataset": settings.dataset if "dataset" in given else data.get("dataset", "mvtec"),
         "root": settings.root if settings.root is not None else data.get("root"),
         "category": settings.category if settings.category is not None else data.get("category"),
     })
+    for key, env in (("dataset", "STAD_DATASET"), ("category", "STAD_CATEGORY")):
+        fitted, now = data.get(key), getattr(chosen, key)
+        if fitted is not None and now is not None and str(now) != str(fitted):
+            warn(f"the model was fitted on {key} {fitted!r}; using {now!r} as set by --{key}, "
+                 f"a config file or {env}")
+    return chosen

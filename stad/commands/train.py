@@ -180,9 +180,12 @@ def fit_students(settings: Settings, *, teacher: str | Path | None, out: Path, r
     check_output_file(out)
     selection = select_data(settings)
     cfg = settings.students
+    train = selection.samples("train")
+    if not train:  # said first: the hold-back's advice would lead nowhere
+        raise DataError(f"no training images in {selection.describe()}; check --root and "
+                        "--category (`stad datasets show` counts each split)")
     fit_samples, held, source = split_train_val(
-        selection.samples("train"), selection.samples("val"), fraction=cfg.val_fraction,
-        seed=settings.seed)
+        train, selection.samples("val"), fraction=cfg.val_fraction, seed=settings.seed)
     teachers, teacher_info, _ = resolve_teachers(teacher, cfg.teacher_patch_sizes,
                                                  settings.seed)
     start = time.perf_counter()

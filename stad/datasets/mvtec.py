@@ -76,8 +76,9 @@ def mvtec_samples(root: Path, category: str, split: Split) -> Iterator[Sample]:
         if defect == GOOD:
             out.extend(Sample(image=p, mask=None, label="normal", split="test") for p in images)
             continue
-        masks = {p.name: p for p in image_files(gt_dir / defect)} if (gt_dir / defect).is_dir() \
-            else {}
+        # NAME_mask.png, its suffix in any case (as image suffixes are read: 000_mask.PNG)
+        masks = {p.stem + p.suffix.lower(): p for p in image_files(gt_dir / defect)} \
+            if (gt_dir / defect).is_dir() else {}
         for path in images:
             mask = masks.pop(f"{path.stem}_mask.png", None)
             if mask is None:

@@ -547,7 +547,7 @@ class SyntheticAdapter:
     """
 
     api_version: ClassVar[int] = API_VERSION
-    description: ClassVar[str] = "generated textures with defects (no download); the default"
+    description: ClassVar[str] = "generated textures with defects (no download); the demo's data"
 
     def default_root(self) -> Path:
         return cache_dir() / "synthetic"

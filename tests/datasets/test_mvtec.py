@@ -153,6 +153,64 @@ def test_missing_mask_is_named(tmp_path: Path) -> None:
     assert "without a mask" in message
 
 
+def test_upper_case_suffixes_pair_as_image_suffixes_are_read(tmp_path: Path) -> None:
+    # Windows tools write 000.PNG and 000_mask.PNG; the images were read, their masks not
+    base = make_mvtec(tmp_path, seed=8, defects={"crack": 2})
+    for name in ("000", "001"):
+        (base / "ground_truth" / "crack" / f"{name}_mask.png").rename(
+            base / "ground_truth" / "crack" / f"{name}_mask.PNG")
+    (base / "test" / "crack" / "001.png").rename(base / "test" / "crack" / "001.PNG")
+    anomalous = [s for s in _samples(tmp_path, "bottle", "test") if s.label == "anomalous"]
+    assert [(s.image.name, s.mask.name if s.mask else None) for s in anomalous] == \
+        [("000.png", "000_mask.PNG"), ("001.PNG", "001_mask.PNG")]
+
+
+def test_a_category_typed_with_a_trailing_slash_is_the_folder(tmp_path: Path) -> None:
+    make_mvtec(tmp_path)
+    settings = resolve_settings({"dataset": "mvtec", "root": str(tmp_path),
+                                 "category": "bottle/"}, environ={})
+    assert select_data(settings).category == "bottle"
+
+
+def test_the_model_records_the_root_absolute(tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    # A relative --root recorded as typed was looked for again from wherever the next
+    # command ran (calibrate from another folder: "does not exist", or another set's images)
+    from stad.commands.common import data_info
+
+    make_mvtec(tmp_path / "data")
+    monkeypatch.chdir(tmp_path)
+    settings = resolve_settings({"dataset": "mvtec", "root": "data", "category": "bottle"},
+                                environ={})
+    assert data_info(select_data(settings))["root"] == str(tmp_path / "data")
+
+
+def test_other_data_than_the_model_was_fitted_on_is_said(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from stad.commands.common import with_model_data
+
+    info = {"data": {"dataset": "mvtec", "root": str(tmp_path), "category": "bottle"}}
+    chosen = with_model_data(resolve_settings({}, environ={}), info)
+    assert (chosen.dataset, chosen.category, str(chosen.root)) == ("mvtec", "bottle",
+                                                                   str(tmp_path))
+    assert capsys.readouterr().err == ""
+    # STAD_CATEGORY exported for another job: used, and said
+    chosen = with_model_data(resolve_settings({}, environ={"STAD_CATEGORY": "grid"}), info)
+    assert chosen.category == "grid"
+    err = capsys.readouterr().err
+    assert "fitted on category 'bottle'" in err and "'grid'" in err and "STAD_CATEGORY" in err
+
+
+def test_no_training_images_is_said_first(tmp_path: Path) -> None:
+    base = make_mvtec(tmp_path, n_train=0)
+    (base / "train" / "good").mkdir(parents=True)
+    result = CliRunner().invoke(app, ["fit-students", "--dataset", "mvtec", "--root",
+                                      str(tmp_path), "--category", "bottle", "--teacher",
+                                      "random", "--out", str(tmp_path / "m.safetensors")])
+    assert result.exit_code == 3 and "no training images in" in result.output
+    assert "val_fraction" not in result.output
+
+
 def test_extra_mask_is_named(tmp_path: Path) -> None:
     base = make_mvtec(tmp_path, seed=9)
     extra = _mask(base / "ground_truth" / "scratch" / "007_mask.png", np.random.default_rng(9))
