@@ -26,7 +26,9 @@ import hashlib
 import io
 import json
 import math
+import re
 import struct
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -200,6 +202,19 @@ def load_artifact(path: str | Path, *, kind: str | tuple[str, ...] | None = None
                     format_version=version)
 
 
+def record(info: Mapping[str, Any], key: str, what: object) -> dict[str, Any]:
+    """``info[key]``, a JSON object read from an artifact's metadata (``{}`` where absent);
+    anything else is an :class:`ArtifactError` naming ``what`` (the file), as a malformed
+    top-level record is."""
+    value = info.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ArtifactError(f"{what} has malformed stad metadata: {key} is a JSON "
+                            f"{type(value).__name__}, not an object; produce it again")
+    return value
+
+
 def finite_number(value: Any) -> bool:
     """Whether a value read from an artifact's JSON metadata is a finite number (not a bool,
     a string, null, NaN or an infinity): the check of every stored number used in scoring."""
@@ -263,11 +278,14 @@ def _parse_state_dict(path: Path, data: bytes, what: str) -> dict[str, torch.Ten
         try:
             # The one torch.load of stad: weights_only refuses anything but tensors and plain
             # containers. It reads the bytes that were hashed, not the file a second time.
-            state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+            # (Its warning about the pickle protocol is noise before the one-line error.)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
         except Exception as exc:  # any failure here means an unusable file
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ArtifactError(f"{what} {path} cannot be loaded as a PyTorch state "
-                                f"dict (weights only): {reason[:200]}") from None
+            raise ArtifactError(f"{what} {path} cannot be loaded as a PyTorch state dict "
+                                "(read weights only: stad never runs code from a file): "
+                                f"{_torch_load_reason(exc)}") from None
     else:
         try:
             state = st_load(data)
@@ -282,6 +300,27 @@ def _parse_state_dict(path: Path, data: bytes, what: str) -> dict[str, torch.Ten
         raise ArtifactError(f"{what} {path} are not a state dict of tensors (entry "
                             f"{bad[0]!r} is a {type(state[bad[0]]).__name__}); if this is a "
                             "training checkpoint, save its model's state_dict() alone")
+    for name, tensor in state.items():  # a flaw that would show only as a diverged training
+        if name.endswith("num_batches_tracked"):
+            continue  # batch-norm's step counter: an integer
+        if not tensor.is_floating_point():
+            raise ArtifactError(f"{what} {path} hold {name} as {tensor.dtype}, not floating "
+                                "point (quantized or converted weights): give the original "
+                                "float weights")
+        if not bool(torch.isfinite(tensor).all()):
+            raise ArtifactError(f"{what} {path} hold NaN or infinite values in {name}: the "
+                                "file is damaged; give the original weights")
     return state
+
+
+def _torch_load_reason(exc: Exception) -> str:
+    """What ``torch.load(weights_only=True)`` found wrong, without its advice to load with
+    ``weights_only=False`` (which would run the file's code)."""
+    text = str(exc)
+    found = re.search(r"WeightsUnpickler error:\s*(.*?)\s*(?:Check the documentation|$)", text,
+                      flags=re.S)
+    reason = found.group(1) if found and found.group(1).strip() else \
+        next((line for line in text.splitlines() if line.strip()), type(exc).__name__)
+    return " ".join(reason.split())[:200]
 
 

@@ -97,11 +97,19 @@ def load_backbone(name: str, weights: Path | None = None
     state, sha256 = read_state_dict(Path(weights), what="backbone weights")
     try:
         net = EfficientNetLite(state)
-    except (KeyError, ValueError, RuntimeError, IndexError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        with torch.no_grad():  # shapes that load but do not chain fail here, not in training
+            net(torch.zeros(1, 3, 64, 64))
+    except KeyError as exc:  # the architecture is read from the names: one is missing
         raise ArtifactError(f"backbone weights {weights} are not an EfficientNet-Lite state "
-                            f"dict: {first[:200]}") from None
-    provenance.update(path=str(weights), sha256=sha256)
+                            f"dict: missing key {exc.args[0]!r}") from None
+    except (ValueError, RuntimeError, IndexError) as exc:
+        lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+        # load_state_dict's first line only says that there are errors; the next says which
+        reason = (lines[1] if len(lines) > 1 and lines[0].startswith("Error(s) in loading")
+                  else lines[0] if lines else type(exc).__name__)
+        raise ArtifactError(f"backbone weights {weights} are not an EfficientNet-Lite state "
+                            f"dict: {reason[:200]}") from None
+    provenance.update(path=str(Path(weights).absolute()), sha256=sha256)
     return net, provenance
 
 

@@ -40,11 +40,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from stad.artifacts import load_artifact, prefixed, with_prefix
+from stad.artifacts import load_artifact, prefixed, record, with_prefix
 from stad.config import scale_size_fits
 from stad.errors import ArtifactError
 from stad.handcrafted import gaussian_blur
-from stad.images import check_preprocessing
+from stad.images import DEFAULT_MEAN, DEFAULT_STD, check_preprocessing
 from stad.networks import PATCH_SIZES, FusedNetworks, PatchNetwork, build_network
 
 PADDING = "reflect"
@@ -425,7 +425,14 @@ def load_teachers(tensors: Mapping[str, torch.Tensor], *,
                             "pretrain those scales or choose --patch-sizes among the ones it has")
     out = {}
     for p in wanted:
-        out[p] = _load_net(p, prefixed(tensors, f"teacher.p{p}"), f"teacher p={p}")
+        state = prefixed(tensors, f"teacher.p{p}")
+        bad = [k for k, v in state.items()
+               if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        if bad:  # a diverged or altered teacher would fail training with a misleading stop
+            raise ArtifactError(f"the teacher p={p}'s tensor {bad[0]} holds NaN or infinite "
+                                "values (a diverged pretraining, or the file was altered): "
+                                "pretrain it again")
+        out[p] = _load_net(p, state, f"teacher p={p}")
         out[p].requires_grad_(False).eval()
     return out
 
@@ -607,10 +614,19 @@ def resolve_teachers(teacher: str | Path | None, patch_sizes: Sequence[int] | No
                             "reinstall stad, or pass --teacher FILE (from `stad "
                             f"pretrain-teacher`) or --teacher {RANDOM_TEACHER}")
     artifact = load_artifact(path, kind=("teacher", "model"))
-    nets = load_teachers(artifact.tensors, patch_sizes=patch_sizes)
+    pre = check_preprocessing(artifact.preprocessing, f"teacher {path}")
+    if [pre["mean"], pre["std"]] != [list(DEFAULT_MEAN), list(DEFAULT_STD)]:
+        raise ArtifactError(f"teacher {path} was pretrained on images standardized with mean "
+                            f"{pre['mean']} and std {pre['std']}, not stad's {list(DEFAULT_MEAN)} "
+                            f"and {list(DEFAULT_STD)}: its students would see other inputs; "
+                            "pretrain it with this stad")
+    try:
+        nets = load_teachers(artifact.tensors, patch_sizes=patch_sizes)
+    except ArtifactError as exc:
+        raise ArtifactError(f"teacher {path}: {exc}") from None
     # A model records its teacher's pretraining info under teacher.info.
-    info = (artifact.info.get("teacher", {}).get("info", {}) if artifact.kind == "model"
-            else artifact.info)
+    info = (record(record(artifact.info, "teacher", path), "info", path)
+            if artifact.kind == "model" else artifact.info)
     source = {"source": BUILTIN_TEACHER if name == BUILTIN_TEACHER else str(path),
               "kind": artifact.kind, "target": info.get("target"),
               "stad_version": artifact.stad_version, "info": info}

@@ -142,6 +142,7 @@ def test_inspect_random_teacher_json(tiny_data: Path) -> None:
 
 def test_inspect_collapsed_artifact_warns(tiny_data: Path, tmp_path: Path) -> None:
     from stad.artifacts import Artifact, save_artifact
+    from stad.images import preprocessing
     from stad.model import teacher_tensors
 
     net = _random_teacher()
@@ -149,7 +150,8 @@ def test_inspect_collapsed_artifact_warns(tiny_data: Path, tmp_path: Path) -> No
         net.convs[-1].weight.zero_()
     path = tmp_path / "flat.safetensors"
     save_artifact(path, Artifact(kind="teacher", tensors=teacher_tensors({17: net}), config={},
-                                 preprocessing={}, seed=0, info={"target": "none"}))
+                                 preprocessing=preprocessing(32), seed=0,
+                                 info={"target": "none"}))
     code, out, err = _run("inspect-teacher", "--teacher", str(path), "--dataset", "synthetic",
                           "--root", str(tiny_data), "--category", "grain", "--patches", "16")
     assert code == 0, err

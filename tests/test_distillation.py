@@ -142,6 +142,44 @@ def test_weights_file_of_another_network_is_refused(tmp_path: Path) -> None:
         load_backbone("efficientnet-lite0", tmp_path / "missing.pth")
 
 
+@pytest.mark.parametrize(("change", "words"), [
+    (lambda s: s["_blocks.2._depthwise_conv.weight"].view(-1)[0].fill_(float("nan")),
+     "NaN or infinite values in _blocks.2._depthwise_conv.weight"),
+    (lambda s: s.update({"_fc.bias": s["_fc.bias"].to(torch.int8)}), "not floating point"),
+    # a kernel cut to 2 × 2 loads, but the block's output no longer adds to its input
+    (lambda s: s.update({"_blocks.2._depthwise_conv.weight":
+                         s["_blocks.2._depthwise_conv.weight"][:, :, :2, :2].clone()}),
+     "not an EfficientNet-Lite state dict: .*size"),
+    (lambda s: s.pop("_blocks.3._project_conv.weight"),
+     "not an EfficientNet-Lite state dict: missing key"),
+])
+def test_damaged_backbone_weights_are_refused_before_any_training(
+        tmp_path: Path, change: Any, words: str) -> None:
+    # each of these only showed as a crash or a "non-finite loss" stop after training began
+    state = _tiny_state()
+    change(state)
+    path = tmp_path / "lite.safetensors"
+    save_file(state, path)
+    with pytest.raises(ArtifactError, match=words):
+        load_backbone("efficientnet-lite0", path)
+
+
+def test_a_pickled_backbone_is_refused_in_one_line_without_unsafe_advice(tmp_path: Path
+                                                                        ) -> None:
+    import pickle
+    import warnings
+
+    path = tmp_path / "weights.pth"
+    path.write_bytes(pickle.dumps({"a": object()}, protocol=4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch's protocol warning is not passed on
+        with pytest.raises(ArtifactError) as info:
+            load_backbone("efficientnet-lite0", path)
+    message = str(info.value)
+    assert "\n" not in message and "weights_only` set to `False" not in message
+    assert "Unsupported" in message, message
+
+
 def test_backbone_input_undoes_stad_standardization() -> None:
     rgb = torch.rand(2, 3, 8, 8)
     mean = torch.tensor(DEFAULT_MEAN)[:, None, None]

@@ -117,6 +117,32 @@ def test_the_data_root_may_differ(fits: Path, tmp_path: Path) -> None:
     assert result["patch_sizes"] == [17, 33]
 
 
+def test_teachers_that_differ_only_in_their_timings_may_merge(fits: Path, tmp_path: Path
+                                                             ) -> None:
+    # bit-identical teachers pretrained in two runs took different seconds
+    retimed = _changed(fits / "p33.safetensors", tmp_path / "retimed.safetensors",
+                       lambda a: a.info["teacher"].update(info={"losses": {"p17": {
+                           "seconds": 0.281}}, "seconds": 1.5}))
+    base = _changed(fits / "p17.safetensors", tmp_path / "base.safetensors",
+                    lambda a: a.info["teacher"].update(info={"losses": {"p17": {
+                        "seconds": 0.405}}, "seconds": 2.5}))
+    result = stad.merge_models([base, retimed], out=tmp_path / "m.safetensors")
+    assert result["patch_sizes"] == [17, 33]
+
+
+@pytest.mark.parametrize("change", [
+    lambda a: a.info.update(data="x"),
+    lambda a: a.info.update(students="x"),
+    lambda a: a.info.update(teacher=[1]),
+    lambda a: a.preprocessing.pop("image_size"),
+])
+def test_malformed_metadata_is_an_artifact_error(fits: Path, tmp_path: Path,
+                                                 change: Callable[[Artifact], None]) -> None:
+    bad = _changed(fits / "p33.safetensors", tmp_path / "bad.safetensors", change)
+    with pytest.raises(ArtifactError, match=r"bad\.safetensors"):
+        stad.merge_models([fits / "p17.safetensors", bad], out=tmp_path / "m.safetensors")
+
+
 def test_one_model_or_a_teacher_is_refused(fits: Path, tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="at least two models"):
         stad.merge_models([fits / "p17.safetensors"], out=tmp_path / "m.safetensors")

@@ -53,6 +53,10 @@ def fitted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     pretrained = jsonl(out)[0]
     assert pretrained["kind"] == "teacher" and pretrained["target"] == "handcrafted"
     assert pretrained["handcrafted"]["whiten"] == 8
+    # which images: counted and hashed, the root absolute (found again from any folder)
+    assert pretrained["data"]["images"]["count"] == 6
+    assert len(pretrained["data"]["images"]["sha256"]) == 64
+    assert Path(pretrained["data"]["root"]).is_absolute()
     path = tmp_path / "model.safetensors"
     out = run(["fit-students", *DATA, "--root", str(tiny_data), "--teacher", str(teacher),
                "--patch-sizes", "17", "--epochs", "1", "--image-size", "32", "--students", "2",

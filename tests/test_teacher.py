@@ -518,12 +518,12 @@ def test_collapsed_teacher_is_warned_about_at_the_end_of_pretraining(
 
 def _teacher_file(path: Path, settings: Any, teachers: Any, info: dict[str, Any]) -> Path:
     from stad.artifacts import Artifact, save_artifact
+    from stad.images import preprocessing
 
     save_artifact(path, Artifact(kind="teacher", tensors=teacher_tensors(teachers),
                                  config=settings.model_dump(mode="json"),
-                                 preprocessing={"image_size": 48, "mean": [0.0] * 3,
-                                                "std": [1.0] * 3},
-                                 seed=settings.seed, info=info))
+                                 preprocessing=preprocessing(48), seed=settings.seed,
+                                 info=info))
     return path
 
 
@@ -597,3 +597,45 @@ def test_trained_iterations_count_a_chain_or_say_they_do_not_know() -> None:
     assert trained_iterations({"iterations": 5, "init": {"iterations": {"p17": None}}}, 17) is None
     assert trained_iterations({"scales": {"p33": {"iterations": 3000}}}, 33) == 3000
     assert trained_iterations({}, 17) is None
+    # metadata of another shape (a foreign or altered file) says nothing; it does not crash
+    assert trained_iterations({"scales": "x"}, 17) is None
+    assert trained_iterations({"iterations": 5, "init": "abc"}, 17) is None
+    assert trained_iterations({"scales": {"p17": [1]}, "iterations": 4}, 17) == 4
+
+
+def _crafted_teacher(path: Path, change: Any, kind: str = "teacher") -> Path:
+    from stad.artifacts import Artifact, save_artifact
+    from stad.images import preprocessing
+    from stad.networks import build_network
+
+    artifact = Artifact(kind=kind, tensors=teacher_tensors({17: build_network(17)}), config={},
+                        preprocessing=preprocessing(32), seed=0, info={})
+    change(artifact)
+    save_artifact(path, artifact)
+    return path
+
+
+@pytest.mark.parametrize(("change", "words"), [
+    (lambda a: a.tensors["teacher.p17.convs.0.weight"].view(-1)[0].fill_(float("nan")),
+     "NaN or infinite"),
+    (lambda a: a.preprocessing.update(mean=[0.0, 0.0, 0.0], std=[1.0, 1.0, 1.0]),
+     "standardized with mean"),
+    (lambda a: a.preprocessing.update(image_size="huge"), "malformed preprocessing"),
+])
+def test_a_damaged_or_foreign_teacher_is_refused_on_load(tmp_path: Path, change: Any,
+                                                        words: str) -> None:
+    from stad.model import resolve_teachers
+
+    path = _crafted_teacher(tmp_path / "t.safetensors", change)
+    with pytest.raises(ArtifactError, match=words) as info:
+        resolve_teachers(path, [17], 0)
+    assert str(path) in str(info.value)
+
+
+def test_a_model_with_malformed_teacher_metadata_is_refused(tmp_path: Path) -> None:
+    from stad.model import resolve_teachers
+
+    path = _crafted_teacher(tmp_path / "m.safetensors", lambda a: a.info.update(teacher="x"),
+                            kind="model")
+    with pytest.raises(ArtifactError, match="malformed stad metadata: teacher"):
+        resolve_teachers(path, [17], 0)

@@ -15,9 +15,10 @@ from typing import Any
 
 import torch
 
-from stad.artifacts import Artifact, load_artifact, save_artifact
+from stad.artifacts import Artifact, load_artifact, record, save_artifact
 from stad.errors import ArtifactError, UsageError
 from stad.fsutil import output_lock
+from stad.images import check_preprocessing
 from stad.model import (
     model_from_tensors,
     parse_scale_name,
@@ -38,15 +39,26 @@ def _scales(artifact: Artifact, path: Path) -> list[str]:
     return found
 
 
-def _fitted_alike(artifact: Artifact) -> dict[str, Any]:
+def _untimed(value: Any) -> Any:
+    """``value`` without the ``seconds`` keys at any depth."""
+    if isinstance(value, dict):
+        return {k: _untimed(v) for k, v in value.items() if k != "seconds"}
+    if isinstance(value, list):
+        return [_untimed(v) for v in value]
+    return value
+
+
+def _fitted_alike(artifact: Artifact, path: Path) -> dict[str, Any]:
     """What two runs must share for their scales to make one model: the data (but not where it
     lay), the seed, the student settings but the patch sizes and the image size, the image
     standardization and the teacher's provenance (but not the file it was read from)."""
-    data = dict(artifact.info.get("data", {}))
+    data = dict(record(artifact.info, "data", path))
     data.pop("root", None)
-    teacher = {k: v for k, v in artifact.info.get("teacher", {}).items()
-               if k not in ("source", "stad_version")}
-    students = {k: v for k, v in artifact.config.get("students", {}).items()
+    # The teacher's provenance without its timings: teachers pretrained alike (bit-identical)
+    # in two runs took different seconds.
+    teacher = _untimed({k: v for k, v in record(artifact.info, "teacher", path).items()
+                        if k not in ("source", "stad_version")})
+    students = {k: v for k, v in record(artifact.config, "students", path).items()
                 if k not in ("patch_sizes", "checkpoint_every", "image_size")}
     preprocessing = {k: v for k, v in artifact.preprocessing.items() if k != "image_size"}
     return {"data": data, "seed": artifact.seed, "students": students,
@@ -83,17 +95,19 @@ def merge_models(paths: Sequence[Path], *, out: Path) -> dict[str, Any]:
     if len(paths) < 2:
         raise UsageError("merge-models needs at least two models to merge")
     loaded = [(Path(p), load_artifact(p, kind="model")) for p in paths]
+    for path, artifact in loaded:
+        check_preprocessing(artifact.preprocessing, f"model {path}")
     full = max(int(a.preprocessing["image_size"]) for _, a in loaded)
     largest = next((path, a) for path, a in loaded if a.preprocessing["image_size"] == full)
     scales = {path: _scales(artifact, path) for path, artifact in loaded}
     first_path, first = loaded[0]
-    reference = _fitted_alike(first)
+    reference = _fitted_alike(first, first_path)
     owner: dict[str, Path] = {}
     tensors: dict[str, Any] = {}
     scales_info: dict[str, Any] = {}
     teacher_from: dict[str, Path] = {}
     for path, artifact in loaded:
-        here = _fitted_alike(artifact)
+        here = _fitted_alike(artifact, path)
         if here != reference:
             key, want, got = _first_difference(reference, here)
             raise UsageError(f"{path} was fitted with {key} = {_short(got)} and {first_path} with "
@@ -121,7 +135,7 @@ def merge_models(paths: Sequence[Path], *, out: Path) -> dict[str, Any]:
                                         "the same teacher")
                 tensors[name] = t
             teacher_from.setdefault(teacher, path)
-            scale_info = artifact.info.get("students", {}).get("scales", {}).get(k)
+            scale_info = record(record(artifact.info, "students", path), "scales", path).get(k)
             if scale_info is not None:
                 scales_info[new] = scale_info
     names = sorted(owner, key=scale_order)
@@ -139,7 +153,7 @@ def merge_models(paths: Sequence[Path], *, out: Path) -> dict[str, Any]:
     info = {k: v for k, v in base.info.items() if k != "calibration"}
     # What each run computed in ("auto" resolves per machine) and how it was distributed
     # stays with that run's entry in merged_from.
-    precisions = {a.info.get("students", {}).get("precision") for _, a in loaded}
+    precisions = {record(a.info, "students", path).get("precision") for path, a in loaded}
     info["students"] = {"precision": precisions.pop() if len(precisions) == 1 else "mixed",
                         "scales": dict(sorted(scales_info.items(),
                                               key=lambda kv: scale_order(kv[0])))}
@@ -148,7 +162,7 @@ def merge_models(paths: Sequence[Path], *, out: Path) -> dict[str, Any]:
         {"path": str(path), "image_size": a.preprocessing["image_size"],
          "patch_sizes": sorted({parse_scale_name(k)[0] for k in scales[path]}),
          "scales": scales[path], "seconds": a.info.get("seconds"),
-         **{k: v for k, v in a.info.get("students", {}).items() if k != "scales"}}
+         **{k: v for k, v in record(a.info, "students", path).items() if k != "scales"}}
         for path, a in loaded]
     with output_lock(out):  # checks that out can be written, then holds it
         save_artifact(out, Artifact(kind="model", tensors=tensors, config=config,

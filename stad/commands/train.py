@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from stad.artifacts import Artifact, file_sha256, save_artifact
+from stad.artifacts import Artifact, file_sha256, record, save_artifact
 from stad.commands.common import data_info, resume_command, save_model
 from stad.config import Settings
 from stad.console import NULL_REPORTER, Reporter
@@ -103,7 +103,11 @@ def pretrain_teacher(settings: Settings, *, out: Path, resume: bool = False,
             teachers, info = pretrain_teachers(settings, source, reporter=reporter,
                                                device=device, checkpoint=checkpoint,
                                                world=world)
-            info["data"] = {**info.get("data", {}), **data_info(selection)}
+            # which images: their count and a hash (of names and bytes, or of the listing for
+            # a large collection), so that teachers of two photo sets can be told apart
+            info["data"] = {**info.get("data", {}), **data_info(selection),
+                            "images": {"count": listing.count,
+                                       **{k: v for k, v in images.items() if k != "names"}}}
             artifact = Artifact(
                 kind="teacher", tensors=teacher_tensors(teachers),
                 config=settings.model_dump(mode="json"), preprocessing=preprocessing,
@@ -142,7 +146,8 @@ def inspect_teacher(settings: Settings, *, teacher: str | Path,
     source.pop("info", None)
     # Data defaults to what the artifact was trained (or fitted) on; the built-in teacher's
     # training photos are not installed, so it is looked at on the synthetic set.
-    data = info.get("data", {}) if source["source"] != BUILTIN_TEACHER else {}
+    data = record(info, "data", source["source"]) if source["source"] != BUILTIN_TEACHER \
+        else {}
     given = settings.model_fields_set
     if "dataset" not in given and settings.category is None:
         settings = settings.model_copy(update={

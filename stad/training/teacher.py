@@ -45,6 +45,7 @@ import hashlib
 import math
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -456,15 +457,21 @@ def trained_iterations(info: dict[str, Any], p: int) -> int | None:
     teachers it was started from (``init``), from its info: a ``pretrain-teacher`` artifact's,
     or one built by benchmarks/default_teacher.py (per scale, under ``scales``). None where
     the info does not say."""
-    record = (info.get("scales") or {}).get(f"p{p}") or info
-    own = record.get("iterations")
-    if isinstance(own, bool) or not isinstance(own, int):
+    def obj(value: Any) -> dict[str, Any]:  # metadata of another shape says nothing
+        return value if isinstance(value, dict) else {}
+
+    def count(value: Any) -> int | None:
+        return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+    entry = obj(obj(info.get("scales")).get(f"p{p}")) or info
+    own = count(entry.get("iterations"))
+    if own is None:
         return None
-    start = record.get("init")
+    start = entry.get("init")
     if not start:
         return own
-    before = (start.get("iterations") or {}).get(f"p{p}")
-    return own + before if isinstance(before, int) and not isinstance(before, bool) else None
+    before = count(obj(obj(start).get("iterations")).get(f"p{p}"))
+    return own + before if before is not None else None
 
 
 def _backbone(cfg: TeacherSettings, target: str, device: torch.device, reporter: Reporter
@@ -481,7 +488,8 @@ def _backbone(cfg: TeacherSettings, target: str, device: torch.device, reporter:
     if target == "resnet18" and cfg.lambda_kd > 0:
         assert cfg.backbone_weights is not None
         net, sha256 = resnet18_features(cfg.backbone_weights)
-        return net.to(device), {"path": str(cfg.backbone_weights), "sha256": sha256}
+        return net.to(device), {"path": str(Path(cfg.backbone_weights).absolute()),
+                                "sha256": sha256}
     if target in BACKBONES and cfg.lambda_kd > 0:
         lite, info = load_backbone(target, cfg.backbone_weights)
         lite = lite.to(device)
