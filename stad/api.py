@@ -129,7 +129,9 @@ class Result:
 def _onnx_options(path: Path, device: str | torch.device, score: ScoreSettings | None,
                   image_size: int) -> None:
     """An exported model runs in onnxruntime on the CPU, in float32, on whole images: a
-    device, precision or tile size it cannot honour is refused rather than ignored."""
+    device, precision or tile size it cannot honour is refused rather than ignored (the tile
+    size where one was set: the default's tiles are exact, so whole images give the same
+    maps)."""
     if str(device) not in ("auto", "cpu"):
         raise UsageError(f"{path} is an exported ONNX model, scored on the CPU by onnxruntime: "
                          f"device {device} cannot be used; score the .safetensors model to "
@@ -138,7 +140,8 @@ def _onnx_options(path: Path, device: str | torch.device, score: ScoreSettings |
         raise UsageError(f"{path} is an exported ONNX model, scored in float32: precision "
                          f"{score.precision} cannot be used; score the .safetensors model "
                          "for bf16")
-    if score is not None and score.tile_size is not None and score.tile_size < image_size:
+    if score is not None and "tile_size" in score.model_fields_set \
+            and score.tile_size is not None and score.tile_size < image_size:
         raise UsageError(f"{path} is an exported ONNX model, which scores whole "
                          f"{image_size}² images: tile size {score.tile_size} cannot be used; "
                          "score the .safetensors model to tile, or set the tile size to 0")

@@ -15,7 +15,7 @@ from typing import Any, Literal, NamedTuple
 import numpy as np
 import torch
 
-from stad.artifacts import finite_number
+from stad.artifacts import finite_number, record
 from stad.config import SMOOTH_SIGMA_SHARE, ScoreSettings
 from stad.console import NULL_REPORTER, Reporter, warn
 from stad.datasets.base import Sample
@@ -348,10 +348,13 @@ def f1_threshold(scores: Sequence[float], labels: Sequence[bool]) -> float:
 
 def validation_samples(selection: DataSelection, info: dict[str, Any]) -> list[Sample]:
     """The anomaly-free images fit-students kept for calibration (recorded in the model)."""
-    val = info.get("data", {}).get("validation", {})
+    val = record(record(info, "data", "the model"), "validation", "the model")
     if val.get("source") == "adapter val split":
         return selection.samples("val")
-    wanted = list(val.get("images", []))
+    wanted = val.get("images") or []
+    if not isinstance(wanted, list) or not all(isinstance(w, str) for w in wanted):
+        raise ArtifactError("the model has malformed stad metadata: data.validation.images "
+                            "is not a list of names; produce it again")
     if not wanted:
         raise DataError("the model holds no record of validation images (students.val_fraction "
                         "was 0); refit with a held-back share or give the dataset a val split")

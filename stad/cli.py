@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import signal
 import sys
 import threading
@@ -19,7 +20,7 @@ import traceback
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import typer
 from typer.core import TyperGroup, TyperOption
@@ -64,7 +65,9 @@ class _StadGroup(TyperGroup):
         except KeyboardInterrupt:
             print("stad: interrupted", file=sys.stderr)
             raise typer.Exit(EXIT_INTERRUPTED) from None
-        except BrokenPipeError:
+        except BrokenPipeError as exc:
+            if not _stdout_closed():  # another pipe (an --output FIFO): not ours to hide
+                _unexpected(exc)
             # stdout's reader has gone (`stad score ... | head -1`): stop quietly with the code
             # of a program killed by SIGPIPE; stdout goes to /dev/null so that the interpreter's
             # last flush does not fail too. Records already in --output stay whole.
@@ -78,10 +81,25 @@ class _StadGroup(TyperGroup):
         except Exception as exc:
             if type(exc).__module__.startswith(("click", "typer")):
                 raise  # Typer's own usage errors: it prints them and exits 2
-            _debug_traceback()
-            print(f"stad: unexpected error: {type(exc).__name__}: {console.printable(exc)} "
-                  "(run with --debug for the traceback, and please report it)", file=sys.stderr)
-            raise typer.Exit(EXIT_UNEXPECTED) from None
+            _unexpected(exc)
+
+
+def _unexpected(exc: Exception) -> NoReturn:
+    """A bug: one line (the traceback with --debug), exit 1."""
+    _debug_traceback()
+    print(f"stad: unexpected error: {type(exc).__name__}: {console.printable(exc)} "
+          "(run with --debug for the traceback, and please report it)", file=sys.stderr)
+    raise typer.Exit(EXIT_UNEXPECTED) from None
+
+
+def _stdout_closed() -> bool:
+    """Whether stdout is a pipe whose reader has gone (poll reports an error on it)."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
+    except (AttributeError, OSError, ValueError):  # no poll (Windows), no real stdout
+        return False
 
 
 GLOBAL_FLAGS = ("-q", "--quiet", "--debug")

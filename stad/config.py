@@ -423,6 +423,13 @@ class Settings(_Section):
     score: ScoreSettings = ScoreSettings()
     evaluate: EvaluateSettings = EvaluateSettings()
 
+    @field_validator("category")
+    @classmethod
+    def _folder_name(cls, value: str | None) -> str | None:
+        # A shell completes a folder as `bottle/`: the category is the folder's name.
+        return value.rstrip("/") or value if value is not None else None
+
+
 SECTIONS = ("teacher", "students", "calibrate", "score", "evaluate")
 
 

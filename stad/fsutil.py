@@ -115,13 +115,24 @@ def check_output_file(path: str | os.PathLike[str], *,
     return target
 
 
+def same_file(a: Path, b: Path) -> bool:
+    """Whether ``a`` and ``b`` are one existing file (through links, hard or symbolic: the
+    same device and inode); False where either is missing or cannot be read."""
+    try:
+        sa, sb = os.stat(a), os.stat(b)
+    except (OSError, ValueError):
+        return False
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
+
+
 def same_path(a: Path, b: Path) -> bool:
     """Whether ``a`` and ``b`` name one file (the same path resolved, or the same file through
     a link)."""
     try:
-        return a.resolve() == b.resolve() or (a.exists() and b.exists() and a.samefile(b))
-    except OSError:  # unreadable, a loop of links: not provably the same file
-        return False
+        resolved = a.resolve() == b.resolve()
+    except OSError:  # unreadable, a loop of links: not provably the same path
+        resolved = False
+    return resolved or same_file(a, b)
 
 
 def check_output_dir(path: str | os.PathLike[str]) -> Path:

@@ -425,14 +425,7 @@ def load_teachers(tensors: Mapping[str, torch.Tensor], *,
                             "pretrain those scales or choose --patch-sizes among the ones it has")
     out = {}
     for p in wanted:
-        state = prefixed(tensors, f"teacher.p{p}")
-        bad = [k for k, v in state.items()
-               if v.is_floating_point() and not bool(torch.isfinite(v).all())]
-        if bad:  # a diverged or altered teacher would fail training with a misleading stop
-            raise ArtifactError(f"the teacher p={p}'s tensor {bad[0]} holds NaN or infinite "
-                                "values (a diverged pretraining, or the file was altered): "
-                                "pretrain it again")
-        out[p] = _load_net(p, state, f"teacher p={p}")
+        out[p] = _load_net(p, prefixed(tensors, f"teacher.p{p}"), f"teacher p={p}")
         out[p].requires_grad_(False).eval()
     return out
 
@@ -620,6 +613,11 @@ def resolve_teachers(teacher: str | Path | None, patch_sizes: Sequence[int] | No
                             f"{pre['mean']} and std {pre['std']}, not stad's {list(DEFAULT_MEAN)} "
                             f"and {list(DEFAULT_STD)}: its students would see other inputs; "
                             "pretrain it with this stad")
+    bad = [k for k, v in artifact.tensors.items() if k.startswith("teacher.")
+           and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:  # a diverged or altered teacher would stop training with a misleading advice
+        raise ArtifactError(f"teacher {path}'s tensor {bad[0]} holds NaN or infinite values (a "
+                            "diverged pretraining, or the file was altered): pretrain it again")
     try:
         nets = load_teachers(artifact.tensors, patch_sizes=patch_sizes)
     except ArtifactError as exc:

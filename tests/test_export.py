@@ -267,6 +267,10 @@ def test_options_an_onnx_model_cannot_honour_are_refused(exported: tuple[Path, P
     with pytest.raises(UsageError, match="tile size 32"):
         stad.Model.load(onnx_path, score=ScoreSettings.model_construct(
             **{**ScoreSettings().model_dump(), "tile_size": 32}))
+    # a tile size no one set (the default's 512 below a larger model) is not refused: tiles
+    # are exact, whole images give the same maps
+    assert stad.Model.load(onnx_path, score=ScoreSettings.model_construct(
+        _fields_set=set(), **{**ScoreSettings().model_dump(), "tile_size": 32})).onnx
     assert run(app, ["score", "--model", str(onnx_path), "--device", "cpu", image]
                ).exit_code == 0
     # without onnx, export stops before it makes the folder of --out

@@ -120,14 +120,22 @@ def test_the_data_root_may_differ(fits: Path, tmp_path: Path) -> None:
 def test_teachers_that_differ_only_in_their_timings_may_merge(fits: Path, tmp_path: Path
                                                              ) -> None:
     # bit-identical teachers pretrained in two runs took different seconds
+    # in other folders: their roots and the backbone's path are where each run took place
     retimed = _changed(fits / "p33.safetensors", tmp_path / "retimed.safetensors",
                        lambda a: a.info["teacher"].update(info={"losses": {"p17": {
-                           "seconds": 0.281}}, "seconds": 1.5}))
+                           "seconds": 0.281}}, "seconds": 1.5, "data": {"root": "/a/data"},
+                           "backbone": {"path": "/a/w.pth", "sha256": "0" * 64}}))
     base = _changed(fits / "p17.safetensors", tmp_path / "base.safetensors",
                     lambda a: a.info["teacher"].update(info={"losses": {"p17": {
-                        "seconds": 0.405}}, "seconds": 2.5}))
+                        "seconds": 0.405}}, "seconds": 2.5, "data": {"root": "/b/data"},
+                        "backbone": {"path": "/b/w.pth", "sha256": "0" * 64}}))
     result = stad.merge_models([base, retimed], out=tmp_path / "m.safetensors")
     assert result["patch_sizes"] == [17, 33]
+    # other backbone weights are another teacher
+    other = _changed(retimed, tmp_path / "other.safetensors", lambda a: a.info["teacher"][
+        "info"]["backbone"].update(sha256="1" * 64))
+    with pytest.raises(UsageError, match="sha256"):
+        stad.merge_models([base, other], out=tmp_path / "m2.safetensors")
 
 
 @pytest.mark.parametrize("change", [

@@ -398,6 +398,14 @@ def test_output_naming_an_input_image_is_refused(model: Path, tiny_data: Path,
         result = runner.invoke(app, ["score", "--model", str(model), "--output", str(image),
                                      str(given)])
         assert result.exit_code == EXIT_USAGE and "one of the images" in result.output
+    # the same file under other names: a symbolic link as --output, a hard link as input
+    (tmp_path / "out.jsonl").symlink_to(image)
+    os.link(image, tmp_path / "in" / "b.png")
+    for output, given in ((tmp_path / "out.jsonl", image),
+                          (image, tmp_path / "in" / "b.png")):
+        result = runner.invoke(app, ["score", "--model", str(model), "--output", str(output),
+                                     str(given)])
+        assert result.exit_code == EXIT_USAGE and "one of the images" in result.output
     assert image.read_bytes() == before
 
 
@@ -414,6 +422,20 @@ def test_a_closed_pipe_stops_score_quietly(model: Path, tiny_data: Path):
         err = proc.stderr.read().decode()
         assert proc.wait(timeout=300) == EXIT_BROKEN_PIPE, err
     assert "error" not in err and "Broken pipe" not in err, err
+
+
+def test_a_broken_pipe_that_is_not_stdout_is_not_hidden(
+        model: Path, tiny_data: Path, monkeypatch: pytest.MonkeyPatch):
+    # e.g. an --output FIFO whose reader went away: a failure to report, not a quiet 141
+    import stad.commands.score as command
+
+    def broken(*args: object, **kwargs: object):
+        raise BrokenPipeError(32, "Broken pipe")
+        yield
+
+    monkeypatch.setattr(command, "score", broken)
+    result = runner.invoke(app, ["score", "--model", str(model), str(tiny_data)])
+    assert result.exit_code == 1 and "unexpected error: BrokenPipeError" in result.output
 
 
 def test_a_run_that_fails_to_start_leaves_the_output_alone(tiny_data: Path, tmp_path: Path):

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from stad.api import Model
+from stad.artifacts import record
 from stad.calibration import check_threshold_method, validation_samples
 from stad.commands.common import with_model_data
 from stad.config import Settings
@@ -26,7 +27,7 @@ def calibrate(settings: Settings, *, model_path: Path, out: Path | None = None,
         check_output_file(out)
     model = Model.load(model_path, device=settings.device, score=settings.score,
                        calibration=False)  # replaced here
-    settings = with_model_data(settings, model.info)
+    settings = with_model_data(settings, model.info, model_path)
     selection = select_data(settings)
     val = validation_samples(selection, model.info)
     test = selection.samples("test") if cfg.threshold_method == "f1" else []
@@ -37,6 +38,7 @@ def calibrate(settings: Settings, *, model_path: Path, out: Path | None = None,
         variance_weight=cfg.variance_weight, tta=cfg.tta,
         test_images=[s.image for s in test],
         test_labels=[s.label == "anomalous" for s in test],
-        source=model.info["data"]["validation"]["source"], reporter=reporter)
+        source=record(record(model.info, "data", model_path), "validation", model_path
+                      ).get("source"), reporter=reporter)
     target = model.save(out or model_path)
     return {"artifact": str(target), **calibration}

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from stad.artifacts import Artifact, save_artifact
+from stad.artifacts import Artifact, record, save_artifact
 from stad.config import Settings
 from stad.console import warn
 from stad.datasets.selection import DataSelection
@@ -42,12 +42,13 @@ def save_model(path: Path, model: Networks, settings: Settings, info: dict[str, 
                                  info=info))
 
 
-def with_model_data(settings: Settings, info: dict[str, Any]) -> Settings:
+def with_model_data(settings: Settings, info: dict[str, Any], what: object = "the model"
+                    ) -> Settings:
     """Dataset, root and category default to those the model (its ``info``) was fitted on.
     Where a setting (an option, a config file or a ``STAD_*`` variable) names another dataset
     or category, it is used and a warning says so: an exported ``STAD_CATEGORY`` would
     otherwise calibrate a model on another category's images without a word."""
-    data = info.get("data", {})
+    data = record(info, "data", what)
     given = settings.model_fields_set
     chosen = settings.model_copy(update={
         "dataset": settings.dataset if "dataset" in given else data.get("dataset", "mvtec"),

@@ -27,7 +27,8 @@ def evaluate(settings: Settings, *, model_path: Path, report: Path | None = None
         check_output_dir(report)
     model = Model.load(model_path, device=settings.device, score=settings.score)
     calibration, rule = model.score_rule()
-    settings = with_model_data(settings.model_copy(update={"score": rule}), model.info)
+    settings = with_model_data(settings.model_copy(update={"score": rule}), model.info,
+                               model_path)
     selection = select_data(settings)
     test = selection.samples("test")
     if not test:

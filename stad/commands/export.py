@@ -25,7 +25,7 @@ def export(settings: Settings, *, model_path: Path, out: Path, format: str = "on
     model.score_rule()  # an uncalibrated model is refused before any image is read
     images: list[Any] = []
     if quantize is not None:
-        settings = with_model_data(settings, model.info)
+        settings = with_model_data(settings, model.info, model_path)
         images = [s.image for s in validation_samples(select_data(settings), model.info)]
     return model.export(out, format=format, quantize=quantize,  # type: ignore[arg-type]
                         calibration_images=images)

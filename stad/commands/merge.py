@@ -39,12 +39,16 @@ def _scales(artifact: Artifact, path: Path) -> list[str]:
     return found
 
 
-def _untimed(value: Any) -> Any:
-    """``value`` without the ``seconds`` keys at any depth."""
+# Keys of a teacher's record that say when and where its run took place, not what it made.
+_CIRCUMSTANTIAL = frozenset({"seconds", "root", "path", "listing_sha256"})
+
+
+def _portable(value: Any) -> Any:
+    """``value`` without :data:`_CIRCUMSTANTIAL` keys at any depth."""
     if isinstance(value, dict):
-        return {k: _untimed(v) for k, v in value.items() if k != "seconds"}
+        return {k: _portable(v) for k, v in value.items() if k not in _CIRCUMSTANTIAL}
     if isinstance(value, list):
-        return [_untimed(v) for v in value]
+        return [_portable(v) for v in value]
     return value
 
 
@@ -54,9 +58,9 @@ def _fitted_alike(artifact: Artifact, path: Path) -> dict[str, Any]:
     standardization and the teacher's provenance (but not the file it was read from)."""
     data = dict(record(artifact.info, "data", path))
     data.pop("root", None)
-    # The teacher's provenance without its timings: teachers pretrained alike (bit-identical)
-    # in two runs took different seconds.
-    teacher = _untimed({k: v for k, v in record(artifact.info, "teacher", path).items()
+    # The teacher's provenance without its timings and places: teachers pretrained alike
+    # (bit-identical) in two runs took different seconds, in other folders.
+    teacher = _portable({k: v for k, v in record(artifact.info, "teacher", path).items()
                         if k not in ("source", "stad_version")})
     students = {k: v for k, v in record(artifact.config, "students", path).items()
                 if k not in ("patch_sizes", "checkpoint_every", "image_size")}

@@ -13,7 +13,7 @@ from stad.api import Model, Result
 from stad.config import ScoreSettings, Settings
 from stad.console import NULL_REPORTER, Reporter, json_line
 from stad.errors import UsageError
-from stad.fsutil import DISK_FULL, check_output_dir, check_output_file, output_lock, same_path
+from stad.fsutil import DISK_FULL, check_output_dir, check_output_file, output_lock, same_file
 from stad.scorefiles import expand_inputs, in_shard, map_names, recorded, write_maps
 from stad.scoring import ImageError, iter_results
 
@@ -66,7 +66,7 @@ def _score(settings: Settings, model_path: Path, inputs: Sequence[Path],
     paths = expand_inputs(inputs)
     if output is not None:  # opened for writing below: it would be emptied
         for p in paths:
-            if p.name == output.name and same_path(p, output):
+            if same_file(p, output):
                 raise UsageError(f"--output {output} is one of the images to score; writing "
                                  "there would lose it: give another file")
     names = map_names(paths) if maps_dir is not None else {}  # before sharding: alike in all

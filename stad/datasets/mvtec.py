@@ -76,9 +76,12 @@ def mvtec_samples(root: Path, category: str, split: Split) -> Iterator[Sample]:
         if defect == GOOD:
             out.extend(Sample(image=p, mask=None, label="normal", split="test") for p in images)
             continue
-        # NAME_mask.png, its suffix in any case (as image suffixes are read: 000_mask.PNG)
-        masks = {p.stem + p.suffix.lower(): p for p in image_files(gt_dir / defect)} \
-            if (gt_dir / defect).is_dir() else {}
+        # NAME_mask.png, its suffix in any case (as image suffixes are read: 000_mask.PNG); a
+        # second mask of one name (000_mask.png beside 000_mask.PNG) is one without an image
+        masks: dict[str, Path] = {}
+        for p in image_files(gt_dir / defect) if (gt_dir / defect).is_dir() else []:
+            if masks.setdefault(p.stem + p.suffix.lower(), p) != p:
+                unpaired_masks.append(p)
         for path in images:
             mask = masks.pop(f"{path.stem}_mask.png", None)
             if mask is None:

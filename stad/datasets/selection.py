@@ -94,8 +94,6 @@ def select_data(settings: Settings) -> DataSelection:
                              "set STAD_ROOT or put root = \"PATH\" in the config file")
     root = Path(root).expanduser()
     category = settings.category
-    if category is not None and category.rstrip("/"):
-        category = category.rstrip("/")  # a shell's completion of the folder: bottle/
     if category is None:
         categories = adapter.categories(root)
         if len(categories) == 1:  # nothing to choose (the collection adapter's "all")

@@ -163,6 +163,10 @@ def test_upper_case_suffixes_pair_as_image_suffixes_are_read(tmp_path: Path) -> 
     anomalous = [s for s in _samples(tmp_path, "bottle", "test") if s.label == "anomalous"]
     assert [(s.image.name, s.mask.name if s.mask else None) for s in anomalous] == \
         [("000.png", "000_mask.PNG"), ("001.PNG", "001_mask.PNG")]
+    # two masks of one name in two cases: one of them has no image, as any extra mask
+    _mask(base / "ground_truth" / "crack" / "000_mask.png", np.random.default_rng(1))
+    with pytest.raises(DataError, match="masks without an image"):
+        _samples(tmp_path, "bottle", "test")
 
 
 def test_a_category_typed_with_a_trailing_slash_is_the_folder(tmp_path: Path) -> None:
@@ -199,6 +203,12 @@ def test_other_data_than_the_model_was_fitted_on_is_said(
     assert chosen.category == "grid"
     err = capsys.readouterr().err
     assert "fitted on category 'bottle'" in err and "'grid'" in err and "STAD_CATEGORY" in err
+    # the same folder typed as a shell completes it: the same category, nothing to say
+    chosen = with_model_data(resolve_settings({"category": "bottle/"}, environ={}), info)
+    assert chosen.category == "bottle" and capsys.readouterr().err == ""
+    from stad.errors import ArtifactError
+    with pytest.raises(ArtifactError, match="malformed stad metadata: data"):
+        with_model_data(resolve_settings({}, environ={}), {"data": "x"}, "m.safetensors")
 
 
 def test_no_training_images_is_said_first(tmp_path: Path) -> None:
