@@ -424,6 +424,20 @@ def test_a_closed_pipe_stops_score_quietly(model: Path, tiny_data: Path):
     assert "error" not in err and "Broken pipe" not in err, err
 
 
+def test_a_name_that_is_not_utf8_round_trips_through_the_records(
+        model: Path, tiny_data: Path, tmp_path: Path):
+    # Python keeps such bytes as lone surrogates; the record's JSON escapes them (\udcff), and
+    # Python's json (and --skip-existing) read back the very file name
+    odd = tmp_path / os.fsdecode(b"bad\xff.png")
+    odd.write_bytes(next((tiny_data / "grain" / "test" / "good").glob("*.png")).read_bytes())
+    log = tmp_path / "scores.jsonl"
+    out = run(["score", "--model", str(model), "--json", "--output", str(log), str(odd)])
+    assert "\\udcff" in log.read_text() and Path(jsonl(out)[0]["path"]) == odd
+    again = run(["score", "--model", str(model), "--json", "--output", str(log),
+                 "--skip-existing", str(odd)])
+    assert again == "" and len(jsonl(log.read_text())) == 1
+
+
 def test_a_broken_pipe_that_is_not_stdout_is_not_hidden(
         model: Path, tiny_data: Path, monkeypatch: pytest.MonkeyPatch):
     # e.g. an --output FIFO whose reader went away: a failure to report, not a quiet 141
