@@ -210,6 +210,10 @@ def test_students_resume_across_scales_and_twice(tmp_path: Path) -> None:
     fit(settings, teacher="random", out=out, resume=True)
     assert not checkpoint_path(out).exists()
     assert_same_artifact(reference, out, "students")
+    # the model's time counts the three runs (it counted the last alone), as its scales' do
+    info = load_artifact(out, kind="model").info
+    trained = sum(s["seconds"] for s in info["students"]["scales"].values())
+    assert info["seconds"] >= trained - 0.1, (info["seconds"], trained)
 
 
 def test_students_resume_a_scale_at_another_size(tmp_path: Path) -> None:

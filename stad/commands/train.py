@@ -215,7 +215,8 @@ def fit_students(settings: Settings, *, teacher: str | Path | None, out: Path, r
                                         "images": relative_names(held, selection.root)}},
                 "teacher": teacher_info,
                 "students": result.info,
-                "seconds": round(time.perf_counter() - start, 1),
+                # with --resume, the interrupted runs' time too (as each scale's seconds)
+                "seconds": round(checkpoint.seconds(since=start), 1),
             }
             if world.main:
                 save_model(out, result.model, settings, info)

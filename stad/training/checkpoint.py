@@ -33,6 +33,7 @@ import hashlib
 import os
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,7 +43,7 @@ from typing import Any
 import torch
 
 from stad import console
-from stad.artifacts import Artifact, load_artifact, prefixed, save_artifact
+from stad.artifacts import Artifact, finite_number, load_artifact, prefixed, save_artifact
 from stad.config import Settings
 from stad.console import NULL_REPORTER, Reporter
 from stad.distributed import World
@@ -183,6 +184,14 @@ class Checkpoint:
     writer: bool = True  # False on ranks > 0 of a distributed run: only rank 0 writes
     _tensors: dict[str, torch.Tensor] = field(default_factory=dict, init=False, repr=False)
     _finished: dict[str, Any] = field(default_factory=dict, init=False, repr=False)
+    _started: float = field(default_factory=time.perf_counter, init=False, repr=False)
+
+    def seconds(self, since: float | None = None) -> float:
+        """The run's time so far: since ``since`` (a ``time.perf_counter()``; else since this
+        checkpoint was opened) in this process, plus what the runs it resumes recorded."""
+        before = self.resumed.info.get("seconds") if self.resumed is not None else None
+        earlier = float(before) if finite_number(before) and before > 0 else 0.0
+        return earlier + time.perf_counter() - (self._started if since is None else since)
 
     @property
     def progress(self) -> dict[str, Any] | None:
@@ -204,7 +213,8 @@ class Checkpoint:
             kind="checkpoint", tensors={**self._tensors, **tensors}, config=self.config,
             preprocessing=self.preprocessing, seed=self.seed,
             info={"command": self.command, "identity": self.identity,
-                  "finished": self._finished, "progress": progress, "where": where})
+                  "finished": self._finished, "progress": progress, "where": where,
+                  "seconds": round(self.seconds(), 1)})
         if self.writer:
             with self.stop.shielded():
                 save_artifact(self.path, artifact)
