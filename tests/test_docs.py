@@ -143,3 +143,61 @@ def test_makefile_targets_match_readme():
                                                                     flags=re.M)
     ci = (REPO / ".ci" / "run").read_text(encoding="utf-8")
     assert "make test" in ci
+
+
+def documented_benchmark_commands() -> list[tuple[str, str]]:
+    """(file, command) for each `python benchmarks/NAME.py ...` line of a fenced block in
+    README.md and docs/, continuations joined, cut at a redirection or pipe."""
+    found = []
+    for doc in DOCS:
+        text = doc.read_text(encoding="utf-8")
+        for block in re.findall(r"```[a-z]*\n(.*?)```", text, flags=re.S):
+            for line in block.replace("\\\n", " ").splitlines():
+                line = re.split(r"\s#|\s[|>]|\s2>|\s&&", line)[0].strip()
+                line = re.sub(r"^(\S+=\S+\s+)+", "", line)  # VAR=value in front
+                line = re.sub(r"\s\[[^\]]*\]", "", line)  # [--optional parts] left out
+                if line.startswith("python benchmarks/"):
+                    found.append((doc.name, line))
+    return found
+
+
+def test_every_documented_benchmark_command_parses(monkeypatch: pytest.MonkeyPatch):
+    # The benchmarks take minutes to hours, so each command line shown is parsed by its
+    # script's own parser (options renamed or dropped since are caught), not run.
+    import argparse
+    import importlib.util
+    import sys
+
+    class Parsed(Exception):
+        pass
+
+    real = argparse.ArgumentParser.parse_args
+
+    def parse_only(self, args=None, namespace=None):
+        real(self, args, namespace)  # exits 2 on an unknown option or a bad value
+        raise Parsed
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_only)
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    commands = documented_benchmark_commands()
+    assert len(commands) >= 50, "the docs lost their benchmark commands"
+    modules, failed = {}, []
+    for doc, command in commands:
+        script, *argv = shlex.split(command)[1:]
+        if script not in modules:
+            name = f"_documented_{Path(script).stem}"
+            spec = importlib.util.spec_from_file_location(name, REPO / script)
+            assert spec is not None and spec.loader is not None, (doc, command)
+            modules[script] = importlib.util.module_from_spec(spec)
+            monkeypatch.setitem(sys.modules, name, modules[script])  # for its dataclasses
+            spec.loader.exec_module(modules[script])
+        module = modules[script]
+        monkeypatch.setattr(sys, "argv", [script, *argv])
+        try:
+            module.main(argv) if module.main.__code__.co_argcount else module.main()
+            failed.append(f"{doc}: `{command}` ran without parsing its arguments")
+        except Parsed:
+            pass
+        except SystemExit as exc:
+            failed.append(f"{doc}: `{command}` does not parse (exit {exc.code})")
+    assert not failed, "\n".join(failed)
