@@ -190,6 +190,9 @@ class Model:
                 kind="model", tensors={}, config={}, preprocessing=onnx_networks.preprocessing,
                 seed=0, info=info), path=path, device=torch.device("cpu"),
                 score=score or ScoreSettings())
+        if not path.exists() and not path.is_symlink():
+            raise ArtifactError(f"model {path} does not exist: give a model from `stad "
+                                "fit-students` (on the command line, --model FILE)")
         artifact = load_artifact(path, kind="model")
         try:
             networks = model_from_tensors(artifact.tensors, artifact.preprocessing,
@@ -284,7 +287,7 @@ class Model:
                   test_images: Sequence[ImageInput] | None = None,
                   test_labels: Sequence[bool] | None = None, source: str = "given images",
                   reporter: Reporter = NULL_REPORTER) -> dict[str, Any]:
-        """Calibrate on anomaly-free images (METHOD.md §5), in memory; :meth:`save` keeps it.
+        """Calibrate on anomaly-free images (docs/method.md §5), in memory; :meth:`save` keeps it.
 
         The statistics that standardize e and v come from ``normal_images`` (globally, or per
         map position with ``normalize="position"``). The threshold: ``"fpr"`` lets at most

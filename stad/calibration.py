@@ -1,4 +1,5 @@
-"""Calibration (METHOD.md §5): the statistics that standardize e and v, and the image threshold.
+"""Calibration (docs/method.md §5): the statistics that standardize e and v, and the image
+threshold.
 
 :func:`calibrate_model` computes per scale the mean and spread of the regression error e and
 the predictive variance v over anomaly-free images (globally, or per map position), and the

@@ -210,8 +210,10 @@ LogDirOpt = Annotated[Path | None, typer.Option(
     "--log-dir", help="Also write the losses as TensorBoard scalars to this folder (pip install "
     "'stad[tensorboard]').")]
 ModelOpt = Annotated[Path, typer.Option(
-    "--model", help="Model artifact from fit-students (score and evaluate also take the .onnx "
-    "file of stad export).")]
+    "--model", help="Model artifact from fit-students.")]
+ScoredModelOpt = Annotated[Path, typer.Option(
+    "--model", help="Model artifact from fit-students, calibrated (or the .onnx file of stad "
+    "export).")]
 # How maps are computed (calibrate, score, evaluate); docs/usage.md, "Speed and memory".
 BatchSizeOpt = Annotated[int | None, typer.Option(
     "--batch-size", help="Images per network pass. [default: 4]")]
@@ -425,7 +427,7 @@ def calibrate_cmd(
         "--threshold", help="For --method manual.")] = None,
     image_score: Annotated[str | None, typer.Option(
         "--image-score", help="topk_mean (the mean of the map's top score.topk_fraction of "
-        "pixels, 1 %) or max (its maximum, METHOD.md's). [default: topk_mean]")] = None,
+        "pixels, 1 %) or max (its maximum, docs/method.md's). [default: topk_mean]")] = None,
     normalize: Annotated[str | None, typer.Option(
         "--normalize", help="position (statistics per pixel position: aligned objects gain "
         "most) or global (one mean and spread per scale, the paper's). [default: position]")
@@ -478,8 +480,9 @@ def calibrate_cmd(
 
 @app.command("score")
 def score_cmd(
-    inputs: Annotated[list[Path], typer.Argument(help="Images or folders of images.")],
-    model: ModelOpt = Path("model.safetensors"),
+    inputs: Annotated[list[Path], typer.Argument(help="Images or folders of images.",
+                                                 metavar="IMAGE_OR_DIR")],
+    model: ScoredModelOpt = Path("model.safetensors"),
     config: ConfigOpt = None,
     device: DeviceOpt = None,
     maps: Annotated[Path | None, typer.Option(
@@ -553,7 +556,7 @@ def score_cmd(
 
 @app.command("evaluate")
 def evaluate_cmd(
-    model: ModelOpt = Path("model.safetensors"),
+    model: ScoredModelOpt = Path("model.safetensors"),
     dataset: DatasetOpt = None,
     root: RootOpt = None,
     category: CategoryOpt = None,
@@ -618,7 +621,7 @@ def merge_models_cmd(
         help="Model artifacts fitted on the same data with the same settings, each with its "
         "own patch sizes; models fitted at a smaller image size (a divisor of the largest) "
         "give scales at that size (p17 of a 128² model becomes p17@128).",
-        show_default=False)],
+        show_default=False, metavar="MODEL")],
     out: Annotated[Path, typer.Option("--out", help="The merged model artifact to write.")
                    ] = Path("model.safetensors"),
     json_out: JsonOpt = False,

@@ -117,7 +117,7 @@ def _check_scales(value: list[int | str]) -> list[int | str]:
 
 
 class TeacherSettings(_Section):
-    """``stad pretrain-teacher`` (METHOD.md §3). Paper: λk = λc = 1, λm = 0, 50 000 iterations.
+    """``stad pretrain-teacher`` (docs/method.md §3). Paper: λk = λc = 1, λm = 0, 50 000 iterations.
 
     ``target`` is what the teacher distils: ``resnet18`` (the paper; needs
     ``backbone_weights``), ``efficientnet-lite0/1/2`` (ImageNet features from the registry
@@ -209,7 +209,7 @@ class TeacherSettings(_Section):
 
 # Presets fill the student settings a user did not set (by flag, environment or file).
 STUDENT_PRESETS: dict[str, dict[str, Any]] = {
-    # METHOD.md §4: 256×256, 100 epochs, Adam 1e-4, wd 1e-5, batch of one whole image.
+    # docs/method.md §4: 256×256, 100 epochs, Adam 1e-4, wd 1e-5, batch of one whole image.
     "paper": {"image_size": 256, "epochs": 100, "lr": 1e-4, "lr_schedule": "constant",
               "crop_size": None, "batch_size": 1, "precision": "fp32", "min_steps": 0},
     # CPU-friendly: random crops (same per-pixel loss), few epochs at a higher learning rate
@@ -226,7 +226,7 @@ STUDENT_PRESETS: dict[str, dict[str, Any]] = {
 
 
 class StudentSettings(_Section):
-    """``stad fit-students`` (METHOD.md §4)."""
+    """``stad fit-students`` (docs/method.md §4)."""
 
     preset: Literal["paper", "fast"] = "paper"
     patch_sizes: list[int | str] = Field(
@@ -329,7 +329,7 @@ TtaName = Literal["none", "hflip", "vflip", "flips", "dihedral"]
 
 
 class CalibrateSettings(_Section):
-    """``stad calibrate`` (METHOD.md §5)."""
+    """``stad calibrate`` (docs/method.md §5)."""
 
     threshold_method: Literal["fpr", "f1", "manual"] = "fpr"
     target_fpr: float = Field(default=0.01, gt=0, lt=1)
@@ -378,7 +378,7 @@ class ScoreSettings(_Section):
     image_score: Literal["max", "topk_mean"] = Field(
         default="topk_mean", description="how a map becomes an image score: the mean of its "
         "top topk_fraction of pixels (the default, measured better than the maximum on the "
-        "real-photo sets) or its maximum (max, METHOD.md's); docs/model.md")
+        "real-photo sets) or its maximum (max, docs/method.md's); docs/model.md")
     topk_fraction: float = Field(default=0.01, gt=0, le=1)
     min_region_area: int = Field(
         default=1, ge=1, description="defect regions smaller than this many pixels (of the "
@@ -402,7 +402,7 @@ class ScoreSettings(_Section):
 
 
 class EvaluateSettings(_Section):
-    """``stad evaluate`` (METHOD.md §6)."""
+    """``stad evaluate`` (docs/method.md §6)."""
 
     fpr_limit: float = Field(default=0.3, gt=0, le=1)
 

@@ -8,7 +8,7 @@ on N random p×p patches of a set of standardized images (B = the descriptors, (
   d×d covariance of B (Roy & Vetterli, EUSIPCO 2007), between 1 (one direction) and d (all
   directions equally used); 0 when B is constant.
 - ``effective_rank_corr``: the same of the correlation matrix of B's non-constant channels.
-  Students regress the teacher's descriptors standardized per channel (METHOD.md §4), so this
+  Students regress the teacher's descriptors standardized per channel (docs/method.md §4), so this
   is the rank they see: a teacher with one loud channel and 127 quiet, informative ones has a
   low ``effective_rank`` but a high ``effective_rank_corr``. The collapse warning uses it.
 - ``mean_abs_corr``: mean |c_ij| over i ≠ j of the correlation matrix of B's non-constant

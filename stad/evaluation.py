@@ -1,7 +1,7 @@
 """``stad evaluate``: metrics of a model on a labelled test split (the report folder:
 :mod:`stad.report`).
 
-Maps are compared with the ground truth at the ground truth's resolution (METHOD.md §6): each
+Maps are compared with the ground truth at the ground truth's resolution (docs/method.md §6): each
 map is computed at the model's image size and resized bilinearly to its image's own size, which
 is the mask's size (a mask of another size is a data error).
 """

@@ -1,6 +1,6 @@
 """A fixed bank of handcrafted patch descriptors: a distillation target that needs no download.
 
-Teacher pretraining (METHOD.md §3) distils an ImageNet ResNet-18. Without its weights, the
+Teacher pretraining (docs/method.md §3) distils an ImageNet ResNet-18. Without its weights, the
 teacher can instead regress this bank, computed on the fly for every training patch: what a
 descriptor of local appearance should capture (colour, edges and their orientations, blobs,
 oriented texture, local binary contrast), at several scales and over a spatial grid, so that
@@ -165,7 +165,7 @@ class HandcraftedBank(nn.Module):
             raise ValueError(f"components must be in [0, {DIM}], got {components}")
         self.patch_size = patch_size
         self.components = components
-        # The patch network reads only its receptive field (floor pooling, METHOD.md §1): a
+        # The patch network reads only its receptive field (floor pooling, docs/method.md §1): a
         # target that depends on pixels it never sees would be unpredictable noise.
         self.crop = build_network(patch_size).receptive_field
         self.dim = components or DIM

@@ -1,7 +1,7 @@
 """Evaluation of anomaly maps and image scores, as the MVTec AD evaluation script does it.
 
 Everything here is numpy (and scikit-learn for the ROC/PR wrappers); nothing knows about
-networks. The procedures follow ``METHOD.md`` §6 and the public MVTec AD evaluation code
+networks. The procedures follow ``docs/method.md`` §6 and the public MVTec AD evaluation code
 (``pro_curve_util.compute_pro`` and ``generic_util.trapezoid``); ``docs/evaluation.md``
 states them in prose.
 
@@ -9,7 +9,7 @@ states them in prose.
   (Bergmann et al., CVPR 2020, §4.1; the paper's headline metric, integrated to FPR 0.3).
 * :func:`image_auroc`, :func:`average_precision` -- image-level ROC AUC and AUC-PR from one
   score per image (stad's image score: by default the mean of the map's top 1 %,
-  or its maximum, ``METHOD.md`` §5).
+  or its maximum, ``docs/method.md`` §5).
 * :func:`pixel_auroc`, :func:`pixel_average_precision` -- the same over every pixel.
 * :func:`roc_curve` -- false/true positive rates, for plots.
 
@@ -31,7 +31,7 @@ from scipy import ndimage
 _EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
 
 DEFAULT_FPR_LIMIT = 0.3
-"""Integration limit of AU-PRO used by the paper and MVTec AD (``METHOD.md`` §6)."""
+"""Integration limit of AU-PRO used by the paper and MVTec AD (``docs/method.md`` §6)."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -128,7 +128,7 @@ def au_pro(
 ) -> ProResult:
     """Area under the per-region-overlap (PRO) curve up to ``fpr_limit``, normalized.
 
-    The MVTec AD procedure (``METHOD.md`` §6):
+    The MVTec AD procedure (``docs/method.md`` §6):
 
     1. Regions are the connected components of each image's mask with 8-connectivity,
        labelled per image; the regions of all images form one pool of ``R`` regions.
@@ -215,7 +215,7 @@ def _area_up_to(x: np.ndarray, y: np.ndarray, x_max: float) -> float:
 
 
 def image_auroc(scores: ArrayLike, labels: ArrayLike) -> float:
-    """Area under the ROC curve of image scores (``METHOD.md`` §6).
+    """Area under the ROC curve of image scores (``docs/method.md`` §6).
 
     Args:
         scores: one score per image, shape ``(N,)``; higher means more anomalous.

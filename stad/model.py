@@ -1,5 +1,5 @@
 """The fitted student–teacher model in memory: per scale a teacher, M students, the teacher's
-descriptor normalization and the calibration statistics; and the anomaly maps (METHOD.md §5).
+descriptor normalization and the calibration statistics; and the anomaly maps (docs/method.md §5).
 
 Artifact layout (tensor names in the ``model`` safetensors file; a ``teacher`` file holds only
 the ``teacher.*`` entries):
@@ -8,7 +8,7 @@ the ``teacher.*`` entries):
 ``teacher.p{P}.convs.{i}.*``        teacher of patch size P
 ``student.{K}.{m}.convs.{i}.*``     student m of scale K
 ``norm.{K}.mean`` / ``.std``        (128,) per-channel statistics of the teacher's descriptors
-                                    over the training images (METHOD.md §4)
+                                    over the training images (docs/method.md §4)
 ``calib.{K}``                       (4,) e_mean, e_std, v_mean, v_std on validation images
 ``calib_map.{K}``                   (4, s, s) the same per pixel position of the scale's map
                                     (only after ``stad calibrate --normalize position``)
@@ -161,7 +161,7 @@ class Scale:
         return scale_name(self.patch_size, self.image_size)
 
     def normalized_teacher(self, x: torch.Tensor) -> torch.Tensor:
-        """(y − μ)/σ of METHOD.md §4: (N, 3, H, W) → (N, D, H, W)."""
+        """(y − μ)/σ of docs/method.md §4: (N, 3, H, W) → (N, D, H, W)."""
         assert self.mean is not None and self.std is not None
         y = self.teacher.dense(x, padding_mode=PADDING)
         return (y - self.mean.view(1, -1, 1, 1)) / self.std.view(1, -1, 1, 1)
@@ -169,7 +169,7 @@ class Scale:
     def error_and_variance(self, x: torch.Tensor, *, tile_size: int | None = None,
                            precision: str = "fp32", fused: bool = False
                            ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Regression error e and predictive variance v per pixel (METHOD.md §5).
+        """Regression error e and predictive variance v per pixel (docs/method.md §5).
 
         e = ‖μ̄ − (y − μ)/σ‖², v = (1/M) Σ‖μ_i‖² − ‖μ̄‖², with μ̄ the mean of the M students'
         outputs μ_i. Returns two (N, H, W) tensors for (N, 3, H, W) images.
@@ -234,8 +234,8 @@ class Scale:
 
     def standardize(self, e: torch.Tensor, v: torch.Tensor, variance_weight: float = 1.0
                     ) -> torch.Tensor:
-        """ẽ + w·ṽ with the calibration statistics (METHOD.md §5; w = ``variance_weight``, 1 the
-        paper's); same shape as ``e``.
+        """ẽ + w·ṽ with the calibration statistics (docs/method.md §5; w = ``variance_weight``,
+        1 the paper's); same shape as ``e``.
 
         With per-position statistics (``calib_map``), each pixel of the (N, S, S) maps is
         standardized with its own position's mean and spread."""
@@ -251,7 +251,7 @@ class Scale:
         return standardized(e, v, self.calib, variance_weight)
 
     def score(self, x: torch.Tensor, variance_weight: float = 1.0) -> torch.Tensor:
-        """Per-scale anomaly score ẽ + w·ṽ (METHOD.md §5): (N, 3, H, W) → (N, H, W)."""
+        """Per-scale anomaly score ẽ + w·ṽ (docs/method.md §5): (N, 3, H, W) → (N, H, W)."""
         return self.standardize(*self.error_and_variance(x), variance_weight)
 
 
@@ -323,7 +323,7 @@ class Networks:
     def maps(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:
         """Anomaly maps of a batch: per scale (key ``"p17"`` ...) and fused (``"fused"``).
 
-        The fused map is the unweighted mean of the per-scale maps (METHOD.md §5). With
+        The fused map is the unweighted mean of the per-scale maps (docs/method.md §5). With
         ``size``, maps are resized bilinearly to (H, W) (the input's own resolution).
 
         Args:
@@ -375,7 +375,7 @@ class Networks:
         """Per-scale maps (keyed by scale name) → ``{"p17": ..., "fused": ...}``, each smoothed
         with ``smooth_sigma`` (scaled to its own size) and brought to the size of the largest
         (the model's resolution), then resized to ``size`` (bilinear) if given. The fused map is
-        their unweighted mean (METHOD.md §5)."""
+        their unweighted mean (docs/method.md §5)."""
         out = {}
         for k in sorted(per_scale, key=scale_order):
             m, side = per_scale[k], parse_scale_name(k)[1]

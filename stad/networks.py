@@ -2,7 +2,7 @@
 
 A patch network maps a p×p RGB patch to one d-dimensional descriptor (d = ``out_dim``, 128 in the
 paper). Teacher and students share the architecture; there is one per patch size p ∈ {17, 33, 65}
-(Bergmann et al., CVPR 2020; METHOD.md §1):
+(Bergmann et al., CVPR 2020; docs/method.md §1):
 
     p = 17: conv 6×6·128 → conv 5×5·256 → conv 5×5·256 → conv 4×4·d
     p = 33: conv 5×5·128 → pool → conv 5×5·256 → pool → conv 2×2·256 → conv 4×4·d
@@ -17,8 +17,8 @@ The same parameters are evaluated in two ways:
 - ``PatchNetwork.forward``: (N, 3, p, p) patches → (N, d) descriptors, the strided network.
 - ``PatchNetwork.dense``: (N, 3, H, W) images → (N, d, H, W), the patch network at every pixel in
   one pass. Every pool gets stride 1 and every later conv and pool is dilated by the product of the
-  strides before it (METHOD.md §2), which is exactly what Fast Dense Feature Extraction (Bailer et
-  al., BMVC 2017) computes, without the unwarping.
+  strides before it (docs/method.md §2), which is exactly what Fast Dense Feature Extraction
+  (Bailer et al., BMVC 2017) computes, without the unwarping.
 
 Alignment: ``dense(x)[:, :, r, c] == forward(patch)`` where ``patch`` is the p×p window centred at
 pixel (r, c): rows r-a .. r+p-1-a and cols c-a .. c+p-1-a of the image, a = (p - 1) // 2, read from
@@ -55,9 +55,10 @@ LEAKY_SLOPE = 5e-3
 PADDING_MODES: tuple[str, ...] = ("reflect", "replicate", "zeros")
 PaddingMode = Literal["reflect", "replicate", "zeros"]
 
-# The architectures of METHOD.md §1: (kernel, out_channels) per conv, "pool" for a 2×2/2 max-pool.
+# The architectures of docs/method.md §1: (kernel, out_channels) per conv, "pool" for a 2×2/2
+# max-pool.
 # "d" is the descriptor dimension (out_dim). The paper's p = 65 table has two typos; this is the
-# consistent reading (see METHOD.md §1).
+# consistent reading (see docs/method.md §1).
 _ARCHITECTURES: dict[int, tuple[tuple[int, int | str] | str, ...]] = {
     17: ((6, 128), (5, 256), (5, 256), (4, "d")),
     33: ((5, 128), "pool", (5, 256), "pool", (2, 256), (4, "d")),
@@ -116,7 +117,7 @@ def _receptive_field(layers: tuple[Layer, ...]) -> int:
 
 
 class PatchNetwork(nn.Module):
-    """A teacher or student patch network for one patch size (METHOD.md §1).
+    """A teacher or student patch network for one patch size (docs/method.md §1).
 
     Parameters are the convs in ``self.convs`` (state-dict keys ``convs.{i}.weight`` and
     ``convs.{i}.bias``). ``forward`` and ``dense`` use the same parameters.
@@ -142,8 +143,8 @@ class PatchNetwork(nn.Module):
 
         Hidden convs use the gain of a leaky ReLU with slope 5e-3 and the last conv, which has no
         activation, a linear gain, so that activations keep roughly unit scale through the network
-        and a fresh student's outputs start on the scale of its normalized targets (METHOD.md §4).
-        """
+        and a fresh student's outputs start on the scale of its normalized targets
+        (docs/method.md §4)."""
         conv_layers = [layer for layer in self.layers if layer.kind == "conv"]
         for conv, layer in zip(self.convs, conv_layers, strict=True):
             nonlinearity = "leaky_relu" if layer.activation else "linear"
@@ -185,7 +186,7 @@ class PatchNetwork(nn.Module):
         - "zeros": zeros.
 
         Each pool runs with stride 1 and each later conv and pool is dilated by the product of the
-        strides before it (METHOD.md §2). The image is padded by a on top/left and
+        strides before it (docs/method.md §2). The image is padded by a on top/left and
         ``receptive_field - 1 - a`` on bottom/right, the pixels the patch network actually reads.
         """
         return self.dense_valid(self.pad(images, padding_mode=padding_mode))
@@ -296,7 +297,7 @@ def build_network(
 class Decoder(nn.Module):
     """The linear decoder used only in teacher pretraining: (N, in_dim) → (N, out_dim).
 
-    It maps a teacher descriptor onto the 512-d ResNet-18 feature it distils (METHOD.md §3).
+    It maps a teacher descriptor onto the 512-d ResNet-18 feature it distils (docs/method.md §3).
     PyTorch's default ``nn.Linear`` initialization.
     """
 
@@ -313,7 +314,7 @@ def count_macs(patch_size: int, height: int, width: int, *, out_dim: int = 128) 
 
     Counts the conv weights × output positions of the dense form (bias adds, activations and
     max-pools are not counted). At 256×256: about 202, 118 and 185 GMAC for p = 17, 33, 65
-    (METHOD.md §2).
+    (docs/method.md §2).
     """
     if height < 1 or width < 1:
         raise ValueError(f"image size must be at least 1×1, got {height}×{width}")

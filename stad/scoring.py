@@ -1,11 +1,11 @@
-"""Anomaly maps, image scores, calibration and verdicts (METHOD.md §5).
+"""Anomaly maps, image scores, calibration and verdicts (docs/method.md §5).
 
 The map of an image: resize it to the model's image size, compute per scale ẽ + ṽ (the
 regression error and predictive variance standardized with statistics from anomaly-free
 validation images), average the scales, and resize the map back to the image's own size.
 The image score is the mean of the map's top ``topk_fraction`` of pixels by default
 (``score.image_score = "topk_mean"``: less sensitive to one hot pixel; docs/model.md gives the
-measurement) or its maximum (``"max"``, METHOD.md's).
+measurement) or its maximum (``"max"``, docs/method.md's).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The teacher's metric-learning and regularization losses (METHOD.md §3; Bergmann et al., CVPR
+"""The teacher's metric-learning and regularization losses (docs/method.md §3; Bergmann et al., CVPR
 2020, eq. 2-3), and the variance term we add against collapse."""
 
 from __future__ import annotations

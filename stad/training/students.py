@@ -1,4 +1,4 @@
-"""``stad fit-students``: train M students per scale to regress the teacher (METHOD.md §4).
+"""``stad fit-students``: train M students per scale to regress the teacher (docs/method.md §4).
 
 (Somewhat over 400 lines: the data split, the targets, one scale's fit and the run over the
 scales share the checkpoint format described below.)
@@ -99,7 +99,7 @@ def teacher_targets(teacher: PatchNetwork, images: torch.Tensor, *, batch: int =
                     world: World = SINGLE, hold_bytes: int | None = None,
                     note: Callable[[str], None] | None = None,
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Normalized teacher descriptors of every image, and the normalization (METHOD.md §4).
+    """Normalized teacher descriptors of every image, and the normalization (docs/method.md §4).
 
     In a distributed run ``images`` is this rank's shard; the mean and std are over the
     images of all ranks (their sums are added up), so every rank normalizes alike.

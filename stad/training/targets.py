@@ -1,4 +1,4 @@
-"""The distillation targets of teacher pretraining (METHOD.md §3, Lk) and how Lk is computed.
+"""The distillation targets of teacher pretraining (docs/method.md §3, Lk) and how Lk is computed.
 
 :class:`Distillation` holds one scale's target and its linear decoder: the handcrafted bank
 (:mod:`stad.handcrafted`), a frozen ResNet-18 read from a local file

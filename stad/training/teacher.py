@@ -1,4 +1,5 @@
-"""``stad pretrain-teacher``: pretrain one teacher per patch size on random patches (METHOD.md §3).
+"""``stad pretrain-teacher``: pretrain one teacher per patch size on random patches
+(docs/method.md §3).
 
 (Long because one scale's loop, :class:`_ScaleRun`, and the run over the scales share the
 checkpoint format documented here; the losses and targets live in
