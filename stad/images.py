@@ -4,7 +4,9 @@ Every image stad reads goes through :func:`load_image`: whatever its mode, it co
 RGB float array in [0, 1]. Conversions (documented in docs/datasets.md):
 
 - ``L`` / ``LA`` / ``1`` (grayscale, bilevel): the gray value is copied to R, G and B;
-- ``I;16`` and ``I`` (16- and 32-bit grayscale): scaled by the type's maximum, then as ``L``;
+- ``I;16`` and ``I`` (16- and 32-bit grayscale): divided by 65535, then as ``L``; an ``I``
+  image with values above 65535 is refused (scaling it by its own brightest pixel, as stad
+  did, gave two files of the same scene other greys);
 - ``RGBA`` / ``LA`` / ``PA``: the alpha channel is dropped (colour values kept as stored);
 - ``P`` (palette), ``CMYK``, ``YCbCr``, ``HSV``, ``LAB``: converted to RGB by Pillow.
 
@@ -112,8 +114,10 @@ def _pil_to_rgb(img: Image.Image, what: str) -> np.ndarray:
         raise DataError(f"{what} is empty ({img.width}×{img.height})")
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
         arr = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if img.mode.startswith("I;16") or arr.max() <= 65535 else arr.max()
-        gray = np.clip(arr / top, 0.0, 1.0).astype(np.float32)
+        if arr.max() > 65535:
+            raise DataError(f"{what} is a 32-bit grey image with values up to {arr.max():.0f}; "
+                            "stad reads grey images of at most 16 bits (0-65535): convert it")
+        gray = np.clip(arr / 65535.0, 0.0, 1.0).astype(np.float32)
         return np.repeat(gray[:, :, None], 3, axis=2)
     if img.mode == "F":
         values = np.nan_to_num(np.asarray(img, dtype=np.float32), nan=0.0, posinf=1.0, neginf=0.0)

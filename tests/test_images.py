@@ -109,6 +109,21 @@ def test_16_bit_grayscale_is_scaled_by_65535(tmp_path: Path) -> None:
     np.testing.assert_array_equal(arr[..., 0], arr[..., 2])
 
 
+def test_32_bit_grayscale_is_read_as_16_bit_or_refused(tmp_path: Path) -> None:
+    # One bright pixel used to rescale the whole image by itself: other greys for one scene
+    values = np.array([[0, 32768], [65535, 1000]], dtype=np.int32)
+    Image.fromarray(values, mode="I").save(tmp_path / "g32.tif")
+    with Image.open(tmp_path / "g32.tif") as check:
+        assert check.mode == "I"
+    np.testing.assert_array_equal(load_image(tmp_path / "g32.tif")[..., 0],
+                                  (values / 65535).astype(np.float32))
+    values[0, 0] = 260_000
+    Image.fromarray(values, mode="I").save(tmp_path / "bright.tif")
+    with pytest.raises(DataError, match=r"bright\.tif is a 32-bit grey image with values up to "
+                       r"260000; stad reads grey images of at most 16 bits"):
+        load_image(tmp_path / "bright.tif")
+
+
 def test_exif_orientation_is_not_applied(tmp_path: Path) -> None:
     """docs/datasets.md: pixels are read in the order the file stores them; an EXIF
     Orientation tag (6: shown turned 90° clockwise) does not rotate the image."""

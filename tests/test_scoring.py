@@ -255,6 +255,11 @@ def test_image_score_rules():
     # top 3% of 100 pixels = 3 pixels: (5 + 4 + 3) / 3
     rule = ScoreSettings(image_score="topk_mean", topk_fraction=0.03)
     assert image_score(amap, rule) == pytest.approx(4.0)
+    # docs/model.md: k = round(n · 1 %), halves to even, at least 1
+    top1 = ScoreSettings()
+    for n, k in ((25, 1), (149, 1), (150, 2), (250, 2), (350, 4)):
+        ramp = np.arange(n, dtype=np.float32)
+        assert image_score(ramp, top1) == pytest.approx(ramp[-k:].mean()), (n, k)
 
 
 def test_fpr_threshold():
