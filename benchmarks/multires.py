@@ -4,7 +4,7 @@ fitted at different image sizes, fused into one map, and evaluated on the labell
 Each model scores every test image through the public API (its maps come back at the image's
 own size); a scale is named by its patch size and its model's image size, ``p17@256``. A
 combination's map is the unweighted mean of its scales' maps, as a model fuses its own scales
-(METHOD.md §5); each scale keeps its own model's calibration and smoothing, and the fused
+(docs/method.md §5); each scale keeps its own model's calibration and smoothing, and the fused
 map's image score is stad's default rule whatever rule a model was calibrated with. Prints one JSON
 object per combination on stdout (AU-PRO up to ``--fpr-limit``, image AUROC, AU-PRO per defect
 type) and a table on stderr. Run from the repository root:

@@ -170,7 +170,7 @@ def nearest_distance(queries: torch.Tensor, bank: torch.Tensor, chunk: int = 409
 @dataclass(frozen=True)
 class DescriptorBank:
     """One scale's nearest-neighbour reference: the teacher, the normalization of its
-    descriptors over the training images (METHOD.md §4) and a sample of those descriptors."""
+    descriptors over the training images (docs/method.md §4) and a sample of those descriptors."""
 
     scale: Any  # stad.model.Scale: the teacher with its descriptor mean and std
     bank: torch.Tensor  # (B, D) normalized training descriptors

@@ -190,7 +190,11 @@ class Model:
                 kind="model", tensors={}, config={}, preprocessing=onnx_networks.preprocessing,
                 seed=0, info=info), path=path, device=torch.device("cpu"),
                 score=score or ScoreSettings())
-        if not path.exists() and not path.is_symlink():
+        try:
+            missing = not path.exists() and not path.is_symlink()
+        except OSError:  # a name too long, no permission: load_artifact says which
+            missing = False
+        if missing:
             raise ArtifactError(f"model {path} does not exist: give a model from `stad "
                                 "fit-students` (on the command line, --model FILE)")
         artifact = load_artifact(path, kind="model")

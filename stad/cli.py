@@ -427,7 +427,8 @@ def calibrate_cmd(
         "--threshold", help="For --method manual.")] = None,
     image_score: Annotated[str | None, typer.Option(
         "--image-score", help="topk_mean (the mean of the map's top score.topk_fraction of "
-        "pixels, 1 %) or max (its maximum, docs/method.md's). [default: topk_mean]")] = None,
+        "pixels, 1 %) or max (its maximum, as docs/method.md §5 has it). "
+        "[default: topk_mean]")] = None,
     normalize: Annotated[str | None, typer.Option(
         "--normalize", help="position (statistics per pixel position: aligned objects gain "
         "most) or global (one mean and spread per scale, the paper's). [default: position]")

@@ -378,7 +378,7 @@ class ScoreSettings(_Section):
     image_score: Literal["max", "topk_mean"] = Field(
         default="topk_mean", description="how a map becomes an image score: the mean of its "
         "top topk_fraction of pixels (the default, measured better than the maximum on the "
-        "real-photo sets) or its maximum (max, docs/method.md's); docs/model.md")
+        "real-photo sets) or its maximum (max, as docs/method.md §5 has it); docs/model.md")
     topk_fraction: float = Field(default=0.01, gt=0, le=1)
     min_region_area: int = Field(
         default=1, ge=1, description="defect regions smaller than this many pixels (of the "

@@ -5,7 +5,7 @@ regression error and predictive variance standardized with statistics from anoma
 validation images), average the scales, and resize the map back to the image's own size.
 The image score is the mean of the map's top ``topk_fraction`` of pixels by default
 (``score.image_score = "topk_mean"``: less sensitive to one hot pixel; docs/model.md gives the
-measurement) or its maximum (``"max"``, docs/method.md's).
+measurement) or its maximum (``"max"``, as docs/method.md §5 has it).
 """
 
 from __future__ import annotations

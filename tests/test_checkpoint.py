@@ -216,6 +216,18 @@ def test_students_resume_across_scales_and_twice(tmp_path: Path) -> None:
     assert info["seconds"] >= trained - 0.1, (info["seconds"], trained)
 
 
+def test_a_checkpoint_of_an_older_stad_counts_its_scales_seconds(tmp_path: Path) -> None:
+    from stad.artifacts import Artifact
+    from stad.training.checkpoint import Checkpoint
+
+    old = Artifact(kind="checkpoint", tensors={}, config={}, preprocessing={}, seed=0,
+                   info={"finished": {"p17": {"seconds": 1200.0}}, "progress": {"seconds": 600}})
+    assert 1800 <= Checkpoint(path=tmp_path / "c", every=1, resumed=old).seconds() < 1810
+    new = Artifact(kind="checkpoint", tensors={}, config={}, preprocessing={}, seed=0,
+                   info={"seconds": 50.0, "finished": {"p17": {"seconds": 1200.0}}})
+    assert 50 <= Checkpoint(path=tmp_path / "c", every=1, resumed=new).seconds() < 60
+
+
 def test_students_resume_a_scale_at_another_size(tmp_path: Path) -> None:
     # p17@18 is a second p=17 scale, on the images reduced to 18²: its own checkpoint entries.
     root = _data(tmp_path / "data")

@@ -2,7 +2,7 @@
 
 Every test passes ``environ`` explicitly (or sets the process environment with monkeypatch),
 writes its own TOML file under ``tmp_path`` and checks one rule of docs/usage.md "Settings".
-The expected preset values are copied from ``STUDENT_PRESETS`` in stad/config.py (METHOD.md §4
+The expected preset values are copied from ``STUDENT_PRESETS`` in stad/config.py (docs/method.md §4
 for "paper"; "fast" is stad's own CPU preset).
 """
 

@@ -156,6 +156,7 @@ def documented_benchmark_commands() -> list[tuple[str, str]]:
                 line = re.split(r"\s#|\s[|>]|\s2>|\s&&", line)[0].strip()
                 line = re.sub(r"^(\S+=\S+\s+)+", "", line)  # VAR=value in front
                 line = re.sub(r"\s\[[^\]]*\]", "", line)  # [--optional parts] left out
+                line = re.sub(r"^\S*/bin/python ", "python ", line)  # .venv/bin/python
                 if line.startswith("python benchmarks/"):
                     found.append((doc.name, line))
     return found

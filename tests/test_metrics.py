@@ -2,7 +2,7 @@
 
 Every expected number says where it comes from: a curve worked out by hand in the comment
 beside it, the brute-force reference below (written from the procedure's description in
-METHOD.md §6, one threshold at a time), or scikit-learn called directly.
+docs/method.md §6, one threshold at a time), or scikit-learn called directly.
 """
 
 from __future__ import annotations

@@ -73,7 +73,8 @@ def test_forward_rejects_wrong_shapes(patch_size: int) -> None:
             net(torch.zeros(shape))
 
 
-# Hand counts from the table in METHOD.md §1: weights k·k·c_in·c_out plus c_out biases per conv.
+# Hand counts from the table in docs/method.md §1: weights k·k·c_in·c_out plus c_out biases
+# per conv.
 #   p=17: 6·6·3·128+128 + 5·5·128·256+256 + 5·5·256·256+256 + 4·4·256·128+128           = 2 996 480
 #   p=33: 5·5·3·128+128 + 5·5·128·256+256 + 2·2·256·256+256 + 4·4·256·128+128           = 1 616 000
 #   p=65: 5·5·3·128+128 + 5·5·128·128+128 + 5·5·128·256+256 + 4·4·256·256+256 + 256·128+128
@@ -234,7 +235,7 @@ def test_dense_rejects_bad_input() -> None:
 
 
 def test_dense_gradient_reaches_every_parameter() -> None:
-    # Students train through dense (METHOD.md §4): every parameter must get a gradient.
+    # Students train through dense (docs/method.md §4): every parameter must get a gradient.
     net = _network(65, seed=0)
     net.dense(_images((1, 3, 4, 5), seed=1)).square().mean().backward()
     for name, param in net.named_parameters():
@@ -270,11 +271,12 @@ def test_count_macs_matches_torch_flop_counter(patch_size: int) -> None:
 def test_count_macs_near_method_figures(
     patch_size: int, method_gmac: float, tolerance: float
 ) -> None:
-    # METHOD.md §2 quotes ≈202/118/185 GMAC at 256×256; our exact counts (checked against torch's
-    # flop counter above) are 201.9/115.5/175.2. We pad only the pixels the network reads (16/31/59
-    # in all, not p - 1) and the stride-1 pools shrink the map too; padding by p - 1 and ignoring
-    # the pools gives 201.9/118.0/187.3, close to METHOD's figures, which are approximate.
+    # docs/method.md §2 quotes ≈202/118/185 GMAC at 256×256; our exact counts (checked against
+    # torch's flop counter above) are 201.9/115.5/175.2. We pad only the pixels the network
+    # reads (16/31/59 in all, not p - 1) and the stride-1 pools shrink the map too; padding by
+    # p - 1 and ignoring the pools gives 201.9/118.0/187.3, close to docs/method.md's figures,
+    # which are approximate.
     gmac = count_macs(patch_size, 256, 256) / 1e9
     assert abs(gmac - method_gmac) / method_gmac < tolerance
     ensemble = sum(4 * count_macs(p, 256, 256) for p in PATCH_SIZES) / 1e12
-    assert abs(ensemble - 2.0) < 0.05  # METHOD: 3 scales × (1 teacher + 3 students) ≈ 2.0 TMAC
+    assert abs(ensemble - 2.0) < 0.05  # method.md: 3 scales × (1 teacher + 3 students) ≈ 2.0 TMAC

@@ -452,6 +452,16 @@ def test_a_broken_pipe_that_is_not_stdout_is_not_hidden(
     assert result.exit_code == 1 and "unexpected error: BrokenPipeError" in result.output
 
 
+def test_a_missing_model_says_what_to_give(tmp_path: Path, tiny_data: Path):
+    result = runner.invoke(app, ["score", "--model", str(tmp_path / "none.safetensors"),
+                                 str(tiny_data / "grain" / "test")])
+    assert result.exit_code == 4 and "from `stad fit-students`" in result.output
+    # a name too long to look up is still the artifact's one-line error, not a crash
+    result = runner.invoke(app, ["score", "--model", str(tmp_path / ("a" * 300)),
+                                 str(tiny_data / "grain" / "test")])
+    assert result.exit_code == 4 and "unexpected" not in result.output, result.output
+
+
 def test_a_run_that_fails_to_start_leaves_the_output_alone(tiny_data: Path, tmp_path: Path):
     log = tmp_path / "scores.jsonl"
     log.write_text('{"path": "a.png", "score": 1.0}\n')

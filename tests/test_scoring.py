@@ -1,4 +1,4 @@
-"""Scoring, calibration and thresholds (METHOD.md §5) on tiny untrained models."""
+"""Scoring, calibration and thresholds (docs/method.md §5) on tiny untrained models."""
 
 from __future__ import annotations
 

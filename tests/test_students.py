@@ -1,4 +1,4 @@
-"""Student training invariants (METHOD.md §4) on tiny data."""
+"""Student training invariants (docs/method.md §4) on tiny data."""
 
 from __future__ import annotations
 

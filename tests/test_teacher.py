@@ -1,4 +1,4 @@
-"""Tests of stad.training.teacher: teacher pretraining (METHOD.md §3) on tiny data, CPU only.
+"""Tests of stad.training.teacher: teacher pretraining (docs/method.md §3) on tiny data, CPU only.
 
 Images are smooth random fields (8×8 noise upsampled bicubically to 48×48) written by each test,
 so that a patch shifted by two pixels still looks like itself. The ResNet-18 "backbone" is a

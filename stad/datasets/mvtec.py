@@ -43,7 +43,7 @@ def _category_dir(root: Path, category: str) -> Path:
     if not (path / "train" / GOOD).is_dir():
         found = ", ".join(mvtec_categories(root)) or "none"
         # --root given as the category's own folder (mvtec/bottle, not mvtec)
-        hint = (f"; {root} is a category folder itself: pass --root {root.parent}"
+        hint = (f"; {root} is a category folder itself: pass --root {root.absolute().parent}"
                 if (root / "train" / GOOD).is_dir() else "")
         raise DataError(f"category '{category}' not found under {root} "
                         f"(no {path / 'train' / GOOD}); categories there: {found}{hint}")

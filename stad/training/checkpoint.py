@@ -189,7 +189,14 @@ class Checkpoint:
     def seconds(self, since: float | None = None) -> float:
         """The run's time so far: since ``since`` (a ``time.perf_counter()``; else since this
         checkpoint was opened) in this process, plus what the runs it resumes recorded."""
-        before = self.resumed.info.get("seconds") if self.resumed is not None else None
+        info = self.resumed.info if self.resumed is not None else {}
+        before = info.get("seconds")
+        if before is None:  # a checkpoint of an older stad: what its scales recorded
+            finished = info.get("finished") if isinstance(info.get("finished"), dict) else {}
+            progress = info.get("progress") if isinstance(info.get("progress"), dict) else {}
+            before = sum(v for v in [*(s.get("seconds") for s in finished.values()
+                                       if isinstance(s, dict)), progress.get("seconds")]
+                         if finite_number(v) and v > 0)
         earlier = float(before) if finite_number(before) and before > 0 else 0.0
         return earlier + time.perf_counter() - (self._started if since is None else since)
 

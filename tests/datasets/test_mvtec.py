@@ -176,10 +176,14 @@ def test_a_category_typed_with_a_trailing_slash_is_the_folder(tmp_path: Path) ->
     assert select_data(settings).category == "bottle"
 
 
-def test_a_root_that_is_the_category_folder_says_so(tmp_path: Path) -> None:
+def test_a_root_that_is_the_category_folder_says_so(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     make_mvtec(tmp_path)
     with pytest.raises(DataError, match=f"is a category folder itself: pass --root {tmp_path}$"):
         _samples(tmp_path / "bottle", "bottle", "train")
+    monkeypatch.chdir(tmp_path / "bottle")  # --root . inside the category: its parent, named
+    with pytest.raises(DataError, match=f"is a category folder itself: pass --root {tmp_path}$"):
+        _samples(Path("."), "bottle", "train")
 
 
 def test_the_model_records_the_root_absolute(tmp_path: Path,
