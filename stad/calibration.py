@@ -9,6 +9,7 @@ threshold; :func:`validation_samples` finds the images ``fit-students`` held bac
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
@@ -359,8 +360,11 @@ def validation_samples(selection: DataSelection, info: dict[str, Any]) -> list[S
     if not wanted:
         raise DataError("the model holds no record of validation images (students.val_fraction "
                         "was 0); refit with a held-back share or give the dataset a val split")
-    by_name = dict(zip(relative_names(selection.samples("train"), selection.root),
-                       selection.samples("train"), strict=True))
+    train = selection.samples("train")
+    by_name = dict(zip(relative_names(train, selection.root), train, strict=True))
+    # a model fitted before relative_name made both sides absolute recorded the absolute path
+    # of an image that its adapter listed absolute under a relative root
+    by_name.update((os.path.abspath(s.image), s) for s in train if s.image.is_absolute())
     missing = [w for w in wanted if w not in by_name]
     if missing:
         raise DataError(f"validation images recorded in the model are missing from "

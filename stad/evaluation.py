@@ -42,6 +42,10 @@ def collect(model: Networks, samples: Sequence[Sample], settings: Settings, *,
                                             what="evaluating"), strict=True):
         shape = m.maps["fused"].shape
         mask = load_mask(sample.mask, shape) if sample.mask is not None else np.zeros(shape, bool)
+        if sample.label == "normal" and mask.any():
+            raise DataError(f"mask {sample.mask} of the normal image {sample.image} marks "
+                            f"{int(mask.sum())} pixel(s) anomalous; a normal image's mask must be "
+                            "all zero (or none)")
         scores = {k: image_score(v, settings.score) for k, v in m.maps.items()}
         out.append(Evaluated(sample, m.maps, mask, scores))
     return out

@@ -70,7 +70,7 @@ def is_image_file(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_SUFFIXES
 
 
-def _open(path: Path) -> Image.Image:
+def _open(path: Path, kind: str = "image") -> Image.Image:
     # Pillow refuses images above twice its limit while opening them, before stad can; a limit
     # below stad's is raised to it (never lowered, and None, no limit, is kept), once for all
     # threads. No warning filter is set: that would not be thread-safe.
@@ -80,22 +80,22 @@ def _open(path: Path) -> Image.Image:
     try:
         with Image.open(path) as img:  # reads the header only
             if img.width * img.height > MAX_PIXELS:
-                raise DataError(f"image {path} claims {img.width}×{img.height} pixels, more than "
+                raise DataError(f"{kind} {path} claims {img.width}×{img.height} pixels, more than "
                                 f"the {MAX_SIDE}² stad reads; make it smaller")
             img.load()  # decode now, so that truncation is found here
             return img.copy() if img.mode != "P" else img.convert("RGBA")
     except FileNotFoundError:
-        raise DataError(f"image {path} does not exist") from None
+        raise DataError(f"{kind} {path} does not exist") from None
     except IsADirectoryError:
-        raise DataError(f"image {path} is a folder, not an image file") from None
+        raise DataError(f"{kind} {path} is a folder, not an image file") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):  # the warning: if
         # the user's filters make it an error; Pillow raises the error above twice its limit
-        raise DataError(f"image {path} has more than the {MAX_SIDE}² pixels stad reads; make it "
+        raise DataError(f"{kind} {path} has more than the {MAX_SIDE}² pixels stad reads; make it "
                         "smaller") from None
     except UnidentifiedImageError:
-        raise DataError(f"{path} is not a readable image (unknown format)") from None
+        raise DataError(f"{kind} {path} is not a readable image (unknown format)") from None
     except (OSError, ValueError, SyntaxError, EOFError, struct.error) as exc:
-        raise DataError(f"image {path} cannot be decoded ({exc}); is it truncated?") from None
+        raise DataError(f"{kind} {path} cannot be decoded ({exc}); is it truncated?") from None
 
 
 def load_image(path: str | Path) -> np.ndarray:
@@ -187,7 +187,7 @@ def load_mask(path: str | Path, shape: tuple[int, int] | None = None) -> np.ndar
         bool array of shape (H, W).
     """
     path = Path(path)
-    img = _open(path)
+    img = _open(path, "mask")
     if img.mode not in ("L", "1", "P", "RGBA", "RGB", "LA", "I;16", "I"):
         raise DataError(f"mask {path} has unsupported mode {img.mode}")
     arr = np.asarray(img.convert("L") if img.mode not in ("L", "1") else img)

@@ -45,6 +45,7 @@ from stad.errors import (
     EXIT_PLUGIN,
     EXIT_SKIPPED,
     EXIT_USAGE,
+    DataError,
 )
 from stad.images import MAX_PIXELS
 
@@ -315,6 +316,30 @@ def test_bad_mask_given_to_evaluate(fitted: Fitted, tmp_path: Path, problem: str
         expected = "not binary"
     result = _expect(_run("evaluate", "--model", fitted.model, "--root", data), EXIT_DATA)
     assert mask.name in result.stderr and expected in result.stderr
+
+
+
+def test_a_normal_image_whose_mask_marks_anomalous_pixels(fitted: Fitted, tmp_path: Path) -> None:
+    """A plugin may give normal images a mask; one that marks pixels contradicts the label and
+    would count those pixels as missed defects."""
+    from stad.api import load_model
+    from stad.config import Settings
+    from stad.datasets.base import Sample
+    from stad.evaluation import collect
+
+    mask = tmp_path / "mask.png"
+    values = np.zeros((32, 32), np.uint8)
+    values[:2, :3] = 255
+    Image.fromarray(values).save(mask)
+    model = load_model(fitted.model, device="cpu")
+    sample = Sample(image=fitted.image, mask=mask, label="normal", split="test")
+    with pytest.raises(DataError) as info:
+        collect(model.networks, [sample], Settings(), device=model.device)
+    assert str(info.value) == (f"mask {mask} of the normal image {fitted.image} marks 6 pixel(s) "
+                               "anomalous; a normal image's mask must be all zero (or none)")
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(mask)  # an empty mask is fine
+    (item,) = collect(model.networks, [sample], Settings(), device=model.device)
+    assert not item.mask.any()
 
 
 # ---- artifacts ---------------------------------------------------------------------------------

@@ -415,7 +415,8 @@ def test_third_party_cannot_shadow_a_builtin(plugin: Callable[[str, str], str],
     assert adapter.entry.distribution == "stad"
     assert type(adapter._adapter).__name__ == "MVTecAdapter"
     loser = next(e for e in mvtecs if e.distribution == "stad-evil")
-    assert registry.check(loser).startswith("duplicate name")
+    assert registry.check(loser) == ("not used: 'mvtec' is a built-in adapter of stad; rename "
+                                     "this entry point")
     assert not marker.exists() and evil not in sys.modules
 
 
@@ -476,6 +477,8 @@ def test_cli_using_a_broken_adapter_exits_5(plugin: Callable[[str, str], str],
                                             monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
                                             stem: str, source: str) -> None:
     name = f"my{stem}"
+    for i in range(2):  # the files FAILS_HALF_WAY lists before it fails (`show` checks them)
+        (tmp_path / f"{i}.png").write_bytes(b"")
     _use(monkeypatch, [*BUILTINS, _ep(name, f"{plugin(stem, source)}:Adapter", "stad-x", "1")])
     result = CliRunner().invoke(app, ["datasets", "show", "--dataset", name,
                                       "--root", str(tmp_path), "--category", "c"])
@@ -495,3 +498,229 @@ def test_cli_using_a_duplicate_name_exits_5(plugin: Callable[[str, str], str],
                                       "--root", str(tmp_path), "--category", "c"])
     assert result.exit_code == 5
     assert "stad-a 1.0" in result.stderr and "stad-b 2.0" in result.stderr
+
+
+# ---- plugins that end the process, mislabel or repeat samples (a plugin author's review) -------
+
+EXITS_ON_IMPORT = '''
+import sys
+sys.exit({code!r})
+'''
+
+EXITS_IN_SAMPLES = '''
+import sys
+from stad.datasets import API_VERSION
+
+class Adapter:
+    api_version = API_VERSION
+    description = "gives up"
+    def categories(self, root): return ["c"]
+    def samples(self, root, category, split):
+        sys.exit(0)
+'''
+
+PRINTS_ON_IMPORT = GOOD + '''
+print("loading the plugin...")
+'''
+
+REPEATS = '''
+from pathlib import Path
+from stad.datasets import API_VERSION, Sample
+
+class Adapter:
+    api_version = API_VERSION
+    description = "lists its image twice, the second time absolute"
+    def categories(self, root): return ["c"]
+    def samples(self, root, category, split):
+        yield Sample(image=Path(root) / "0.png", mask=None, label="normal", split=split)
+        yield Sample(image=(Path(root) / "0.png").absolute(), mask=None, label="normal",
+                     split=split)
+'''
+
+CATEGORIES_RETURN = '''
+from pathlib import Path
+from stad.datasets import API_VERSION
+
+class Adapter:
+    api_version = API_VERSION
+    description = "categories of the wrong type"
+    def categories(self, root): return {value}
+    def samples(self, root, category, split): return iter([])
+'''
+
+API_VERSION_OF = '''
+class Adapter:
+    {attribute}
+    description = "an api_version to check"
+    def categories(self, root): return []
+    def samples(self, root, category, split): return iter([])
+
+adapter = Adapter()
+'''
+
+
+@pytest.mark.parametrize("code", [0, "this plugin needs opencv; pip install opencv-python"])
+def test_a_plugin_ending_the_process_on_import_is_its_fault(
+        plugin: Callable[[str, str], str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+        code: int | str) -> None:
+    mod = plugin("exits", EXITS_ON_IMPORT.format(code=code))
+    _use(monkeypatch, [*BUILTINS, _ep("exits", f"{mod}:Adapter", "stad-exits", "0.1")])
+    message = _plugin_error("exits")
+    assert "failed to import: SystemExit" in message and str(code) in message
+    assert "report it to stad-exits's authors or uninstall it" in message
+    listed = CliRunner().invoke(app, ["datasets", "list", "--json"])
+    assert listed.exit_code == 0, listed.output
+    rows = {r["name"]: r["status"] for r in map(json.loads, listed.stdout.splitlines())}
+    assert rows["mvtec"] == "ok" and rows["exits"].startswith("error:")
+    used = CliRunner().invoke(app, ["datasets", "show", "--dataset", "exits",
+                                    "--root", str(tmp_path), "--category", "c"])
+    assert used.exit_code == 5 and used.stderr.startswith("stad: error:")
+
+
+def test_a_plugin_ending_the_process_in_samples_is_its_fault(
+        plugin: Callable[[str, str], str], monkeypatch: pytest.MonkeyPatch,
+        tmp_path: Path) -> None:
+    _use(monkeypatch, [_ep("quits", f"{plugin('quits', EXITS_IN_SAMPLES)}:Adapter", "q", "1")])
+    result = CliRunner().invoke(app, ["datasets", "show", "--dataset", "quits",
+                                      "--root", str(tmp_path), "--category", "c"])
+    assert result.exit_code == 5, result.output
+    assert "failed in samples(): SystemExit" in result.stderr
+
+
+def test_what_a_plugin_prints_on_import_does_not_reach_json_stdout(
+        plugin: Callable[[str, str], str], monkeypatch: pytest.MonkeyPatch) -> None:
+    _use(monkeypatch, [*BUILTINS, _ep("chatty", f"{plugin('chatty', PRINTS_ON_IMPORT)}:Adapter")])
+    result = CliRunner().invoke(app, ["datasets", "list", "--json"])
+    assert result.exit_code == 0, result.output
+    assert [json.loads(line)["name"] for line in result.stdout.splitlines()] == [
+        "chatty", "folder", "mvtec"]
+    assert "loading the plugin..." in result.stderr
+
+
+def test_an_image_listed_twice_is_a_plugin_fault(plugin: Callable[[str, str], str],
+                                                 monkeypatch: pytest.MonkeyPatch,
+                                                 tmp_path: Path) -> None:
+    monkeypatch.chdir(tmp_path)
+    _use(monkeypatch, [_ep("twice", f"{plugin('twice', REPEATS)}:Adapter", "stad-twice", "1")])
+    with pytest.raises(PluginError, match=r"yielded .*0\.png twice in the train split"):
+        registry.get_adapter("twice").list_samples(Path("data"), "c", "train")
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    ('"widget"', "categories() returned str, not a list of str"),
+    ('[Path("widget")]', "categories() returned a list holding PosixPath"),
+])
+def test_categories_of_the_wrong_type_are_a_plugin_fault(
+        plugin: Callable[[str, str], str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+        value: str, expected: str) -> None:
+    mod = plugin("cats", CATEGORIES_RETURN.format(value=value))
+    _use(monkeypatch, [_ep("cats", f"{mod}:Adapter", "stad-cats", "1")])
+    if "Path" in value and os.name == "nt":
+        expected = expected.replace("PosixPath", "WindowsPath")
+    with pytest.raises(PluginError) as info:
+        registry.get_adapter("cats").categories(tmp_path)
+    assert expected in str(info.value) and "'cats'" in str(info.value)
+
+
+@pytest.mark.parametrize(("attribute", "target", "expected"), [
+    ("pass", "Adapter", "has no class attribute api_version"),
+    ('api_version = "1"', "Adapter", "has api_version '1', not a whole number"),
+    ("api_version = 0", "Adapter", "speaks adapter API 0, this stad speaks 1; upgrade the plugin"),
+    ("api_version = 1", "adapter", "names a Adapter, not a class"),
+])
+def test_api_version_messages_say_what_is_wrong(plugin: Callable[[str, str], str],
+                                                monkeypatch: pytest.MonkeyPatch, attribute: str,
+                                                target: str, expected: str) -> None:
+    mod = plugin("api", API_VERSION_OF.format(attribute=attribute))
+    _use(monkeypatch, [_ep("api", f"{mod}:{target}", "stad-api", "1")])
+    assert expected in _plugin_error("api")
+
+
+def test_an_entry_point_naming_a_module_is_not_a_class(plugin: Callable[[str, str], str],
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    mod = plugin("module", GOOD)
+    _use(monkeypatch, [_ep("module", mod, "stad-module", "1")])
+    assert "names a module, not a class" in _plugin_error("module")
+
+
+def test_datasets_show_checks_that_listed_files_exist(plugin: Callable[[str, str], str],
+                                                      monkeypatch: pytest.MonkeyPatch,
+                                                      tmp_path: Path) -> None:
+    source = '''
+from pathlib import Path
+from stad.datasets import API_VERSION, Sample
+
+class Adapter:
+    api_version = API_VERSION
+    description = "lists a mask that is not there"
+    def categories(self, root): return ["c"]
+    def samples(self, root, category, split):
+        if split == "test":
+            yield Sample(image=Path(root) / "bad.png", mask=Path(root) / "bad_mask.png",
+                         label="anomalous", split="test", defect="crack")
+'''
+    (tmp_path / "bad.png").write_bytes(b"")
+    _use(monkeypatch, [_ep("nomask", f"{plugin('nomask', source)}:Adapter", "stad-nomask", "1")])
+    result = CliRunner().invoke(app, ["datasets", "show", "--dataset", "nomask",
+                                      "--root", str(tmp_path), "--category", "c"])
+    assert result.exit_code == 3, result.output
+    assert result.stderr.strip() == (f"stad: error: mask {tmp_path / 'bad_mask.png'} of image "
+                                     f"{tmp_path / 'bad.png'} (test split) does not exist")
+
+
+@pytest.mark.parametrize(("label", "defect"), [("normal", "scratch"), ("anomalous", "good")])
+def test_a_sample_whose_defect_contradicts_its_label_is_refused(label: str, defect: str) -> None:
+    with pytest.raises(ValueError, match="'good' for normal images and only for them"):
+        Sample(image=Path("x.png"), mask=None, label=label, split="test", defect=defect)
+
+
+def test_absolute_paths_under_a_relative_root_are_named_relative_to_it(
+        plugin: Callable[[str, str], str], monkeypatch: pytest.MonkeyPatch,
+        tmp_path: Path) -> None:
+    """An adapter that resolves its paths, used with a relative --root: the names fit-students
+    records for its held-back images are found again by calibrate, whose root is absolute."""
+    from stad.calibration import validation_samples
+    from stad.datasets.selection import DataSelection, relative_name, relative_names
+
+    source = '''
+from pathlib import Path
+from stad.datasets import API_VERSION, Sample
+
+class Adapter:
+    api_version = API_VERSION
+    description = "resolves its paths"
+    def categories(self, root): return ["c"]
+    def samples(self, root, category, split):
+        if split == "train":
+            for i in range(3):
+                yield Sample(image=(Path(root) / category / f"{i}.png").resolve(), mask=None,
+                             label="normal", split="train")
+'''
+    monkeypatch.chdir(tmp_path)
+    _use(monkeypatch, [_ep("resolving", f"{plugin('resolving', source)}:Adapter", "r", "1")])
+    adapter = registry.get_adapter("resolving")
+    at_fit = DataSelection(adapter, Path("data"), "c")
+    names = relative_names(at_fit.samples("train"), at_fit.root)
+    assert names == [str(Path("c") / f"{i}.png") for i in range(3)]
+    at_calibrate = DataSelection(adapter, (tmp_path / "data").resolve(), "c")
+    info = {"data": {"validation": {"images": names[1:]}}}
+    assert [s.image.name for s in validation_samples(at_calibrate, info)] == ["1.png", "2.png"]
+    # a model that recorded the absolute path (as stad did before) is read too
+    old = {"data": {"validation": {"images": [str((tmp_path / "data/c/2.png").resolve())]}}}
+    assert [s.image.name for s in validation_samples(at_calibrate, old)] == ["2.png"]
+    assert relative_name(Path("data/c/0.png"), (tmp_path / "data").resolve()) == \
+        str(Path("c/0.png"))
+    assert relative_name(Path("/elsewhere/0.png"), Path("data")) == "/elsewhere/0.png"
+
+
+def test_a_resolved_path_under_a_root_reached_through_a_link(tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch
+                                                             ) -> None:
+    from stad.datasets.selection import relative_name
+
+    (tmp_path / "real" / "data" / "c").mkdir(parents=True)
+    image = tmp_path / "real" / "data" / "c" / "0.png"
+    image.write_bytes(b"")
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    monkeypatch.chdir(tmp_path / "link")
+    assert relative_name(image.resolve(), Path("data")) == str(Path("c/0.png"))

@@ -43,7 +43,7 @@ def _items(tmp_path: Path) -> list[Evaluated]:
         amap = rng.standard_normal((24, 32)).astype(np.float32) + 3 * mask
         sample = Sample(image=path, mask=path if anomalous else None,
                         label="anomalous" if anomalous else "normal", split="test",
-                        defect="cr<ack>" if anomalous else None)
+                        defect="cr<ack>" if anomalous else "good")
         items.append(Evaluated(sample, {"p17": amap, "fused": amap}, mask,
                                {"p17": float(amap.max()), "fused": float(amap.max())}))
     return items
@@ -82,7 +82,7 @@ def test_the_page_is_self_contained_and_escapes_names(tmp_path: Path) -> None:
 
 def test_the_markdown_keeps_hostile_names_inside_their_cells(tmp_path: Path) -> None:
     hostile = "a|b <img src=x> `c`\n*d* broken_large"
-    items = [replace(e, sample=replace(e.sample, defect=hostile)) if e.sample.defect else e
+    items = [replace(e, sample=replace(e.sample, defect=hostile)) if e.sample.label == "anomalous" else e
              for e in _items(tmp_path)]
     result = compute_metrics(items, 0.3)
     text = markdown(result, "t | <b>", {"calibration": {"normalize": "position",

@@ -24,6 +24,8 @@ API_VERSION = 1
 Label = Literal["normal", "anomalous"]
 Split = Literal["train", "val", "test"]
 SPLITS: tuple[Split, ...] = ("train", "val", "test")
+NORMAL_DEFECT = "good"
+"""The defect type of every normal image (MVTec AD's name)."""
 LABELS: tuple[Label, ...] = ("normal", "anomalous")
 
 
@@ -55,6 +57,9 @@ class Sample:
             raise ValueError(f"Sample.split must be one of {SPLITS}, got {self.split!r}")
         if self.split in ("train", "val") and self.label != "normal":
             raise ValueError(f"{self.split} samples must be normal: {self.image}")
+        if (self.defect == NORMAL_DEFECT) != (self.label == "normal"):
+            raise ValueError(f"Sample.defect is {NORMAL_DEFECT!r} for normal images and only for "
+                             f"them; got {self.defect!r} for a {self.label} image: {self.image}")
 
 
 @runtime_checkable

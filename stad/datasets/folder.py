@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import ClassVar
 
-from stad.datasets.base import API_VERSION, Sample, Split, check_pairs
+from stad.datasets.base import API_VERSION, NORMAL_DEFECT, Sample, Split, check_pairs
 from stad.datasets.mvtec import image_files, visible_dirs
 from stad.errors import DataError
 
@@ -53,6 +53,9 @@ def _anomalous(base: Path) -> Iterator[Sample]:
         return
     groups = [(ANOMALOUS, test, base / "masks")]
     groups += [(d.name, d, base / "masks" / d.name) for d in visible_dirs(test)]
+    if (test / NORMAL_DEFECT) in [folder for _, folder, _ in groups]:
+        raise DataError(f"{test / NORMAL_DEFECT}: a defect type may not be named "
+                        f"'{NORMAL_DEFECT}', the name of normal images; rename the folder")
     has_masks = (base / "masks").is_dir()
     missing: list[Path] = []
     ambiguous: list[Path] = []

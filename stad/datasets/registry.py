@@ -10,7 +10,11 @@ are registered through the same group, so that path is exercised on every run.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata as md
+import inspect
+import os
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -38,6 +42,17 @@ class AdapterEntry:
     def label(self) -> str:
         where = f"{self.distribution} {self.version}"
         return f"dataset adapter '{self.name}' ({self.value}, from {where})"
+
+    def advice(self) -> str:
+        """What the user can do about a fault of this plugin."""
+        if self.distribution == BUILTIN_DISTRIBUTION:
+            return "a bug in stad: please report it"
+        return f"a fault of the plugin: report it to {self.distribution}'s authors or uninstall it"
+
+
+# A plugin's code may end the process (sys.exit, in a module that needs what is not installed):
+# that is its fault too, never a silent exit 0 of the command that loaded it.
+_PLUGIN_FAULTS = (Exception, SystemExit)
 
 
 def _entry_points() -> list[md.EntryPoint]:
@@ -100,21 +115,41 @@ def _find(name: str) -> AdapterEntry:
 
 
 def load_entry(entry: AdapterEntry) -> DatasetAdapter:
-    """Import and instantiate one adapter, checking its API version."""
+    """Import and instantiate one adapter, checking its API version.
+
+    What the plugin prints while it is imported and started goes to stderr, so that it cannot
+    corrupt a command's ``--json`` output."""
+    with contextlib.redirect_stdout(sys.stderr):
+        return _load_entry(entry)
+
+
+def _load_entry(entry: AdapterEntry) -> DatasetAdapter:
     try:
         factory = md.EntryPoint(name=entry.name, value=entry.value, group=GROUP).load()
-    except Exception as exc:  # a plugin can raise anything on import
-        raise PluginError(f"{entry.label()} failed to import: {type(exc).__name__}: {exc}") from exc
+    except _PLUGIN_FAULTS as exc:  # a plugin can raise anything on import
+        raise PluginError(f"{entry.label()} failed to import: {type(exc).__name__}: {exc}; "
+                          f"{entry.advice()}") from exc
+    if not inspect.isclass(factory):
+        raise PluginError(f"{entry.label()} names a {type(factory).__name__}, not a class; the "
+                          "entry point must name the adapter class, as 'module:Class'")
     version = getattr(factory, "api_version", None)
+    if version is None:
+        raise PluginError(f"{entry.label()} has no class attribute api_version; set it to the "
+                          f"adapter API it was written for (this stad speaks {API_VERSION})")
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise PluginError(f"{entry.label()} has api_version {version!r}, not a whole number; "
+                          f"this stad speaks {API_VERSION}")
     if version != API_VERSION:
+        newer = "the plugin" if version < API_VERSION else "stad"
         raise PluginError(
-            f"{entry.label()} speaks adapter API {version!r}, this stad speaks {API_VERSION}; "
-            "upgrade the plugin or stad"
+            f"{entry.label()} speaks adapter API {version}, this stad speaks {API_VERSION}; "
+            f"upgrade {newer}"
         )
     try:
         adapter = factory()
-    except Exception as exc:
-        raise PluginError(f"{entry.label()} failed to start: {type(exc).__name__}: {exc}") from exc
+    except _PLUGIN_FAULTS as exc:
+        raise PluginError(f"{entry.label()} failed to start: {type(exc).__name__}: {exc}; "
+                          f"{entry.advice()}") from exc
     for method in ("categories", "samples"):
         if not callable(getattr(adapter, method, None)):
             raise PluginError(f"{entry.label()} has no {method}() method")
@@ -145,12 +180,12 @@ class Adapter:
             return fn()
         except StadError:
             raise
-        except Exception as exc:
+        except _PLUGIN_FAULTS as exc:
             if isinstance(exc, OSError) and exc.filename is not None:
                 raise DataError(f"cannot read {exc.filename}: {exc.strerror or exc} (dataset "
                                 f"adapter {self.name!r}, in {what})") from None
             raise PluginError(f"{self.entry.label()} failed in {what}: "
-                              f"{type(exc).__name__}: {exc}") from exc
+                              f"{type(exc).__name__}: {exc}; {self.entry.advice()}") from exc
 
     def default_root(self) -> Path | None:
         """The adapter's own data root when ``--root`` is not given (optional hook)."""
@@ -158,11 +193,20 @@ class Adapter:
         return Path(self._guard("default_root()", hook)) if callable(hook) else None
 
     def categories(self, root: Path) -> list[str]:
-        return self._guard("categories()", lambda: sorted(self._adapter.categories(Path(root))))
+        found = self._guard("categories()", lambda: self._adapter.categories(Path(root)))
+        if isinstance(found, str | bytes) or not isinstance(found, list | tuple | set | frozenset):
+            raise PluginError(f"{self.entry.label()}: categories() returned "
+                              f"{type(found).__name__}, not a list of str")
+        wrong = [c for c in found if not isinstance(c, str)]
+        if wrong:
+            raise PluginError(f"{self.entry.label()}: categories() returned a list holding "
+                              f"{type(wrong[0]).__name__} {wrong[0]!r}, not only str")
+        return sorted(found)
 
     def samples(self, root: Path, category: str, split: Split) -> Iterator[Sample]:
         it = self._guard("samples()", lambda: iter(self._adapter.samples(Path(root), category,
                                                                           split)))
+        seen: set[str] = set()  # each image once: a repeated one would count twice in metrics
         while True:
             sample = self._guard("samples()", lambda: next(it, _END))
             if sample is _END:
@@ -173,6 +217,11 @@ class Adapter:
             if sample.split != split:  # e.g. test images, anomalous ones too, listed as val
                 raise PluginError(f"{self.entry.label()} yielded a sample of split "
                                   f"{sample.split!r} ({sample.image}) when asked for {split!r}")
+            key = os.path.abspath(sample.image)
+            if key in seen:
+                raise PluginError(f"{self.entry.label()} yielded {sample.image} twice in the "
+                                  f"{split} split; each image must be listed once")
+            seen.add(key)
             yield sample
 
     def list_samples(self, root: Path, category: str, split: Split) -> list[Sample]:
@@ -194,6 +243,9 @@ def describe(entry: AdapterEntry) -> tuple[str, str]:
     """:func:`check`'s status and the adapter's one-line ``description`` ("" where it cannot be
     loaded)."""
     if entry.shadowed_by is not None:
+        if BUILTIN_DISTRIBUTION in entry.shadowed_by.split(", "):
+            return (f"not used: '{entry.name}' is a built-in adapter of stad; rename this entry "
+                    "point"), ""
         return f"duplicate name, also registered by {entry.shadowed_by}", ""
     try:
         adapter = load_entry(entry)

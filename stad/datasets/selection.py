@@ -25,11 +25,16 @@ class Listing:
 
 
 def relative_name(path: Path, root: Path) -> str:
-    """``path`` relative to ``root`` as recorded in artifacts (as given when outside it)."""
-    try:
-        return str(Path(path).relative_to(root))
-    except ValueError:
-        return str(path)
+    """``path`` relative to ``root`` as recorded in artifacts (as given when outside it).
+
+    An adapter may list absolute or resolved paths under a relative root, or the other way
+    round: both are made absolute, then resolved, before the path is given up as outside it."""
+    for made in (Path, lambda p: Path(os.path.abspath(p)), lambda p: Path(p).resolve()):
+        try:
+            return str(made(path).relative_to(made(root)))
+        except ValueError:
+            continue
+    return str(path)
 
 
 def relative_names(samples: Sequence[Sample], root: Path) -> list[str]:
@@ -105,13 +110,31 @@ def select_data(settings: Settings) -> DataSelection:
     return DataSelection(adapter=adapter, root=root, category=category)
 
 
+def _check_listed(sample: Sample) -> None:
+    """That a listed image, and its mask, are files (not whether they decode: that costs a
+    read of each)."""
+    for kind, path in (("image", sample.image), ("mask", sample.mask)):
+        if path is None:
+            continue
+        of = f" of image {sample.image}" if kind == "mask" else ""
+        try:
+            is_file = os.path.isfile(path)
+        except ValueError:  # a NUL character in a listed name
+            raise DataError(f"{kind} {str(path)!r}{of} is not a valid file name") from None
+        if not is_file:
+            problem = "is a folder, not a file" if os.path.isdir(path) else "does not exist"
+            raise DataError(f"{kind} {path}{of} ({sample.split} split) {problem}")
+
+
 def summarize(selection: DataSelection) -> dict[str, Any]:
-    """Counts per split, defect type and masks; listing all splits validates their pairing."""
+    """Counts per split, defect type and masks; listing all splits validates their pairing and
+    that every listed image and mask is a file."""
     splits: dict[str, Any] = {}
     for split in SPLITS:
         counts: Counter[str] = Counter()
         defects: Counter[str] = Counter()
         for s in selection.iter_samples(split):  # counted as listed: a collection is large
+            _check_listed(s)
             counts.update(images=1, normal=s.label == "normal",
                           anomalous=s.label == "anomalous", masks=s.mask is not None)
             defects[s.defect] += 1

@@ -262,3 +262,12 @@ def test_hidden_and_non_image_files_are_skipped(tmp_path: Path) -> None:
     assert [s.image.name for s in _samples(tmp_path, "parts", "train")] == ["t0.png", "t1.png"]
     anomalous = _anomalous(tmp_path)
     assert [(s.image.name, s.mask) for s in anomalous] == [("a0.png", base / "masks" / "a0.png")]
+
+
+def test_a_defect_folder_named_good_is_refused(tmp_path: Path) -> None:
+    rng = np.random.default_rng(9)
+    base = tmp_path / "parts"
+    _normal_parts(base, rng)
+    _png(base / "test" / "anomalous" / "good" / "0.png", rng)
+    with pytest.raises(DataError, match=r"anomalous/good: a defect type may not be named 'good'"):
+        _anomalous(tmp_path)

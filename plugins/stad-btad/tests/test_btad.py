@@ -169,22 +169,28 @@ def _installed() -> bool:
 @pytest.mark.skipif(not _installed(),
                     reason="stad-btad is not installed (pip install -e plugins/stad-btad)")
 def test_stad_discovers_the_installed_plugin(tmp_path: Path) -> None:
-    from stad.datasets.registry import check, discover, get_adapter
-
-    entries = {e.name: e for e in discover()}
-    assert "btad" in entries
-    entry = entries["btad"]
-    assert (entry.distribution, entry.value) == ("stad-btad", "stad_btad:BTADAdapter")
-    assert entry.shadowed_by is None
-    assert check(entry) == "ok"
-
+    """Through the command line only: stad's other modules are not the plugin's contract."""
     make_product(tmp_path, "01", test_ok=2, test_ko=2)
-    adapter = get_adapter("btad")
-    assert adapter.categories(tmp_path) == ["01"]
-    test = adapter.list_samples(tmp_path, "01", "test")
-    assert [s.label for s in test] == ["normal", "normal", "anomalous", "anomalous"]
-    with pytest.raises(DataError):  # a layout problem passes through as DataError (exit 3)
-        adapter.list_samples(tmp_path, "09", "train")
+
+    def stad(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "stad", *args], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=120)
+
+    listed = stad("datasets", "list", "--json")
+    assert listed.returncode == 0, listed.stderr
+    (row,) = [r for r in map(json.loads, listed.stdout.splitlines()) if r["name"] == "btad"]
+    assert (row["distribution"], row["entry_point"], row["status"]) == (
+        "stad-btad", "stad_btad:BTADAdapter", "ok")
+
+    shown = stad("datasets", "show", "--dataset", "btad", "--root", ".", "--json")
+    assert shown.returncode == 0, shown.stderr
+    summary = json.loads(shown.stdout)
+    assert summary["category"] == "01"  # the root's only category
+    assert summary["splits"]["test"]["normal"] == summary["splits"]["test"]["anomalous"] == 2
+
+    missing = stad("datasets", "show", "--dataset", "btad", "--root", ".", "--category", "09")
+    assert missing.returncode == 3  # a layout problem passes through as DataError (exit 3)
+    assert missing.stderr.startswith("stad: error:") and "09" in missing.stderr
 
 
 @pytest.mark.skipif(not _installed(),
