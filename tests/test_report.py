@@ -82,8 +82,8 @@ def test_the_page_is_self_contained_and_escapes_names(tmp_path: Path) -> None:
 
 def test_the_markdown_keeps_hostile_names_inside_their_cells(tmp_path: Path) -> None:
     hostile = "a|b <img src=x> `c`\n*d* broken_large"
-    items = [replace(e, sample=replace(e.sample, defect=hostile)) if e.sample.label == "anomalous" else e
-             for e in _items(tmp_path)]
+    items = [replace(e, sample=replace(e.sample, defect=hostile))
+             if e.sample.label == "anomalous" else e for e in _items(tmp_path)]
     result = compute_metrics(items, 0.3)
     text = markdown(result, "t | <b>", {"calibration": {"normalize": "position",
                                                         "smooth_sigma": 2.0}})
