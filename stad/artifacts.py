@@ -41,7 +41,7 @@ from safetensors.torch import save as st_save
 
 from stad._version import __version__
 from stad.errors import ArtifactError, UsageError
-from stad.fsutil import atomic_write_bytes
+from stad.fsutil import atomic_write_bytes, read_regular_file
 
 FORMAT_VERSION = 1
 KINDS = ("teacher", "model", "checkpoint")
@@ -151,7 +151,7 @@ def load_artifact(path: str | Path, *, kind: str | tuple[str, ...] | None = None
     """
     path = Path(path)
     try:
-        data = path.read_bytes()
+        data = read_regular_file(path)
     except FileNotFoundError:
         raise ArtifactError(f"artifact {path} does not exist") from None
     except IsADirectoryError:
@@ -263,7 +263,7 @@ def read_state_dict(path: Path, *, what: str) -> tuple[dict[str, torch.Tensor], 
         raise UsageError(f"{what} {path} must be a .safetensors or .pth/.pt file holding a "
                          "state dict")
     try:
-        data = path.read_bytes()
+        data = read_regular_file(path)
     except FileNotFoundError:
         raise UsageError(f"{what} {path} do not exist") from None
     except IsADirectoryError:

@@ -29,6 +29,7 @@ from pydantic import (
 )
 
 from stad.errors import UsageError
+from stad.fsutil import read_regular_file
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -436,8 +437,7 @@ SECTIONS = ("teacher", "students", "calibrate", "score", "evaluate")
 def read_config_file(path: Path) -> dict[str, Any]:
     """Parse a TOML config file; errors name the file."""
     try:
-        with open(path, "rb") as f:
-            return tomllib.load(f)
+        return tomllib.loads(read_regular_file(path).decode("utf-8"))
     except FileNotFoundError:
         raise UsageError(f"config file {path} does not exist") from None
     except UnicodeDecodeError:

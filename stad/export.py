@@ -44,7 +44,7 @@ from torch import nn
 
 from stad._version import __version__
 from stad.errors import ArtifactError, StadError, UsageError
-from stad.fsutil import atomic_write_bytes, check_output_file
+from stad.fsutil import atomic_write_bytes, check_output_file, read_regular_file
 from stad.images import check_preprocessing
 from stad.model import TTA, Inference, Networks, parse_scale_name
 
@@ -269,16 +269,42 @@ class OnnxNetworks:
         return self
 
 
+def _refuse_external_data(data: bytes, path: Path) -> None:
+    """Refuse a graph any of whose tensors (initializers, attributes, sub-graphs, functions)
+    points at data in another file: onnxruntime would read that file, relative to the current
+    folder, into the maps. stad's exports hold all their data in the one file."""
+    onnx = _require("onnx")
+    try:
+        model = onnx.load_model_from_string(data)  # never reads external data itself
+    except Exception as exc:  # protobuf's DecodeError and kin
+        raise ArtifactError(f"{path} is not a readable ONNX model: "
+                            f"{str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__}"
+                            ) from None
+    stack: list[Any] = [model]  # every message in the model, without recursion (depth is free)
+    while stack:
+        message = stack.pop()
+        if isinstance(message, onnx.TensorProto) and (
+                message.data_location == onnx.TensorProto.EXTERNAL or message.external_data):
+            raise ArtifactError(f"{path} keeps tensor {message.name!r} in another file; stad "
+                                "reads only self-contained ONNX models (as `stad export` writes)")
+        for descriptor, value in message.ListFields():
+            if descriptor.type != descriptor.TYPE_MESSAGE:
+                continue
+            items = [value] if hasattr(value, "ListFields") else value  # one, or repeated
+            stack.extend(v for v in items if hasattr(v, "ListFields"))
+
+
 def load_onnx(path: Path, *, threads: int | None = None) -> tuple[OnnxNetworks, dict[str, Any]]:
     """An exported model: the networks for scoring, and the info its metadata holds
     (``calibration``, ``data``)."""
     ort = _require("onnxruntime")
     try:
-        data = path.read_bytes()
+        data = read_regular_file(path)
     except FileNotFoundError:  # as a missing .safetensors artifact
         raise ArtifactError(f"model {path} does not exist") from None
     except OSError as exc:
         raise ArtifactError(f"model {path} cannot be read: {exc.strerror}") from None
+    _refuse_external_data(data, path)
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads:

@@ -184,6 +184,29 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
         tmp.write_bytes(data)
 
 
+class NotARegularFile(OSError):
+    """A FIFO, device or socket where a file is read: reading it could block or never end."""
+
+
+def read_regular_file(path: str | os.PathLike[str]) -> bytes:
+    """The bytes of the regular file ``path`` (a link to one is fine).
+
+    Raises the ``OSError`` of opening it (``FileNotFoundError``, ``IsADirectoryError``, ...) or
+    :class:`NotARegularFile`, whose ``strerror`` says so, for a FIFO, device or socket: it is
+    opened without blocking and refused before anything is read (a FIFO would wait for a
+    writer forever, ``/dev/zero`` would fill the memory).
+    """
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    with os.fdopen(fd, "rb") as f:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
+        if not stat.S_ISREG(mode):
+            raise NotARegularFile(errno.EINVAL, "not a regular file (a FIFO, device or socket)",
+                                  str(path))
+        return f.read()
+
+
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
     """Write ``text`` (UTF-8) to ``path`` atomically."""
     atomic_write_bytes(path, text.encode("utf-8"))

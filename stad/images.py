@@ -16,6 +16,8 @@ A file that cannot be read (missing, empty, truncated, not an image, too large) 
 
 from __future__ import annotations
 
+import os
+import stat
 import struct
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,6 +32,10 @@ from stad.artifacts import finite_number
 from stad.errors import ArtifactError, DataError
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
+# The decoders stad lets Pillow use, whatever a file's suffix: Pillow would otherwise try all of
+# its plugins, among them EPS, which runs Ghostscript on the file. (Pillow's JPEG decoder also
+# opens the multi-picture JPEGs of many cameras, as MPO.)
+IMAGE_FORMATS = ("PNG", "JPEG", "BMP", "TIFF", "WEBP")
 # Refuse decompression bombs: 16 384² pixels is far above any inspection image.
 MAX_SIDE = 16_384
 MAX_PIXELS = MAX_SIDE * MAX_SIDE
@@ -78,7 +84,10 @@ def _open(path: Path, kind: str = "image") -> Image.Image:
     if limit is not None and limit < MAX_PIXELS:
         Image.MAX_IMAGE_PIXELS = MAX_PIXELS
     try:
-        with Image.open(path) as img:  # reads the header only
+        if not stat.S_ISREG(os.stat(path).st_mode) and not os.path.isdir(path):
+            # a FIFO would block Pillow's open for ever, a device feed it without end
+            raise DataError(f"{kind} {path} is not a regular file (a FIFO, device or socket)")
+        with Image.open(path, formats=IMAGE_FORMATS) as img:  # reads the header only
             if img.width * img.height > MAX_PIXELS:
                 raise DataError(f"{kind} {path} claims {img.width}×{img.height} pixels, more than "
                                 f"the {MAX_SIDE}² stad reads; make it smaller")
@@ -93,7 +102,8 @@ def _open(path: Path, kind: str = "image") -> Image.Image:
         raise DataError(f"{kind} {path} has more than the {MAX_SIDE}² pixels stad reads; make it "
                         "smaller") from None
     except UnidentifiedImageError:
-        raise DataError(f"{kind} {path} is not a readable image (unknown format)") from None
+        raise DataError(f"{kind} {path} is not a readable image (stad reads PNG, JPEG, BMP, "
+                        "TIFF and WebP)") from None
     except (OSError, ValueError, SyntaxError, EOFError, struct.error) as exc:
         raise DataError(f"{kind} {path} cannot be decoded ({exc}); is it truncated?") from None
 

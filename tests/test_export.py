@@ -391,3 +391,34 @@ def test_int8_export_refuses_bad_requests(exported: tuple[Path, Path, Path],
                                    "--dataset", "mvtec", "--root", str(tmp_path / "nowhere")])
     assert out.exit_code == EXIT_DATA and "nowhere" in out.output, out.output
     assert not (tmp_path / "m.onnx").exists()
+
+
+@pytest.mark.parametrize("where", ["initializer", "attribute"])
+def test_an_onnx_model_reading_another_file_is_refused(exported: tuple[Path, Path, Path],
+                                                       tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch,
+                                                       where: str) -> None:
+    """onnxruntime reads a tensor's "external data" from a file relative to the current folder:
+    a crafted model could copy that file (a .env) into its maps and scores."""
+    from onnx import external_data_helper, helper
+
+    _, _, onnx_path = exported
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "secret.txt").write_bytes(b"db_password=hunter2")
+    proto = onnx.load(str(onnx_path))
+    tensor = onnx.TensorProto(name="secret", data_type=onnx.TensorProto.UINT8, dims=[19],
+                              raw_data=bytes(19))
+    external_data_helper.set_external_data(tensor, location="secret.txt")
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    tensor.ClearField("raw_data")
+    if where == "initializer":
+        proto.graph.initializer.append(tensor)
+    else:  # a Constant node's tensor attribute, its output unused
+        proto.graph.node.append(helper.make_node("Constant", [], ["unused"], value=tensor))
+    crafted = tmp_path / "crafted.onnx"
+    crafted.write_bytes(proto.SerializeToString())
+    with pytest.raises(ArtifactError, match="keeps tensor 'secret' in another file"):
+        stad.load_model(crafted)
+    image = str(next((exported[0] / "grain" / "test").glob("*/000.png")))
+    out = CliRunner().invoke(app, ["score", "--model", str(crafted), image])
+    assert out.exit_code == EXIT_ARTIFACT and "crafted.onnx" in out.stderr

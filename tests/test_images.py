@@ -8,6 +8,7 @@ come from the conversion table in docs/datasets.md ("Image files"): 8-bit values
 from __future__ import annotations
 
 import io
+import os
 import struct
 import warnings
 import zlib
@@ -387,3 +388,38 @@ def test_load_image_never_raises_anything_but_stad_errors(tmp_path: Path, data: 
             assert isinstance(result, np.ndarray)
             if load is load_image:
                 _check_rgb(result, result.shape[:2])
+
+
+EPS = b"""%!PS-Adobe-3.0 EPSF-3.0
+%%BoundingBox: 0 0 8 8
+newpath 0 0 moveto 8 8 lineto stroke
+showpage
+"""
+
+
+@pytest.mark.parametrize("fmt", ["EPS", "PPM", "GIF", "ICO"])
+def test_only_the_documented_formats_are_decoded(tmp_path: Path, fmt: str,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whatever the suffix: Pillow's EPS plugin would run Ghostscript on an attacker's file."""
+    marker = tmp_path / "gs-ran"
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    gs = bin_dir / "gs"
+    gs.write_text(f"#!/bin/sh\ntouch {marker}\nexit 1\n")
+    gs.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}")
+    path = tmp_path / "part.png"
+    if fmt == "EPS":
+        path.write_bytes(EPS)
+    else:
+        Image.new("RGB", (8, 8), (10, 200, 30)).save(path, format=fmt)
+    message = _data_error(path)
+    assert "not a readable image (stad reads PNG, JPEG, BMP, TIFF and WebP)" in message
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "BMP", "TIFF", "WEBP"])
+def test_the_documented_formats_are_read_whatever_the_suffix(tmp_path: Path, fmt: str) -> None:
+    path = tmp_path / "part.img"
+    Image.new("RGB", (8, 8), (10, 200, 30)).save(path, format=fmt)
+    assert load_image(path).shape == (8, 8, 3)

@@ -77,3 +77,46 @@ def test_images_and_masks_are_never_unpickled(evil: tuple[Path, Path]):
         with pytest.raises(DataError, match="evil.pth"):
             load(path)
     assert not marker.exists()
+
+
+# ---- special files where a file is read: a FIFO would block for ever, /dev/zero fill memory ----
+
+
+def _fifo(tmp_path: Path, name: str) -> Path:
+    path = tmp_path / name
+    os.mkfifo(path)
+    return path
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="FIFOs are a POSIX feature")
+def test_special_files_are_refused_without_being_read(tmp_path: Path) -> None:
+    from stad.artifacts import load_artifact, read_state_dict
+    from stad.config import read_config_file
+    from stad.errors import ArtifactError, DataError, UsageError
+    from stad.images import load_image, load_mask
+
+    zero = tmp_path / "zero.safetensors"
+    zero.symlink_to("/dev/zero")
+    cases = [
+        (lambda: load_artifact(_fifo(tmp_path, "m.safetensors")), ArtifactError),
+        (lambda: load_artifact(zero), ArtifactError),
+        (lambda: read_state_dict(_fifo(tmp_path, "w.pth"), what="backbone weights"),
+         ArtifactError),
+        (lambda: read_config_file(_fifo(tmp_path, "stad.toml")), UsageError),
+        (lambda: load_image(_fifo(tmp_path, "a.png")), DataError),
+        (lambda: load_mask(_fifo(tmp_path, "a_mask.png")), DataError),
+    ]
+    for call, error in cases:
+        with pytest.raises(error, match="not a regular file"):
+            call()
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="FIFOs are a POSIX feature")
+def test_a_fifo_given_to_score_is_an_unreadable_input(tmp_path: Path) -> None:
+    fifo = _fifo(tmp_path, "part.png")
+    result = CliRunner().invoke(app, ["score", "--model", str(_fifo(tmp_path, "m.safetensors")),
+                                      str(fifo)])
+    assert result.exit_code == 4 and "not a regular file" in result.stderr
+    result = CliRunner().invoke(app, ["score", "--config", str(_fifo(tmp_path, "c.toml")),
+                                      str(fifo)])
+    assert result.exit_code == 2 and "not a regular file" in result.stderr

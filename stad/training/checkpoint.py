@@ -48,6 +48,7 @@ from stad.config import Settings
 from stad.console import NULL_REPORTER, Reporter
 from stad.distributed import World
 from stad.errors import ArtifactError, DataError, Interrupted, TrainingError, UsageError
+from stad.fsutil import read_regular_file
 
 SUFFIX = ".ckpt.safetensors"
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -388,7 +389,7 @@ def images_identity(names: Sequence[str], paths: Sequence[str | os.PathLike[str]
     h = hashlib.sha256()
     for name, path in zip(names, paths, strict=True):
         try:
-            data = Path(path).read_bytes()
+            data = read_regular_file(path)
         except OSError as exc:
             raise DataError(f"cannot read {path}: {exc.strerror}") from None
         h.update(name.encode() + b"\0" + hashlib.sha256(data).digest())
