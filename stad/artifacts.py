@@ -47,7 +47,10 @@ FORMAT_VERSION = 1
 KINDS = ("teacher", "model", "checkpoint")
 _PRODUCER = {"teacher": "stad pretrain-teacher", "model": "stad fit-students",
              "checkpoint": "an interrupted stad pretrain-teacher or fit-students"}
-MAX_HEADER_BYTES = 100 * 1024 * 1024
+# stad's own headers are a few hundred kilobytes at most (the shipped teacher's, with its
+# provenance: 100 KB); Python's JSON parser takes some 30 bytes of memory for each byte of a
+# hostile one, so a larger header is refused before it is parsed.
+MAX_HEADER_BYTES = 16 * 1024 * 1024
 
 
 @dataclass
@@ -193,6 +196,9 @@ def load_artifact(path: str | Path, *, kind: str | tuple[str, ...] | None = None
     except (KeyError, ValueError, RecursionError) as exc:
         raise ArtifactError(f"{path} has incomplete stad metadata ({exc})") from None
     for key, record in records.items():
+        if _nested_deeper(record, MAX_METADATA_DEPTH):
+            raise ArtifactError(f"{path} has malformed stad metadata: {key} nests more than "
+                                f"{MAX_METADATA_DEPTH} levels deep; produce it again")
         if not isinstance(record, dict):
             raise ArtifactError(f"{path} has malformed stad metadata: {key} is a JSON "
                                 f"{type(record).__name__}, not an object; produce it again")
@@ -215,11 +221,31 @@ def record(info: Mapping[str, Any], key: str, what: object) -> dict[str, Any]:
     return value
 
 
+MAX_METADATA_DEPTH = 64
+"""How deep stad's JSON metadata may nest (its own nest under ten levels): code that
+walks a record recursively then never exhausts Python's stack."""
+
+
+def _nested_deeper(value: Any, limit: int) -> bool:
+    """Whether ``value`` (parsed JSON) nests lists and objects more than ``limit`` deep."""
+    level = [value]
+    for _ in range(limit + 1):
+        level = [v for x in level if isinstance(x, (dict, list))
+                 for v in (x.values() if isinstance(x, dict) else x)]
+        if not level:
+            return False
+    return True
+
+
 def finite_number(value: Any) -> bool:
     """Whether a value read from an artifact's JSON metadata is a finite number (not a bool,
     a string, null, NaN or an infinity): the check of every stored number used in scoring."""
-    return (isinstance(value, (int, float)) and not isinstance(value, bool)
-            and math.isfinite(value))
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # a JSON integer beyond any float (10**400)
+        return False
 
 
 def prefixed(tensors: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

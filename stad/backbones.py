@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from stad.networks import state_mismatch
+
 __all__ = [
     "BACKBONES",
     "INPUT_MEAN",
@@ -87,8 +89,10 @@ class EfficientNetLite(nn.Module):
     logits (N, 1000), which is how the weights are checked.
     """
 
-    def __init__(self, state: Mapping[str, torch.Tensor]) -> None:
+    def __init__(self, state: Mapping[str, torch.Tensor], *, _plan_only: bool = False) -> None:
         super().__init__()
+        if not _plan_only:
+            _check_shapes(state)
         stem = state["_conv_stem.weight"]  # (C, 3, 3, 3)
         self._conv_stem = nn.Conv2d(3, stem.shape[0], 3, 2, 1, bias=False)
         self._bn0 = _bn(stem.shape[0])
@@ -110,8 +114,9 @@ class EfficientNetLite(nn.Module):
         self._bn1 = _bn(head.shape[0])
         fc = state["_fc.weight"]
         self._fc = nn.Linear(fc.shape[1], fc.shape[0])
-        self.load_state_dict(state, strict=True)
-        self.eval().requires_grad_(False)
+        if not _plan_only:
+            self.load_state_dict(state, strict=True)
+            self.eval().requires_grad_(False)
 
     @property
     def n_blocks(self) -> int:
@@ -146,3 +151,15 @@ class EfficientNetLite(nn.Module):
             y = block(y)
         y = F.relu6(self._bn1(self._conv_head(y)))
         return self._fc(y.mean((2, 3)))
+
+
+def _check_shapes(state: Mapping[str, torch.Tensor]) -> None:
+    """That ``state`` holds exactly the tensors of the network its shapes describe, checked on
+    the meta device (no memory) before the network is built: the architecture is read from the
+    shapes, and a tensor of no elements could otherwise ask for layers of any size for free.
+    Raises ``ValueError`` naming the first tensor that does not fit."""
+    with torch.device("meta"):
+        planned = EfficientNetLite(state, _plan_only=True).state_dict()
+    problem = state_mismatch(planned, state)
+    if problem is not None:
+        raise ValueError(problem)

@@ -81,6 +81,10 @@ def parse_scale(value: int | str) -> tuple[int, int | None]:
 MIN_SCALE_SIZE = 17
 """The smallest image size a scale may work at (as ``students.image_size``)."""
 
+MAX_IMAGE_SIZE = 4096
+"""The largest image size the networks may work at (16 times the paper's 256): a bound on what a
+setting, or a model file, can ask a run to compute and hold."""
+
 
 def scale_size_fits(size: int, image_size: int) -> bool:
     """Whether a scale may work at ``size`` in a model of ``image_size``: a smaller divisor of
@@ -169,7 +173,8 @@ class TeacherSettings(_Section):
         default=0, ge=0, le=484, description="handcrafted target: distil its k leading principal "
         "components, each scaled to unit variance; 0: the standardized bank as is"
     )
-    image_size: int = Field(default=256, ge=17, description="images are resized to this first")
+    image_size: int = Field(default=256, ge=17, le=MAX_IMAGE_SIZE,
+                            description="images are resized to this first")
     precision: Literal["fp32", "bf16", "auto"] = Field(
         default="fp32", description="the teacher and decoder under bf16 autocast (losses in fp32);"
         " auto: bf16 where the device computes it natively, else fp32")
@@ -234,7 +239,7 @@ class StudentSettings(_Section):
         default=list(PATCH_SIZES), description="the scales: patch sizes at image_size (17), or "
         "at a smaller divisor of it (17@128: the images reduced to 128² for that scale)")
     n_students: int = Field(default=3, ge=2, description="ensemble size M (≥ 2 for a variance)")
-    image_size: int = Field(default=256, ge=17)
+    image_size: int = Field(default=256, ge=17, le=MAX_IMAGE_SIZE)
     epochs: int = Field(default=100, ge=1)
     min_steps: int = Field(
         default=0, ge=0, description="more epochs when an epoch has few steps: every scale "

@@ -251,13 +251,19 @@ class OnnxNetworks:
     preprocessing: dict[str, Any]
     scale_names: list[str]
     inference: Inference = field(default_factory=Inference)
+    source: str = "the ONNX model"  # its file, for errors
 
     @property
     def patch_sizes(self) -> list[int]:
         return sorted({parse_scale_name(k)[0] for k in self.scale_names})
 
     def maps(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        fused, scales = self.session.run(None, {"images": x.detach().cpu().numpy()})
+        try:
+            fused, scales = self.session.run(None, {"images": x.detach().cpu().numpy()})
+        except Exception as exc:  # a graph is a program: it can fail, or ask for any memory
+            raise ArtifactError(f"{self.source} failed while scoring: "
+                                f"{(str(exc).splitlines() or [type(exc).__name__])[0][:200]}"
+                                ) from None
         out = {name: torch.from_numpy(scales[:, k]) for k, name in enumerate(self.scale_names)}
         out["fused"] = torch.from_numpy(fused)
         return out
@@ -319,7 +325,7 @@ def load_onnx(path: Path, *, threads: int | None = None) -> tuple[OnnxNetworks, 
         if isinstance(k, int) and k != len(names):
             raise ValueError(f"its metadata names {len(names)} scales, its graph gives {k}")
         networks = OnnxNetworks(session, check_preprocessing(
-            json.loads(meta["stad.preprocessing"]), str(path)), names)
+            json.loads(meta["stad.preprocessing"]), str(path)), names, source=str(path))
         info = {"calibration": json.loads(meta["stad.calibration"]),
                 "data": json.loads(meta.get("stad.data", "{}")), "onnx": str(path)}
     except StadError:

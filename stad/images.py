@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
 from stad.artifacts import finite_number
+from stad.config import MAX_IMAGE_SIZE
 from stad.errors import ArtifactError, DataError
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
@@ -60,8 +61,8 @@ def check_preprocessing(pre: Any, what: str) -> dict[str, Any]:
         return isinstance(value, list) and len(value) == 3 and all(map(finite_number, value))
 
     size = pre.get("image_size") if isinstance(pre, dict) else None
-    if not isinstance(size, int) or isinstance(size, bool) or size < 17:
-        problem = f"image_size {size!r} is not a whole number of at least 17"
+    if not isinstance(size, int) or isinstance(size, bool) or not 17 <= size <= MAX_IMAGE_SIZE:
+        problem = f"image_size {size!r} is not a whole number from 17 to {MAX_IMAGE_SIZE}"
     elif not numbers("mean") or not numbers("std") or min(pre["std"]) <= 0:
         problem = (f"mean {pre.get('mean')!r} and std {pre.get('std')!r} are not three finite "
                    "numbers each, the spreads positive")
@@ -115,7 +116,12 @@ def load_image(path: str | Path) -> np.ndarray:
         float32 array of shape (H, W, 3) with values in [0, 1].
     """
     path = Path(path)
-    return _pil_to_rgb(_open(path), f"image {path}")
+    img = _open(path)
+    try:
+        return _pil_to_rgb(img, f"image {path}")
+    except MemoryError:  # within MAX_PIXELS, but more than this machine can hold as floats
+        raise DataError(f"image {path} ({img.width}×{img.height}) does not fit in memory as "
+                        "RGB floats; make it smaller") from None
 
 
 def _pil_to_rgb(img: Image.Image, what: str) -> np.ndarray:

@@ -45,7 +45,13 @@ from stad.config import scale_size_fits
 from stad.errors import ArtifactError
 from stad.handcrafted import gaussian_blur
 from stad.images import DEFAULT_MEAN, DEFAULT_STD, check_preprocessing
-from stad.networks import PATCH_SIZES, FusedNetworks, PatchNetwork, build_network
+from stad.networks import (
+    PATCH_SIZES,
+    FusedNetworks,
+    PatchNetwork,
+    build_network,
+    state_mismatch,
+)
 
 PADDING = "reflect"
 
@@ -55,6 +61,9 @@ def scale_name(patch_size: int, image_size: int | None = None) -> str:
     return f"p{patch_size}" if image_size is None else f"p{patch_size}@{image_size}"
 
 
+# The widest descriptor an artifact may hold (the paper's is 128): a bound on what a file can ask
+# stad to allocate.
+MAX_DESCRIPTOR_DIM = 4096
 _SCALE_NAME = re.compile(r"p([1-9]\d*)(?:@([1-9]\d*))?")
 
 
@@ -417,7 +426,12 @@ def teacher_tensors(teachers: Mapping[int, PatchNetwork]) -> dict[str, torch.Ten
 def load_teachers(tensors: Mapping[str, torch.Tensor], *,
                   patch_sizes: Sequence[int] | None = None) -> dict[int, PatchNetwork]:
     """The teachers stored in an artifact's tensors, frozen and in eval mode."""
-    found = sorted({int(k.split(".")[1][1:]) for k in tensors if k.startswith("teacher.p")})
+    names = {k.split(".")[1] for k in tensors if k.startswith("teacher.")}
+    bad = sorted(n for n in names if not re.fullmatch(r"p[1-9]\d{0,3}", n))
+    if bad:
+        raise ArtifactError(f"the artifact holds teacher tensors of a scale named {bad[0]!r}; "
+                            "stad names them teacher.pP (P the patch size)")
+    found = sorted(int(n[1:]) for n in names)
     wanted = list(patch_sizes) if patch_sizes is not None else found
     missing = [p for p in wanted if p not in found]
     if missing:
@@ -436,12 +450,22 @@ def _load_net(p: int, state: Mapping[str, torch.Tensor], what: str) -> PatchNetw
                key=lambda k: int(k.split(".")[1]) if k.split(".")[1].isdigit() else -1)
     if last is None:
         raise ArtifactError(f"the artifact holds no weights for the {what}")
-    net = build_network(p, int(state[last].shape[0]))
+    out_dim = int(state[last].shape[0]) if state[last].dim() else 0
+    # The shapes are checked against the network's plan, built on the meta device (no memory),
+    # before the network is: a tensor of no elements can claim any size of layer for free.
     try:
-        net.load_state_dict({k: v.float() for k, v in state.items()})
-    except RuntimeError as exc:
-        raise ArtifactError(f"the {what} weights do not fit the architecture: "
-                            f"{str(exc).splitlines()[0]}") from None
+        with torch.device("meta"):
+            planned = build_network(p, max(out_dim, 1)).state_dict()
+    except ValueError as exc:  # a patch size stad has no network for
+        raise ArtifactError(f"the {what}: {exc}") from None
+    problem = state_mismatch(planned, state)
+    if problem is not None:
+        raise ArtifactError(f"the {what} weights do not fit the architecture: {problem}")
+    if out_dim > MAX_DESCRIPTOR_DIM:
+        raise ArtifactError(f"the {what} has {out_dim}-d descriptors, more than the "
+                            f"{MAX_DESCRIPTOR_DIM} stad reads")
+    net = build_network(p, out_dim)
+    net.load_state_dict({k: v.float() for k, v in state.items()})
     return net
 
 

@@ -29,7 +29,7 @@ equality still holds with the full patch.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -282,6 +282,22 @@ class FusedNetworks(nn.Module):
 
 DESCRIPTOR_DIM = 128
 """The descriptor dimension d of the networks stad trains (the paper's)."""
+
+
+def state_mismatch(expected: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor]
+                   ) -> str | None:
+    """The first way ``given`` (a state dict read from a file) differs from ``expected`` (a
+    network's, typically built on the meta device): a missing or unexpected key, or a shape;
+    ``None`` when the names and shapes are the same."""
+    plan = {k: tuple(v.shape) for k, v in expected.items()}
+    shapes = {k: tuple(v.shape) for k, v in given.items()}
+    if shapes == plan:
+        return None
+    missing = sorted(plan.keys() - shapes.keys())
+    extra = sorted(shapes.keys() - plan.keys())
+    wrong = sorted(k for k in plan.keys() & shapes.keys() if plan[k] != shapes[k])
+    return (f"missing {missing[0]}" if missing else f"unexpected {extra[0]}" if extra
+            else f"{wrong[0]} is {list(shapes[wrong[0]])}, not {list(plan[wrong[0]])}")
 
 
 def build_network(

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from stad import metrics
+from stad.artifacts import finite_number
 from stad.calibration import describe_calibration
 from stad.evaluation import Evaluated
 from stad.fsutil import atomic_write_bytes, atomic_write_text
@@ -260,23 +261,41 @@ def _curve_svgs(found: Curves, fpr_limit: float) -> list[str]:
     return out
 
 
+def _series(value: Any) -> np.ndarray | None:
+    """A recorded loss curve as floats; None where the record is not a list of finite numbers
+    (a model's metadata is read as untrusted: a malformed curve is left out, not a crash)."""
+    if not isinstance(value, list) or not value or not all(finite_number(v) for v in value):
+        return None
+    return np.asarray(value, dtype=float)
+
+
+def _mapping(value: Any, key: str) -> Mapping[str, Any]:
+    found = value.get(key) if isinstance(value, Mapping) else None
+    return found if isinstance(found, Mapping) else {}
+
+
 def training_curves(info: Mapping[str, Any]) -> list[str]:
     """SVGs of the losses a model artifact recorded: the students' loss per epoch per scale,
-    and the teacher's pretraining curve per scale (mean loss of each twentieth of the run)."""
+    and the teacher's pretraining curve per scale (mean loss of each twentieth of the run).
+    Records that are not what stad writes are left out."""
     out = []
-    students = info.get("students", {}).get("scales", {})
-    per_epoch = {k: (np.arange(1, len(v["loss_per_epoch"]) + 1, dtype=float),
-                     np.asarray(v["loss_per_epoch"], dtype=float))
-                 for k, v in students.items() if v.get("loss_per_epoch")}
+    per_epoch = {}
+    for k, v in _mapping(_mapping(info, "students"), "scales").items():
+        loss = _series(v.get("loss_per_epoch")) if isinstance(v, Mapping) else None
+        if loss is not None:
+            per_epoch[str(k)] = (np.arange(1, len(loss) + 1, dtype=float), loss)
     if per_epoch:
         longest = max(len(x) for x, _ in per_epoch.values())
         out.append(_svg("students: loss per epoch", per_epoch, xlabel="epoch",
                         ylabel="loss", xmax=float(longest)))
-    teacher = info.get("teacher", {}).get("info", {})
-    losses = teacher.get("losses") or {k: v.get("losses") for k, v in
-                                       teacher.get("scales", {}).items() if v.get("losses")}
-    curves = {k: (np.linspace(0.05, 1.0, len(v["curve"])), np.asarray(v["curve"], float))
-              for k, v in (losses or {}).items() if isinstance(v, Mapping) and v.get("curve")}
+    teacher = _mapping(_mapping(info, "teacher"), "info")
+    losses = _mapping(teacher, "losses") or {k: _mapping(v, "losses") for k, v in
+                                             _mapping(teacher, "scales").items()}
+    curves = {}
+    for k, v in losses.items():
+        curve = _series(v.get("curve")) if isinstance(v, Mapping) else None
+        if curve is not None:
+            curves[str(k)] = (np.linspace(0.05, 1.0, len(curve)), curve)
     if curves:
         out.append(_svg("teacher pretraining: loss", curves, xlabel="share of the run",
                         ylabel="loss"))

@@ -160,7 +160,7 @@ def recorded(output: Path) -> dict[str, bool]:
     for line in complete.decode("utf-8", "replace").splitlines():
         try:
             record = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):  # a damaged line, or one nested beyond reason
             continue
         if isinstance(record, dict) and "path" in record and "error" not in record:
             done[str(record["path"])] = record.get("anomalous") is True

@@ -408,3 +408,14 @@ def test_config_file_that_is_not_utf8(tmp_path: Path) -> None:
 
 def test_empty_file_means_defaults(tmp_path: Path) -> None:
     assert resolve_settings(config_file=_toml(tmp_path, ""), environ={}) == Settings()
+
+
+@pytest.mark.parametrize("section", ["teacher", "students"])
+def test_image_size_has_an_upper_bound(section: str) -> None:
+    from pydantic import ValidationError
+
+    from stad.config import MAX_IMAGE_SIZE, Settings
+
+    Settings.model_validate({section: {"image_size": MAX_IMAGE_SIZE}})
+    with pytest.raises(ValidationError, match="less than or equal to 4096"):
+        Settings.model_validate({section: {"image_size": MAX_IMAGE_SIZE + 1}})

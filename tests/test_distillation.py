@@ -146,10 +146,16 @@ def test_weights_file_of_another_network_is_refused(tmp_path: Path) -> None:
     (lambda s: s["_blocks.2._depthwise_conv.weight"].view(-1)[0].fill_(float("nan")),
      "NaN or infinite values in _blocks.2._depthwise_conv.weight"),
     (lambda s: s.update({"_fc.bias": s["_fc.bias"].to(torch.int8)}), "not floating point"),
-    # a kernel cut to 2 × 2 loads, but the block's output no longer adds to its input
+    # a kernel cut to 2 × 2 would load, but the block's output no longer adds to its input
     (lambda s: s.update({"_blocks.2._depthwise_conv.weight":
                          s["_blocks.2._depthwise_conv.weight"][:, :, :2, :2].clone()}),
      "not an EfficientNet-Lite state dict: .*size"),
+    # a tensor of no elements claiming a huge layer (free in the file): refused by its shape,
+    # on the meta device, before gigabytes are allocated for the layer
+    (lambda s: s.update({"_blocks.0._depthwise_conv.weight": torch.empty(16, 0, 6000)}),
+     r"not an EfficientNet-Lite state dict: missing _blocks\.0\."),
+    (lambda s: s.update({"_blocks.1._extra": torch.zeros(1)}),
+     "not an EfficientNet-Lite state dict: unexpected _blocks.1._extra"),
     (lambda s: s.pop("_blocks.3._project_conv.weight"),
      "not an EfficientNet-Lite state dict: missing key"),
 ])

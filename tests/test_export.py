@@ -422,3 +422,19 @@ def test_an_onnx_model_reading_another_file_is_refused(exported: tuple[Path, Pat
     image = str(next((exported[0] / "grain" / "test").glob("*/000.png")))
     out = CliRunner().invoke(app, ["score", "--model", str(crafted), image])
     assert out.exit_code == EXIT_ARTIFACT and "crafted.onnx" in out.stderr
+
+
+def test_an_onnx_graph_failing_while_scoring_is_an_artifact_error() -> None:
+    """A crafted graph can ask onnxruntime for any memory (ConstantOfShape): exit 4 naming the
+    file, not an unexpected error."""
+    from stad.export import OnnxNetworks
+
+    class Failing:
+        def run(self, *args: object) -> None:
+            raise RuntimeError("Fail: bad allocation of 6400000000 bytes\nmore detail")
+
+    networks = OnnxNetworks(Failing(), {}, ["p17"], source="crafted.onnx")
+    with pytest.raises(ArtifactError) as info:
+        networks.maps(torch.zeros(1, 3, 32, 32))
+    assert str(info.value) == ("crafted.onnx failed while scoring: Fail: bad allocation of "
+                               "6400000000 bytes")

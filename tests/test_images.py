@@ -423,3 +423,20 @@ def test_the_documented_formats_are_read_whatever_the_suffix(tmp_path: Path, fmt
     path = tmp_path / "part.img"
     Image.new("RGB", (8, 8), (10, 200, 30)).save(path, format=fmt)
     assert load_image(path).shape == (8, 8, 3)
+
+
+def test_an_image_too_large_for_memory_is_a_data_error(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Within the pixel limit, a small PNG can still decode to more floats than a machine holds:
+    an error naming the file (exit 3, which `score --on-error skip` skips), not exit 1."""
+    import stad.images as images
+
+    path = tmp_path / "wide.png"
+    Image.new("1", (300, 200)).save(path)
+
+    def no_memory(img: Image.Image, what: str) -> np.ndarray:
+        raise MemoryError("Unable to allocate 3.00 GiB")
+
+    monkeypatch.setattr(images, "_pil_to_rgb", no_memory)
+    assert _data_error(path) == (f"image {path} (300×200) does not fit in memory as RGB floats; "
+                                 "make it smaller")

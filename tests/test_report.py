@@ -182,6 +182,22 @@ def test_training_curves_need_recorded_losses() -> None:
     assert len(training_curves(INFO)) == 2
 
 
+@pytest.mark.parametrize("info", [
+    {"students": ["x"]},
+    {"students": {"scales": {"p17": {"loss_per_epoch": ["a", "b"]}}}},
+    {"students": {"scales": {"p17": {"loss_per_epoch": [1.0, float("nan")]}, "p33": 3}}},
+    {"teacher": {"info": {"losses": {"p17": {"curve": {"a": 1}}}, "scales": "x"}}},
+    {"teacher": {"info": {"scales": {"p17": {"losses": [1, 2]}}}}},
+    {"teacher": "x"},
+])
+def test_training_curves_leave_out_what_stad_does_not_write(info: dict) -> None:
+    """A model's metadata is untrusted: a malformed record crashed `evaluate --report` (exit 1)
+    after metrics.json was written."""
+    assert training_curves(info) == []
+    mixed = {**info, "students": INFO["students"]} if "teacher" in info else info
+    assert len(training_curves(mixed)) == (1 if "teacher" in info else 0)
+
+
 def test_write_report_writes_the_folder(tmp_path: Path) -> None:
     items = _items(tmp_path)
     result = compute_metrics(items, 0.3)

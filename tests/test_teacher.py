@@ -621,6 +621,9 @@ def _crafted_teacher(path: Path, change: Any, kind: str = "teacher") -> Path:
     (lambda a: a.preprocessing.update(mean=[0.0, 0.0, 0.0], std=[1.0, 1.0, 1.0]),
      "standardized with mean"),
     (lambda a: a.preprocessing.update(image_size="huge"), "malformed preprocessing"),
+    # a size that would take hours and gigabytes to score a 40² image at
+    (lambda a: a.preprocessing.update(image_size=8192),
+     "image_size 8192 is not a whole number from 17 to 4096"),
 ])
 def test_a_damaged_or_foreign_teacher_is_refused_on_load(tmp_path: Path, change: Any,
                                                         words: str) -> None:

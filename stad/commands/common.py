@@ -13,6 +13,7 @@ from stad.artifacts import Artifact, record, save_artifact
 from stad.config import Settings
 from stad.console import warn
 from stad.datasets.selection import DataSelection
+from stad.errors import ArtifactError
 from stad.model import Networks, model_tensors
 
 
@@ -49,6 +50,10 @@ def with_model_data(settings: Settings, info: dict[str, Any], what: object = "th
     or category, it is used and a warning says so: an exported ``STAD_CATEGORY`` would
     otherwise calibrate a model on another category's images without a word."""
     data = record(info, "data", what)
+    for key in ("dataset", "root", "category"):
+        if data.get(key) is not None and not isinstance(data[key], str):
+            raise ArtifactError(f"{what} has malformed stad metadata: data.{key} is a JSON "
+                                f"{type(data[key]).__name__}, not a string; produce it again")
     given = settings.model_fields_set
     chosen = settings.model_copy(update={
         "dataset": settings.dataset if "dataset" in given else data.get("dataset", "mvtec"),
