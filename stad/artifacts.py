@@ -105,7 +105,15 @@ def to_bytes(artifact: Artifact) -> bytes:
         "stad.info": json.dumps(artifact.info, sort_keys=True, default=str),
     }
     metadata["stad.digest"] = _digest(tensors, metadata)
-    return st_save(tensors, metadata=metadata)
+    for key in ("stad.config", "stad.preprocessing", "stad.info"):  # what load_artifact reads
+        if _nested_deeper(json.loads(metadata[key]), MAX_METADATA_DEPTH):
+            raise ValueError(f"{key} nests more than {MAX_METADATA_DEPTH} levels: an artifact "
+                             "stad could not read back")
+    data = st_save(tensors, metadata=metadata)
+    if struct.unpack("<Q", data[:8])[0] > MAX_HEADER_BYTES:
+        raise ValueError(f"the metadata of this {artifact.kind} exceed the "
+                         f"{MAX_HEADER_BYTES // 2**20} MB stad reads back")
+    return data
 
 
 def save_artifact(path: str | Path, artifact: Artifact) -> None:
@@ -130,7 +138,10 @@ def read_header(data: bytes, path: Path) -> dict[str, Any]:
     if len(data) < 8:
         raise ArtifactError(f"{path} is not a safetensors artifact (only {len(data)} bytes)")
     (n,) = struct.unpack("<Q", data[:8])
-    if n > MAX_HEADER_BYTES or 8 + n > len(data):
+    if n > MAX_HEADER_BYTES and 8 + n <= len(data):
+        raise ArtifactError(f"{path} has a safetensors header of {n / 2**20:.0f} MB, more than "
+                            f"the {MAX_HEADER_BYTES // 2**20} MB stad reads")
+    if 8 + n > len(data):
         raise ArtifactError(f"{path} is truncated or not a safetensors file (bad header length)")
     try:
         header = json.loads(data[8 : 8 + n])
@@ -227,11 +238,12 @@ walks a record recursively then never exhausts Python's stack."""
 
 
 def _nested_deeper(value: Any, limit: int) -> bool:
-    """Whether ``value`` (parsed JSON) nests lists and objects more than ``limit`` deep."""
-    level = [value]
-    for _ in range(limit + 1):
-        level = [v for x in level if isinstance(x, (dict, list))
-                 for v in (x.values() if isinstance(x, dict) else x)]
+    """Whether ``value`` (parsed JSON) nests lists and objects more than ``limit`` deep (a
+    container holding no other is one level)."""
+    level = [value] if isinstance(value, (dict, list)) else []
+    for _ in range(limit):
+        level = [v for x in level for v in (x.values() if isinstance(x, dict) else x)
+                 if isinstance(v, (dict, list))]
         if not level:
             return False
     return True

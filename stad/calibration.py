@@ -364,7 +364,7 @@ def validation_samples(selection: DataSelection, info: dict[str, Any]) -> list[S
     by_name = dict(zip(relative_names(train, selection.root), train, strict=True))
     # a model fitted before relative_name made both sides absolute recorded the absolute path
     # of an image that its adapter listed absolute under a relative root
-    by_name.update((os.path.abspath(s.image), s) for s in train if s.image.is_absolute())
+    by_name.update((os.path.abspath(s.image), s) for s in train if os.path.isabs(s.image))
     missing = [w for w in wanted if w not in by_name]
     if missing:
         raise DataError(f"validation images recorded in the model are missing from "

@@ -442,7 +442,7 @@ SECTIONS = ("teacher", "students", "calibrate", "score", "evaluate")
 def read_config_file(path: Path) -> dict[str, Any]:
     """Parse a TOML config file; errors name the file."""
     try:
-        return tomllib.loads(read_regular_file(path).decode("utf-8"))
+        return tomllib.loads(read_regular_file(path, allow_fifo=True).decode("utf-8"))
     except FileNotFoundError:
         raise UsageError(f"config file {path} does not exist") from None
     except UnicodeDecodeError:

@@ -188,20 +188,29 @@ class NotARegularFile(OSError):
     """A FIFO, device or socket where a file is read: reading it could block or never end."""
 
 
-def read_regular_file(path: str | os.PathLike[str]) -> bytes:
+def read_regular_file(path: str | os.PathLike[str], *, allow_fifo: bool = False) -> bytes:
     """The bytes of the regular file ``path`` (a link to one is fine).
 
-    Raises the ``OSError`` of opening it (``FileNotFoundError``, ``IsADirectoryError``, ...) or
-    :class:`NotARegularFile`, whose ``strerror`` says so, for a FIFO, device or socket: it is
-    opened without blocking and refused before anything is read (a FIFO would wait for a
-    writer forever, ``/dev/zero`` would fill the memory).
+    Raises the ``OSError`` of reaching it (``FileNotFoundError``, ``IsADirectoryError``, ...)
+    or :class:`NotARegularFile`, whose ``strerror`` says so, for a FIFO, device or socket,
+    found by ``stat`` before the file is opened (opening a device can act; a FIFO would wait
+    for a writer for ever, ``/dev/zero`` fill the memory). ``allow_fifo``: a pipe is read too
+    (``--config <(...)``, a config piped to ``/dev/stdin``): the user's own input.
     """
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    mode = os.stat(path).st_mode
+    if stat.S_ISDIR(mode):
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
+    if not (stat.S_ISREG(mode) or (allow_fifo and stat.S_ISFIFO(mode))):
+        raise NotARegularFile(errno.EINVAL, "not a regular file (a FIFO, device or socket)",
+                              str(path))
+    flags = os.O_RDONLY | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_BINARY", 0)
+    if stat.S_ISREG(mode):  # never blocks; a FIFO opened so would read nothing
+        flags |= getattr(os, "O_NONBLOCK", 0)
+    fd = os.open(path, flags)
     with os.fdopen(fd, "rb") as f:
-        mode = os.fstat(fd).st_mode
-        if stat.S_ISDIR(mode):
-            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
-        if not stat.S_ISREG(mode):
+        now = os.fstat(fd)
+        if not (stat.S_ISREG(now.st_mode) or (allow_fifo and stat.S_ISFIFO(now.st_mode))):
+            # replaced between the stat and the open
             raise NotARegularFile(errno.EINVAL, "not a regular file (a FIFO, device or socket)",
                                   str(path))
         return f.read()

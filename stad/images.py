@@ -16,8 +16,7 @@ A file that cannot be read (missing, empty, truncated, not an image, too large) 
 
 from __future__ import annotations
 
-import os
-import stat
+import io
 import struct
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,6 +30,7 @@ from PIL import Image, UnidentifiedImageError
 from stad.artifacts import finite_number
 from stad.config import MAX_IMAGE_SIZE
 from stad.errors import ArtifactError, DataError
+from stad.fsutil import NotARegularFile, read_regular_file
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
 # The decoders stad lets Pillow use, whatever a file's suffix: Pillow would otherwise try all of
@@ -85,10 +85,10 @@ def _open(path: Path, kind: str = "image") -> Image.Image:
     if limit is not None and limit < MAX_PIXELS:
         Image.MAX_IMAGE_PIXELS = MAX_PIXELS
     try:
-        if not stat.S_ISREG(os.stat(path).st_mode) and not os.path.isdir(path):
-            # a FIFO would block Pillow's open for ever, a device feed it without end
-            raise DataError(f"{kind} {path} is not a regular file (a FIFO, device or socket)")
-        with Image.open(path, formats=IMAGE_FORMATS) as img:  # reads the header only
+        # read once, as a regular file only: a FIFO would block Pillow's open for ever, a device
+        # feed it without end; a file is no larger than its decoded image
+        data = read_regular_file(path)
+        with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as img:  # the header only
             if img.width * img.height > MAX_PIXELS:
                 raise DataError(f"{kind} {path} claims {img.width}×{img.height} pixels, more than "
                                 f"the {MAX_SIDE}² stad reads; make it smaller")
@@ -98,6 +98,10 @@ def _open(path: Path, kind: str = "image") -> Image.Image:
         raise DataError(f"{kind} {path} does not exist") from None
     except IsADirectoryError:
         raise DataError(f"{kind} {path} is a folder, not an image file") from None
+    except NotARegularFile as exc:
+        raise DataError(f"{kind} {path} is {exc.strerror}") from None
+    except MemoryError:  # within MAX_PIXELS, but more than this machine holds
+        raise DataError(f"{kind} {path} does not fit in memory; make it smaller") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):  # the warning: if
         # the user's filters make it an error; Pillow raises the error above twice its limit
         raise DataError(f"{kind} {path} has more than the {MAX_SIDE}² pixels stad reads; make it "
@@ -206,7 +210,10 @@ def load_mask(path: str | Path, shape: tuple[int, int] | None = None) -> np.ndar
     img = _open(path, "mask")
     if img.mode not in ("L", "1", "P", "RGBA", "RGB", "LA", "I;16", "I"):
         raise DataError(f"mask {path} has unsupported mode {img.mode}")
-    arr = np.asarray(img.convert("L") if img.mode not in ("L", "1") else img)
+    try:
+        arr = np.asarray(img.convert("L") if img.mode not in ("L", "1") else img)
+    except MemoryError:
+        raise DataError(f"mask {path} does not fit in memory; make it smaller") from None
     if arr.ndim != 2:
         raise DataError(f"mask {path} is not single-channel")
     values = np.unique(arr)

@@ -451,6 +451,9 @@ def _load_net(p: int, state: Mapping[str, torch.Tensor], what: str) -> PatchNetw
     if last is None:
         raise ArtifactError(f"the artifact holds no weights for the {what}")
     out_dim = int(state[last].shape[0]) if state[last].dim() else 0
+    if out_dim > MAX_DESCRIPTOR_DIM:
+        raise ArtifactError(f"the {what} has {out_dim}-d descriptors ({last}), more than the "
+                            f"{MAX_DESCRIPTOR_DIM} stad reads")
     # The shapes are checked against the network's plan, built on the meta device (no memory),
     # before the network is: a tensor of no elements can claim any size of layer for free.
     try:
@@ -461,9 +464,6 @@ def _load_net(p: int, state: Mapping[str, torch.Tensor], what: str) -> PatchNetw
     problem = state_mismatch(planned, state)
     if problem is not None:
         raise ArtifactError(f"the {what} weights do not fit the architecture: {problem}")
-    if out_dim > MAX_DESCRIPTOR_DIM:
-        raise ArtifactError(f"the {what} has {out_dim}-d descriptors, more than the "
-                            f"{MAX_DESCRIPTOR_DIM} stad reads")
     net = build_network(p, out_dim)
     net.load_state_dict({k: v.float() for k, v in state.items()})
     return net

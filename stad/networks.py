@@ -289,15 +289,13 @@ def state_mismatch(expected: Mapping[str, torch.Tensor], given: Mapping[str, tor
     """The first way ``given`` (a state dict read from a file) differs from ``expected`` (a
     network's, typically built on the meta device): a missing or unexpected key, or a shape;
     ``None`` when the names and shapes are the same."""
-    plan = {k: tuple(v.shape) for k, v in expected.items()}
-    shapes = {k: tuple(v.shape) for k, v in given.items()}
-    if shapes == plan:
-        return None
-    missing = sorted(plan.keys() - shapes.keys())
-    extra = sorted(shapes.keys() - plan.keys())
-    wrong = sorted(k for k in plan.keys() & shapes.keys() if plan[k] != shapes[k])
-    return (f"missing {missing[0]}" if missing else f"unexpected {extra[0]}" if extra
-            else f"{wrong[0]} is {list(shapes[wrong[0]])}, not {list(plan[wrong[0]])}")
+    for key, planned in expected.items():  # in the network's order: the first layer first
+        if key not in given:
+            return f"missing {key}"
+        if tuple(given[key].shape) != tuple(planned.shape):
+            return f"{key} is {list(given[key].shape)}, not {list(planned.shape)}"
+    extra = [k for k in given if k not in expected]
+    return f"unexpected {extra[0]}" if extra else None
 
 
 def build_network(

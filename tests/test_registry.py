@@ -602,13 +602,18 @@ def test_an_image_listed_twice_is_a_plugin_fault(plugin: Callable[[str, str], st
                                                  tmp_path: Path) -> None:
     monkeypatch.chdir(tmp_path)
     _use(monkeypatch, [_ep("twice", f"{plugin('twice', REPEATS)}:Adapter", "stad-twice", "1")])
-    with pytest.raises(PluginError, match=r"yielded .*0\.png twice in the train split"):
-        registry.get_adapter("twice").list_samples(Path("data"), "c", "train")
+    adapter = registry.get_adapter("twice")
+    for split in ("val", "test"):  # it would count twice in the calibration or the metrics
+        with pytest.raises(PluginError, match=rf"yielded .*0\.png twice in the {split} split"):
+            adapter.list_samples(Path("data"), "c", split)
+    # training images may repeat (lines of a list file) and are streamed, not held
+    assert len(adapter.list_samples(Path("data"), "c", "train")) == 2
 
 
 @pytest.mark.parametrize(("value", "expected"), [
     ('"widget"', "categories() returned str, not a list of str"),
     ('[Path("widget")]', "categories() returned a list holding PosixPath"),
+    ("3", "categories() returned int, not a list of str"),
 ])
 def test_categories_of_the_wrong_type_are_a_plugin_fault(
         plugin: Callable[[str, str], str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
@@ -626,7 +631,8 @@ def test_categories_of_the_wrong_type_are_a_plugin_fault(
     ("pass", "Adapter", "has no class attribute api_version"),
     ('api_version = "1"', "Adapter", "has api_version '1', not a whole number"),
     ("api_version = 0", "Adapter", "speaks adapter API 0, this stad speaks 1; upgrade the plugin"),
-    ("api_version = 1", "adapter", "names a Adapter, not a class"),
+    ("api_version = 1", "adapter", "names Adapter <"),
+    ("api_version = None", "Adapter", "has api_version None, not a whole number"),
 ])
 def test_api_version_messages_say_what_is_wrong(plugin: Callable[[str, str], str],
                                                 monkeypatch: pytest.MonkeyPatch, attribute: str,
@@ -640,7 +646,8 @@ def test_an_entry_point_naming_a_module_is_not_a_class(plugin: Callable[[str, st
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     mod = plugin("module", GOOD)
     _use(monkeypatch, [_ep("module", mod, "stad-module", "1")])
-    assert "names a module, not a class" in _plugin_error("module")
+    message = _plugin_error("module")
+    assert "names module <module" in message and "not a class" in message
 
 
 def test_datasets_show_checks_that_listed_files_exist(plugin: Callable[[str, str], str],
@@ -668,10 +675,39 @@ class Adapter:
                                      f"{tmp_path / 'bad.png'} (test split) does not exist")
 
 
-@pytest.mark.parametrize(("label", "defect"), [("normal", "scratch"), ("anomalous", "good")])
-def test_a_sample_whose_defect_contradicts_its_label_is_refused(label: str, defect: str) -> None:
-    with pytest.raises(ValueError, match="'good' for normal images and only for them"):
-        Sample(image=Path("x.png"), mask=None, label=label, split="test", defect=defect)
+def test_an_anomalous_sample_named_good_is_refused() -> None:
+    with pytest.raises(ValueError, match="'good' is the defect type of normal images"):
+        Sample(image=Path("x.png"), mask=None, label="anomalous", split="test", defect="good")
+
+
+def test_a_sample_without_a_defect_type_takes_its_labels() -> None:
+    assert Sample(Path("x.png"), None, "normal", "test").defect == "good"
+    assert Sample(Path("x.png"), None, "anomalous", "test").defect == "anomalous"
+    assert Sample(Path("x.png"), None, "anomalous", "test", "scratch").defect == "scratch"
+    assert Sample(Path("x.png"), None, "normal", "test", "ok").defect == "ok"  # a name of its own
+
+
+def test_categories_may_be_any_iterable_of_str(plugin: Callable[[str, str], str],
+                                               monkeypatch: pytest.MonkeyPatch,
+                                               tmp_path: Path) -> None:
+    for value in ('(c for c in ["b", "a"])', '{"b": 1, "a": 2}.keys()', '("b", "a")'):
+        mod = plugin("iter", CATEGORIES_RETURN.format(value=value))
+        _use(monkeypatch, [_ep("iter", f"{mod}:Adapter", "stad-iter", "1")])
+        assert registry.get_adapter("iter").categories(tmp_path) == ["a", "b"]
+
+
+def test_a_plugin_loaded_off_the_main_thread_leaves_stdout_alone(
+        plugin: Callable[[str, str], str], monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    _use(monkeypatch, [_ep("chatty", f"{plugin('chatty', PRINTS_ON_IMPORT)}:Adapter")])
+    before = sys.stdout
+    seen = []
+    thread = threading.Thread(target=lambda: seen.append(sys.stdout is before and
+                                                         registry.get_adapter("chatty").name))
+    thread.start()
+    thread.join()
+    assert seen == ["chatty"] and sys.stdout is before
 
 
 def test_absolute_paths_under_a_relative_root_are_named_relative_to_it(

@@ -25,7 +25,9 @@ Label = Literal["normal", "anomalous"]
 Split = Literal["train", "val", "test"]
 SPLITS: tuple[Split, ...] = ("train", "val", "test")
 NORMAL_DEFECT = "good"
-"""The defect type of every normal image (MVTec AD's name)."""
+"""The defect type of normal images (MVTec AD's name)."""
+ANOMALOUS_DEFECT = "anomalous"
+"""The defect type of an anomalous image whose adapter names none."""
 LABELS: tuple[Label, ...] = ("normal", "anomalous")
 
 
@@ -41,14 +43,16 @@ class Sample:
         label: ``"normal"`` or ``"anomalous"``.
         split: ``"train"`` (anomaly-free, for fitting), ``"val"`` (anomaly-free, for
             calibration) or ``"test"`` (labelled, for evaluation).
-        defect: the defect type (``"good"`` for normal images), used to break metrics down.
+        defect: the defect type, used to break metrics down: ``"good"`` for normal images;
+            left out, ``"good"`` for a normal image and ``"anomalous"`` for an anomalous one.
+            An anomalous image may not be named ``"good"``.
     """
 
     image: Path
     mask: Path | None
     label: Label
     split: Split
-    defect: str = "good"
+    defect: str = ""
 
     def __post_init__(self) -> None:
         if self.label not in LABELS:
@@ -57,9 +61,12 @@ class Sample:
             raise ValueError(f"Sample.split must be one of {SPLITS}, got {self.split!r}")
         if self.split in ("train", "val") and self.label != "normal":
             raise ValueError(f"{self.split} samples must be normal: {self.image}")
-        if (self.defect == NORMAL_DEFECT) != (self.label == "normal"):
-            raise ValueError(f"Sample.defect is {NORMAL_DEFECT!r} for normal images and only for "
-                             f"them; got {self.defect!r} for a {self.label} image: {self.image}")
+        if not self.defect:  # frozen: set once, here
+            object.__setattr__(self, "defect", NORMAL_DEFECT if self.label == "normal"
+                               else ANOMALOUS_DEFECT)
+        if self.label == "anomalous" and self.defect == NORMAL_DEFECT:
+            raise ValueError(f"Sample.defect {NORMAL_DEFECT!r} is the defect type of normal "
+                             f"images; name the defect of this anomalous one: {self.image}")
 
 
 @runtime_checkable

@@ -5,7 +5,7 @@
     ROOT/CATEGORY/test/normal/           normal test images (optional)
     ROOT/CATEGORY/test/anomalous/        anomalous test images (optional), either directly
                                          (defect type "anomalous") or in one sub-folder per
-                                         defect type
+                                         defect type (not named "good", the normal images')
     ROOT/CATEGORY/masks/                 masks of the anomalous images (optional)
 
 Pairing rule: the mask of ``test/anomalous/[DEFECT/]NAME.EXT`` is
@@ -20,11 +20,18 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import ClassVar
 
-from stad.datasets.base import API_VERSION, NORMAL_DEFECT, Sample, Split, check_pairs
+from stad.datasets.base import (
+    ANOMALOUS_DEFECT,
+    API_VERSION,
+    NORMAL_DEFECT,
+    Sample,
+    Split,
+    check_pairs,
+)
 from stad.datasets.mvtec import image_files, visible_dirs
 from stad.errors import DataError
 
-ANOMALOUS = "anomalous"
+ANOMALOUS = ANOMALOUS_DEFECT
 
 
 def _category_dir(root: Path, category: str) -> Path:

@@ -17,11 +17,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import ClassVar
 
-from stad.datasets.base import API_VERSION, Sample, Split, check_pairs
+from stad.datasets.base import API_VERSION, NORMAL_DEFECT, Sample, Split, check_pairs
 from stad.errors import DataError
 from stad.images import is_image_file
 
-GOOD = "good"
+GOOD = NORMAL_DEFECT  # the folder of normal images, and their defect type
 
 
 def image_files(folder: Path) -> list[Path]:

@@ -15,7 +15,8 @@ import importlib.metadata as md
 import inspect
 import os
 import sys
-from collections.abc import Callable, Iterator
+import threading
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TypeVar
@@ -117,8 +118,11 @@ def _find(name: str) -> AdapterEntry:
 def load_entry(entry: AdapterEntry) -> DatasetAdapter:
     """Import and instantiate one adapter, checking its API version.
 
-    What the plugin prints while it is imported and started goes to stderr, so that it cannot
-    corrupt a command's ``--json`` output."""
+    On the main thread, what the plugin prints while it is imported and started goes to
+    stderr, so that it cannot corrupt a command's ``--json`` output (``sys.stdout`` is the
+    process's: it is not swapped under other threads that load adapters through the API)."""
+    if threading.current_thread() is not threading.main_thread():
+        return _load_entry(entry)
     with contextlib.redirect_stdout(sys.stderr):
         return _load_entry(entry)
 
@@ -130,10 +134,11 @@ def _load_entry(entry: AdapterEntry) -> DatasetAdapter:
         raise PluginError(f"{entry.label()} failed to import: {type(exc).__name__}: {exc}; "
                           f"{entry.advice()}") from exc
     if not inspect.isclass(factory):
-        raise PluginError(f"{entry.label()} names a {type(factory).__name__}, not a class; the "
-                          "entry point must name the adapter class, as 'module:Class'")
+        raise PluginError(f"{entry.label()} names {type(factory).__name__} {factory!r:.60}, not "
+                          "a class; the entry point must name the adapter class, as "
+                          "'module:Class'")
     version = getattr(factory, "api_version", None)
-    if version is None:
+    if not hasattr(factory, "api_version"):
         raise PluginError(f"{entry.label()} has no class attribute api_version; set it to the "
                           f"adapter API it was written for (this stad speaks {API_VERSION})")
     if not isinstance(version, int) or isinstance(version, bool):
@@ -194,9 +199,10 @@ class Adapter:
 
     def categories(self, root: Path) -> list[str]:
         found = self._guard("categories()", lambda: self._adapter.categories(Path(root)))
-        if isinstance(found, str | bytes) or not isinstance(found, list | tuple | set | frozenset):
+        if isinstance(found, str | bytes) or not isinstance(found, Iterable):
             raise PluginError(f"{self.entry.label()}: categories() returned "
                               f"{type(found).__name__}, not a list of str")
+        found = self._guard("categories()", lambda: list(found))
         wrong = [c for c in found if not isinstance(c, str)]
         if wrong:
             raise PluginError(f"{self.entry.label()}: categories() returned a list holding "
@@ -206,7 +212,6 @@ class Adapter:
     def samples(self, root: Path, category: str, split: Split) -> Iterator[Sample]:
         it = self._guard("samples()", lambda: iter(self._adapter.samples(Path(root), category,
                                                                           split)))
-        seen: set[str] = set()  # each image once: a repeated one would count twice in metrics
         while True:
             sample = self._guard("samples()", lambda: next(it, _END))
             if sample is _END:
@@ -217,15 +222,22 @@ class Adapter:
             if sample.split != split:  # e.g. test images, anomalous ones too, listed as val
                 raise PluginError(f"{self.entry.label()} yielded a sample of split "
                                   f"{sample.split!r} ({sample.image}) when asked for {split!r}")
-            key = os.path.abspath(sample.image)
-            if key in seen:
-                raise PluginError(f"{self.entry.label()} yielded {sample.image} twice in the "
-                                  f"{split} split; each image must be listed once")
-            seen.add(key)
             yield sample
 
     def list_samples(self, root: Path, category: str, split: Split) -> list[Sample]:
-        return list(self.samples(root, category, split))
+        """The samples of a split, held. An image listed twice among the validation or test
+        samples would count twice in the calibration or the metrics: refused (training images
+        may repeat, as lines of a list file may, and are streamed without being held)."""
+        out = list(self.samples(root, category, split))
+        if split != "train":
+            seen: set[str] = set()
+            for sample in out:
+                key = os.path.abspath(sample.image)
+                if key in seen:
+                    raise PluginError(f"{self.entry.label()} yielded {sample.image} twice in "
+                                      f"the {split} split; each image must be listed once")
+                seen.add(key)
+        return out
 
 
 def get_adapter(name: str) -> Adapter:

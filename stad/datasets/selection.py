@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
+import stat
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -28,13 +30,30 @@ def relative_name(path: Path, root: Path) -> str:
     """``path`` relative to ``root`` as recorded in artifacts (as given when outside it).
 
     An adapter may list absolute or resolved paths under a relative root, or the other way
-    round: both are made absolute, then resolved, before the path is given up as outside it."""
-    for made in (Path, lambda p: Path(os.path.abspath(p)), lambda p: Path(p).resolve()):
+    round: both are made absolute, and where the root lies behind a link, resolved, before the
+    path is given up as outside it."""
+    try:
+        return str(Path(path).relative_to(root))
+    except ValueError:
+        pass
+    absolute, real = _root_forms(str(root), os.getcwd())
+    for made, base in ((os.path.abspath, absolute), (os.path.realpath, real)):
+        if base is None:
+            continue
         try:
-            return str(made(path).relative_to(made(root)))
+            return str(Path(made(path)).relative_to(base))
         except ValueError:
             continue
     return str(path)
+
+
+@functools.lru_cache(maxsize=16)
+def _root_forms(root: str, cwd: str) -> tuple[str, str | None]:
+    """A root made absolute, and resolved where that differs (None: no link on its way); once
+    per root and current folder, not once per image (a list file names millions)."""
+    absolute = os.path.abspath(root)
+    real = os.path.realpath(root)
+    return absolute, (real if real != absolute else None)
 
 
 def relative_names(samples: Sequence[Sample], root: Path) -> list[str]:
@@ -118,11 +137,17 @@ def _check_listed(sample: Sample) -> None:
             continue
         of = f" of image {sample.image}" if kind == "mask" else ""
         try:
-            is_file = os.path.isfile(path)
+            mode = os.stat(path).st_mode
         except ValueError:  # a NUL character in a listed name
             raise DataError(f"{kind} {str(path)!r}{of} is not a valid file name") from None
-        if not is_file:
-            problem = "is a folder, not a file" if os.path.isdir(path) else "does not exist"
+        except FileNotFoundError:
+            raise DataError(f"{kind} {path}{of} ({sample.split} split) does not exist") from None
+        except OSError as exc:
+            raise DataError(f"{kind} {path}{of} ({sample.split} split) cannot be read: "
+                            f"{exc.strerror}") from None
+        if not stat.S_ISREG(mode):
+            problem = ("is a folder, not a file" if stat.S_ISDIR(mode)
+                       else "is not a regular file (a FIFO, device or socket)")
             raise DataError(f"{kind} {path}{of} ({sample.split} split) {problem}")
 
 
