@@ -523,6 +523,22 @@ PRINTS_ON_IMPORT = GOOD + '''
 print("loading the plugin...")
 '''
 
+PRINTS_WHILE_LISTING = '''
+from pathlib import Path
+from stad.datasets import API_VERSION, Sample
+
+class Adapter:
+    api_version = API_VERSION
+    description = "talks while it lists"
+    def categories(self, root):
+        print("looking for categories")
+        return ["c"]
+    def samples(self, root, category, split):
+        print("listing", split)
+        if split == "train":
+            yield Sample(image=Path(root) / "0.png", mask=None, label="normal", split="train")
+'''
+
 REPEATS = '''
 from pathlib import Path
 from stad.datasets import API_VERSION, Sample
@@ -760,3 +776,15 @@ def test_a_resolved_path_under_a_root_reached_through_a_link(tmp_path: Path,
     (tmp_path / "link").symlink_to(tmp_path / "real")
     monkeypatch.chdir(tmp_path / "link")
     assert relative_name(image.resolve(), Path("data")) == str(Path("c/0.png"))
+
+
+def test_what_a_plugin_prints_while_listing_does_not_reach_json_stdout(
+        plugin: Callable[[str, str], str], monkeypatch: pytest.MonkeyPatch,
+        tmp_path: Path) -> None:
+    (tmp_path / "0.png").write_bytes(b"")
+    _use(monkeypatch, [_ep("talky", f"{plugin('talky', PRINTS_WHILE_LISTING)}:Adapter")])
+    result = CliRunner().invoke(app, ["datasets", "show", "--dataset", "talky",
+                                      "--root", str(tmp_path), "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["splits"]["train"]["images"] == 1  # stdout: the JSON only
+    assert "looking for categories" in result.stderr and "listing test" in result.stderr

@@ -118,13 +118,19 @@ def _find(name: str) -> AdapterEntry:
 def load_entry(entry: AdapterEntry) -> DatasetAdapter:
     """Import and instantiate one adapter, checking its API version.
 
-    On the main thread, what the plugin prints while it is imported and started goes to
-    stderr, so that it cannot corrupt a command's ``--json`` output (``sys.stdout`` is the
-    process's: it is not swapped under other threads that load adapters through the API)."""
+    What the plugin prints while it is imported and started goes to stderr on the main thread
+    (:func:`_plugin_output`), as it does while the adapter lists categories and samples."""
+    with _plugin_output():
+        return _load_entry(entry)
+
+
+def _plugin_output() -> contextlib.AbstractContextManager[object]:
+    """Where a plugin's prints go while its code runs: stderr on the main thread, so that they
+    never mix into a command's ``--json`` stdout; untouched on other threads (``sys.stdout``
+    is the process's, and the API may load adapters on several)."""
     if threading.current_thread() is not threading.main_thread():
-        return _load_entry(entry)
-    with contextlib.redirect_stdout(sys.stderr):
-        return _load_entry(entry)
+        return contextlib.nullcontext()
+    return contextlib.redirect_stdout(sys.stderr)
 
 
 def _load_entry(entry: AdapterEntry) -> DatasetAdapter:
@@ -182,7 +188,8 @@ class Adapter:
 
     def _guard(self, what: str, fn: Callable[[], T]) -> T:
         try:
-            return fn()
+            with _plugin_output():
+                return fn()
         except StadError:
             raise
         except _PLUGIN_FAULTS as exc:
