@@ -105,8 +105,10 @@ def to_bytes(artifact: Artifact) -> bytes:
         "stad.info": json.dumps(artifact.info, sort_keys=True, default=str),
     }
     metadata["stad.digest"] = _digest(tensors, metadata)
-    for key in ("stad.config", "stad.preprocessing", "stad.info"):  # what load_artifact reads
-        if _nested_deeper(json.loads(metadata[key]), MAX_METADATA_DEPTH):
+    records = {"stad.config": artifact.config, "stad.preprocessing": artifact.preprocessing,
+               "stad.info": artifact.info}  # what load_artifact checks, before they were dumped
+    for key, value in records.items():
+        if _nested_deeper(value, MAX_METADATA_DEPTH):
             raise ValueError(f"{key} nests more than {MAX_METADATA_DEPTH} levels: an artifact "
                              "stad could not read back")
     data = st_save(tensors, metadata=metadata)
