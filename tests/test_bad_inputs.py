@@ -461,6 +461,67 @@ def test_option_of_the_wrong_type(fitted: Fitted, tmp_path: Path) -> None:
     assert "Traceback" not in result.output
 
 
+@pytest.mark.parametrize("args", [
+    ["score", "--model", "{model}", "--maps=", "{image}"],
+    ["score", "--model", "{model}", "--output", " ", "{image}"],
+    ["score", "--model", "{model}", ""],
+    ["calibrate", "--model", "{model}", "--out="],
+    ["evaluate", "--model", "{model}", "--report="],
+    ["merge-models", "{model}", ""],
+    ["export", "--model", "{model}", "--out="],
+    ["fit-students", *DATA, "--root=", "--teacher", "random"],
+    ["fit-students", *DATA, "--root", "{data}", "--teacher", ""],
+    ["pretrain-teacher", *DATA, "--root", "{data}", "--init", ""],
+    ["datasets", "show", *DATA, "--config="],
+])
+def test_an_empty_file_or_folder_name_is_refused(fitted: Fitted, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch,
+                                                 args: list[str]) -> None:
+    # `--maps=$DIR` with DIR unset: read as Path(""), i.e. ".", the maps went into the
+    # current folder and `--output ""` named it. Refused, and nothing is written there.
+    monkeypatch.chdir(tmp_path)
+    result = _run(*[a.format(model=fitted.model, image=fitted.image, data=fitted.data)
+                    for a in args])
+    assert result.exit_code == EXIT_USAGE, (result.output, result.exception)
+    assert "empty" in result.stderr and "Traceback" not in result.output
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(("env", "named"), [({"STAD_ROOT": ""}, "STAD_ROOT"),
+                                            ({"STAD_TEACHER__BACKBONE_WEIGHTS": " "},
+                                             "STAD_TEACHER__BACKBONE_WEIGHTS")])
+def test_an_empty_path_setting_is_refused(fitted: Fitted, tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch,
+                                          env: dict[str, str], named: str) -> None:
+    # STAD_ROOT= was read as ".": the synthetic adapter generated its data there.
+    monkeypatch.chdir(tmp_path)
+    result = _expect(_run("datasets", "show", *DATA, env=env), EXIT_USAGE)
+    assert named in result.stderr and "empty" in result.stderr
+    assert not list(tmp_path.iterdir())
+
+
+def test_every_file_or_folder_parameter_refuses_an_empty_value() -> None:
+    # A new Path option declared with typer.Option instead of cli._path_option would read ""
+    # as "." again.
+    import typing
+
+    import stad.cli as cli
+    commands = [c.callback for c in cli.app.registered_commands]
+    commands += [c.callback for g in cli.app.registered_groups
+                 for c in g.typer_instance.registered_commands]
+    checked = 0
+    for callback in commands:
+        for name, hint in typing.get_type_hints(callback, include_extras=True).items():
+            if typing.get_origin(hint) is not typing.Annotated:
+                continue
+            base, *meta = typing.get_args(hint)
+            if "Path" in str(base):
+                info = next(m for m in meta if hasattr(m, "parser"))
+                assert info.parser is cli._path, f"{callback.__name__}: {name}"
+                checked += 1
+    assert checked >= 18
+
+
 DEVICE_ARGS = {
     "score": ["score", "--model", "{model}", "{image}"],
     "calibrate": ["calibrate", "--model", "{model}", "--out", "{tmp}/out.safetensors"],
