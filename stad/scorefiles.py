@@ -151,17 +151,21 @@ def recorded(output: Path) -> dict[str, bool]:
     """
     if not output.exists():
         return {}
-    data = output.read_bytes()
-    complete = data[:data.rfind(b"\n") + 1]
-    if len(complete) != len(data):
+    done: dict[str, bool] = {}
+    complete = 0  # bytes up to the last newline
+    with open(output, "rb") as f:
+        for raw in f:  # one line at a time: memory stays that of the paths, not of the file
+            if not raw.endswith(b"\n"):
+                break
+            complete += len(raw)
+            try:
+                record = json.loads(raw.decode("utf-8", "replace"))
+            except (ValueError, RecursionError):  # a damaged line, or one nested beyond reason
+                continue
+            if isinstance(record, dict) and "path" in record and "error" not in record:
+                done[str(record["path"])] = record.get("anomalous") is True
+        cut = f.seek(0, os.SEEK_END) != complete
+    if cut:
         with open(output, "r+b") as f:
-            f.truncate(len(complete))
-    done = {}
-    for line in complete.decode("utf-8", "replace").splitlines():
-        try:
-            record = json.loads(line)
-        except (ValueError, RecursionError):  # a damaged line, or one nested beyond reason
-            continue
-        if isinstance(record, dict) and "path" in record and "error" not in record:
-            done[str(record["path"])] = record.get("anomalous") is True
+            f.truncate(complete)
     return done

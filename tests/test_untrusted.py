@@ -258,3 +258,17 @@ def test_a_records_line_nested_beyond_reason_is_skipped(tmp_path: Path) -> None:
     records = tmp_path / "scores.jsonl"
     records.write_text("[" * 100_000 + "\n" + '{"path": "a.png", "anomalous": true}\n')
     assert recorded(records) == {"a.png": True}
+
+
+def test_records_are_read_line_by_line_and_a_cut_last_line_removed(tmp_path: Path) -> None:
+    from stad.scorefiles import recorded
+
+    records = tmp_path / "scores.jsonl"
+    kept = (b'{"path": "a.png", "anomalous": true}\n' + b"not json\n" + b"\xff\xfe\n"
+            + b'{"path": "b.png", "error": "unreadable"}\n' + b"[1, 2]\n" + b"1\n" * 1000
+            + b'{"path": "c.png", "anomalous": false}\n')
+    records.write_bytes(kept + b'{"path": "d.png", "anom')
+    assert recorded(records) == {"a.png": True, "c.png": False}
+    assert records.read_bytes() == kept
+    assert recorded(records) == {"a.png": True, "c.png": False}  # nothing more to cut
+    assert records.read_bytes() == kept
