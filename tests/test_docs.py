@@ -202,3 +202,31 @@ def test_every_documented_benchmark_command_parses(monkeypatch: pytest.MonkeyPat
         except SystemExit as exc:
             failed.append(f"{doc}: `{command}` does not parse (exit {exc.code})")
     assert not failed, "\n".join(failed)
+
+
+def _anchors(path: Path) -> set[str]:
+    """The anchors GitHub gives a Markdown file's headings: lower case, punctuation dropped,
+    spaces as hyphens, a repeated heading numbered -1, -2, ..."""
+    anchors: set[str] = set()
+    seen: dict[str, int] = {}
+    text = re.sub(r"^```.*?^```", "", path.read_text(encoding="utf-8"), flags=re.S | re.M)
+    for heading in re.findall(r"^#{1,6} (.+)$", text, flags=re.M):
+        heading = re.sub(r"\[([^\]]*)\]\([^)]*\)", r"\1", heading.replace("`", ""))
+        slug = re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+        anchors.add(f"{slug}-{seen[slug]}" if slug in seen else slug)
+        seen[slug] = seen.get(slug, 0) + 1
+    return anchors
+
+
+def test_links_between_the_docs_reach_their_file_and_heading():
+    broken = []
+    for doc in [*DOCS, REPO / "CHANGELOG.md"]:
+        for target in re.findall(r"\]\(([^)\s]+)\)", doc.read_text(encoding="utf-8")):
+            if re.match(r"[a-z]+:", target):
+                continue  # a web address
+            file, _, anchor = target.partition("#")
+            dest = (doc.parent / file).resolve() if file else doc
+            if not dest.exists() or (anchor and dest.suffix == ".md"
+                                     and anchor not in _anchors(dest)):
+                broken.append(f"{doc.relative_to(REPO)}: {target}")
+    assert not broken, broken
