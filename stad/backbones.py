@@ -160,6 +160,6 @@ def _check_shapes(state: Mapping[str, torch.Tensor]) -> None:
     Raises ``ValueError`` naming the first tensor that does not fit."""
     with torch.device("meta"):
         planned = EfficientNetLite(state, _plan_only=True).state_dict()
-    problem = state_mismatch(planned, state)
+    problem = state_mismatch({k: v.shape for k, v in planned.items()}, state)
     if problem is not None:
         raise ValueError(problem)

@@ -50,6 +50,7 @@ from stad.networks import (
     FusedNetworks,
     PatchNetwork,
     build_network,
+    planned_shapes,
     state_mismatch,
 )
 
@@ -454,17 +455,17 @@ def _load_net(p: int, state: Mapping[str, torch.Tensor], what: str) -> PatchNetw
     if out_dim > MAX_DESCRIPTOR_DIM:
         raise ArtifactError(f"the {what} has {out_dim}-d descriptors ({last}), more than the "
                             f"{MAX_DESCRIPTOR_DIM} stad reads")
-    # The shapes are checked against the network's plan, built on the meta device (no memory),
-    # before the network is: a tensor of no elements can claim any size of layer for free.
+    # The shapes are checked against the network's plan before the network is built: a tensor
+    # of no elements can claim any size of layer for free.
     try:
-        with torch.device("meta"):
-            planned = build_network(p, max(out_dim, 1)).state_dict()
+        planned = planned_shapes(p, max(out_dim, 1))
     except ValueError as exc:  # a patch size stad has no network for
         raise ArtifactError(f"the {what}: {exc}") from None
     problem = state_mismatch(planned, state)
     if problem is not None:
         raise ArtifactError(f"the {what} weights do not fit the architecture: {problem}")
-    net = build_network(p, out_dim)
+    # Its initial weights are replaced: drawn from a generator of its own, not the caller's.
+    net = build_network(p, out_dim, generator=torch.Generator())
     net.load_state_dict({k: v.float() for k, v in state.items()})
     return net
 

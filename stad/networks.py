@@ -131,11 +131,14 @@ class PatchNetwork(nn.Module):
         self.patch_size = patch_size
         self.out_dim = out_dim
         self.receptive_field = _receptive_field(self.layers)
-        self.convs = nn.ModuleList(
-            nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel)
-            for layer in self.layers
-            if layer.kind == "conv"
-        )
+        # nn.Conv2d draws default weights from the global generator, which reset_parameters
+        # then replaces: those draws must not move a caller's seeded random stream.
+        with torch.random.fork_rng(devices=[]):
+            self.convs = nn.ModuleList(
+                nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel)
+                for layer in self.layers
+                if layer.kind == "conv"
+            )
         self.reset_parameters(generator=generator)
 
     def reset_parameters(self, *, generator: torch.Generator | None = None) -> None:
@@ -284,16 +287,29 @@ DESCRIPTOR_DIM = 128
 """The descriptor dimension d of the networks stad trains (the paper's)."""
 
 
-def state_mismatch(expected: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor]
+def planned_shapes(patch_size: int, out_dim: int = DESCRIPTOR_DIM) -> dict[str, tuple[int, ...]]:
+    """The state dict's names and shapes of ``build_network(patch_size, out_dim)``, from its
+    plan alone: nothing is allocated or drawn."""
+    convs = [layer for layer in layer_plan(patch_size, out_dim) if layer.kind == "conv"]
+    shapes: dict[str, tuple[int, ...]] = {}
+    for i, layer in enumerate(convs):
+        shapes[f"convs.{i}.weight"] = (layer.out_channels, layer.in_channels, layer.kernel,
+                                       layer.kernel)
+        shapes[f"convs.{i}.bias"] = (layer.out_channels,)
+    return shapes
+
+
+def state_mismatch(expected: Mapping[str, Sequence[int]], given: Mapping[str, torch.Tensor]
                    ) -> str | None:
-    """The first way ``given`` (a state dict read from a file) differs from ``expected`` (a
-    network's, typically built on the meta device): a missing or unexpected key, or a shape;
-    ``None`` when the names and shapes are the same."""
-    for key, planned in expected.items():  # in the network's order: the first layer first
+    """The first way ``given`` (a state dict read from a file) differs from ``expected`` (the
+    names and shapes of a network's, e.g. :func:`planned_shapes`): a missing or unexpected
+    key, or a shape; ``None`` when the names and shapes are the same."""
+    for key, shape in expected.items():  # in the network's order: the first layer first
+        planned = tuple(shape)
         if key not in given:
             return f"missing {key}"
-        if tuple(given[key].shape) != tuple(planned.shape):
-            return f"{key} is {list(given[key].shape)}, not {list(planned.shape)}"
+        if tuple(given[key].shape) != planned:
+            return f"{key} is {list(given[key].shape)}, not {list(planned)}"
     extra = [k for k in given if k not in expected]
     return f"unexpected {extra[0]}" if extra else None
 

@@ -16,11 +16,13 @@ from stad.errors import DataError, UsageError
 from stad.fsutil import atomic_write_bytes, short_name
 
 
-def expand_inputs(inputs: Sequence[Path]) -> list[Path]:
+def expand_inputs(inputs: Sequence[Path], *, leave_out: Path | None = None) -> list[Path]:
     """Image files named directly, plus the image files under named folders (recursively,
-    sorted; files without an image suffix and hidden files in folders are skipped)."""
-    from stad.images import is_image_file
+    sorted; files without an image suffix and hidden files in folders are skipped).
 
+    Links to folders are followed, each folder once (a link back up does not loop); a link
+    to nothing is kept, so that reading it reports it. ``leave_out``: a folder not searched
+    (``--maps``, whose pictures would be scored on the next run)."""
     out: list[Path] = []
     for item in inputs:
         path = Path(item)
@@ -32,8 +34,7 @@ def expand_inputs(inputs: Sequence[Path]) -> list[Path]:
             raise DataError(f"input {path} cannot be read: "
                             f"{getattr(exc, 'strerror', None) or exc}") from None
         if stat.S_ISDIR(mode):
-            found = sorted(p for p in path.rglob("*") if p.is_file() and is_image_file(p)
-                           and not any(part.startswith(".") for part in p.relative_to(path).parts))
+            found = _images_below(path, leave_out)
             if not found:
                 raise DataError(f"folder {path} holds no image files "
                                 f"(looked for .png, .jpg, .bmp, .tif, .webp)")
@@ -41,6 +42,35 @@ def expand_inputs(inputs: Sequence[Path]) -> list[Path]:
         else:
             out.append(path)
     return out
+
+
+def _images_below(folder: Path, leave_out: Path | None) -> list[Path]:
+    from stad.images import is_image_file
+
+    def identity(path: str | Path) -> tuple[int, int] | None:
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None
+        return st.st_dev, st.st_ino
+
+    seen = {identity(leave_out)} if leave_out is not None else set()
+    seen.discard(None)
+    found: list[Path] = []
+
+    def unreadable(exc: OSError) -> None:
+        raise DataError(f"folder {exc.filename} cannot be read: {exc.strerror}")
+
+    for top, dirs, files in os.walk(folder, onerror=unreadable, followlinks=True):
+        here = identity(top)
+        if here in seen:  # reached again through a link, or the folder left out
+            dirs[:] = []
+            continue
+        seen.add(here)
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        found.extend(Path(top) / f for f in files
+                     if not f.startswith(".") and is_image_file(Path(f)))
+    return sorted(found)
 
 
 NAME_MAX = 255  # bytes of a file name on common file systems

@@ -7,6 +7,8 @@ import json
 import os
 import re
 import shutil
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -505,3 +507,25 @@ def test_settings_keep_the_presets_scales_following_the_image_size(
                                         "patch_sizes": "17,17@32"}})
     assert stad.api._settings(given, {"students": {"epochs": 5}}).students.patch_sizes == [
         17, "17@32"]  # scales the user gave stay
+
+
+def test_loading_and_fitting_leave_the_callers_random_stream_and_imports_alone(
+        world: Path, tmp_path: Path) -> None:
+    # A network's default initialization drew from the global generator before its own
+    # replaced it, and load_model's shape check built one on the meta device, whose normal_
+    # imported torch._dynamo (2.3 of a 3.1 s load; it also sets environment variables).
+    code = ("import sys, torch, stad\n"
+            "torch.manual_seed(0); a = torch.rand(3)\n"
+            "torch.manual_seed(0)\n"
+            f"stad.load_model({str(world / 'model.safetensors')!r}).score("
+            f"{str(world / 'part.png')!r})\n"
+            "print(torch.equal(a, torch.rand(3)), 'torch._dynamo' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.stdout.split() == ["True", "False"], out.stderr
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    stad.fit_students(tmp_path / "m.safetensors", teacher="random", dataset="synthetic",
+                      category="grain", root=world / "data", students=SHRINK["students"])
+    assert torch.equal(torch.rand(3), expected)

@@ -239,6 +239,43 @@ def test_non_image_files_in_a_folder_are_skipped_silently(fitted: Fitted,
         assert name not in result.stderr
 
 
+def test_links_in_a_scored_folder_are_followed_and_a_broken_one_reported(
+        fitted: Fitted, tmp_path: Path) -> None:
+    # A CI gate scored only the folder's own files: a linked folder of images was left out
+    # without a word (exit 0 where its anomalous image gave 10), and so was a broken link.
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    shutil.copy(fitted.image, parts / "b.png")
+    folder = tmp_path / "in"
+    folder.mkdir()
+    shutil.copy(fitted.image, folder / "a.png")
+    (folder / "linked").symlink_to(parts, target_is_directory=True)
+    (folder / "up").symlink_to(tmp_path, target_is_directory=True)  # a loop: in/up/in/...
+    result = _expect(_run("score", "--model", fitted.model, "--json", folder), EXIT_OK)
+    scored = sorted(Path(r["path"]).relative_to(folder).as_posix()
+                    for r in _jsonl(result.stdout))
+    assert scored == ["a.png", "linked/b.png"]  # each folder once, whichever way it is reached
+    (folder / "gone.png").symlink_to(tmp_path / "deleted.png")
+    result = _expect(_run("score", "--model", fitted.model, folder), EXIT_DATA)
+    assert "gone.png" in result.stderr
+    result = _expect(_run("score", "--model", fitted.model, "--on-error", "skip", folder),
+                     EXIT_SKIPPED)
+    assert "gone.png" in result.stderr
+
+
+def test_a_maps_folder_inside_a_scored_folder_is_not_scored(fitted: Fitted,
+                                                           tmp_path: Path) -> None:
+    # Scored on the next run, its heat maps and overlays turned a passing gate into exit 10.
+    folder = tmp_path / "in"
+    folder.mkdir()
+    shutil.copy(fitted.image, folder / "a.png")
+    for _ in range(2):
+        result = _expect(_run("score", "--model", fitted.model, "--json", "--maps",
+                              folder / "maps", folder), EXIT_OK)
+        assert [Path(r["path"]).name for r in _jsonl(result.stdout)] == ["a.png"]
+    assert len(list((folder / "maps").iterdir())) >= 2
+
+
 def test_folder_without_images_given_to_score(fitted: Fitted, tmp_path: Path) -> None:
     folder = tmp_path / "empty"
     folder.mkdir()

@@ -20,6 +20,7 @@ from stad.networks import (
     PatchNetwork,
     build_network,
     count_macs,
+    planned_shapes,
 )
 
 NUMPY_MODE = {"reflect": "reflect", "replicate": "edge", "zeros": "constant"}
@@ -280,3 +281,15 @@ def test_count_macs_near_method_figures(
     assert abs(gmac - method_gmac) / method_gmac < tolerance
     ensemble = sum(4 * count_macs(p, 256, 256) for p in PATCH_SIZES) / 1e12
     assert abs(ensemble - 2.0) < 0.05  # method.md: 3 scales × (1 teacher + 3 students) ≈ 2.0 TMAC
+
+
+@pytest.mark.parametrize("patch_size", PATCH_SIZES)
+def test_the_planned_shapes_are_the_networks_and_building_one_keeps_the_global_stream(
+        patch_size: int) -> None:
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    net = build_network(patch_size, 64, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(torch.rand(3), expected)
+    assert {k: tuple(v.shape) for k, v in net.state_dict().items()} == \
+        planned_shapes(patch_size, 64)

@@ -63,7 +63,7 @@ def _score(settings: Settings, model_path: Path, inputs: Sequence[Path],
     pixel = calibration.get("pixel_threshold")
     if threshold is None:
         threshold = calibration["threshold"]
-    paths = expand_inputs(inputs)
+    paths = expand_inputs(inputs, leave_out=maps_dir)
     if output is not None:  # opened for writing below: it would be emptied
         for p in paths:
             if same_file(p, output):
