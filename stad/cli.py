@@ -54,7 +54,10 @@ class _StadGroup(TyperGroup):
         end = args.index("--") if "--" in args else len(args)
         moved = [a for a in args[:end] if a in GLOBAL_FLAGS]
         rest = [a for a in args[:end] if a not in GLOBAL_FLAGS]
-        return super().parse_args(ctx, [*moved, *rest, *args[end:]])
+        try:  # --help and --version print while the arguments are parsed
+            return super().parse_args(ctx, [*moved, *rest, *args[end:]])
+        except BrokenPipeError as exc:
+            _broken_pipe(exc)
 
     def invoke(self, ctx: typer.Context) -> Any:
         try:
@@ -66,14 +69,7 @@ class _StadGroup(TyperGroup):
             print("stad: interrupted", file=sys.stderr)
             raise typer.Exit(EXIT_INTERRUPTED) from None
         except BrokenPipeError as exc:
-            if not _stdout_closed():  # another pipe (an --output FIFO): not ours to hide
-                _unexpected(exc)
-            # stdout's reader has gone (`stad score ... | head -1`): stop quietly with the code
-            # of a program killed by SIGPIPE; stdout goes to /dev/null so that the interpreter's
-            # last flush does not fail too. Records already in --output stay whole.
-            with contextlib.suppress(OSError, ValueError):
-                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-            raise typer.Exit(EXIT_BROKEN_PIPE) from None
+            _broken_pipe(exc)
         except StadError as exc:
             _debug_traceback()
             print(f"stad: error: {console.printable(exc)}", file=sys.stderr)
@@ -82,6 +78,17 @@ class _StadGroup(TyperGroup):
             if type(exc).__module__.startswith(("click", "typer")):
                 raise  # Typer's own usage errors: it prints them and exits 2
             _unexpected(exc)
+
+
+def _broken_pipe(exc: BrokenPipeError) -> NoReturn:
+    if not _stdout_closed():  # another pipe (an --output FIFO): not ours to hide
+        _unexpected(exc)
+    # stdout's reader has gone (`stad score ... | head -1`): stop quietly with the code of a
+    # program killed by SIGPIPE; stdout goes to /dev/null so that the interpreter's last flush
+    # does not fail too. Records already in --output stay whole.
+    with contextlib.suppress(OSError, ValueError):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    raise typer.Exit(EXIT_BROKEN_PIPE) from None
 
 
 def _unexpected(exc: Exception) -> NoReturn:

@@ -522,7 +522,9 @@ def resolve_settings(
         UsageError: a file that does not parse, an unknown key or a value of the wrong type.
     """
     environ = os.environ if environ is None else environ
-    if config_file is None and environ.get("STAD_CONFIG"):
+    if config_file is None and "STAD_CONFIG" in environ:
+        if not environ["STAD_CONFIG"].strip():  # a CI variable that never arrived
+            raise UsageError("STAD_CONFIG is set but empty: name the config file, or unset it")
         config_file = Path(environ["STAD_CONFIG"])
     layers: list[tuple[str, Mapping[str, Any]]] = []
     if config_file is not None:

@@ -51,8 +51,16 @@ def stderr() -> Console:
     return Console(file=sys.stderr, highlight=False, soft_wrap=True)
 
 
+class _Console(Console):
+    def on_broken_pipe(self) -> None:
+        # rich exits 1 when the reader has gone; stad's commands exit 141 then
+        # (stad.cli._StadGroup.invoke), whatever printed.
+        self.quiet = True
+        raise BrokenPipeError
+
+
 def stdout() -> Console:
-    return Console(file=sys.stdout, highlight=False, soft_wrap=True)
+    return _Console(file=sys.stdout, highlight=False, soft_wrap=True)
 
 
 def message(text: str) -> None:

@@ -525,6 +525,7 @@ def test_an_empty_file_or_folder_name_is_refused(fitted: Fitted, tmp_path: Path,
 
 
 @pytest.mark.parametrize(("env", "named"), [({"STAD_ROOT": ""}, "STAD_ROOT"),
+                                            ({"STAD_CONFIG": ""}, "STAD_CONFIG"),
                                             ({"STAD_TEACHER__BACKBONE_WEIGHTS": " "},
                                              "STAD_TEACHER__BACKBONE_WEIGHTS")])
 def test_an_empty_path_setting_is_refused(fitted: Fitted, tmp_path: Path,

@@ -26,6 +26,7 @@ from stad._version import __version__
 from stad.cli import app
 from stad.errors import (
     EXIT_ARTIFACT,
+    EXIT_BROKEN_PIPE,
     EXIT_DATA,
     EXIT_INTERRUPTED,
     EXIT_PLUGIN,
@@ -399,3 +400,24 @@ def test_end_to_end_error_exit_code(tmp_path: Path) -> None:
     assert proc.returncode == EXIT_DATA
     assert proc.stderr.startswith("stad: error: ") and len(proc.stderr.splitlines()) == 1
     assert list(tmp_path.iterdir()) == []  # nothing written to the working folder
+
+
+@pytest.mark.parametrize("args", [["--version"], ["--help"], ["datasets", "list"],
+                                  ["datasets", "show", "--dataset", "synthetic", "--category",
+                                   "grain", "--root", "{tmp}"]])
+def test_every_command_exits_141_when_stdout_has_no_reader(args: list[str],
+                                                           tmp_path: Path) -> None:
+    # `stad datasets list | true`: rich exited 1 by itself and --help/--version printed outside
+    # the commands, where Click exited 1; a script told them from a failure by the code alone.
+    if "{tmp}" in args:  # data generated first: its notes must not be the first write
+        CliRunner().invoke(app, [a.format(tmp=tmp_path) for a in args])
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "stad",
+                               *[a.format(tmp=tmp_path) for a in args]],
+                              stdout=write, stderr=subprocess.PIPE, timeout=300)
+    finally:
+        os.close(write)
+    assert proc.returncode == EXIT_BROKEN_PIPE, proc.stderr.decode()
+    assert b"Traceback" not in proc.stderr and b"error" not in proc.stderr

@@ -146,8 +146,10 @@ def test_explicit_config_file_beats_stad_config(tmp_path: Path) -> None:
     assert settings.category == "given"
 
 
-def test_empty_stad_config_means_no_file() -> None:
-    assert resolve_settings(environ={"STAD_CONFIG": ""}) == Settings()
+def test_an_empty_stad_config_is_refused_not_taken_for_no_file() -> None:
+    # STAD_CONFIG=$CI_CONFIG with the variable never set ran on the defaults without a word.
+    assert "STAD_CONFIG is set but empty" in _usage_error(environ={"STAD_CONFIG": ""})
+    assert resolve_settings(environ={}) == Settings()
 
 
 def test_stad_config_naming_a_missing_file(tmp_path: Path) -> None:
