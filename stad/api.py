@@ -24,7 +24,7 @@ import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, overload
 
 import numpy as np
 import torch
@@ -268,7 +268,19 @@ class Model:
         for maps in iter_maps(self.networks, _image_list(images), device=self.device):
             yield Result.of(maps, rule, threshold, pixel)
 
-    def score(self, images: ImageInput | Sequence[ImageInput], *,
+    @overload
+    def score(self, images: str | os.PathLike[str] | Image.Image, *,
+              threshold: float | None = None) -> Result: ...
+
+    @overload
+    def score(self, images: np.ndarray, *,  # type: ignore[overload-overlap]
+              threshold: float | None = None) -> Result | list[Result]: ...
+
+    @overload
+    def score(self, images: Iterable[ImageInput], *,
+              threshold: float | None = None) -> list[Result]: ...
+
+    def score(self, images: ImageInput | Iterable[ImageInput], *,
               threshold: float | None = None) -> Result | list[Result]:
         """Score one image (a :class:`Result`) or a list of them (a list, in order).
 
@@ -280,7 +292,7 @@ class Model:
             return next(self.iter_score(images, threshold=threshold))
         return list(self.iter_score(images, threshold=threshold))
 
-    def calibrate(self, normal_images: Sequence[ImageInput], *,
+    def calibrate(self, normal_images: Iterable[ImageInput], *,
                   method: Literal["fpr", "f1", "manual"] = "fpr", target_fpr: float = 0.01,
                   threshold: float | None = None,
                   normalize: Literal["global", "position"] = "position",
@@ -288,8 +300,8 @@ class Model:
                   smooth_sigma: float | Literal["auto"] = "auto",
                   variance_weight: float = 0.0,
                   tta: TtaName = "none",
-                  test_images: Sequence[ImageInput] | None = None,
-                  test_labels: Sequence[bool] | None = None, source: str = "given images",
+                  test_images: Iterable[ImageInput] | None = None,
+                  test_labels: Iterable[bool] | None = None, source: str = "given images",
                   reporter: Reporter = NULL_REPORTER) -> dict[str, Any]:
         """Calibrate on anomaly-free images (docs/method.md §5), in memory; :meth:`save` keeps it.
 
@@ -320,8 +332,17 @@ class Model:
             "tta": tta}}).calibrate
         check_threshold_method(method, cfg.threshold)
         normal_images = _image_list(normal_images)
+        if not normal_images:
+            raise UsageError("normal_images is empty: calibrating needs anomaly-free images")
         if test_images is not None:
             test_images = _image_list(test_images)
+        if test_labels is not None:
+            test_labels = list(test_labels)
+            odd = next((t for t in test_labels
+                        if not isinstance(t, bool | np.bool_) and t not in (0, 1)), None)
+            if odd is not None:  # bool("good") is True: every image would count as anomalous
+                raise UsageError(f"test_labels are True (anomalous) or False (normal), not "
+                                 f"{odd!r}")
         if method == "f1" and (test_images is None or test_labels is None
                                or len(test_images) != len(test_labels)):
             raise UsageError("threshold method 'f1' needs test_images and as many test_labels")
@@ -421,7 +442,16 @@ class Model:
 def _image_list(images: Any) -> list[Any]:
     """Images as a list: one image (a path, a PIL image, an (H, W[, C]) array) is a list of one;
     an (N, H, W, C) array or any other iterable (a generator too) is listed."""
-    return [images] if _is_single(images) else list(images)
+    if isinstance(images, bytes | bytearray | Mapping) or hasattr(images, "read"):
+        # Iterable, but not images: they were read as lists of ints, keys or lines.
+        raise UsageError(f"images are paths, PIL images or arrays, or a list of them, not "
+                         f"{type(images).__name__} (open bytes or a file object with "
+                         "PIL.Image.open first)")
+    listed = [images] if _is_single(images) else list(images)
+    for item in listed:
+        if is_path(item) and not os.fspath(item).strip():
+            raise UsageError("an image path is empty (an unset variable?)")
+    return listed
 
 
 def _threshold_value(threshold: Any) -> float:
@@ -498,7 +528,8 @@ def fit_students(out: str | os.PathLike[str], *, teacher: str | os.PathLike[str]
     section, which only ``pretrain_teacher`` uses)."""
     from stad.commands.train import fit_students as run
 
-    return run(_settings(settings, keywords), teacher=teacher, out=Path(out), resume=resume,
+    name = None if teacher is None else os.fspath(teacher)
+    return run(_settings(settings, keywords), teacher=name, out=Path(out), resume=resume,
                reporter=reporter)
 
 

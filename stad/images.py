@@ -139,9 +139,11 @@ def _pil_to_rgb(img: Image.Image, what: str) -> np.ndarray:
                             "stad reads grey images of at most 16 bits (0-65535): convert it")
         gray = np.clip(arr / 65535.0, 0.0, 1.0).astype(np.float32)
         return np.repeat(gray[:, :, None], 3, axis=2)
-    if img.mode == "F":
-        values = np.nan_to_num(np.asarray(img, dtype=np.float32), nan=0.0, posinf=1.0, neginf=0.0)
-        gray = np.clip(values, 0.0, 1.0)
+    if img.mode == "F":  # a float TIFF: read as a float array is (it was clipped to [0, 1])
+        gray = np.asarray(img, dtype=np.float32)
+        if not bool(np.isfinite(gray).all()) or gray.min() < 0.0 or gray.max() > 1.0:
+            raise DataError(f"{what} is a 32-bit float image with values outside [0, 1] (or "
+                            "not finite); scale it to [0, 1] or save it with 8 or 16 bits")
         return np.repeat(gray[:, :, None], 3, axis=2)
     if img.mode == "P":
         img = img.convert("RGBA")

@@ -3,6 +3,7 @@ steps with keyword settings; and every ```python example in README.md and docs/ 
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -478,6 +479,18 @@ def test_one_image_where_a_list_is_taken_and_other_plausible_slips(world: Path) 
     for bad in ("0.5", True, float("nan")):
         with pytest.raises(UsageError, match="threshold must be a finite number"):
             model.score(part, threshold=bad)
+    # things that iterate but are not images, and empty names and lists (a later review)
+    for bad in (b"part.png", bytearray(b"x"), io.BytesIO(part.read_bytes()), {"a": 1}):
+        with pytest.raises(UsageError, match="paths, PIL images or arrays"):
+            model.score(bad)
+    for bad in ("", [part, " "]):
+        with pytest.raises(UsageError, match="path is empty"):
+            model.score(bad)
+    with pytest.raises(UsageError, match="normal_images is empty"):
+        model.calibrate([])
+    with pytest.raises(UsageError, match="not 'bad'"):  # bool("bad") was True
+        model.calibrate(normal, method="f1", test_images=[part, part],
+                        test_labels=["good", "bad"])
     # a PIL image closed before it was read is a data error, not Pillow's AssertionError
     with Image.open(part) as closed:
         pass

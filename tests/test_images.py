@@ -28,6 +28,7 @@ from stad.images import (
     DEFAULT_STD,
     MAX_PIXELS,
     MAX_SIDE,
+    as_rgb,
     load_image,
     load_mask,
     to_tensor,
@@ -125,6 +126,24 @@ def test_32_bit_grayscale_is_read_as_16_bit_or_refused(tmp_path: Path) -> None:
         load_image(tmp_path / "bright.tif")
 
 
+def test_a_float_tiff_is_read_as_a_float_array_is(tmp_path: Path) -> None:
+    # Values beyond [0, 1] were clipped, so a float TIFF of 0-255 greys scored as a white
+    # image, while the same pixels as an array were refused.
+    values = np.array([[0.0, 0.25], [0.5, 1.0]], dtype=np.float32)
+    Image.fromarray(values, mode="F").save(tmp_path / "f.tif")
+    with Image.open(tmp_path / "f.tif") as check:
+        assert check.mode == "F"
+    np.testing.assert_array_equal(load_image(tmp_path / "f.tif")[..., 1], values)
+    for bad in (255.0, -0.5, np.nan):
+        values[0, 0] = bad
+        Image.fromarray(values, mode="F").save(tmp_path / "f255.tif")
+        with pytest.raises(DataError, match=r"f255\.tif is a 32-bit float image with values "
+                           r"outside \[0, 1\]"):
+            load_image(tmp_path / "f255.tif")
+        with pytest.raises(DataError, match=r"outside \[0, 1\]"):
+            as_rgb(values)
+
+
 def test_exif_orientation_is_not_applied(tmp_path: Path) -> None:
     """docs/datasets.md: pixels are read in the order the file stores them; an EXIF
     Orientation tag (6: shown turned 90° clockwise) does not rotate the image."""
@@ -203,14 +222,6 @@ def test_cmyk_jpeg(tmp_path: Path) -> None:
     arr = load_image(tmp_path / "cmyk.jpg")
     _check_rgb(arr, (8, 8))
     np.testing.assert_allclose(arr.mean(axis=(0, 1)), [1.0, 0.0, 1.0], atol=0.05)
-
-
-def test_float_tiff_with_non_finite_values_stays_in_range(tmp_path: Path) -> None:
-    values = np.array([[np.nan, 0.25], [np.inf, -np.inf]], dtype=np.float32)
-    Image.fromarray(values, mode="F").save(tmp_path / "f.tif")
-    arr = load_image(tmp_path / "f.tif")
-    _check_rgb(arr, (2, 2))
-    assert arr[0, 1, 0] == 0.25
 
 
 # ---- unreadable files --------------------------------------------------------------------------
