@@ -488,7 +488,7 @@ def test_one_image_where_a_list_is_taken_and_other_plausible_slips(world: Path) 
             model.score(bad)
     with pytest.raises(UsageError, match="normal_images is empty"):
         model.calibrate([])
-    with pytest.raises(UsageError, match="not 'bad'"):  # bool("bad") was True
+    with pytest.raises(UsageError, match="not 'good'"):  # bool("good") is True
         model.calibrate(normal, method="f1", test_images=[part, part],
                         test_labels=["good", "bad"])
     # a PIL image closed before it was read is a data error, not Pillow's AssertionError
