@@ -146,7 +146,8 @@ if _typer_display_type is not None:  # Typer versions without it show no "<bool>
 
 
 def _debug_traceback() -> None:
-    if console.state.debug or os.environ.get("STAD_DEBUG", "") not in ("", "0"):
+    flag = os.environ.get("STAD_DEBUG", "").strip().lower()
+    if console.state.debug or flag not in ("", "0", "false", "no", "off"):
         traceback.print_exc()
 
 

@@ -174,10 +174,14 @@ def test_help_shows_the_documented_defaults() -> None:
     assert "[default: the preset's: paper 256, fast 256]" in text  # --image-size
 
 
-def test_stad_debug_variable_adds_the_traceback(tmp_path: Path) -> None:
-    result = _run(*_show_args(tmp_path / "nowhere"), env={"STAD_DEBUG": "1"})
+@pytest.mark.parametrize(("value", "traceback"), [("1", True), ("true", True), ("0", False),
+                                                  ("false", False), ("Off", False), ("", False)])
+def test_stad_debug_variable_adds_the_traceback(tmp_path: Path, value: str,
+                                                traceback: bool) -> None:
+    # STAD_DEBUG=false turned tracebacks on (anything but "" and "0" did)
+    result = _run(*_show_args(tmp_path / "nowhere"), env={"STAD_DEBUG": value})
     assert result.exit_code == EXIT_DATA
-    assert "Traceback" in result.stderr
+    assert ("Traceback" in result.stderr) == traceback
 
 
 def test_debug_does_not_leak_into_the_next_run(tmp_path: Path) -> None:
