@@ -47,6 +47,7 @@ import realsets  # noqa: E402
 
 from stad.backbones import BACKBONES  # noqa: E402
 from stad.config import CalibrateSettings, ScoreSettings, resolve_settings  # noqa: E402
+from stad.console import Reporter  # noqa: E402
 from stad.datasets import synthetic  # noqa: E402
 from stad.datasets.registry import get_adapter  # noqa: E402
 from stad.errors import UsageError  # noqa: E402
@@ -378,7 +379,8 @@ def run_stad(dataset: str, root: Path, category: str, teacher: str, args: argpar
     model = (folder / (stopped[0].name[:-len(SUFFIX)] + ".safetensors") if stopped
              else folder / f"{prefix}{len(list(folder.iterdir()))}.safetensors")
     start = time.perf_counter()
-    fit(settings_for(args.normalize_list[0]), teacher=teacher, out=model, resume=bool(stopped))
+    fit(settings_for(args.normalize_list[0]), teacher=teacher, out=model, resume=bool(stopped),
+        reporter=Reporter(None, lines=True))  # notes and progress lines on stderr
     fit_seconds = round(time.perf_counter() - start, 1)
     out = {}
     for normalize, sigma, weight, tta in ((n, s, w, t) for n in args.normalize_list

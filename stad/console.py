@@ -10,6 +10,7 @@ seconds, so short runs leave clean logs, and a fit of hours on a slow CPU is not
 from __future__ import annotations
 
 import json
+import logging
 import math
 import sys
 import time
@@ -113,7 +114,7 @@ def emit_json(record: dict[str, Any]) -> None:
 
 class Reporter:
     """Progress reporting handed to library functions: a rich display, plain lines (``lines``),
-    or silence (the default, and the library's :data:`NULL_REPORTER`).
+    or silence (the library's :data:`NULL_REPORTER`).
 
     Library code calls :meth:`task` to get a handle and ``advance`` on it; it never imports
     rich itself, so it runs the same under tests, pipes and torchrun.
@@ -228,4 +229,13 @@ def reporter() -> Iterator[Reporter]:
         yield Reporter(progress)
 
 
-NULL_REPORTER = Reporter(None)
+class _LoggedReporter(Reporter):
+    """No progress, and notes to the ``stad`` logger at INFO (not shown unless the caller
+    configures :mod:`logging`): what the library's functions report by default, so that
+    ``import stad`` writes nothing to a program's stderr but its warnings."""
+
+    def note(self, text: str) -> None:
+        logging.getLogger("stad").info(text)
+
+
+NULL_REPORTER: Reporter = _LoggedReporter(None)

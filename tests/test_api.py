@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import re
 import shutil
@@ -542,3 +543,18 @@ def test_loading_and_fitting_leave_the_callers_random_stream_and_imports_alone(
     stad.fit_students(tmp_path / "m.safetensors", teacher="random", dataset="synthetic",
                       category="grain", root=world / "data", students=SHRINK["students"])
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_the_steps_write_nothing_but_log_their_notes(world: Path, tmp_path: Path, capsys,
+                                                     caplog) -> None:
+    # A program that imports stad owns its stderr: the notes a command prints ("--resume: no
+    # checkpoint", "final loss") go to the "stad" logger, shown where the caller asks for them.
+    capsys.readouterr()
+    with caplog.at_level(logging.INFO, logger="stad"):
+        stad.fit_students(tmp_path / "m.safetensors", teacher="random", dataset="synthetic",
+                          category="grain", root=world / "data", students=SHRINK["students"],
+                          resume=True)
+    assert capsys.readouterr() == ("", "")
+    notes = [r.getMessage() for r in caplog.records if r.name == "stad"]
+    assert any("no checkpoint" in n for n in notes) and any("final loss" in n for n in notes)
+    assert all(r.levelno == logging.INFO for r in caplog.records if r.name == "stad")
