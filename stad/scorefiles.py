@@ -173,15 +173,16 @@ def in_shard(path: Path, shard: tuple[int, int]) -> bool:
     return int.from_bytes(digest[:8], "big") % n == k
 
 
-def recorded(output: Path) -> dict[str, bool]:
+def recorded(output: Path) -> dict[str, tuple[bool, float | None]]:
     """The paths already scored in a JSON Lines ``--output`` file (records without an error),
-    each with its verdict (``anomalous``).
+    each with its verdict (``anomalous``) and the threshold it was judged at (``None`` where
+    the record has none).
 
     A last line cut short by a crash is removed from the file, so appending goes on cleanly.
     """
     if not output.exists():
         return {}
-    done: dict[str, bool] = {}
+    done: dict[str, tuple[bool, float | None]] = {}
     complete = 0  # bytes up to the last newline
     with open(output, "rb") as f:
         for raw in f:  # one line at a time: memory stays that of the paths, not of the file
@@ -193,9 +194,39 @@ def recorded(output: Path) -> dict[str, bool]:
             except (ValueError, RecursionError):  # a damaged line, or one nested beyond reason
                 continue
             if isinstance(record, dict) and "path" in record and "error" not in record:
-                done[str(record["path"])] = record.get("anomalous") is True
+                threshold = record.get("threshold")
+                done[str(record["path"])] = (
+                    record.get("anomalous") is True,
+                    float(threshold) if isinstance(threshold, (int, float))
+                    and not isinstance(threshold, bool) else None)
         cut = f.seek(0, os.SEEK_END) != complete
     if cut:
         with open(output, "r+b") as f:
             f.truncate(complete)
     return done
+
+
+def kept_records(paths: Sequence[Path], output: Path, threshold: float
+                 ) -> tuple[list[Path], dict[str, bool]]:
+    """``--skip-existing``: the paths still to score, and those recorded in ``output`` with
+    their verdicts. A record names its image as it was given; it counts for an input given
+    another way that reaches the same place (``incoming/a.png`` and ``/data/incoming/a.png``
+    from ``/data``). Records of these inputs judged at another threshold are a usage error:
+    the file would mix verdicts of two thresholds."""
+    done = recorded(output)
+    absolute = {os.path.abspath(k): k for k in done}
+    todo: list[Path] = []
+    kept: dict[str, bool] = {}
+    for p in paths:
+        key = str(p) if str(p) in done else absolute.get(os.path.abspath(p))
+        if key is None:
+            todo.append(p)
+            continue
+        anomalous, judged = done[key]
+        if judged is not None and judged != threshold:
+            raise UsageError(
+                f"--output {output} records {key} judged at threshold {judged:.6g}, this run "
+                f"judges at {threshold:.6g}: resume with the same model and --threshold, or "
+                "write to a new file (without --skip-existing)")
+        kept[str(p)] = anomalous
+    return todo, kept

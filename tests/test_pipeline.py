@@ -373,19 +373,38 @@ def test_a_resumed_run_gates_on_the_verdicts_recorded_before(
         model: Path, tiny_data: Path, tmp_path: Path):
     test_dir = tiny_data / "grain" / "test"
     log = tmp_path / "scores.jsonl"
-    every = ["--model", str(model), "--output", str(log), "--fail-on-anomaly"]
-    # A first try that flags every image, cancelled after three records...
-    run(["score", *every, "--threshold", "-1e9", str(test_dir)], code=EXIT_ANOMALY)
-    log.write_text("".join(log.read_text().splitlines(keepends=True)[:3]))
+    every = ["--model", str(model), "--output", str(log), "--fail-on-anomaly",
+             "--threshold", "1e9"]
+    # A first try cancelled after three records, each of them anomalous ...
+    run(["score", *every, str(test_dir)])
+    first = [{**r, "anomalous": True} for r in jsonl(log.read_text())[:3]]
+    log.write_text("".join(json.dumps(r) + "\n" for r in first))
     # ... and its retry, where no image it scores is anomalous: the gate still fails.
-    result = runner.invoke(app, ["score", *every, "--threshold", "1e9", "--skip-existing",
-                                 str(test_dir)])
+    result = runner.invoke(app, ["score", *every, "--skip-existing", str(test_dir)])
     assert result.exit_code == EXIT_ANOMALY, result.output
     assert "3 inputs already recorded" in result.stderr and "3 of them anomalous" in result.stderr
     assert len(jsonl(log.read_text())) == 6
     # A record of another input in the file does not count.
     log.write_text(json.dumps({"path": "elsewhere.png", "anomalous": True}) + "\n")
-    run(["score", *every, "--threshold", "1e9", "--skip-existing", str(test_dir)])
+    run(["score", *every, "--skip-existing", str(test_dir)])
+
+
+def test_a_resume_finds_its_records_by_place_and_refuses_another_threshold(
+        model: Path, tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.chdir(tiny_data / "grain")
+    log = tmp_path / "scores.jsonl"
+    run(["score", "--model", str(model), "--output", str(log), "test"])  # relative paths
+    recorded = log.read_text()
+    # The same images named by absolute paths: nothing is scored twice ...
+    out = run(["score", "--model", str(model), "--json", "--output", str(log),
+               "--skip-existing", str(tiny_data / "grain" / "test")])
+    assert out == "" and log.read_text() == recorded
+    # ... and a retry at another threshold would mix two thresholds' verdicts in one file.
+    result = runner.invoke(app, ["score", "--model", str(model), "--output", str(log),
+                                 "--skip-existing", "--threshold", "1e9", "test"])
+    assert result.exit_code == EXIT_USAGE, result.output
+    assert "judged at threshold" in result.stderr and "1e+09" in result.stderr
+    assert log.read_text() == recorded
 
 
 def test_output_naming_an_input_image_is_refused(model: Path, tiny_data: Path,

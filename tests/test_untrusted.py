@@ -257,7 +257,7 @@ def test_a_records_line_nested_beyond_reason_is_skipped(tmp_path: Path) -> None:
 
     records = tmp_path / "scores.jsonl"
     records.write_text("[" * 100_000 + "\n" + '{"path": "a.png", "anomalous": true}\n')
-    assert recorded(records) == {"a.png": True}
+    assert recorded(records) == {"a.png": (True, None)}
 
 
 def test_records_are_read_line_by_line_and_a_cut_last_line_removed(tmp_path: Path) -> None:
@@ -266,9 +266,10 @@ def test_records_are_read_line_by_line_and_a_cut_last_line_removed(tmp_path: Pat
     records = tmp_path / "scores.jsonl"
     kept = (b'{"path": "a.png", "anomalous": true}\n' + b"not json\n" + b"\xff\xfe\n"
             + b'{"path": "b.png", "error": "unreadable"}\n' + b"[1, 2]\n" + b"1\n" * 1000
-            + b'{"path": "c.png", "anomalous": false}\n')
+            + b'{"path": "c.png", "anomalous": false, "threshold": 0.5}\n')
     records.write_bytes(kept + b'{"path": "d.png", "anom')
-    assert recorded(records) == {"a.png": True, "c.png": False}
+    assert recorded(records) == {"a.png": (True, None), "c.png": (False, 0.5)}
     assert records.read_bytes() == kept
-    assert recorded(records) == {"a.png": True, "c.png": False}  # nothing more to cut
+    # a second read: nothing more to cut
+    assert recorded(records) == {"a.png": (True, None), "c.png": (False, 0.5)}
     assert records.read_bytes() == kept

@@ -14,7 +14,7 @@ from stad.config import ScoreSettings, Settings
 from stad.console import NULL_REPORTER, Reporter, json_line
 from stad.errors import UsageError
 from stad.fsutil import DISK_FULL, check_output_dir, check_output_file, output_lock, same_file
-from stad.scorefiles import expand_inputs, in_shard, map_names, recorded, write_maps
+from stad.scorefiles import expand_inputs, in_shard, kept_records, map_names, write_maps
 from stad.scoring import ImageError, iter_results
 
 
@@ -73,10 +73,9 @@ def _score(settings: Settings, model_path: Path, inputs: Sequence[Path],
     if shard is not None:
         paths = [p for p in paths if in_shard(p, shard)]
     if output is not None and skip_existing:
-        done = recorded(output)
+        paths, kept = kept_records(paths, output, threshold)
         if resumed is not None:
-            resumed.update((str(p), done[str(p)]) for p in paths if str(p) in done)
-        paths = [p for p in paths if str(p) not in done]
+            resumed.update(kept)
     task = reporter.task("scoring", len(paths))
     # Opened only now: a run that fails to start leaves an earlier output as it was.
     with open(output, "a" if skip_existing else "w", encoding="utf-8") if output is not None \
