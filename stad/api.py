@@ -261,12 +261,16 @@ class Model:
     def iter_score(self, images: Iterable[ImageInput], *, threshold: float | None = None
                    ) -> Iterator[Result]:
         """:meth:`score` of each image (or of one image), yielded as each batch finishes (for
-        long lists; the images are listed first, so a generator is read in full)."""
+        long lists; the images are listed first, so a generator is read in full).
+
+        An uncalibrated model, a bad threshold or images that are not images raise here, at
+        the call; an unreadable image raises when the iteration reaches it."""
         calibration, rule = self.score_rule()
         threshold = calibration["threshold"] if threshold is None else _threshold_value(threshold)
         pixel = calibration.get("pixel_threshold")
-        for maps in iter_maps(self.networks, _image_list(images), device=self.device):
-            yield Result.of(maps, rule, threshold, pixel)
+        listed = _image_list(images)
+        return (Result.of(maps, rule, threshold, pixel)
+                for maps in iter_maps(self.networks, listed, device=self.device))
 
     @overload
     def score(self, images: str | os.PathLike[str] | Image.Image, *,

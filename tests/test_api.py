@@ -378,6 +378,11 @@ def test_uncalibrated_models_and_bad_settings_are_usage_errors(world: Path) -> N
     assert model.calibration is None and model.threshold is None
     with pytest.raises(UsageError, match="not calibrated"):
         model.score(world / "part.png")
+    with pytest.raises(UsageError, match="not calibrated"):  # at the call, not at next()
+        model.iter_score([world / "part.png"])
+    calibrated = stad.load_model(world / "model.safetensors", device="cpu")
+    with pytest.raises(UsageError, match="threshold must be a finite number"):
+        calibrated.iter_score([world / "part.png"], threshold=float("nan"))
     with pytest.raises(UsageError, match="batch_siz"):
         stad.load_model(world / "model.safetensors", batch_siz=2)
     with pytest.raises(UsageError, match="students"):
