@@ -49,6 +49,7 @@ import realsets  # noqa: E402
 from stad import __version__  # noqa: E402
 from stad.artifacts import Artifact, load_artifact, save_artifact  # noqa: E402
 from stad.config import resolve_settings  # noqa: E402
+from stad.console import Reporter  # noqa: E402
 from stad.datasets.synthetic import generate  # noqa: E402
 from stad.images import DEFAULT_MEAN, DEFAULT_STD  # noqa: E402
 from stad.networks import build_network  # noqa: E402
@@ -125,7 +126,8 @@ def pretrain_scale(root: Path, p: int, iterations: int, seed: int, work: Path,
                                      "image_size": SIZE, **recipe}}, environ={})
     start = time.perf_counter()
     if not out.is_file():
-        pretrain_teacher(settings, out=out, resume=resume)
+        pretrain_teacher(settings, out=out, resume=resume,
+                         reporter=Reporter(None, lines=True))  # notes and progress lines
     artifact = load_artifact(out, kind="teacher")
     info = artifact.info
     summary = {"iterations": iterations, "target": info["target"], "lambdas": info["lambdas"],

@@ -173,16 +173,22 @@ def in_shard(path: Path, shard: tuple[int, int]) -> bool:
     return int.from_bytes(digest[:8], "big") % n == k
 
 
-def recorded(output: Path) -> dict[str, tuple[bool, float | None]]:
-    """The paths already scored in a JSON Lines ``--output`` file (records without an error),
-    each with its verdict (``anomalous``) and the threshold it was judged at (``None`` where
-    the record has none).
+Judged = tuple[float | None, float | None]
+"""The thresholds a record was judged at: (``threshold``, ``pixel_threshold``)."""
 
-    A last line cut short by a crash is removed from the file, so appending goes on cleanly.
-    """
+
+def recorded(output: Path) -> tuple[dict[str, tuple[bool, Judged]], int | None]:
+    """The paths already scored in a JSON Lines ``--output`` file (records without an error),
+    each with its verdict (``anomalous``) and the thresholds it was judged at; and where the
+    file's last line was cut short by a crash, the size up to it (else None), for
+    :func:`drop_cut_line`."""
+    from stad.artifacts import finite_number  # a threshold that is missing, NaN, beyond floats
+    # or not a number (a damaged or crafted file) counts as none
+
     if not output.exists():
-        return {}
-    done: dict[str, tuple[bool, float | None]] = {}
+        return {}, None
+    done: dict[str, tuple[bool, Judged]] = {}
+    seen: dict[Judged, Judged] = {}  # one tuple per pair of thresholds, shared by its records
     complete = 0  # bytes up to the last newline
     with open(output, "rb") as f:
         for raw in f:  # one line at a time: memory stays that of the paths, not of the file
@@ -194,39 +200,47 @@ def recorded(output: Path) -> dict[str, tuple[bool, float | None]]:
             except (ValueError, RecursionError):  # a damaged line, or one nested beyond reason
                 continue
             if isinstance(record, dict) and "path" in record and "error" not in record:
-                threshold = record.get("threshold")
-                done[str(record["path"])] = (
-                    record.get("anomalous") is True,
-                    float(threshold) if isinstance(threshold, (int, float))
-                    and not isinstance(threshold, bool) else None)
-        cut = f.seek(0, os.SEEK_END) != complete
-    if cut:
+                image, pixel = (float(v) if finite_number(v) else None for v in
+                                (record.get("threshold"), record.get("pixel_threshold")))
+                judged = (image, pixel)
+                done[str(record["path"])] = (record.get("anomalous") is True,
+                                             seen.setdefault(judged, judged))
+        size = f.seek(0, os.SEEK_END)
+    return done, (complete if size != complete else None)
+
+
+def drop_cut_line(output: Path, at: int | None) -> None:
+    """Remove the last line cut short by a crash (``at`` from :func:`recorded`), so that
+    appending goes on cleanly."""
+    if at is not None:
         with open(output, "r+b") as f:
-            f.truncate(complete)
-    return done
+            f.truncate(at)
 
 
-def kept_records(paths: Sequence[Path], output: Path, threshold: float
-                 ) -> tuple[list[Path], dict[str, bool]]:
-    """``--skip-existing``: the paths still to score, and those recorded in ``output`` with
-    their verdicts. A record names its image as it was given; it counts for an input given
-    another way that reaches the same place (``incoming/a.png`` and ``/data/incoming/a.png``
-    from ``/data``). Records of these inputs judged at another threshold are a usage error:
-    the file would mix verdicts of two thresholds."""
-    done = recorded(output)
-    absolute = {os.path.abspath(k): k for k in done}
+def kept_records(paths: Sequence[Path], output: Path, judged: Judged
+                 ) -> tuple[list[Path], dict[str, bool], int]:
+    """``--skip-existing``: the paths still to score, those that ``output`` has a record of
+    (with their verdicts), and how many records the file holds. Records go by the path as
+    given (as shards do): a resumed run names its inputs as the first did. Records of these
+    inputs judged at other thresholds (``judged``: this run's image and pixel thresholds) are
+    a usage error, which leaves the file as it was: it would mix verdicts of two thresholds.
+    A record without a threshold is kept."""
+    done, cut = recorded(output)
     todo: list[Path] = []
     kept: dict[str, bool] = {}
     for p in paths:
-        key = str(p) if str(p) in done else absolute.get(os.path.abspath(p))
-        if key is None:
+        record = done.get(str(p))
+        if record is None:
             todo.append(p)
             continue
-        anomalous, judged = done[key]
-        if judged is not None and judged != threshold:
-            raise UsageError(
-                f"--output {output} records {key} judged at threshold {judged:.6g}, this run "
-                f"judges at {threshold:.6g}: resume with the same model and --threshold, or "
-                "write to a new file (without --skip-existing)")
+        anomalous, (threshold, pixel) = record
+        for name, was, now in (("threshold", threshold, judged[0]),
+                               ("pixel threshold", pixel, judged[1])):
+            if was is not None and now is not None and was != now:
+                raise UsageError(
+                    f"--output {output} records {p} judged at {name} {was!r}, this run judges "
+                    f"at {now!r}: resume with the same model and --threshold, or write to a "
+                    "new file (without --skip-existing)")
         kept[str(p)] = anomalous
-    return todo, kept
+    drop_cut_line(output, cut)
+    return todo, kept, len(done)

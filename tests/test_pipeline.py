@@ -389,22 +389,26 @@ def test_a_resumed_run_gates_on_the_verdicts_recorded_before(
     run(["score", *every, "--skip-existing", str(test_dir)])
 
 
-def test_a_resume_finds_its_records_by_place_and_refuses_another_threshold(
+def test_a_resume_names_its_inputs_as_before_and_keeps_their_threshold(
         model: Path, tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.chdir(tiny_data / "grain")
     log = tmp_path / "scores.jsonl"
     run(["score", "--model", str(model), "--output", str(log), "test"])  # relative paths
     recorded = log.read_text()
-    # The same images named by absolute paths: nothing is scored twice ...
-    out = run(["score", "--model", str(model), "--json", "--output", str(log),
-               "--skip-existing", str(tiny_data / "grain" / "test")])
-    assert out == "" and log.read_text() == recorded
-    # ... and a retry at another threshold would mix two thresholds' verdicts in one file.
+    # A retry at another threshold would mix two thresholds' verdicts in one file: refused,
+    # the file left as it was.
     result = runner.invoke(app, ["score", "--model", str(model), "--output", str(log),
                                  "--skip-existing", "--threshold", "1e9", "test"])
     assert result.exit_code == EXIT_USAGE, result.output
-    assert "judged at threshold" in result.stderr and "1e+09" in result.stderr
+    assert "judged at threshold" in result.stderr and "1000000000.0" in result.stderr
     assert log.read_text() == recorded
+    # Records go by the path as given (as shards do): other names are new inputs, and the run
+    # says that none of the records matched.
+    result = runner.invoke(app, ["score", "--model", str(model), "--output", str(log),
+                                 "--skip-existing", str(tiny_data / "grain" / "test")])
+    assert result.exit_code == 0, result.output
+    assert "none of the 6 records" in result.stderr
+    assert len(jsonl(log.read_text())) == 12
 
 
 def test_output_naming_an_input_image_is_refused(model: Path, tiny_data: Path,

@@ -257,19 +257,38 @@ def test_a_records_line_nested_beyond_reason_is_skipped(tmp_path: Path) -> None:
 
     records = tmp_path / "scores.jsonl"
     records.write_text("[" * 100_000 + "\n" + '{"path": "a.png", "anomalous": true}\n')
-    assert recorded(records) == {"a.png": (True, None)}
+    assert recorded(records) == ({"a.png": (True, (None, None))}, None)
 
 
 def test_records_are_read_line_by_line_and_a_cut_last_line_removed(tmp_path: Path) -> None:
-    from stad.scorefiles import recorded
+    from stad.errors import UsageError
+    from stad.scorefiles import kept_records, recorded
 
     records = tmp_path / "scores.jsonl"
     kept = (b'{"path": "a.png", "anomalous": true}\n' + b"not json\n" + b"\xff\xfe\n"
             + b'{"path": "b.png", "error": "unreadable"}\n' + b"[1, 2]\n" + b"1\n" * 1000
-            + b'{"path": "c.png", "anomalous": false, "threshold": 0.5}\n')
+            + b'{"path": "c.png", "anomalous": false, "threshold": 0.5, '
+            + b'"pixel_threshold": 0.25}\n'
+            # thresholds beyond floats, NaN, a string, true: as if there were none
+            + b'{"path": "e.png", "anomalous": false, "threshold": 1' + b"0" * 400 + b"}\n"
+            + b'{"path": "f.png", "anomalous": false, "threshold": NaN, '
+            + b'"pixel_threshold": "0.1"}\n'
+            + b'{"path": "g.png", "anomalous": false, "threshold": true}\n')
     records.write_bytes(kept + b'{"path": "d.png", "anom')
-    assert recorded(records) == {"a.png": (True, None), "c.png": (False, 0.5)}
-    assert records.read_bytes() == kept
-    # a second read: nothing more to cut
-    assert recorded(records) == {"a.png": (True, None), "c.png": (False, 0.5)}
-    assert records.read_bytes() == kept
+    every = {"a.png": (True, (None, None)), "c.png": (False, (0.5, 0.25)),
+             **{f"{x}.png": (False, (None, None)) for x in "efg"}}
+    assert recorded(records) == (every, len(kept))
+    assert records.read_bytes().startswith(kept)  # reading cuts nothing ...
+    # ... a resume refused for another threshold neither ...
+    for judged in ((0.5, 0.3), (0.6, 0.25)):
+        with pytest.raises(UsageError, match="c.png judged at (pixel )?threshold"):
+            kept_records([Path("a.png"), Path("c.png")], records, judged)
+        assert records.read_bytes().startswith(kept) and len(records.read_bytes()) > len(kept)
+    # ... and one that goes on removes the cut line, once
+    inputs = [Path(f"{x}.png") for x in "abcdefgh"]
+    for _ in range(2):
+        todo, resumed, n = kept_records(inputs, records, (0.5, 0.25))
+        assert todo == [Path("b.png"), Path("d.png"), Path("h.png")] and n == 5
+        assert resumed == {"a.png": True, "c.png": False, "e.png": False, "f.png": False,
+                           "g.png": False}
+        assert records.read_bytes() == kept

@@ -11,7 +11,7 @@ from typing import Any, TextIO
 
 from stad.api import Model, Result
 from stad.config import ScoreSettings, Settings
-from stad.console import NULL_REPORTER, Reporter, json_line
+from stad.console import NULL_REPORTER, Reporter, json_line, printable
 from stad.errors import UsageError
 from stad.fsutil import DISK_FULL, check_output_dir, check_output_file, output_lock, same_file
 from stad.scorefiles import expand_inputs, in_shard, kept_records, map_names, write_maps
@@ -73,7 +73,11 @@ def _score(settings: Settings, model_path: Path, inputs: Sequence[Path],
     if shard is not None:
         paths = [p for p in paths if in_shard(p, shard)]
     if output is not None and skip_existing:
-        paths, kept = kept_records(paths, output, threshold)
+        paths, kept, n_records = kept_records(paths, output, (threshold, pixel))
+        if n_records and not kept:
+            reporter.note(f"--skip-existing: none of the {n_records} records in "
+                          f"{printable(output)} names an input of this run; records go by the "
+                          "path as given, so name the inputs as the run that wrote them did")
         if resumed is not None:
             resumed.update(kept)
     task = reporter.task("scoring", len(paths))
