@@ -74,7 +74,7 @@ class Result:
         score: the image score (the mean of the map's top pixels, the default, or its
             maximum, as the model was calibrated).
         threshold: the threshold used (the calibrated one unless another was given).
-        anomalous: ``score > threshold``; None when there is no threshold.
+        anomalous: ``score > threshold``.
         scales: the image score of each scale's map (``{"p17": ..., "p33": ...}``).
         maps: each scale's map, (H, W) like ``map``.
         path: the file the image was read from; None for an image given in memory.
@@ -87,8 +87,8 @@ class Result:
 
     map: np.ndarray
     score: float
-    threshold: float | None
-    anomalous: bool | None
+    threshold: float
+    anomalous: bool
     scales: dict[str, float] = field(default_factory=dict)
     maps: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
     path: str | None = None
@@ -96,7 +96,7 @@ class Result:
     regions: list[Region] = field(default_factory=list)
 
     @classmethod
-    def of(cls, maps: ImageMaps, rule: ScoreSettings, threshold: float | None,
+    def of(cls, maps: ImageMaps, rule: ScoreSettings, threshold: float,
            pixel_threshold: float | None = None) -> Result:
         """The result of one image's maps, scored by ``rule``, judged against ``threshold``,
         its regions above ``pixel_threshold`` (of ``rule.min_region_area`` pixels or more)."""
@@ -105,7 +105,7 @@ class Result:
         regions = ([] if pixel_threshold is None else
                    find_regions(fused, pixel_threshold, min_area=rule.min_region_area))
         return cls(map=fused, score=score, threshold=threshold,
-                   anomalous=None if threshold is None else bool(score > threshold),
+                   anomalous=bool(score > threshold),
                    scales={k: image_score(v, rule) for k, v in maps.maps.items()
                            if k != "fused"},
                    maps={k: v for k, v in maps.maps.items() if k != "fused"},

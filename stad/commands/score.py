@@ -90,7 +90,7 @@ def _score(settings: Settings, model_path: Path, inputs: Sequence[Path],
 
 
 def _records(model: Model, paths: Sequence[Path], rule: ScoreSettings,
-             thresholds: tuple[float | None, float | None], on_error: str,
+             thresholds: tuple[float, float | None], on_error: str,
              maps: tuple[Path | None, dict[Path, str]], log: TextIO | None, task: Any
              ) -> Iterator[dict[str, Any]]:
     threshold, pixel = thresholds
