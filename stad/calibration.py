@@ -311,11 +311,14 @@ def _describe_rule(calibration: Mapping[str, Any]) -> str:
 
 def check_threshold_method(method: str, threshold: float | None) -> None:
     """A manual threshold needs ``threshold`` and no other method takes one."""
+    # One message for the command line and Python (the same names, spelled two ways).
     if threshold is not None and method != "manual":
-        raise UsageError(f"--threshold applies only to --method manual, not to "
-                         f"--method {method}; give one or the other")
+        raise UsageError(f"a threshold (--threshold, threshold=) is taken only by the manual "
+                         f"method (--method manual, method='manual'), not by {method!r}: give "
+                         "one or the other")
     if method == "manual" and threshold is None:
-        raise UsageError("threshold method 'manual' needs --threshold T")
+        raise UsageError("the manual method (--method manual, method='manual') needs a "
+                         "threshold: --threshold T, or threshold=T")
 
 
 def fpr_threshold(normal_scores: Sequence[float], target_fpr: float) -> float:

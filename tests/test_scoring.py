@@ -14,6 +14,7 @@ from PIL import Image
 from stad import calibration, scoring
 from stad.calibration import (
     calibrate_model,
+    check_threshold_method,
     f1_threshold,
     fpr_threshold,
     position_statistics,
@@ -269,6 +270,16 @@ def test_fpr_threshold():
     assert sum(s > fpr_threshold(scores, 0.2) for s in scores) == 2
     # Below 1/10 no image may score above it: the maximum.
     assert fpr_threshold(scores, 0.01) == 1.0
+
+
+def test_a_threshold_goes_with_the_manual_method_only():
+    check_threshold_method("manual", 2.5)
+    check_threshold_method("fpr", None)
+    # Said in both the command line's and Python's names: the check serves both.
+    with pytest.raises(UsageError, match=r"--threshold, threshold=.*not by 'fpr'"):
+        check_threshold_method("fpr", 2.5)
+    with pytest.raises(UsageError, match=r"needs a threshold: --threshold T, or threshold=T"):
+        check_threshold_method("manual", None)
 
 
 def test_f1_threshold():
