@@ -10,6 +10,7 @@ a misspelt setting must never be silently ignored.
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
 import os
@@ -581,6 +582,22 @@ def _env_names(layer: Mapping[str, Any], loc: list[str]) -> list[str]:
     return [name for key in node for name in _env_names(layer, [*loc, key])]
 
 
+def _known_keys(loc: list[str]) -> str:
+    """What to write instead of the unknown key at ``loc``: the nearest keys its table takes
+    (or all of them), for the command line and Python alike."""
+    section: Any = Settings
+    for part in loc[:-1]:
+        field = section.model_fields.get(part) if isinstance(section, type) else None
+        section = field.annotation if field is not None else None
+        if not (isinstance(section, type) and issubclass(section, BaseModel)):
+            return ""
+    keys = sorted(section.model_fields)
+    near = difflib.get_close_matches(loc[-1], keys, n=3)
+    table = f"'{'.'.join(loc[:-1])}'" if len(loc) > 1 else "the top level"
+    return (f"; did you mean {' or '.join(repr(k) for k in near)}?" if near
+            else f"; {table} takes {', '.join(keys)}")
+
+
 def _describe(exc: ValidationError, layers: list[tuple[str, Mapping[str, Any]]]) -> str:
     """One line per problem, naming the key and where its value came from."""
     parts = []
@@ -592,7 +609,7 @@ def _describe(exc: ValidationError, layers: list[tuple[str, Mapping[str, Any]]])
         if source == "environment":  # the variable itself, as the user typed it
             source = f"environment variable {', '.join(_env_names(layer, loc))}"
         if err["type"] == "extra_forbidden":
-            parts.append(f"unknown setting '{key}' (from {source}); see `stad <command> --help`")
+            parts.append(f"unknown setting '{key}' (from {source}){_known_keys(loc)}")
         else:
             value = json.dumps(err.get("input"), default=str)
             message = err["msg"].removeprefix("Value error, ")  # our validators' own words

@@ -17,16 +17,17 @@ def resolve_device(name: str | torch.device) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"device {name} was asked for (--device, a config file or "
+        raise UsageError(f"device {name} was asked for (--device, device=, a config file or "
                          "STAD_DEVICE), but torch sees no CUDA device")
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise UsageError(f"--device must be auto, cpu, cuda or cuda:N, not {name!r}") from None
+        raise UsageError(f"the device (--device, device=) must be auto, cpu, cuda or cuda:N, "
+                         f"not {name!r}") from None
     if device.type == "cuda" and device.index is not None \
             and device.index >= torch.cuda.device_count():
-        raise UsageError(f"--device {name}: torch sees {torch.cuda.device_count()} CUDA "
-                         f"device(s), numbered from 0")
+        raise UsageError(f"device {name} (--device, device=): torch sees "
+                         f"{torch.cuda.device_count()} CUDA device(s), numbered from 0")
     return device
 
 

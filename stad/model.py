@@ -437,7 +437,8 @@ def load_teachers(tensors: Mapping[str, torch.Tensor], *,
     missing = [p for p in wanted if p not in found]
     if missing:
         raise ArtifactError(f"the artifact has teachers for p={found}, not for p={missing}; "
-                            "pretrain those scales or choose --patch-sizes among the ones it has")
+                            "pretrain those scales or choose patch sizes (--patch-sizes) among the "
+                            "ones it has")
     out = {}
     for p in wanted:
         out[p] = _load_net(p, prefixed(tensors, f"teacher.p{p}"), f"teacher p={p}")
@@ -633,7 +634,8 @@ def resolve_teachers(teacher: str | Path | None, patch_sizes: Sequence[int] | No
     if name == BUILTIN_TEACHER and not path.is_file():
         raise ArtifactError(f"the built-in teacher {path} is missing from this installation: "
                             "reinstall stad, or pass --teacher FILE (from `stad "
-                            f"pretrain-teacher`) or --teacher {RANDOM_TEACHER}")
+                            f"pretrain-teacher`) or --teacher {RANDOM_TEACHER} (teacher= in "
+                            "Python)")
     artifact = load_artifact(path, kind=("teacher", "model"))
     pre = check_preprocessing(artifact.preprocessing, f"teacher {path}")
     if [pre["mean"], pre["std"]] != [list(DEFAULT_MEAN), list(DEFAULT_STD)]:

@@ -25,7 +25,9 @@ import stad.api
 from stad.artifacts import load_artifact, save_artifact
 from stad.calibration import resolve_smooth_sigma
 from stad.cli import app
+from stad.commands.common import resume_command
 from stad.datasets.synthetic import generate
+from stad.devices import resolve_device
 from stad.errors import ArtifactError, DataError, UsageError
 from stad.handcrafted import gaussian_blur
 
@@ -552,8 +554,9 @@ def test_loading_and_fitting_leave_the_callers_random_stream_and_imports_alone(
 
 def test_the_steps_write_nothing_but_log_their_notes(world: Path, tmp_path: Path, capsys,
                                                      caplog) -> None:
-    # A program that imports stad owns its stderr: the notes a command prints ("--resume: no
-    # checkpoint", "final loss") go to the "stad" logger, shown where the caller asks for them.
+    # A program that imports stad owns its stderr: the notes a command prints ("nothing to
+    # resume: no checkpoint", "final loss") go to the "stad" logger, shown where the caller
+    # asks for them.
     capsys.readouterr()
     with caplog.at_level(logging.INFO, logger="stad"):
         stad.fit_students(tmp_path / "m.safetensors", teacher="random", dataset="synthetic",
@@ -563,3 +566,23 @@ def test_the_steps_write_nothing_but_log_their_notes(world: Path, tmp_path: Path
     notes = [r.getMessage() for r in caplog.records if r.name == "stad"]
     assert any("no checkpoint" in n for n in notes) and any("final loss" in n for n in notes)
     assert all(r.levelno == logging.INFO for r in caplog.records if r.name == "stad")
+
+
+def test_errors_a_python_caller_meets_name_the_keyword_too(world: Path, tmp_path: Path,
+                                                            monkeypatch) -> None:
+    # The steps share their checks with the command line; a message that named only `--root`
+    # or `--resume` told a Python caller of a flag they cannot pass.
+    out = tmp_path / "m.safetensors"
+    with pytest.raises(UsageError, match=r"--root PATH \(root=PATH in Python\)"):
+        stad.fit_students(out, dataset="mvtec", category="bottle")
+    with pytest.raises(UsageError, match=r"category=NAME in Python"):
+        stad.fit_students(out, dataset="synthetic", root=world / "data")
+    with pytest.raises(UsageError, match=r"\(--device, device=\) must be"):
+        resolve_device("tpu9")  # what Model.load(device=...) and load_model call
+    assert not out.exists()
+
+    monkeypatch.setattr(sys, "argv", ["my_script.py", "fit-students"])
+    assert resume_command("fit-students").endswith(
+        "or call stad.fit_students(...) again with resume=True")
+    monkeypatch.setattr(sys, "argv", ["/usr/bin/stad", "fit-students", "--out", "m x"])
+    assert resume_command("fit-students") == "stad fit-students --out 'm x' --resume"

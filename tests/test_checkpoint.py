@@ -281,7 +281,7 @@ def test_resume_refuses_other_settings_or_data(students_reference: tuple[Path, P
     message = str(info.value)
     assert "students.epochs: 2 in the checkpoint, 3 now" in message
     assert "students.lr: 0.001 in the checkpoint, 0.002 now" in message
-    assert "without --resume" in message
+    assert "without --resume (resume=False in Python)" in message
 
     image = sorted((root / "grain" / "train" / "good").glob("*.png"))[0]
     original = image.read_bytes()

@@ -194,6 +194,16 @@ def test_unknown_key_in_flags() -> None:
     message = _usage_error(flags={"students": {"epochz": 3}}, environ={})
     assert "unknown setting 'students.epochz'" in message
     assert "command line" in message
+    assert message.endswith("did you mean 'epochs'?")
+
+
+def test_an_unknown_key_names_what_its_table_takes() -> None:
+    # The hint serves the command line and Python alike (it said `stad <command> --help`).
+    assert "did you mean 'batch_size'?" in _usage_error(flags={"score": {"batchsize": 2}},
+                                                        environ={})
+    message = _usage_error(flags={"score": {"zzz": 1}}, environ={})
+    assert "'score' takes batch_size, fused, image_score" in message
+    assert "did you mean 'root'?" in _usage_error(flags={"rooot": "x"}, environ={})
 
 
 def test_unknown_key_is_attributed_to_its_own_layer(tmp_path: Path) -> None:

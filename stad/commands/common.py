@@ -33,7 +33,8 @@ def resume_command(command: str) -> str:
         if int(os.environ.get("WORLD_SIZE", "1") or "1") > 1:
             return f"start it under torchrun again (any number of processes) as {line}"
         return line
-    return f"run the same `stad {command}` command again with --resume"
+    return (f"run the same `stad {command}` command again with --resume, or call "
+            f"stad.{command.replace('-', '_')}(...) again with resume=True")
 
 
 def save_model(path: Path, model: Networks, settings: Settings, info: dict[str, Any]) -> None:

@@ -88,7 +88,8 @@ class CollectionAdapter:
     def samples(self, root: Path, category: str, split: Split) -> Iterator[Sample]:
         if category != CATEGORY:
             raise DataError(f"the collection dataset has one category, '{CATEGORY}', not "
-                            f"'{category}'; pass --category {CATEGORY}")
+                            f"'{category}'; pass --category {CATEGORY} (category='{CATEGORY}' in "
+                            "Python)")
         _check_root(root)
         paths = walk_images(root) if root.is_dir() else listed_images(root)
         if split != "train":

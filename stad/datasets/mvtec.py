@@ -38,7 +38,7 @@ def visible_dirs(folder: Path) -> list[Path]:
 def _category_dir(root: Path, category: str) -> Path:
     if not root.is_dir():
         raise DataError(f"dataset root {root} does not exist or is not a folder; "
-                        "pass --root pointing at the dataset")
+                        "pass --root (root= in Python) pointing at the dataset")
     path = root / category
     if not (path / "train" / GOOD).is_dir():
         found = ", ".join(mvtec_categories(root)) or "none"

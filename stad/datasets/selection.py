@@ -114,8 +114,9 @@ def select_data(settings: Settings) -> DataSelection:
     if root is None:
         root = adapter.default_root()
         if root is None:
-            raise UsageError(f"dataset '{settings.dataset}' needs a data root: pass --root PATH, "
-                             "set STAD_ROOT or put root = \"PATH\" in the config file")
+            raise UsageError(f"dataset '{settings.dataset}' needs a data root: pass --root PATH "
+                             "(root=PATH in Python), set STAD_ROOT or put root = \"PATH\" in the "
+                             "config file")
     root = Path(root).expanduser()
     category = settings.category
     if category is None:
@@ -124,8 +125,9 @@ def select_data(settings: Settings) -> DataSelection:
             return DataSelection(adapter=adapter, root=root, category=categories[0])
         if not categories:  # the root is not what the adapter reads: the data's fault
             raise DataError(f"dataset '{settings.dataset}' finds no categories under {root}; "
-                            "check --root (docs/datasets.md names each layout)")
-        raise UsageError(f"pass --category (categories under {root}: {', '.join(categories)})")
+                            "check --root, root= in Python (docs/datasets.md names each layout)")
+        raise UsageError(f"pass --category NAME (category=NAME in Python); categories under "
+                         f"{root}: {', '.join(categories)}")
     return DataSelection(adapter=adapter, root=root, category=category)
 
 

@@ -178,7 +178,7 @@ class Checkpoint:
     identity: dict[str, Any] = field(default_factory=dict)
     preprocessing: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
-    resume_command: str = "rerun the same command with --resume"
+    resume_command: str = "run it again with --resume (resume=True in Python)"
     stop: StopFlag = field(default_factory=StopFlag)
     resumed: Artifact | None = None
     last: str | None = None  # where the checkpoint on disk stands, for messages
@@ -295,11 +295,11 @@ def open_checkpoint(
     path = checkpoint.path
     if not path.exists():
         if resume:
-            reporter.note(f"--resume: no checkpoint {path}; starting afresh")
+            reporter.note(f"nothing to resume: no checkpoint {path}; starting afresh")
         return checkpoint
     if not resume:
         reporter.note(f"{path} holds an interrupted run; starting afresh and replacing it "
-                      "(pass --resume to continue it instead)")
+                      "(pass --resume, or resume=True in Python, to continue it instead)")
         return checkpoint
     try:
         saved = load_artifact(path, kind="checkpoint")
@@ -308,13 +308,14 @@ def open_checkpoint(
     found = saved.info.get("command")
     if found != command:
         raise UsageError(f"{path} is a checkpoint of `stad {found}`, not of `stad {command}`; "
-                         "choose another --out or delete it")
+                         "write to another file (--out, out=) or delete it")
     differences = (setting_differences(saved.config, checkpoint.config, section)
                    + identity_differences(saved.info.get("identity", {}), identity))
     if differences:
         raise UsageError(f"cannot resume from {path}: it was made with other settings or data "
                          f"({'; '.join(differences)}). Resume with the same ones, or run "
-                         "without --resume to start afresh (which replaces the checkpoint)")
+                         "again without --resume (resume=False in Python) to start afresh, which "
+                         "replaces the checkpoint")
     checkpoint.resumed = saved
     checkpoint.last = saved.info.get("where", "unknown progress")
     reporter.note(f"resuming from {path} ({checkpoint.last})")

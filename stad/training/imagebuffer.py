@@ -208,7 +208,7 @@ class ImageBuffer:
             if len(positions) != self.n:
                 raise DataError(f"the checkpoint's image buffer holds {len(positions)} images, "
                                 f"not {self.n} ({self.source.name} changed?); start again "
-                                "without --resume")
+                                "without resuming")
             slots: dict[int, list[int]] = {}
             for slot, pos in enumerate(positions):
                 slots.setdefault(pos, []).append(slot)
@@ -221,7 +221,7 @@ class ImageBuffer:
                         break
             if slots:
                 raise DataError(f"the images of the checkpoint's buffer are no longer in "
-                                f"{self.source.name}; start again without --resume")
+                                f"{self.source.name}; start again without resuming")
             reader = self._open_reader(nxt)
         self.images = images.to(self.device)
         self.positions = positions

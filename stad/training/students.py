@@ -325,7 +325,7 @@ class _ScaleFit:
         check_finite(bool(torch.isfinite(loss)), self.world, self.device, self.checkpoint,
                      f"non-finite student loss at {self.label}, epoch {epoch + 1} of "
                      f"{self.epochs}, step {step + 1} of {self.steps_per_epoch}; lower "
-                     "students.lr and start again (without --resume)")
+                     "students.lr and start again (without resuming)")
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         for group in self.opt.param_groups:

@@ -200,7 +200,8 @@ class _ScaleRun:
         if resume["iteration"] > cfg.iterations:
             raise UsageError(f"the checkpoint has trained p={p} for {resume['iteration']} "
                              f"iterations, more than teacher.iterations {cfg.iterations}: "
-                             f"resume with --iterations {resume['iteration']} or more")
+                             f"resume with --iterations {resume['iteration']} or more (in Python: "
+                             f"teacher={{'iterations': {resume['iteration']}}})")
         tensors = self.checkpoint.resumed.tensors
         self.teacher.load_state_dict(prefixed(tensors, f"teacher.p{p}"))
         if self.kd.decoder is not None:
@@ -307,7 +308,7 @@ class _ScaleRun:
                      f"non-finite teacher loss at p={self.p}, iteration {it + 1} of "
                      f"{self.cfg.iterations} (" + ", ".join(
                          f"{k} {terms[k].item():.4g}" for k in TERMS) + "); lower teacher.lr "
-                     "or check the images and start again (without --resume)")
+                     "or check the images and start again (without resuming)")
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
@@ -403,7 +404,7 @@ def _pretrain_scales(
                 raise UsageError(f"the checkpoint finished p={p} at {trained} iterations; "
                                  f"teacher.iterations can change on resume only while the "
                                  f"first scale is in progress: resume with --iterations "
-                                 f"{trained}")
+                                 f"{trained} (in Python: teacher={{'iterations': {trained}}})")
             teachers[p] = load_teachers(checkpoint.resumed.tensors, patch_sizes=[p])[p]
             losses[name] = done
         else:
@@ -441,13 +442,15 @@ def _initial_teachers(cfg: TeacherSettings
         nets, source, info = resolve_teachers(cfg.init, cfg.patch_sizes, seed=0)
     except ArtifactError as exc:
         text = str(exc)
-        raise ArtifactError(text if str(path) in text else f"--init {path}: {text}") from None
+        raise ArtifactError(text if str(path) in text
+                            else f"teacher.init (--init) {path}: {text}") from None
     for p, net in nets.items():
         # The one thing a stored teacher of the same p can differ in (stad.model._load_net).
         if net.out_dim != DESCRIPTOR_DIM:
-            raise ArtifactError(f"--init {path}: its p={p} teacher gives {net.out_dim}-d "
-                                f"descriptors, pretrain-teacher trains {DESCRIPTOR_DIM}-d ones; "
-                                "start without --init")
+            raise ArtifactError(f"teacher.init (--init) {path}: its p={p} teacher gives "
+                                f"{net.out_dim}-d descriptors, pretrain-teacher trains "
+                                f"{DESCRIPTOR_DIM}-d ones; "
+                                "leave teacher.init (--init) unset")
     return nets, {"source": source["source"], "sha256": file_sha256(path),
                   "target": info.get("target"),
                   "iterations": {f"p{p}": trained_iterations(info, p) for p in nets}}
