@@ -26,6 +26,7 @@ import hashlib
 import io
 import json
 import math
+import os
 import re
 import struct
 import warnings
@@ -118,8 +119,18 @@ def to_bytes(artifact: Artifact) -> bytes:
     return data
 
 
+def check_artifact_name(path: str | os.PathLike[str]) -> None:
+    """Refuse to write an artifact under a ``.onnx`` name: stad reads such a file as an
+    exported ONNX model (:func:`stad.load_model` goes by the suffix), so it could never be
+    read back."""
+    if Path(path).suffix.lower() == ".onnx":
+        raise UsageError(f"output {path} ends in .onnx, the suffix of models that `stad export` "
+                         "writes, so stad would read it as one: give it a .safetensors name")
+
+
 def save_artifact(path: str | Path, artifact: Artifact) -> None:
     """Write ``artifact`` to ``path`` atomically (the old file survives any interruption)."""
+    check_artifact_name(path)
     atomic_write_bytes(path, to_bytes(artifact))
 
 

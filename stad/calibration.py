@@ -95,6 +95,10 @@ def calibrate_model(model: Networks, paths: Sequence[Path], rule: ScoreSettings,
         model.scales[k].calib_map = (_position_statistics(at[k], len(kept), stats[k], k)
                                      .to(device) if normalize == "position" else None)
     leave_out = normalize == "position" and len(kept) > 1
+    if normalize == "position" and len(kept) == 1:
+        warn("calibrated on one normal image: the per-position statistics are its own, which "
+             "standardize its peaks away, so a threshold set on its score comes out too low "
+             "and normal images are flagged; calibrate on more images (ten or more)")
     scores = []
     pixels = (TopValues(pixel_fpr, sum(h * w for _, (h, w) in kept))
               if pixel_fpr is not None else None)

@@ -193,6 +193,13 @@ DatasetOpt = Annotated[str | None, typer.Option(
 RootOpt = Annotated[Path | None, _path_option(
     "--root", help="Dataset root folder (env STAD_ROOT).")]
 CategoryOpt = Annotated[str | None, typer.Option("--category", help="Category in the dataset.")]
+# calibrate, evaluate, export: the data the model was fitted on unless given (usage.md)
+ModelDatasetOpt = Annotated[str | None, typer.Option(
+    "--dataset", help="Dataset adapter. [default: the one the model was fitted on]")]
+ModelRootOpt = Annotated[Path | None, _path_option(
+    "--root", help="Dataset root folder (env STAD_ROOT). [default: the model's]")]
+ModelCategoryOpt = Annotated[str | None, typer.Option(
+    "--category", help="Category in the dataset. [default: the model's]")]
 ConfigOpt = Annotated[Path | None, _path_option(
     "--config", help="TOML file of settings (env STAD_CONFIG); flags override it.")]
 SeedOpt = Annotated[int | None, typer.Option("--seed", help="Random seed. [default: 0]")]
@@ -440,9 +447,9 @@ def fit_students_cmd(
 @app.command("calibrate")
 def calibrate_cmd(
     model: ModelOpt = Path("model.safetensors"),
-    dataset: DatasetOpt = None,
-    root: RootOpt = None,
-    category: CategoryOpt = None,
+    dataset: ModelDatasetOpt = None,
+    root: ModelRootOpt = None,
+    category: ModelCategoryOpt = None,
     config: ConfigOpt = None,
     device: DeviceOpt = None,
     out: Annotated[Path | None, _path_option(
@@ -587,9 +594,9 @@ def score_cmd(
 @app.command("evaluate")
 def evaluate_cmd(
     model: ScoredModelOpt = Path("model.safetensors"),
-    dataset: DatasetOpt = None,
-    root: RootOpt = None,
-    category: CategoryOpt = None,
+    dataset: ModelDatasetOpt = None,
+    root: ModelRootOpt = None,
+    category: ModelCategoryOpt = None,
     config: ConfigOpt = None,
     device: DeviceOpt = None,
     report: Annotated[Path | None, _path_option(
@@ -628,9 +635,9 @@ def export_cmd(
         "--quantize", help="int8: convolutions in int8, their ranges set on the held-back "
         "anomaly-free images the model records (faster on CPUs with VNNI; docs/benchmarks.md)."
         )] = None,
-    dataset: DatasetOpt = None,
-    root: RootOpt = None,
-    category: CategoryOpt = None,
+    dataset: ModelDatasetOpt = None,
+    root: ModelRootOpt = None,
+    category: ModelCategoryOpt = None,
     config: ConfigOpt = None,
     json_out: JsonOpt = False,
 ) -> None:

@@ -93,23 +93,36 @@ def _make_dir(folder: Path, what: Path) -> None:
 
 
 def check_output_file(path: str | os.PathLike[str], *,
-                      inputs: Mapping[str, str | os.PathLike[str] | None] | None = None) -> Path:
-    """Make sure a file can be written at ``path`` (its folder created), before any work.
+                      inputs: Mapping[str, str | os.PathLike[str] | None] | None = None,
+                      in_place: bool = False) -> Path:
+    """Make sure a file can be written at ``path`` (its folder created), before any work, and
+    return the file to write: ``path``, or the file a symbolic link there points to (written
+    through, as ``open`` would, not replaced by a file of its own).
 
     ``inputs`` names the files the run reads by their option (``{"--model": path}``): writing
-    over one of them would lose it, so ``path`` may not be any of them.
+    over one of them would lose it, so ``path`` may not be any of them. Without ``in_place``
+    the file is replaced whole (:func:`atomic_path`), so a device, FIFO or socket there is
+    refused: the rename would put a file in its place (``/dev/null`` among them, as root).
+    ``in_place``: the file is opened and written (``score --output``), so any of them will do.
 
     Raises:
-        UsageError: ``path`` is a folder or one of ``inputs``, or its folder cannot be
-            created or written in.
+        UsageError: ``path`` is a folder or one of ``inputs``, a device, FIFO or socket to be
+            replaced, or its folder cannot be created or written in.
     """
     target = Path(path)
     for option, source in (inputs or {}).items():
         if source is not None and same_path(target, Path(source)):
             raise UsageError(f"output {target} is the {option} file itself; writing there would "
                              "lose it: give another file")
-    if _kind(target) == "folder":
+    kind = _kind(target)
+    if kind == "folder":
         raise UsageError(f"output {target} is a folder; give a file name")
+    if kind == "special" and not in_place:
+        raise UsageError(f"output {target} is a device, FIFO or socket, not a regular file; "
+                         "stad writes a new file and moves it there, which would replace it: "
+                         "give a file name")
+    if os.path.islink(target):
+        target = Path(os.path.realpath(target))
     _make_dir(target.parent, target)
     _check_writable(target.parent)
     return target
@@ -138,7 +151,7 @@ def same_path(a: Path, b: Path) -> bool:
 def check_output_dir(path: str | os.PathLike[str]) -> Path:
     """Make sure ``path`` is (or can be created as) a folder, before any work."""
     folder = Path(path)
-    if _kind(folder) == "file":
+    if _kind(folder) in ("file", "special"):
         raise UsageError(f"output folder {folder} is a file; give a folder")
     _make_dir(folder, folder)
     _check_writable(folder)
@@ -152,9 +165,10 @@ def _check_writable(folder: Path) -> None:
 
 
 def _kind(path: Path) -> str | None:
-    """"folder", "file" (anything else that is there) or None (nothing there, or a parent that
-    is not a folder: :func:`_make_dir` says so). A name too long for the file system is a
-    :class:`UsageError` here, whatever ``Path.exists`` makes of it on this Python."""
+    """"folder", "file" (a regular file), "special" (a device, FIFO or socket) or None (nothing
+    there, or a parent that is not a folder: :func:`_make_dir` says so); through links. A
+    name too long for the file system is a :class:`UsageError` here, whatever
+    ``Path.exists`` makes of it on this Python."""
     try:
         mode = os.stat(path).st_mode
     except OSError as exc:
@@ -162,7 +176,9 @@ def _kind(path: Path) -> str | None:
             raise UsageError(f"cannot write {path}: {exc.strerror}; choose a shorter name"
                              ) from None
         return None
-    return "folder" if stat.S_ISDIR(mode) else "file"
+    if stat.S_ISDIR(mode):
+        return "folder"
+    return "file" if stat.S_ISREG(mode) else "special"
 
 
 def short_name(name: str, limit: int) -> str:
@@ -246,7 +262,9 @@ def output_lock(path: str | os.PathLike[str]) -> Iterator[None]:
     Removing it is safe because a run that locked a file which is no longer the one at
     ``lock_path`` (removed by the run before it) opens the path afresh and locks that.
     """
-    target = check_output_file(path)
+    # Only the lock's own check (the write checks what it needs); through a link, the lock
+    # goes beside the file it points to, where runs that name that file put theirs.
+    target = check_output_file(path, in_place=True)
     # room for the dot and the suffix within a file system's 255 bytes
     lock_path = target.with_name(f".{short_name(target.name, 200)}.lock")
     for _ in range(100):
@@ -285,7 +303,7 @@ def _lock(fd: int, target: Path, lock_path: Path) -> None:
         if exc.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
             raise UsageError(
                 f"{target} is being written by another stad run (lock {lock_path}); "
-                "wait for it to finish or choose another --out"
+                "wait for it to finish or write to another file"
             ) from None
         raise
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from stad.errors import DataError, UsageError
-from stad.fsutil import atomic_write_bytes, short_name
+from stad.fsutil import atomic_write_bytes, same_file, short_name
 
 
 def expand_inputs(inputs: Sequence[Path], *, leave_out: Path | None = None) -> list[Path]:
@@ -34,10 +34,15 @@ def expand_inputs(inputs: Sequence[Path], *, leave_out: Path | None = None) -> l
             raise DataError(f"input {path} cannot be read: "
                             f"{getattr(exc, 'strerror', None) or exc}") from None
         if stat.S_ISDIR(mode):
+            if leave_out is not None and same_file(path, leave_out):
+                raise UsageError(f"input folder {path} is the --maps folder, whose pictures "
+                                 "are not scored: write the maps to another folder")
             found = _images_below(path, leave_out)
             if not found:
-                raise DataError(f"folder {path} holds no image files "
-                                f"(looked for .png, .jpg, .bmp, .tif, .webp)")
+                from stad.images import IMAGE_SUFFIXES
+
+                raise DataError(f"folder {path} holds no image files (looked for "
+                                f"{', '.join(sorted(IMAGE_SUFFIXES))})")
             out.extend(found)
         else:
             out.append(path)

@@ -422,6 +422,39 @@ def test_atomic_write_replaces(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["a.bin"]
 
 
+def test_an_atomic_write_refuses_a_fifo_or_device_and_writes_through_a_link(
+        tmp_path: Path) -> None:
+    # The rename that makes a write atomic would put a file where the FIFO (or /dev/null, as
+    # root) was, and a file in place of a link (`current.safetensors -> v3.safetensors`), so
+    # that the link's target kept its old contents.
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    with pytest.raises(UsageError, match=r"pipe is a device, FIFO or socket, not a regular"):
+        atomic_write_bytes(fifo, b"x")
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+    assert fsutil.check_output_file(fifo, in_place=True) == fifo  # written into, not replaced
+    (tmp_path / "models").mkdir()
+    real = tmp_path / "models" / "v3.bin"
+    real.write_bytes(b"old")
+    link = tmp_path / "current.bin"
+    link.symlink_to(Path("models") / "v3.bin")
+    atomic_write_bytes(link, b"new")
+    assert link.is_symlink() and real.read_bytes() == b"new"
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["v3.bin"]
+    with output_lock(link):  # the lock goes beside the file written, where its own name's is
+        with pytest.raises(UsageError, match="another stad run"), output_lock(real):
+            pass
+
+
+def test_an_artifact_is_not_written_under_an_onnx_name(tmp_path: Path) -> None:
+    # stad reads a .onnx file as an exported model, so such an artifact could not be read back.
+    artifact = Artifact(kind="teacher", tensors={"w": torch.zeros(1)}, config={},
+                        preprocessing={"image_size": 8}, seed=0, info={})
+    with pytest.raises(UsageError, match=r"m\.ONNX ends in \.onnx.*\.safetensors name"):
+        save_artifact(tmp_path / "m.ONNX", artifact)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_output_lock_refuses_a_second_holder(tmp_path: Path) -> None:
     target = tmp_path / "model.safetensors"
     with output_lock(target):

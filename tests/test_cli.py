@@ -174,6 +174,14 @@ def test_help_shows_the_documented_defaults() -> None:
     assert "[default: the preset's: paper 256, fast 256]" in text  # --image-size
 
 
+@pytest.mark.parametrize("command", ["calibrate", "evaluate", "export"])
+def test_help_says_the_data_defaults_to_the_models(command: str) -> None:
+    # usage.md: these read the data the model was fitted on; help said "[default: mvtec]".
+    result = CliRunner().invoke(app, [command, "--help"], env={"COLUMNS": "200"})
+    text = " ".join(result.stdout.split())
+    assert "[default: the one the model was fitted on]" in text and "mvtec" not in text
+
+
 @pytest.mark.parametrize(("value", "traceback"), [("1", True), ("true", True), ("0", False),
                                                   ("false", False), ("Off", False), ("", False)])
 def test_stad_debug_variable_adds_the_traceback(tmp_path: Path, value: str,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -491,3 +492,46 @@ def test_a_run_that_fails_to_start_leaves_the_output_alone(tiny_data: Path, tmp_
     run(["score", "--model", str(tmp_path / "missing.safetensors"), "--output", str(log),
          str(tiny_data / "grain" / "test")], code=4)
     assert log.read_text() == '{"path": "a.png", "score": 1.0}\n'
+
+
+def test_outputs_that_would_go_wrong_are_refused_or_written_through(model: Path, tiny_data: Path,
+                                                                    tmp_path: Path):
+    # --maps naming the input folder: its pictures are never scored, and the folder was
+    # reported as holding no images.
+    images = shutil.copytree(tiny_data / "grain" / "test" / "good", tmp_path / "in")
+    result = runner.invoke(app, ["score", "--model", str(model), "--maps", str(images),
+                                 str(images)])
+    assert result.exit_code == EXIT_USAGE and "is the --maps folder" in result.stderr
+    # A model artifact under a .onnx name would be read as an exported model, and fail.
+    for args in (["calibrate", "--model", str(model), "--out", str(tmp_path / "c.onnx")],
+                 ["merge-models", str(model), str(model), "--out", str(tmp_path / "m.onnx")]):
+        result = runner.invoke(app, args)
+        assert result.exit_code == EXIT_USAGE and "ends in .onnx" in result.stderr, args
+    assert not list(tmp_path.glob("*.onnx"))
+    # Calibrating through a link updates the model it points to (it put a file in its place).
+    copy = tmp_path / "v3.safetensors"
+    shutil.copy(model, copy)
+    (tmp_path / "current.safetensors").symlink_to(copy.name)
+    run(["calibrate", "--model", str(tmp_path / "current.safetensors"), "--method", "manual",
+         "--threshold", "123"])
+    assert (tmp_path / "current.safetensors").is_symlink()
+    image = str(next(images.glob("*.png")))
+    assert jsonl(run(["score", "--model", str(copy), "--json", image]))[0]["threshold"] == 123
+    # A missing teacher is named as the option it came from.
+    result = runner.invoke(app, ["fit-students", *DATA, "--root", str(tiny_data), "--teacher",
+                                 str(tmp_path / "nope.safetensors"), "--out",
+                                 str(tmp_path / "x.safetensors")])
+    assert result.exit_code == 4 and "--teacher (teacher=): artifact" in result.stderr
+
+
+def test_calibrating_on_one_image_warns(model: Path, tiny_data: Path, capsys):
+    # Its own per-position statistics set the threshold too low: every normal image flagged.
+    import stad
+
+    images = sorted((tiny_data / "grain" / "val" / "good").glob("*.png"))
+    m = stad.load_model(model)
+    capsys.readouterr()
+    m.calibrate(images[:1])
+    assert "warning: calibrated on one normal image" in capsys.readouterr().err
+    m.calibrate(images[:2])
+    assert "calibrated on one" not in capsys.readouterr().err

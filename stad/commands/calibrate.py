@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from stad.api import Model
-from stad.artifacts import record
+from stad.artifacts import check_artifact_name, record
 from stad.calibration import check_threshold_method, validation_samples
 from stad.commands.common import with_model_data
 from stad.config import Settings
@@ -25,6 +25,7 @@ def calibrate(settings: Settings, *, model_path: Path, out: Path | None = None,
     check_threshold_method(cfg.threshold_method, cfg.threshold)
     if out is not None:
         check_output_file(out)
+        check_artifact_name(out)
     model = Model.load(model_path, device=settings.device, score=settings.score,
                        calibration=False)  # replaced here
     settings = with_model_data(settings, model.info, model_path)

@@ -45,7 +45,7 @@ def score(settings: Settings, *, model_path: Path, inputs: Sequence[Path],
         yield from _score(settings, model_path, inputs, maps_dir, threshold, on_error, shard,
                           None, False, reporter, resumed)
         return
-    check_output_file(output, inputs={"--model": model_path})
+    check_output_file(output, inputs={"--model": model_path}, in_place=True)
     if output.exists() and not os.access(output, os.W_OK):  # written in place, not replaced
         raise UsageError(f"--output {output} cannot be written (no permission); choose "
                          "another file")

@@ -10,14 +10,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from stad.artifacts import Artifact, file_sha256, record, save_artifact
+from stad.artifacts import Artifact, check_artifact_name, file_sha256, record, save_artifact
 from stad.commands.common import data_info, resume_command, save_model
 from stad.config import Settings
 from stad.console import NULL_REPORTER, Reporter
 from stad.datasets.selection import relative_names, select_data
 from stad.devices import resolve_device
 from stad.distributed import joined
-from stad.errors import DataError, UsageError
+from stad.errors import ArtifactError, DataError, UsageError
 from stad.fsutil import check_output_file, output_lock
 from stad.images import preprocessing as image_preprocessing
 from stad.model import BUILTIN_TEACHER, RANDOM_TEACHER, resolve_teachers, teacher_tensors
@@ -73,6 +73,7 @@ def pretrain_teacher(settings: Settings, *, out: Path, resume: bool = False,
     from stad.training.teacher import pretrain_teachers
 
     check_output_file(out)
+    check_artifact_name(out)
     selection = select_data(settings)
     # One pass that holds nothing, so that a collection of millions is never listed at once.
     listing = selection.scan("train")
@@ -183,6 +184,7 @@ def fit_students(settings: Settings, *, teacher: str | Path | None, out: Path, r
     teacher's weights, and resuming with other ones is refused.
     """
     check_output_file(out)
+    check_artifact_name(out)
     selection = select_data(settings)
     cfg = settings.students
     train = selection.samples("train")
@@ -191,8 +193,11 @@ def fit_students(settings: Settings, *, teacher: str | Path | None, out: Path, r
                         "--category (`stad datasets show` counts each split)")
     fit_samples, held, source = split_train_val(
         train, selection.samples("val"), fraction=cfg.val_fraction, seed=settings.seed)
-    teachers, teacher_info, _ = resolve_teachers(teacher, cfg.teacher_patch_sizes,
-                                                 settings.seed)
+    try:
+        teachers, teacher_info, _ = resolve_teachers(teacher, cfg.teacher_patch_sizes,
+                                                     settings.seed)
+    except ArtifactError as exc:  # name the option, as --model's errors do
+        raise ArtifactError(f"--teacher (teacher=): {exc}") from None
     start = time.perf_counter()
     # Under torchrun, one of N processes (stad.distributed); only rank 0 writes (and so locks)
     # the output and the checkpoint.
