@@ -303,13 +303,16 @@ def _refuse_external_data(data: bytes, path: Path) -> None:
 def load_onnx(path: Path, *, threads: int | None = None) -> tuple[OnnxNetworks, dict[str, Any]]:
     """An exported model: the networks for scoring, and the info its metadata holds
     (``calibration``, ``data``)."""
-    ort = _require("onnxruntime")
     try:
         data = read_regular_file(path)
     except FileNotFoundError:  # as a missing .safetensors artifact
         raise ArtifactError(f"model {path} does not exist") from None
     except OSError as exc:
         raise ArtifactError(f"model {path} cannot be read: {exc.strerror}") from None
+    if data[8:9] == b"{":  # a safetensors header (its length, then JSON), never an ONNX graph
+        raise ArtifactError(f"{path} is a .safetensors artifact under a .onnx name (stad reads "
+                            ".onnx files as exported models): rename it to .safetensors")
+    ort = _require("onnxruntime")
     _refuse_external_data(data, path)
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL

@@ -31,7 +31,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     If the body raises (or the process dies), the temporary file is removed (or left as a
     hidden ``.tmp`` file that no reader looks at) and ``path`` is untouched.
     """
-    target = check_output_file(path)
+    target = check_output_file(path, create=True)
     try:
         # the name cut short in the temporary's, so that a legal long name stays writable
         fd, tmp_name = tempfile.mkstemp(prefix=f".{short_name(target.name, 100)}.", suffix=".tmp",
@@ -94,10 +94,11 @@ def _make_dir(folder: Path, what: Path) -> None:
 
 def check_output_file(path: str | os.PathLike[str], *,
                       inputs: Mapping[str, str | os.PathLike[str] | None] | None = None,
-                      in_place: bool = False) -> Path:
-    """Make sure a file can be written at ``path`` (its folder created), before any work, and
-    return the file to write: ``path``, or the file a symbolic link there points to (written
-    through, as ``open`` would, not replaced by a file of its own).
+                      in_place: bool = False, create: bool = False) -> Path:
+    """Make sure a file can be written at ``path``, before any work, and return the file to
+    write: ``path``, or the file a symbolic link there points to (written through, as
+    ``open`` would, not replaced by a file of its own). Its folder is made only with
+    ``create`` (when the file is written), so that a run that fails first leaves none.
 
     ``inputs`` names the files the run reads by their option (``{"--model": path}``): writing
     over one of them would lose it, so ``path`` may not be any of them. Without ``in_place``
@@ -123,8 +124,7 @@ def check_output_file(path: str | os.PathLike[str], *,
                          "give a file name")
     if os.path.islink(target):
         target = Path(os.path.realpath(target))
-    _make_dir(target.parent, target)
-    _check_writable(target.parent)
+    _ready(target.parent, target, create)
     return target
 
 
@@ -148,14 +148,31 @@ def same_path(a: Path, b: Path) -> bool:
     return resolved or same_file(a, b)
 
 
-def check_output_dir(path: str | os.PathLike[str]) -> Path:
-    """Make sure ``path`` is (or can be created as) a folder, before any work."""
+def check_output_dir(path: str | os.PathLike[str], *, create: bool = True) -> Path:
+    """Make sure ``path`` is (or can be created as) a folder, before any work; without
+    ``create`` it is left to be made by the first file written in it (:func:`atomic_path`),
+    so that a run that fails before leaves no empty folder."""
     folder = Path(path)
     if _kind(folder) in ("file", "special"):
         raise UsageError(f"output folder {folder} is a file; give a folder")
-    _make_dir(folder, folder)
-    _check_writable(folder)
+    _ready(folder, folder, create)
     return folder
+
+
+def _ready(folder: Path, what: Path, create: bool) -> None:
+    """``folder`` made (with ``create``) or, without, the nearest folder above it that
+    exists found writable (and not a file), so that making it later can succeed."""
+    if create:
+        _make_dir(folder, what)
+        _check_writable(folder)
+        return
+    probe = folder
+    while (kind := _kind(probe)) is None and probe.parent != probe:
+        probe = probe.parent
+    if kind != "folder":
+        raise UsageError(f"cannot create the folder of {what}: {probe} is not a folder "
+                         f"({folder}); choose another output path")
+    _check_writable(probe)
 
 
 def _check_writable(folder: Path) -> None:
@@ -264,7 +281,7 @@ def output_lock(path: str | os.PathLike[str]) -> Iterator[None]:
     """
     # Only the lock's own check (the write checks what it needs); through a link, the lock
     # goes beside the file it points to, where runs that name that file put theirs.
-    target = check_output_file(path, in_place=True)
+    target = check_output_file(path, in_place=True, create=True)
     # room for the dot and the suffix within a file system's 255 bytes
     lock_path = target.with_name(f".{short_name(target.name, 200)}.lock")
     for _ in range(100):

@@ -238,6 +238,11 @@ def test_bad_exports_and_bad_onnx_files(exported: tuple[Path, Path, Path],
     cut.write_bytes(onnx_path.read_bytes()[:1000])
     with pytest.raises(ArtifactError, match="cut.onnx"):
         stad.load_model(cut)
+    # a stad model renamed .onnx (it said "Wire format was corrupt")
+    renamed = tmp_path / "renamed.onnx"
+    shutil.copy(model_path, renamed)
+    out = run(app, ["score", "--model", str(renamed), str(onnx_path)])
+    assert out.exit_code == EXIT_ARTIFACT and "rename it to .safetensors" in out.output
     # a missing .onnx model is a missing artifact (exit 4), as a missing .safetensors one is
     out = run(app, ["score", "--model", str(tmp_path / "gone.onnx"), str(onnx_path)])
     assert out.exit_code == EXIT_ARTIFACT and "gone.onnx" in out.output

@@ -535,3 +535,17 @@ def test_calibrating_on_one_image_warns(model: Path, tiny_data: Path, capsys):
     assert "warning: calibrated on one normal image" in capsys.readouterr().err
     m.calibrate(images[:2])
     assert "calibrated on one" not in capsys.readouterr().err
+
+
+def test_a_run_that_fails_first_leaves_no_output_folder(tmp_path: Path):
+    # The output folders were made while checking them, before the model was read.
+    missing = str(tmp_path / "nope.safetensors")
+    work = tmp_path / "work"
+    work.mkdir()
+    for args in (["evaluate", "--model", missing, "--report", str(work / "report")],
+                 ["score", "--model", missing, "--maps", str(work / "maps"), missing],
+                 ["calibrate", "--model", missing, "--out", str(work / "a" / "m.safetensors")],
+                 ["export", "--model", missing, "--out", str(work / "c" / "m.onnx")]):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 4 and "nope.safetensors" in result.stderr, args
+    assert list(work.iterdir()) == []

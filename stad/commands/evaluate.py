@@ -24,7 +24,7 @@ def evaluate(settings: Settings, *, model_path: Path, report: Path | None = None
     from stad.report import write_report
 
     if report is not None:
-        check_output_dir(report)
+        check_output_dir(report, create=False)  # made by write_report
     model = Model.load(model_path, device=settings.device, score=settings.score)
     calibration, rule = model.score_rule()
     settings = with_model_data(settings.model_copy(update={"score": rule}), model.info,

@@ -40,7 +40,7 @@ def score(settings: Settings, *, model_path: Path, inputs: Sequence[Path],
     if skip_existing and output is None:
         raise UsageError("--skip-existing needs --output FILE: the records to resume from")
     if maps_dir is not None:
-        check_output_dir(maps_dir)
+        check_output_dir(maps_dir, create=False)  # made by the first map written
     if output is None:
         yield from _score(settings, model_path, inputs, maps_dir, threshold, on_error, shard,
                           None, False, reporter, resumed)
