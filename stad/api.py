@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from stad.artifacts import Artifact, load_artifact
+from stad.artifacts import Artifact, check_artifact_name, load_artifact
 from stad.calibration import (
     calibrate_model,
     check_threshold_method,
@@ -408,6 +408,7 @@ class Model:
         target = Path(path) if path is not None else self.path
         if target is None:
             raise UsageError("Model.save needs a path: this model was not loaded from a file")
+        check_artifact_name(target)  # before the lock makes its folder
         with output_lock(target):
             save_model(target, self.networks, Settings.model_validate(self.config), self.info)
         return target

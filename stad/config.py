@@ -592,6 +592,15 @@ def _known_keys(loc: list[str]) -> str:
         if not (isinstance(section, type) and issubclass(section, BaseModel)):
             return ""
     keys = sorted(section.model_fields)
+    if len(loc) == 1:  # a table's key given at the top level (`epochs=3` to fit_students)
+        tables = [name for name, field in Settings.model_fields.items()
+                  if isinstance(field.annotation, type)
+                  and issubclass(field.annotation, BaseModel)
+                  and loc[0] in field.annotation.model_fields]
+        if tables:
+            t = tables[0]
+            return (f"; it belongs in a table: {' or '.join(f'{t}.{loc[0]}' for t in tables)} "
+                    f"(in Python {t}={{'{loc[0]}': ...}}, in a config file under [{t}])")
     near = difflib.get_close_matches(loc[-1], keys, n=3)
     table = f"'{'.'.join(loc[:-1])}'" if len(loc) > 1 else "the top level"
     return (f"; did you mean {' or '.join(repr(k) for k in near)}?" if near

@@ -234,10 +234,10 @@ def check_format(format: str) -> None:
 
 def check_export_path(out: Path, model_path: Path | None) -> None:
     """``--out`` must be a new ``.onnx`` file (scoring tells models apart by the suffix), not
-    the model itself; its folder is created."""
+    the model itself; its folder is made when it is written."""
     if out.suffix.lower() != ".onnx":
-        raise UsageError(f"--out {out} must end in .onnx (stad score and load_model read "
-                         "exported models by that suffix)")
+        raise UsageError(f"the export {out} (--out, out=) must end in .onnx (stad score and "
+                         "load_model read exported models by that suffix)")
     check_output_file(out, inputs={"--model": model_path})
 
 

@@ -15,6 +15,7 @@ import hashlib
 import os
 import stat
 import tempfile
+import threading
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -122,10 +123,19 @@ def check_output_file(path: str | os.PathLike[str], *,
         raise UsageError(f"output {target} is a device, FIFO or socket, not a regular file; "
                          "stad writes a new file and moves it there, which would replace it: "
                          "give a file name")
-    if os.path.islink(target):
-        target = Path(os.path.realpath(target))
+    if kind != "special" and os.path.islink(target):  # (a link to a device is opened as is)
+        with _PINNED_LOCK:  # where this process's lock on the link put it, if it holds one
+            pinned = _PINNED.get(os.path.abspath(target))
+        target = pinned or Path(os.path.realpath(target))
     _ready(target.parent, target, create)
     return target
+
+
+# An output named through a link, resolved once when it is locked (output path as given, made
+# absolute → the file the lock holds), so that the write goes to the file locked even if the
+# link is pointed elsewhere meanwhile (a deploy that flips `current.safetensors`).
+_PINNED: dict[str, Path] = {}
+_PINNED_LOCK = threading.Lock()
 
 
 def same_file(a: Path, b: Path) -> bool:
@@ -168,6 +178,10 @@ def _ready(folder: Path, what: Path, create: bool) -> None:
         return
     probe = folder
     while (kind := _kind(probe)) is None and probe.parent != probe:
+        if os.path.islink(probe):  # a link to nothing: no folder can be made through it
+            raise UsageError(f"cannot create the folder of {what}: {probe} is a link to "
+                             f"nothing ({os.readlink(probe)}); create that or choose another "
+                             "output path")
         probe = probe.parent
     if kind != "folder":
         raise UsageError(f"cannot create the folder of {what}: {probe} is not a folder "
@@ -282,6 +296,9 @@ def output_lock(path: str | os.PathLike[str]) -> Iterator[None]:
     # Only the lock's own check (the write checks what it needs); through a link, the lock
     # goes beside the file it points to, where runs that name that file put theirs.
     target = check_output_file(path, in_place=True, create=True)
+    if _kind(target) == "special":  # /dev/stdout, a FIFO: no file to keep whole or resume
+        yield
+        return
     # room for the dot and the suffix within a file system's 255 bytes
     lock_path = target.with_name(f".{short_name(target.name, 200)}.lock")
     for _ in range(100):
@@ -300,9 +317,17 @@ def output_lock(path: str | os.PathLike[str]) -> Iterator[None]:
         os.close(fd)  # locked a file the previous holder had already removed: again
     else:  # pragma: no cover - only if other runs keep removing it under us
         raise UsageError(f"cannot lock {lock_path}: it keeps being replaced; try again")
+    given = os.path.abspath(path)
+    with _PINNED_LOCK:
+        pinned = given not in _PINNED and os.path.abspath(target) != given
+        if pinned:
+            _PINNED[given] = target
     try:
         yield
     finally:
+        if pinned:
+            with _PINNED_LOCK:
+                _PINNED.pop(given, None)
         with contextlib.suppress(OSError):
             if _same_file(fd, lock_path):  # ours, not one put there since
                 os.unlink(lock_path)  # while still holding the lock

@@ -30,7 +30,7 @@ from stad import metrics
 from stad.artifacts import finite_number
 from stad.calibration import describe_calibration
 from stad.evaluation import Evaluated
-from stad.fsutil import atomic_write_bytes, atomic_write_text
+from stad.fsutil import atomic_write_bytes, atomic_write_text, check_output_dir
 from stad.images import load_image
 from stad.visualize import display_range, overlay
 
@@ -379,7 +379,7 @@ def write_report(folder: Path, result: dict[str, Any], items: Sequence[Evaluated
                  info: Mapping[str, Any] | None = None) -> list[str]:
     """metrics.json, report.html, report.md, examples.png and (with matplotlib) roc.png and
     pro.png, each written atomically; returns their paths."""
-    folder.mkdir(parents=True, exist_ok=True)
+    check_output_dir(folder)  # made here, or a one-line error naming it
     atomic_write_text(folder / "metrics.json", json.dumps(result, indent=2) + "\n")
     found = curves(items, result["fpr_limit"])
     atomic_write_text(folder / "report.html",

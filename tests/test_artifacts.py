@@ -444,6 +444,22 @@ def test_an_atomic_write_refuses_a_fifo_or_device_and_writes_through_a_link(
     with output_lock(link):  # the lock goes beside the file written, where its own name's is
         with pytest.raises(UsageError, match="another stad run"), output_lock(real):
             pass
+        # the link pointed elsewhere meanwhile: the write still goes to the file locked
+        other = tmp_path / "models" / "v4.bin"
+        other.write_bytes(b"v4")
+        link.unlink()
+        link.symlink_to(Path("models") / "v4.bin")
+        atomic_write_bytes(link, b"newer")
+        assert real.read_bytes() == b"newer" and other.read_bytes() == b"v4"
+    atomic_write_bytes(link, b"after")  # unlocked: through the link as it is now
+    assert other.read_bytes() == b"after"
+    # A FIFO written into (score --output): nothing to lock, so no lock file beside it.
+    with output_lock(fifo):
+        assert not list(tmp_path.glob(".pipe*"))
+    # A folder through a link to nothing cannot be made: said before any work.
+    (tmp_path / "gone").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(UsageError, match=r"gone is a link to nothing"):
+        fsutil.check_output_dir(tmp_path / "gone", create=False)
 
 
 def test_an_artifact_is_not_written_under_an_onnx_name(tmp_path: Path) -> None:

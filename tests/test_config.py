@@ -204,6 +204,8 @@ def test_an_unknown_key_names_what_its_table_takes() -> None:
     message = _usage_error(flags={"score": {"zzz": 1}}, environ={})
     assert "'score' takes batch_size, fused, image_score" in message
     assert "did you mean 'root'?" in _usage_error(flags={"rooot": "x"}, environ={})
+    assert ("it belongs in a table: students.epochs (in Python students={'epochs': ...}, in a "
+            "config file under [students])") in _usage_error(flags={"epochs": 3}, environ={})
 
 
 def test_unknown_key_is_attributed_to_its_own_layer(tmp_path: Path) -> None:

@@ -517,11 +517,21 @@ def test_outputs_that_would_go_wrong_are_refused_or_written_through(model: Path,
     assert (tmp_path / "current.safetensors").is_symlink()
     image = str(next(images.glob("*.png")))
     assert jsonl(run(["score", "--model", str(copy), "--json", image]))[0]["threshold"] == 123
+    # A report folder through a link to nothing: refused before the evaluation, not after it.
+    (tmp_path / "rep").symlink_to(tmp_path / "nowhere")
+    result = runner.invoke(app, ["evaluate", "--model", str(model), "--report",
+                                 str(tmp_path / "rep")])
+    assert result.exit_code == EXIT_USAGE and "is a link to nothing" in result.stderr
+    # Records cannot be resumed from a FIFO (reading it would wait for a writer).
+    os.mkfifo(tmp_path / "records")
+    result = runner.invoke(app, ["score", "--model", str(model), "--output",
+                                 str(tmp_path / "records"), "--skip-existing", image])
+    assert result.exit_code == EXIT_USAGE and "not a regular file" in result.stderr
     # A missing teacher is named as the option it came from.
     result = runner.invoke(app, ["fit-students", *DATA, "--root", str(tiny_data), "--teacher",
                                  str(tmp_path / "nope.safetensors"), "--out",
                                  str(tmp_path / "x.safetensors")])
-    assert result.exit_code == 4 and "--teacher (teacher=): artifact" in result.stderr
+    assert result.exit_code == 4 and "(given as --teacher, teacher=)" in result.stderr
 
 
 def test_calibrating_on_one_image_warns(model: Path, tiny_data: Path, capsys):

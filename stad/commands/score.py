@@ -46,6 +46,9 @@ def score(settings: Settings, *, model_path: Path, inputs: Sequence[Path],
                           None, False, reporter, resumed)
         return
     check_output_file(output, inputs={"--model": model_path}, in_place=True)
+    if skip_existing and output.exists() and not output.is_file():
+        raise UsageError(f"--skip-existing reads the records in --output {output}, which is not "
+                         "a regular file (a device or FIFO); give a file")
     if output.exists() and not os.access(output, os.W_OK):  # written in place, not replaced
         raise UsageError(f"--output {output} cannot be written (no permission); choose "
                          "another file")

@@ -196,8 +196,10 @@ def fit_students(settings: Settings, *, teacher: str | Path | None, out: Path, r
     try:
         teachers, teacher_info, _ = resolve_teachers(teacher, cfg.teacher_patch_sizes,
                                                      settings.seed)
-    except ArtifactError as exc:  # name the option, as --model's errors do
-        raise ArtifactError(f"--teacher (teacher=): {exc}") from None
+    except ArtifactError as exc:  # name the option given, as --model's errors do
+        if teacher in (None, BUILTIN_TEACHER):
+            raise
+        raise ArtifactError(f"{exc} (given as --teacher, teacher=)") from None
     start = time.perf_counter()
     # Under torchrun, one of N processes (stad.distributed); only rank 0 writes (and so locks)
     # the output and the checkpoint.
