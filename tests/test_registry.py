@@ -624,6 +624,42 @@ def test_an_image_listed_twice_is_a_plugin_fault(plugin: Callable[[str, str], st
             adapter.list_samples(Path("data"), "c", split)
     # training images may repeat (lines of a list file) and are streamed, not held
     assert len(adapter.list_samples(Path("data"), "c", "train")) == 2
+    # `datasets show`, which plugin authors are told to test with, refuses it too
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "0.png").write_bytes(b"")  # listed files are checked, not read
+    result = CliRunner().invoke(app, ["datasets", "show", "--dataset", "twice", "--root", "data"])
+    assert result.exit_code == 5 and "twice in the val split" in result.stderr
+
+
+DEFAULT_ROOT = '''
+from pathlib import Path
+from stad.datasets import API_VERSION, Sample
+
+class Adapter:
+    api_version = API_VERSION
+    description = "a default root of its own, or none"
+    def default_root(self): return {value}
+    def categories(self, root): return ["c"]
+    def samples(self, root, category, split):
+        yield Sample(image={image}, mask=None, label="normal", split=split)
+'''
+
+
+@pytest.mark.parametrize(("value", "image", "code", "message"), [
+    ("None", 'Path(root) / "0.png"', 2, "needs a data root: pass --root"),  # no default
+    ("42", 'Path(root) / "0.png"', 5, "default_root() returned int 42, not a path or None"),
+    ('"data"', "None", 5, "Sample.image must be a path (str or os.PathLike), got NoneType"),
+    ('"data"', "1", 5, "Sample.image must be a path (str or os.PathLike), got int 1"),
+])
+def test_a_plugins_default_root_and_sample_paths_are_checked(
+        plugin: Callable[[str, str], str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+        value: str, image: str, code: int, message: str) -> None:
+    # They crashed with exit 1 (a TypeError), or blamed the data for a plugin's fault.
+    monkeypatch.chdir(tmp_path)
+    source = DEFAULT_ROOT.format(value=value, image=image)
+    _use(monkeypatch, [_ep("rooted", f"{plugin('rooted', source)}:Adapter", "stad-rooted", "1")])
+    result = CliRunner().invoke(app, ["datasets", "show", "--dataset", "rooted"])
+    assert result.exit_code == code and message in result.stderr, result.output
 
 
 @pytest.mark.parametrize(("value", "expected"), [

@@ -11,6 +11,7 @@ Bump :data:`API_VERSION` only for an incompatible change; stad refuses adapters 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +56,13 @@ class Sample:
     defect: str = ""
 
     def __post_init__(self) -> None:
+        for name, value in (("image", self.image), ("mask", self.mask)):
+            if (value is None and name == "mask") or (
+                    isinstance(value, str | os.PathLike) and os.fspath(value)):
+                continue
+            raise ValueError(f"Sample.{name} must be a path (str or os.PathLike)"
+                             f"{' or None' if name == 'mask' else ''}, got "
+                             f"{type(value).__name__} {value!r:.60}")
         if self.label not in LABELS:
             raise ValueError(f"Sample.label must be one of {LABELS}, got {self.label!r}")
         if self.split not in SPLITS:

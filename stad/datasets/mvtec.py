@@ -25,9 +25,11 @@ GOOD = NORMAL_DEFECT  # the folder of normal images, and their defect type
 
 
 def image_files(folder: Path) -> list[Path]:
-    """Image files directly inside ``folder``, sorted by name (hidden files skipped)."""
+    """Image files directly inside ``folder``, sorted by name (hidden files skipped). A link
+    to nothing is kept, so that reading it names it (it was skipped without a word)."""
     return sorted(p for p in folder.iterdir()
-                  if p.is_file() and not p.name.startswith(".") and is_image_file(p))
+                  if (p.is_file() or (p.is_symlink() and not p.exists()))
+                  and not p.name.startswith(".") and is_image_file(p))
 
 
 def visible_dirs(folder: Path) -> list[Path]:
@@ -73,6 +75,7 @@ def mvtec_samples(root: Path, category: str, split: Split) -> Iterator[Sample]:
     defects = sorted(p.name for p in visible_dirs(test_dir))
     unpaired_images: list[Path] = []
     unpaired_masks: list[Path] = []
+    good_masks: list[Path] = []  # MVTec AD gives normal images no mask
     out: list[Sample] = []
     for defect in defects:
         images = image_files(test_dir / defect)
@@ -95,11 +98,15 @@ def mvtec_samples(root: Path, category: str, split: Split) -> Iterator[Sample]:
         unpaired_masks.extend(masks.values())
     if gt_dir.is_dir():
         for folder in visible_dirs(gt_dir):
-            if folder.name not in defects:
+            if folder.name == GOOD:
+                good_masks.extend(image_files(folder))
+            elif folder.name not in defects:
                 unpaired_masks.extend(image_files(folder))
     check_pairs(base, {"defect images without a mask (expected ground_truth/DEFECT/"
                        "NAME_mask.png)": unpaired_images,
-                       "masks without an image": unpaired_masks})
+                       "masks without an image": unpaired_masks,
+                       "masks in ground_truth/good (normal images have none: move them to "
+                       "their defect's folder or remove them)": good_masks})
     yield from out
 
 

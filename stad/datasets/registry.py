@@ -202,7 +202,15 @@ class Adapter:
     def default_root(self) -> Path | None:
         """The adapter's own data root when ``--root`` is not given (optional hook)."""
         hook = getattr(self._adapter, "default_root", None)
-        return Path(self._guard("default_root()", hook)) if callable(hook) else None
+        if not callable(hook):
+            return None
+        root = self._guard("default_root()", hook)
+        if root is None:  # no default: --root is needed
+            return None
+        if not isinstance(root, str | os.PathLike) or not os.fspath(root):
+            raise PluginError(f"{self.entry.label()}: default_root() returned "
+                              f"{type(root).__name__} {root!r:.60}, not a path or None")
+        return Path(root)
 
     def categories(self, root: Path) -> list[str]:
         found = self._guard("categories()", lambda: self._adapter.categories(Path(root)))

@@ -153,6 +153,22 @@ def test_missing_mask_is_named(tmp_path: Path) -> None:
     assert "without a mask" in message
 
 
+def test_masks_of_normal_images_and_links_to_nothing_are_named(tmp_path: Path) -> None:
+    # Both were skipped without a word: a mask in ground_truth/good (MVTec AD gives normal
+    # images none, so it marked nothing), and an image that is a link to a missing file.
+    base = make_mvtec(tmp_path, seed=9)
+    _mask(base / "ground_truth" / "good" / "000_mask.png", np.random.default_rng(0))
+    with pytest.raises(DataError, match=r"masks in ground_truth/good \(normal images have "
+                                        r"none.*000_mask\.png"):
+        _samples(tmp_path, "bottle", "test")
+    (base / "ground_truth" / "good" / "000_mask.png").unlink()
+    (base / "train" / "good" / "zzz.png").symlink_to(tmp_path / "gone.png")
+    assert base / "train" / "good" / "zzz.png" in [s.image for s in
+                                                    _samples(tmp_path, "bottle", "train")]
+    result = _show(tmp_path)
+    assert result.exit_code == 3 and "zzz.png" in result.stderr
+
+
 def test_upper_case_suffixes_pair_as_image_suffixes_are_read(tmp_path: Path) -> None:
     # Windows tools write 000.PNG and 000_mask.PNG; the images were read, their masks not
     base = make_mvtec(tmp_path, seed=8, defects={"crack": 2})
