@@ -42,7 +42,7 @@ from safetensors.torch import save as st_save
 
 from stad._version import __version__
 from stad.errors import ArtifactError, UsageError
-from stad.fsutil import atomic_write_bytes, read_regular_file
+from stad.fsutil import atomic_write_bytes, check_output_file, read_regular_file
 
 FORMAT_VERSION = 1
 KINDS = ("teacher", "model", "checkpoint")
@@ -126,6 +126,13 @@ def check_artifact_name(path: str | os.PathLike[str]) -> None:
     if Path(path).suffix.lower() == ".onnx":
         raise UsageError(f"output {path} ends in .onnx, the suffix of models that `stad export` "
                          "writes, so stad would read it as one: give it a .safetensors name")
+
+
+def check_artifact_output(path: str | os.PathLike[str]) -> None:
+    """Before any work: an artifact can be written at ``path`` (:func:`check_output_file`)
+    under a name stad will read back as one (:func:`check_artifact_name`)."""
+    check_output_file(path)
+    check_artifact_name(path)
 
 
 def save_artifact(path: str | Path, artifact: Artifact) -> None:

@@ -585,26 +585,30 @@ def _env_names(layer: Mapping[str, Any], loc: list[str]) -> list[str]:
 def _known_keys(loc: list[str]) -> str:
     """What to write instead of the unknown key at ``loc``: the nearest keys its table takes
     (or all of them), for the command line and Python alike."""
-    section: Any = Settings
+    def table(annotation: Any) -> type[BaseModel] | None:
+        ok = isinstance(annotation, type) and issubclass(annotation, BaseModel)
+        return annotation if ok else None
+
+    section: type[BaseModel] | None = Settings
     for part in loc[:-1]:
-        field = section.model_fields.get(part) if isinstance(section, type) else None
-        section = field.annotation if field is not None else None
-        if not (isinstance(section, type) and issubclass(section, BaseModel)):
-            return ""
+        field = section.model_fields.get(part) if section is not None else None
+        section = table(field.annotation) if field is not None else None
+    if section is None:
+        return ""
     keys = sorted(section.model_fields)
     if len(loc) == 1:  # a table's key given at the top level (`epochs=3` to fit_students)
         tables = [name for name, field in Settings.model_fields.items()
-                  if isinstance(field.annotation, type)
-                  and issubclass(field.annotation, BaseModel)
-                  and loc[0] in field.annotation.model_fields]
+                  if (model := table(field.annotation)) is not None
+                  and loc[0] in model.model_fields]
         if tables:
-            t = tables[0]
+            first = tables[0]
             return (f"; it belongs in a table: {' or '.join(f'{t}.{loc[0]}' for t in tables)} "
-                    f"(in Python {t}={{'{loc[0]}': ...}}, in a config file under [{t}])")
+                    f"(in Python {first}={{'{loc[0]}': ...}}, in a config file under "
+                    f"[{first}])")
     near = difflib.get_close_matches(loc[-1], keys, n=3)
-    table = f"'{'.'.join(loc[:-1])}'" if len(loc) > 1 else "the top level"
+    where = f"'{'.'.join(loc[:-1])}'" if len(loc) > 1 else "the top level"
     return (f"; did you mean {' or '.join(repr(k) for k in near)}?" if near
-            else f"; {table} takes {', '.join(keys)}")
+            else f"; {where} takes {', '.join(keys)}")
 
 
 def _describe(exc: ValidationError, layers: list[tuple[str, Mapping[str, Any]]]) -> str:

@@ -6,13 +6,12 @@ from pathlib import Path
 from typing import Any
 
 from stad.api import Model
-from stad.artifacts import check_artifact_name, record
+from stad.artifacts import check_artifact_output, record
 from stad.calibration import check_threshold_method, validation_samples
 from stad.commands.common import with_model_data
 from stad.config import Settings
 from stad.console import NULL_REPORTER, Reporter
 from stad.datasets.selection import select_data
-from stad.fsutil import check_output_file
 
 
 def calibrate(settings: Settings, *, model_path: Path, out: Path | None = None,
@@ -24,8 +23,7 @@ def calibrate(settings: Settings, *, model_path: Path, out: Path | None = None,
     cfg = settings.calibrate
     check_threshold_method(cfg.threshold_method, cfg.threshold)
     if out is not None:
-        check_output_file(out)
-        check_artifact_name(out)
+        check_artifact_output(out)
     model = Model.load(model_path, device=settings.device, score=settings.score,
                        calibration=False)  # replaced here
     settings = with_model_data(settings, model.info, model_path)

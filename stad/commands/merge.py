@@ -15,9 +15,9 @@ from typing import Any
 
 import torch
 
-from stad.artifacts import Artifact, check_artifact_name, load_artifact, record, save_artifact
+from stad.artifacts import Artifact, check_artifact_output, load_artifact, record, save_artifact
 from stad.errors import ArtifactError, UsageError
-from stad.fsutil import check_output_file, output_lock
+from stad.fsutil import output_lock
 from stad.images import check_preprocessing
 from stad.model import (
     model_from_tensors,
@@ -98,8 +98,7 @@ def merge_models(paths: Sequence[Path], *, out: Path) -> dict[str, Any]:
     """
     if len(paths) < 2:
         raise UsageError("merge-models needs at least two models to merge")
-    check_output_file(out)  # before loading the models, as output_lock checks below
-    check_artifact_name(out)
+    check_artifact_output(out)  # before loading the models
     loaded = [(Path(p), load_artifact(p, kind="model")) for p in paths]
     for path, artifact in loaded:
         check_preprocessing(artifact.preprocessing, f"model {path}")

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from stad.artifacts import Artifact, check_artifact_name, file_sha256, record, save_artifact
+from stad.artifacts import Artifact, check_artifact_output, file_sha256, record, save_artifact
 from stad.commands.common import data_info, resume_command, save_model
 from stad.config import Settings
 from stad.console import NULL_REPORTER, Reporter
@@ -18,7 +18,7 @@ from stad.datasets.selection import relative_names, select_data
 from stad.devices import resolve_device
 from stad.distributed import joined
 from stad.errors import ArtifactError, DataError, UsageError
-from stad.fsutil import check_output_file, output_lock
+from stad.fsutil import output_lock
 from stad.images import preprocessing as image_preprocessing
 from stad.model import BUILTIN_TEACHER, RANDOM_TEACHER, resolve_teachers, teacher_tensors
 from stad.training.checkpoint import (
@@ -72,8 +72,7 @@ def pretrain_teacher(settings: Settings, *, out: Path, resume: bool = False,
     """
     from stad.training.teacher import pretrain_teachers
 
-    check_output_file(out)
-    check_artifact_name(out)
+    check_artifact_output(out)
     selection = select_data(settings)
     # One pass that holds nothing, so that a collection of millions is never listed at once.
     listing = selection.scan("train")
@@ -183,8 +182,7 @@ def fit_students(settings: Settings, *, teacher: str | Path | None, out: Path, r
     Checkpointed and resumable like :func:`pretrain_teacher`; the checkpoint also records the
     teacher's weights, and resuming with other ones is refused.
     """
-    check_output_file(out)
-    check_artifact_name(out)
+    check_artifact_output(out)
     selection = select_data(settings)
     cfg = settings.students
     train = selection.samples("train")

@@ -32,6 +32,11 @@ ANOMALOUS_DEFECT = "anomalous"
 LABELS: tuple[Label, ...] = ("normal", "anomalous")
 
 
+def is_path(value: object) -> bool:
+    """Whether a plugin gave a path: a non-empty ``str`` or ``os.PathLike``."""
+    return isinstance(value, str | os.PathLike) and bool(os.fspath(value))
+
+
 @dataclass(frozen=True)
 class Sample:
     """One image of a dataset.
@@ -57,8 +62,7 @@ class Sample:
 
     def __post_init__(self) -> None:
         for name, value in (("image", self.image), ("mask", self.mask)):
-            if (value is None and name == "mask") or (
-                    isinstance(value, str | os.PathLike) and os.fspath(value)):
+            if (value is None and name == "mask") or is_path(value):
                 continue
             raise ValueError(f"Sample.{name} must be a path (str or os.PathLike)"
                              f"{' or None' if name == 'mask' else ''}, got "

@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TypeVar
 
-from stad.datasets.base import API_VERSION, DatasetAdapter, Sample, Split
+from stad.datasets.base import API_VERSION, DatasetAdapter, Sample, Split, is_path
 from stad.errors import DataError, PluginError, StadError, UsageError
 
 GROUP = "stad.datasets"
@@ -207,7 +207,7 @@ class Adapter:
         root = self._guard("default_root()", hook)
         if root is None:  # no default: --root is needed
             return None
-        if not isinstance(root, str | os.PathLike) or not os.fspath(root):
+        if not is_path(root):
             raise PluginError(f"{self.entry.label()}: default_root() returned "
                               f"{type(root).__name__} {root!r:.60}, not a path or None")
         return Path(root)
